@@ -1,0 +1,26 @@
+//! Generates the gRPC code from `proto/` with `protox`, a protobuf compiler in
+//! Rust, so that building needs no system `protoc`. The encoded descriptor set
+//! (with imports and comments) is written next to the code for server reflection.
+
+use prost::Message;
+use std::{env, fs, path::PathBuf};
+
+const PROTO: &str = "proto/devicehub/v1/devicehub.proto";
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+
+    let fds = protox::compile([PROTO], ["proto"])?;
+    fs::write(
+        out_dir.join("devicehub_descriptor.bin"),
+        fds.encode_to_vec(),
+    )?;
+
+    tonic_prost_build::configure()
+        // Payloads are shared with the buffer instead of copied.
+        .bytes(".devicehub.v1.Reading.payload")
+        .bytes(".devicehub.v1.SendCommandRequest.raw_payload")
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! The embedded MQTT broker (rumqttd) that `devicehub serve` starts when no
+//! broker URL is configured, so the service runs with one command.
+//!
+//! rumqttd runs on threads of its own and binds its listener itself, and it
+//! cannot be stopped: it lives until the process exits.
+
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, TcpListener, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+use tracing::{error, info};
+
+/// How long to wait for the broker to accept connections.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot bind the embedded MQTT broker to {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the embedded MQTT broker did not start listening on {0} (is the port in use?)")]
+    NotListening(SocketAddr),
+    #[error("cannot start the embedded MQTT broker thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// Starts the embedded broker on `addr` and returns the address it listens on
+/// once it accepts connections. Port 0 picks a free port.
+pub fn start(addr: SocketAddr, max_packet_bytes: usize) -> Result<SocketAddr, BrokerError> {
+    // rumqttd binds by itself and does not report the port, so resolve port 0
+    // here first. Another process could take the port in between; the wait
+    // below then fails loudly instead of connecting somewhere else silently.
+    let addr = if addr.port() == 0 {
+        let probe = TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
+        probe.local_addr().map_err(|source| BrokerError::Bind { addr, source })?
+    } else {
+        addr
+    };
+
+    let config = broker_config(addr, max_packet_bytes);
+    let handle = thread::Builder::new()
+        .name("embedded-mqtt".into())
+        .spawn(move || {
+            if let Err(error) = Broker::new(config).start() {
+                error!(%error, "embedded MQTT broker stopped");
+            }
+        })?;
+
+    let deadline = Instant::now() + START_TIMEOUT;
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        // rumqttd's start returns (ending the thread) when its listener fails.
+        if handle.is_finished() || Instant::now() > deadline {
+            return Err(BrokerError::NotListening(addr));
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    info!(%addr, "embedded MQTT broker listening");
+    Ok(addr)
+}
+
+fn broker_config(addr: SocketAddr, max_packet_bytes: usize) -> Config {
+    let server = ServerSettings {
+        name: "embedded-v4".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections: ConnectionSettings {
+            connection_timeout_ms: 10_000,
+            max_payload_size: max_packet_bytes,
+            max_inflight_count: 1_000,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: 10_000,
+            max_outgoing_packet_count: 1_000,
+            // A segment must hold the largest publish; a few per topic bound
+            // the broker's own memory.
+            max_segment_size: max_packet_bytes.max(8 << 20),
+            max_segment_count: 4,
+            ..RouterConfig::default()
+        },
+        v4: Some(HashMap::from([("embedded".to_owned(), server)])),
+        ..Config::default()
+    }
+}

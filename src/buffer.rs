@@ -1,0 +1,653 @@
+//! The bounded in-memory store of readings: [`ReadingBuffer`].
+//!
+//! Plain data structures, no async and no gRPC types; [`crate::hub`] puts it
+//! behind a lock and wakes watchers.
+//!
+//! # Design
+//! - Readings live in one `VecDeque<Arc<Reading>>` in arrival order. Sequence
+//!   numbers are contiguous inside the buffer, so the reading with sequence
+//!   number `s` sits at index `s - first_seq`: a cursor is found in O(1).
+//! - `received_at` never goes backwards (a clock step back is clamped to the
+//!   previous reading's time), so a time range is two binary searches.
+//! - A per-device index keeps each device's sequence numbers in order, so a
+//!   page for one device costs O(log n + page) however large the buffer. It
+//!   also interns the device id and the device's last topic: readings of a
+//!   device share those strings instead of owning a copy each.
+//! - Topic filters without a device are served by a scan that stops as soon as
+//!   the page is full.
+//! - Readings are `Arc`-shared and payloads are `Bytes`, so listing or watching
+//!   copies pointers, never payloads. The buffer is never copied per request.
+//! - Watchers do not get a queue of their own: each keeps a cursor (the last
+//!   sequence number it looked at) and reads forward from it with
+//!   [`ReadingBuffer::scan_after`]. A slow watcher costs no memory and never
+//!   blocks ingestion; if it falls behind the oldest buffered reading, the scan
+//!   reports exactly which sequence numbers it missed.
+//! - Bounds: a number of readings and a number of bytes (payload, topic,
+//!   device id and a fixed per-reading overhead). The oldest readings are
+//!   evicted first, and evictions are counted. A single reading larger than the
+//!   byte bound is still kept (alone), never dropped on arrival.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+    time::SystemTime,
+};
+
+use bytes::Bytes;
+
+use crate::topic::topic_matches;
+
+/// One MQTT message received from a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reading {
+    /// Unique in the buffer, increasing in arrival order.
+    pub seq: u64,
+    /// From the topic; empty when the topic did not follow the template.
+    pub device_id: Arc<str>,
+    pub topic: Arc<str>,
+    pub received_at: SystemTime,
+    /// The payload byte for byte, whatever it is.
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retained: bool,
+}
+
+/// What ingestion hands to [`ReadingBuffer::push`].
+#[derive(Debug, Clone)]
+pub struct NewReading<'a> {
+    pub device_id: &'a str,
+    pub topic: &'a str,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retained: bool,
+    pub received_at: SystemTime,
+}
+
+/// How much the buffer keeps before it evicts the oldest readings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferLimits {
+    pub max_readings: usize,
+    pub max_bytes: usize,
+}
+
+/// Bytes charged per reading on top of its payload, topic and device id: the
+/// `Reading` itself, its `Arc` counters, its slot in the deque and in the
+/// device index.
+pub const READING_OVERHEAD_BYTES: usize = std::mem::size_of::<Reading>() + 16 + 8 + 8;
+
+/// Which readings a list or a watch wants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadingFilter {
+    pub device_id: Option<String>,
+    pub topic_filter: Option<String>,
+}
+
+impl ReadingFilter {
+    pub fn matches(&self, reading: &Reading) -> bool {
+        self.device_id
+            .as_deref()
+            .is_none_or(|d| *reading.device_id == *d)
+            && self
+                .topic_filter
+                .as_deref()
+                .is_none_or(|f| topic_matches(f, &reading.topic))
+    }
+}
+
+/// A request for one page of readings.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub filter: ReadingFilter,
+    /// Inclusive lower bound on `received_at`.
+    pub start: Option<SystemTime>,
+    /// Exclusive upper bound on `received_at`.
+    pub end: Option<SystemTime>,
+    /// At most this many readings (at least 1).
+    pub limit: usize,
+    /// Continue at this sequence number (inclusive), from a previous page.
+    pub cursor: Option<u64>,
+    pub oldest_first: bool,
+}
+
+/// One page: the readings, and the cursor of the next page if there is one.
+#[derive(Debug, Clone, Default)]
+pub struct ListPage {
+    pub readings: Vec<Arc<Reading>>,
+    pub next_cursor: Option<u64>,
+}
+
+/// Why a cursor cannot be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CursorError {
+    /// Readings from `missed_from` to `missed_to` (inclusive) were evicted
+    /// before the cursor's owner got to them.
+    #[error("readings {missed_from}..={missed_to} were evicted")]
+    Evicted { missed_from: u64, missed_to: u64 },
+    /// The cursor names a sequence number that has not been assigned yet.
+    #[error("sequence number {0} has not been assigned yet")]
+    Future(u64),
+}
+
+/// Counters for operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferStats {
+    pub readings: usize,
+    pub bytes: usize,
+    pub evicted: u64,
+    /// Sequence number of the oldest buffered reading (`next_seq` when empty).
+    pub first_seq: u64,
+    /// Sequence number the next reading will get.
+    pub next_seq: u64,
+}
+
+struct DeviceIndex {
+    id: Arc<str>,
+    seqs: VecDeque<u64>,
+    last_topic: Arc<str>,
+}
+
+/// The bounded store. See the module documentation for the design.
+pub struct ReadingBuffer {
+    readings: VecDeque<Arc<Reading>>,
+    /// Sequence number of `readings[0]`, or of the next reading when empty.
+    first_seq: u64,
+    devices: HashMap<Arc<str>, DeviceIndex>,
+    bytes: usize,
+    evicted: u64,
+    limits: BufferLimits,
+    last_received_at: SystemTime,
+}
+
+impl ReadingBuffer {
+    /// An empty buffer whose first reading gets sequence number `first_seq`.
+    pub fn new(limits: BufferLimits, first_seq: u64) -> Self {
+        Self {
+            readings: VecDeque::new(),
+            first_seq,
+            devices: HashMap::new(),
+            bytes: 0,
+            evicted: 0,
+            limits,
+            last_received_at: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    pub fn stats(&self) -> BufferStats {
+        BufferStats {
+            readings: self.readings.len(),
+            bytes: self.bytes,
+            evicted: self.evicted,
+            first_seq: self.first_seq,
+            next_seq: self.next_seq(),
+        }
+    }
+
+    /// The sequence number the next reading will get.
+    pub fn next_seq(&self) -> u64 {
+        self.first_seq + self.readings.len() as u64
+    }
+
+    /// Stores a reading, evicting the oldest ones beyond the limits, and
+    /// returns it with its sequence number.
+    pub fn push(&mut self, new: NewReading<'_>) -> Arc<Reading> {
+        let seq = self.next_seq();
+        let received_at = new.received_at.max(self.last_received_at);
+        self.last_received_at = received_at;
+
+        let device = match self.devices.get_mut(new.device_id) {
+            Some(device) => device,
+            None => {
+                let id: Arc<str> = Arc::from(new.device_id);
+                self.devices.entry(id.clone()).or_insert(DeviceIndex {
+                    id,
+                    seqs: VecDeque::new(),
+                    last_topic: Arc::from(new.topic),
+                })
+            }
+        };
+        if *device.last_topic != *new.topic {
+            device.last_topic = Arc::from(new.topic);
+        }
+        device.seqs.push_back(seq);
+        let reading = Arc::new(Reading {
+            seq,
+            device_id: device.id.clone(),
+            topic: device.last_topic.clone(),
+            received_at,
+            payload: new.payload,
+            qos: new.qos,
+            retained: new.retained,
+        });
+        self.bytes += charged_bytes(&reading);
+        self.readings.push_back(reading.clone());
+        self.evict();
+        reading
+    }
+
+    fn evict(&mut self) {
+        while self.readings.len() > self.limits.max_readings
+            || (self.bytes > self.limits.max_bytes && self.readings.len() > 1)
+        {
+            let Some(oldest) = self.readings.pop_front() else {
+                return;
+            };
+            self.first_seq += 1;
+            self.evicted += 1;
+            self.bytes -= charged_bytes(&oldest);
+            if let Some(device) = self.devices.get_mut(&oldest.device_id) {
+                device.seqs.pop_front();
+                if device.seqs.is_empty() {
+                    self.devices.remove(&oldest.device_id);
+                }
+            }
+        }
+    }
+
+    fn get(&self, seq: u64) -> Option<&Arc<Reading>> {
+        let index = seq.checked_sub(self.first_seq)?;
+        self.readings.get(usize::try_from(index).ok()?)
+    }
+
+    /// For watchers: the readings after sequence number `after` that match
+    /// `filter`, looking at no more than `max_scan` readings, and the sequence
+    /// number of the last reading looked at (the new cursor).
+    ///
+    /// `after` may be `next_seq() - 1` ("nothing yet"). An error says exactly
+    /// which readings the cursor missed because they were evicted.
+    pub fn scan_after(
+        &self,
+        after: u64,
+        max_scan: usize,
+        filter: &ReadingFilter,
+    ) -> Result<(Vec<Arc<Reading>>, u64), CursorError> {
+        if after >= self.next_seq() {
+            return Err(CursorError::Future(after));
+        }
+        if after + 1 < self.first_seq {
+            return Err(CursorError::Evicted {
+                missed_from: after + 1,
+                missed_to: self.first_seq - 1,
+            });
+        }
+        let start = (after + 1 - self.first_seq) as usize;
+        let end = self.readings.len().min(start.saturating_add(max_scan));
+        let batch = self
+            .readings
+            .range(start..end)
+            .filter(|r| filter.matches(r))
+            .cloned()
+            .collect();
+        Ok((batch, self.first_seq + end as u64 - 1))
+    }
+
+    /// One page of readings for `query`. Never scans more than it has to:
+    /// time bounds and the device index narrow the range first.
+    pub fn list(&self, query: &ListQuery) -> Result<ListPage, CursorError> {
+        // A cursor is the sequence number of the first reading of the page,
+        // so it must still be buffered.
+        if let Some(cursor) = query.cursor {
+            if cursor >= self.next_seq() {
+                return Err(CursorError::Future(cursor));
+            }
+            if cursor < self.first_seq {
+                return Err(CursorError::Evicted {
+                    missed_from: cursor,
+                    missed_to: self.first_seq - 1,
+                });
+            }
+        }
+        // Sequence range [lo, hi) allowed by the time bounds and the cursor.
+        let mut lo = self.first_seq
+            + query.start.map_or(0, |start| {
+                self.readings.partition_point(|r| r.received_at < start)
+            }) as u64;
+        let mut hi = self.first_seq
+            + query.end.map_or(self.readings.len(), |end| {
+                self.readings.partition_point(|r| r.received_at < end)
+            }) as u64;
+        match (query.cursor, query.oldest_first) {
+            (Some(c), true) => lo = lo.max(c),
+            (Some(c), false) => hi = hi.min(c + 1),
+            (None, _) => {}
+        }
+        if lo >= hi {
+            return Ok(ListPage::default());
+        }
+
+        let limit = query.limit.max(1);
+        let mut page = Vec::with_capacity(limit.min(1024));
+        let mut next_cursor = None;
+        let mut take = |reading: &Arc<Reading>| -> bool {
+            if !query.filter.matches(reading) {
+                return true;
+            }
+            if page.len() == limit {
+                next_cursor = Some(reading.seq);
+                return false;
+            }
+            page.push(reading.clone());
+            true
+        };
+
+        match query.filter.device_id.as_deref() {
+            Some(device_id) => {
+                let Some(device) = self.devices.get(device_id) else {
+                    return Ok(ListPage::default());
+                };
+                let from = device.seqs.partition_point(|s| *s < lo);
+                let to = device.seqs.partition_point(|s| *s < hi);
+                let seqs = device.seqs.range(from..to);
+                let readings = seqs.filter_map(|s| self.get(*s));
+                if query.oldest_first {
+                    readings.take_while(|r| take(r)).for_each(drop);
+                } else {
+                    readings.rev().take_while(|r| take(r)).for_each(drop);
+                }
+            }
+            None => {
+                let range = (lo - self.first_seq) as usize..(hi - self.first_seq) as usize;
+                let readings = self.readings.range(range);
+                if query.oldest_first {
+                    readings.take_while(|r| take(r)).for_each(drop);
+                } else {
+                    readings.rev().take_while(|r| take(r)).for_each(drop);
+                }
+            }
+        }
+        Ok(ListPage {
+            readings: page,
+            next_cursor,
+        })
+    }
+}
+
+fn charged_bytes(reading: &Reading) -> usize {
+    reading.payload.len() + reading.topic.len() + reading.device_id.len() + READING_OVERHEAD_BYTES
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const FIRST: u64 = 1_000;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    fn buffer(max_readings: usize, max_bytes: usize) -> ReadingBuffer {
+        ReadingBuffer::new(
+            BufferLimits {
+                max_readings,
+                max_bytes,
+            },
+            FIRST,
+        )
+    }
+
+    fn push(buf: &mut ReadingBuffer, device: &str, secs: u64, payload: &str) -> u64 {
+        let topic = format!("devices/{device}/readings");
+        buf.push(NewReading {
+            device_id: device,
+            topic: &topic,
+            payload: Bytes::copy_from_slice(payload.as_bytes()),
+            qos: 1,
+            retained: false,
+            received_at: at(secs),
+        })
+        .seq
+    }
+
+    fn seqs(page: &ListPage) -> Vec<u64> {
+        page.readings.iter().map(|r| r.seq).collect()
+    }
+
+    fn query(limit: usize) -> ListQuery {
+        ListQuery {
+            limit,
+            ..ListQuery::default()
+        }
+    }
+
+    #[test]
+    fn sequence_numbers_are_contiguous_and_start_where_told() {
+        let mut buf = buffer(10, usize::MAX);
+        assert_eq!(push(&mut buf, "a", 1, "1"), FIRST);
+        assert_eq!(push(&mut buf, "b", 2, "2"), FIRST + 1);
+        assert_eq!(buf.stats().next_seq, FIRST + 2);
+    }
+
+    #[test]
+    fn evicts_oldest_by_count_and_counts_evictions() {
+        let mut buf = buffer(3, usize::MAX);
+        for i in 0..5 {
+            push(&mut buf, "a", i, "x");
+        }
+        let stats = buf.stats();
+        assert_eq!(stats.readings, 3);
+        assert_eq!(stats.evicted, 2);
+        assert_eq!(stats.first_seq, FIRST + 2);
+        assert_eq!(seqs(&buf.list(&query(10)).unwrap()), [FIRST + 4, FIRST + 3, FIRST + 2]);
+    }
+
+    #[test]
+    fn evicts_oldest_by_bytes_but_keeps_an_oversized_reading() {
+        let per = READING_OVERHEAD_BYTES + 1 + "devices/a/readings".len() + 1;
+        let mut buf = buffer(100, per * 2);
+        for i in 0..4 {
+            push(&mut buf, "a", i, "x");
+        }
+        assert_eq!(buf.stats().readings, 2);
+        assert_eq!(buf.stats().bytes, per * 2);
+
+        let big = "y".repeat(per * 10);
+        let seq = push(&mut buf, "a", 9, &big);
+        let stats = buf.stats();
+        assert_eq!((stats.readings, stats.evicted), (1, 4));
+        assert_eq!(seqs(&buf.list(&query(10)).unwrap()), [seq]);
+    }
+
+    #[test]
+    fn device_index_is_dropped_with_the_devices_last_reading() {
+        let mut buf = buffer(2, usize::MAX);
+        push(&mut buf, "a", 1, "1");
+        push(&mut buf, "b", 2, "2");
+        push(&mut buf, "b", 3, "3");
+        assert!(!buf.devices.contains_key("a"));
+        assert_eq!(buf.devices["b"].seqs.len(), 2);
+    }
+
+    #[test]
+    fn readings_share_device_and_topic_strings() {
+        let mut buf = buffer(10, usize::MAX);
+        push(&mut buf, "a", 1, "1");
+        push(&mut buf, "a", 2, "2");
+        let page = buf.list(&query(10)).unwrap();
+        assert!(Arc::ptr_eq(&page.readings[0].topic, &page.readings[1].topic));
+        assert!(Arc::ptr_eq(&page.readings[0].device_id, &page.readings[1].device_id));
+    }
+
+    #[test]
+    fn received_at_never_goes_backwards() {
+        let mut buf = buffer(10, usize::MAX);
+        push(&mut buf, "a", 10, "1");
+        push(&mut buf, "a", 5, "2");
+        let page = buf.list(&ListQuery {
+            oldest_first: true,
+            ..query(10)
+        });
+        let times: Vec<_> = page.unwrap().readings.iter().map(|r| r.received_at).collect();
+        assert_eq!(times, [at(10), at(10)]);
+    }
+
+    #[test]
+    fn pages_through_everything_in_both_orders() {
+        let mut buf = buffer(100, usize::MAX);
+        let all: Vec<u64> = (0..25).map(|i| push(&mut buf, "a", i, "x")).collect();
+        for oldest_first in [true, false] {
+            let mut got = Vec::new();
+            let mut cursor = None;
+            loop {
+                let page = buf
+                    .list(&ListQuery {
+                        cursor,
+                        oldest_first,
+                        ..query(10)
+                    })
+                    .unwrap();
+                got.extend(seqs(&page));
+                match page.next_cursor {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+            let mut want = all.clone();
+            if !oldest_first {
+                want.reverse();
+            }
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn last_full_page_has_no_next_cursor() {
+        let mut buf = buffer(100, usize::MAX);
+        for i in 0..10 {
+            push(&mut buf, "a", i, "x");
+        }
+        assert_eq!(buf.list(&query(10)).unwrap().next_cursor, None);
+        assert_eq!(buf.list(&query(9)).unwrap().next_cursor, Some(FIRST));
+    }
+
+    #[test]
+    fn filters_by_device_topic_and_time() {
+        let mut buf = buffer(100, usize::MAX);
+        for i in 0..30 {
+            push(&mut buf, ["a", "b", "c"][i % 3], i as u64, "x");
+        }
+        let by_device = buf
+            .list(&ListQuery {
+                filter: ReadingFilter {
+                    device_id: Some("b".into()),
+                    topic_filter: None,
+                },
+                oldest_first: true,
+                ..query(3)
+            })
+            .unwrap();
+        assert_eq!(seqs(&by_device), [FIRST + 1, FIRST + 4, FIRST + 7]);
+        assert_eq!(by_device.next_cursor, Some(FIRST + 10));
+
+        let by_topic = buf
+            .list(&ListQuery {
+                filter: ReadingFilter {
+                    device_id: None,
+                    topic_filter: Some("devices/c/#".into()),
+                },
+                ..query(2)
+            })
+            .unwrap();
+        assert_eq!(seqs(&by_topic), [FIRST + 29, FIRST + 26]);
+
+        let by_time = buf
+            .list(&ListQuery {
+                start: Some(at(10)),
+                end: Some(at(13)),
+                oldest_first: true,
+                ..query(10)
+            })
+            .unwrap();
+        assert_eq!(seqs(&by_time), [FIRST + 10, FIRST + 11, FIRST + 12]);
+
+        let device_and_time = buf
+            .list(&ListQuery {
+                filter: ReadingFilter {
+                    device_id: Some("a".into()),
+                    topic_filter: Some("devices/+/readings".into()),
+                },
+                start: Some(at(10)),
+                end: Some(at(20)),
+                ..query(10)
+            })
+            .unwrap();
+        assert_eq!(seqs(&device_and_time), [FIRST + 18, FIRST + 15, FIRST + 12]);
+
+        let unknown = ReadingFilter {
+            device_id: Some("zzz".into()),
+            topic_filter: None,
+        };
+        let none = buf.list(&ListQuery {
+            filter: unknown,
+            ..query(10)
+        });
+        assert!(none.unwrap().readings.is_empty());
+    }
+
+    #[test]
+    fn evicted_and_future_cursors_are_refused() {
+        let mut buf = buffer(5, usize::MAX);
+        for i in 0..10 {
+            push(&mut buf, "a", i, "x");
+        }
+        let evicted = buf.list(&ListQuery {
+            cursor: Some(FIRST + 2),
+            ..query(1)
+        });
+        assert_eq!(
+            evicted.unwrap_err(),
+            CursorError::Evicted {
+                missed_from: FIRST + 2,
+                missed_to: FIRST + 4
+            }
+        );
+        let future = buf.list(&ListQuery {
+            cursor: Some(FIRST + 10),
+            ..query(1)
+        });
+        assert_eq!(future.unwrap_err(), CursorError::Future(FIRST + 10));
+        assert!(buf
+            .list(&ListQuery {
+                cursor: Some(FIRST + 5),
+                ..query(1)
+            })
+            .is_ok());
+    }
+
+    #[test]
+    fn scan_after_reads_forward_and_reports_gaps() {
+        let mut buf = buffer(5, usize::MAX);
+        let everything = ReadingFilter::default();
+        let start = buf.stats().next_seq - 1;
+        assert_eq!(buf.scan_after(start, 10, &everything).unwrap(), (vec![], start));
+
+        for i in 0..3 {
+            push(&mut buf, ["a", "b"][i % 2], i as u64, "x");
+        }
+        let only_a = ReadingFilter {
+            device_id: Some("a".into()),
+            topic_filter: None,
+        };
+        let (batch, cursor) = buf.scan_after(start, 2, &only_a).unwrap();
+        assert_eq!(batch.iter().map(|r| r.seq).collect::<Vec<_>>(), [FIRST]);
+        assert_eq!(cursor, FIRST + 1);
+        let (batch, cursor) = buf.scan_after(cursor, 10, &only_a).unwrap();
+        assert_eq!(batch.iter().map(|r| r.seq).collect::<Vec<_>>(), [FIRST + 2]);
+        assert_eq!(cursor, FIRST + 2);
+
+        for i in 0..7 {
+            push(&mut buf, "a", i, "x");
+        }
+        assert_eq!(
+            buf.scan_after(cursor, 10, &everything).unwrap_err(),
+            CursorError::Evicted {
+                missed_from: FIRST + 3,
+                missed_to: FIRST + 4
+            }
+        );
+        assert_eq!(
+            buf.scan_after(FIRST + 50, 10, &everything).unwrap_err(),
+            CursorError::Future(FIRST + 50)
+        );
+    }
+}

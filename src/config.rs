@@ -1,0 +1,317 @@
+//! Command line and environment configuration (clap, with `DEVICEHUB_*`
+//! fallbacks for every flag), and its translation into the library's
+//! [`Config`].
+
+use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use rumqttc::QoS;
+
+use crate::{
+    buffer::BufferLimits,
+    mqtt::MqttConfig,
+    topic::{TopicError, TopicTemplate},
+    Config,
+};
+
+/// devicehub: a typed, streaming gRPC API in front of MQTT devices.
+///
+/// With no subcommand, runs `serve`.
+#[derive(Debug, Parser)]
+#[command(name = "devicehub", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the gRPC API (the default). Without --mqtt-url, starts an
+    /// embedded MQTT broker and uses it.
+    Serve(ServeArgs),
+    /// Run simulated devices that publish temperature/humidity readings and
+    /// print the commands they receive.
+    Simulate(SimulateArgs),
+}
+
+/// Topic layout, shared by `serve` and `simulate`.
+#[derive(Debug, Clone, Args)]
+pub struct TopicArgs {
+    /// Topic devices publish readings to. `{device_id}` marks the level that
+    /// holds the device id; other levels may be `+` or `#`.
+    #[arg(long, env = "DEVICEHUB_READINGS_TOPIC", default_value = "devices/{device_id}/readings")]
+    pub readings_topic: String,
+
+    /// Topic commands are published to, with a `{device_id}` level.
+    #[arg(long, env = "DEVICEHUB_COMMANDS_TOPIC", default_value = "devices/{device_id}/commands")]
+    pub commands_topic: String,
+
+    /// Device id for topic templates without `{device_id}`: a single device
+    /// on fixed topics, e.g. `--readings-topic poc/device/sensor
+    /// --commands-topic poc/device/control --fixed-device-id device`.
+    #[arg(long, env = "DEVICEHUB_FIXED_DEVICE_ID")]
+    pub fixed_device_id: Option<String>,
+}
+
+impl TopicArgs {
+    pub fn readings(&self) -> Result<TopicTemplate, ConfigError> {
+        TopicTemplate::parse(&self.readings_topic, self.fixed_device_id.as_deref())
+            .map_err(|e| ConfigError::Topic("--readings-topic", e))
+    }
+
+    /// The commands template; it must be a publishable topic.
+    pub fn commands(&self) -> Result<TopicTemplate, ConfigError> {
+        let template = TopicTemplate::parse(&self.commands_topic, self.fixed_device_id.as_deref())
+            .map_err(|e| ConfigError::Topic("--commands-topic", e))?;
+        if template.has_wildcards() {
+            return Err(ConfigError::Wildcards("--commands-topic", template.to_string()));
+        }
+        Ok(template)
+    }
+}
+
+/// Options of `devicehub serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address the gRPC server listens on. Port 0 picks a free port (logged).
+    #[arg(long, env = "DEVICEHUB_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// MQTT broker to use, as mqtt://host[:port] (port 1883 by default).
+    /// Unset: start an embedded broker on --embedded-mqtt-addr.
+    #[arg(long, env = "DEVICEHUB_MQTT_URL")]
+    pub mqtt_url: Option<BrokerUrl>,
+
+    /// Address of the embedded broker, used when --mqtt-url is unset. Port 0
+    /// picks a free port (logged).
+    #[arg(long, env = "DEVICEHUB_EMBEDDED_MQTT_ADDR", default_value = "127.0.0.1:1883")]
+    pub embedded_mqtt_addr: SocketAddr,
+
+    /// MQTT client id. Default: `devicehub-` and a random suffix. Set a
+    /// stable one with --mqtt-persistent-session.
+    #[arg(long, env = "DEVICEHUB_MQTT_CLIENT_ID")]
+    pub mqtt_client_id: Option<String>,
+
+    /// Keep the broker session across reconnects and restarts (clean session
+    /// off): the broker queues QoS 1/2 readings while devicehub is away.
+    /// Needs a stable --mqtt-client-id.
+    #[arg(long, env = "DEVICEHUB_MQTT_PERSISTENT_SESSION", default_value_t = false)]
+    pub mqtt_persistent_session: bool,
+
+    /// MQTT keep-alive interval in seconds (at least 1; 0 disables it).
+    #[arg(long, env = "DEVICEHUB_MQTT_KEEP_ALIVE_SECS", default_value_t = 30)]
+    pub mqtt_keep_alive_secs: u64,
+
+    /// QoS of the readings subscription: 0, 1 or 2.
+    #[arg(long, env = "DEVICEHUB_MQTT_SUBSCRIBE_QOS", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub mqtt_subscribe_qos: u8,
+
+    /// Largest MQTT packet devicehub sends or accepts, in bytes (at least
+    /// 1 MiB). Also the embedded broker's payload limit.
+    #[arg(long, env = "DEVICEHUB_MQTT_MAX_PACKET_BYTES", default_value_t = 16 << 20,
+          value_parser = clap::value_parser!(u64).range(1 << 20..=256 << 20))]
+    pub mqtt_max_packet_bytes: u64,
+
+    #[command(flatten)]
+    pub topics: TopicArgs,
+
+    /// Most readings kept in memory; the oldest are evicted first.
+    #[arg(long, env = "DEVICEHUB_BUFFER_MAX_READINGS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub buffer_max_readings: u64,
+
+    /// Most bytes of readings kept in memory (payload, topic, device id and
+    /// a fixed overhead per reading); the oldest are evicted first.
+    #[arg(long, env = "DEVICEHUB_BUFFER_MAX_BYTES", default_value_t = 64 << 20,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub buffer_max_bytes: u64,
+}
+
+impl ServeArgs {
+    /// The library configuration, connecting to `broker` (the --mqtt-url, or
+    /// the embedded broker's address).
+    pub fn config(&self, broker: &BrokerUrl) -> Result<Config, ConfigError> {
+        let client_id = match &self.mqtt_client_id {
+            Some(id) if id.is_empty() => return Err(ConfigError::EmptyClientId),
+            Some(id) => id.clone(),
+            None if self.mqtt_persistent_session => return Err(ConfigError::PersistentWithoutId),
+            None => default_client_id(),
+        };
+        let subscribe_qos = match self.mqtt_subscribe_qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        };
+        Ok(Config {
+            mqtt: MqttConfig {
+                host: broker.host.clone(),
+                port: broker.port,
+                client_id,
+                keep_alive: Duration::from_secs(self.mqtt_keep_alive_secs),
+                subscribe_qos,
+                max_packet_bytes: self.mqtt_max_packet_bytes as usize,
+                persistent_session: self.mqtt_persistent_session,
+                readings_topic: self.topics.readings()?,
+                commands_topic: self.topics.commands()?,
+            },
+            buffer: BufferLimits {
+                max_readings: usize::try_from(self.buffer_max_readings).unwrap_or(usize::MAX),
+                max_bytes: usize::try_from(self.buffer_max_bytes).unwrap_or(usize::MAX),
+            },
+        })
+    }
+}
+
+/// Options of `devicehub simulate`.
+#[derive(Debug, Clone, Args)]
+pub struct SimulateArgs {
+    /// MQTT broker the devices connect to, as mqtt://host[:port].
+    #[arg(long, env = "DEVICEHUB_MQTT_URL", default_value = "mqtt://127.0.0.1:1883")]
+    pub mqtt_url: BrokerUrl,
+
+    /// Number of simulated devices.
+    #[arg(long, env = "DEVICEHUB_SIM_DEVICES", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub devices: u32,
+
+    /// Milliseconds between two readings of one device.
+    #[arg(long, env = "DEVICEHUB_SIM_INTERVAL_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub interval_ms: u64,
+
+    /// Device ids are this prefix and a number: sim-1, sim-2...
+    #[arg(long, env = "DEVICEHUB_SIM_DEVICE_PREFIX", default_value = "sim-")]
+    pub device_prefix: String,
+
+    #[command(flatten)]
+    pub topics: TopicArgs,
+}
+
+/// An MQTT broker address: `mqtt://host[:port]` (or `tcp://`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub host: String,
+    pub port: u16,
+}
+
+impl BrokerUrl {
+    pub fn from_addr(addr: SocketAddr) -> Self {
+        Self {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        }
+    }
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "mqtt://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "mqtt://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl FromStr for BrokerUrl {
+    type Err = String;
+
+    fn from_str(url: &str) -> Result<Self, String> {
+        let rest = url
+            .strip_prefix("mqtt://")
+            .or_else(|| url.strip_prefix("tcp://"))
+            .ok_or_else(|| format!("{url:?} must start with mqtt:// (TLS is not supported yet)"))?;
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains('@') {
+            return Err("credentials in the broker URL are not supported yet".into());
+        }
+        if rest.contains('/') || rest.contains('?') {
+            return Err(format!("{url:?} must be mqtt://host[:port] with no path"));
+        }
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (host, after) = v6.split_once(']').ok_or_else(|| format!("{url:?}: unclosed '['"))?;
+            (host, after.strip_prefix(':'))
+        } else {
+            match rest.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (rest, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("{url:?} has no host"));
+        }
+        let port = match port {
+            None => 1883,
+            Some(p) => p.parse().map_err(|_| format!("{url:?}: {p:?} is not a port number"))?,
+        };
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+fn default_client_id() -> String {
+    // The last 12 hex digits of a UUID v7 are random.
+    let uuid = uuid::Uuid::now_v7().simple().to_string();
+    format!("devicehub-{}", &uuid[20..])
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}: {1}")]
+    Topic(&'static str, TopicError),
+    #[error("{0}: {1:?} must not contain '+' or '#'")]
+    Wildcards(&'static str, String),
+    #[error("--mqtt-client-id must not be empty")]
+    EmptyClientId,
+    #[error("--mqtt-persistent-session needs a stable --mqtt-client-id")]
+    PersistentWithoutId,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        let url = |s: &str| s.parse::<BrokerUrl>();
+        assert_eq!(url("mqtt://localhost").unwrap(), BrokerUrl { host: "localhost".into(), port: 1883 });
+        assert_eq!(url("tcp://10.0.0.1:1884/").unwrap().port, 1884);
+        assert_eq!(url("mqtt://[::1]:1885").unwrap(), BrokerUrl { host: "::1".into(), port: 1885 });
+        for bad in ["localhost:1883", "mqtts://h", "mqtt://", "mqtt://h:x", "mqtt://u:p@h", "mqtt://h/a"] {
+            assert!(url(bad).is_err(), "{bad}");
+        }
+        assert_eq!(url("mqtt://[::1]:1885").unwrap().to_string(), "mqtt://[::1]:1885");
+    }
+
+    #[test]
+    fn defaults_and_fixed_topics_parse() {
+        let cli = Cli::try_parse_from(["devicehub"]).unwrap();
+        assert!(cli.command.is_none());
+        let broker = BrokerUrl::from_addr("127.0.0.1:1883".parse().unwrap());
+        let config = cli.serve.config(&broker).unwrap();
+        assert_eq!(config.mqtt.readings_topic.subscription_filter(), "devices/+/readings");
+        assert!(config.mqtt.client_id.starts_with("devicehub-"));
+
+        let poc = Cli::try_parse_from([
+            "devicehub",
+            "serve",
+            "--readings-topic=poc/device/sensor",
+            "--commands-topic=poc/device/control",
+            "--fixed-device-id=device",
+        ])
+        .unwrap();
+        let Some(Command::Serve(args)) = poc.command else { panic!("not serve") };
+        let config = args.config(&broker).unwrap();
+        assert_eq!(config.mqtt.commands_topic.topic_for("device"), "poc/device/control");
+
+        let wild = Cli::try_parse_from(["devicehub", "--commands-topic=a/+/{device_id}"]).unwrap();
+        assert!(wild.serve.config(&broker).is_err());
+        let persistent = Cli::try_parse_from(["devicehub", "--mqtt-persistent-session"]).unwrap();
+        assert!(persistent.serve.config(&broker).is_err());
+    }
+}

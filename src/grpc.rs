@@ -1,0 +1,576 @@
+//! The gRPC side: the `DeviceHub` service, request validation, conversions
+//! between buffer readings and proto messages, page tokens, and the one place
+//! where errors become a [`Status`] ([`ApiError`] → `Status`).
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::SystemTime,
+};
+
+use bytes::Bytes;
+use prost_types::{value::Kind, ListValue, Struct, Timestamp, Value};
+use rumqttc::QoS;
+use tokio::sync::mpsc;
+use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tonic::{Request, Response, Status};
+use tracing::{error, info};
+use uuid::Uuid;
+
+use crate::{
+    buffer::{CursorError, ListQuery, Reading, ReadingFilter},
+    hub::ReadingHub,
+    mqtt::{CommandPublisher, PublishError},
+    proto::{
+        self, device_hub_server::DeviceHub, send_command_request, watch_readings_response,
+        ListReadingsRequest, ListReadingsResponse, SendCommandRequest, SendCommandResponse,
+        WatchReadingsRequest, WatchReadingsResponse,
+    },
+    shutdown::Shutdown,
+    topic::{validate_device_id, validate_topic_filter, TopicTemplate},
+};
+
+/// Page size when the request leaves it at 0.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// Largest page size accepted.
+pub const MAX_PAGE_SIZE: usize = 1000;
+/// A page stops growing at about this many encoded bytes, so it stays under
+/// gRPC's usual 4 MiB message limit on the client; at least one reading is
+/// always returned.
+const MAX_PAGE_BYTES: usize = 3 << 20;
+/// Largest command payload (envelope or raw), in bytes.
+pub const MAX_COMMAND_PAYLOAD_BYTES: usize = 256 << 10;
+/// Longest command name, in bytes.
+pub const MAX_COMMAND_BYTES: usize = 256;
+/// Readings queued per watch stream between its producer and tonic.
+const WATCH_QUEUE: usize = 128;
+
+/// Everything a call can fail with. Turned into a [`Status`] in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    #[error("{0}")]
+    Publish(#[from] PublishError),
+    #[error("page_token: the readings it points at (sequence numbers {missed_from} to {missed_to}) have been evicted from the buffer; list again without a page_token")]
+    PageEvicted { missed_from: u64, missed_to: u64 },
+    #[error("this watcher fell behind: readings with sequence numbers {missed_from} to {missed_to} were evicted from the buffer before they were sent; the last sequence number sent is {last_sent}")]
+    WatcherFellBehind {
+        missed_from: u64,
+        missed_to: u64,
+        last_sent: u64,
+    },
+    #[error("the service is shutting down; resume after sequence number {resume_after}")]
+    ShuttingDown { resume_after: u64 },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Status {
+        let message = error.to_string();
+        match error {
+            ApiError::InvalidArgument { .. } => Status::invalid_argument(message),
+            ApiError::Publish(PublishError::QueueFull) => Status::resource_exhausted(message),
+            ApiError::Publish(_) => Status::unavailable(message),
+            ApiError::PageEvicted { .. } => Status::out_of_range(message),
+            ApiError::WatcherFellBehind { .. } => Status::data_loss(message),
+            ApiError::ShuttingDown { .. } => Status::unavailable(message),
+            ApiError::Internal(_) => {
+                // Details go to the log, never to the client.
+                error!(%message, "internal error");
+                Status::internal("internal error; see the service log")
+            }
+        }
+    }
+}
+
+/// The `DeviceHub` service.
+pub struct DeviceHubService {
+    hub: Arc<ReadingHub>,
+    publisher: CommandPublisher,
+    commands_topic: TopicTemplate,
+    shutdown: Shutdown,
+}
+
+impl DeviceHubService {
+    pub fn new(
+        hub: Arc<ReadingHub>,
+        publisher: CommandPublisher,
+        commands_topic: TopicTemplate,
+        shutdown: Shutdown,
+    ) -> Self {
+        Self {
+            hub,
+            publisher,
+            commands_topic,
+            shutdown,
+        }
+    }
+
+    async fn send_command(&self, req: SendCommandRequest) -> Result<SendCommandResponse, ApiError> {
+        validate_device_id(&req.device_id).map_err(|e| ApiError::invalid("device_id", e.to_string()))?;
+        if let Some(fixed) = self.commands_topic.fixed_device_id() {
+            if req.device_id != fixed {
+                return Err(ApiError::invalid(
+                    "device_id",
+                    format!("the command topic {} serves only device {fixed:?}", self.commands_topic),
+                ));
+            }
+        }
+        if req.command.is_empty() {
+            return Err(ApiError::invalid("command", "must not be empty"));
+        }
+        if req.command.len() > MAX_COMMAND_BYTES {
+            return Err(ApiError::invalid(
+                "command",
+                format!("is {} bytes long; the limit is {MAX_COMMAND_BYTES}", req.command.len()),
+            ));
+        }
+        let qos = match req.qos.unwrap_or(1) {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            2 => QoS::ExactlyOnce,
+            other => return Err(ApiError::invalid("qos", format!("must be 0, 1 or 2, not {other}"))),
+        };
+
+        let command_id = Uuid::now_v7().to_string();
+        let (payload, field) = match req.payload {
+            Some(send_command_request::Payload::RawPayload(raw)) => (raw, "raw_payload"),
+            Some(send_command_request::Payload::Params(params)) => {
+                let params = struct_to_json(&params).map_err(|reason| ApiError::invalid("params", reason))?;
+                (envelope(&command_id, &req.command, Some(params))?, "params")
+            }
+            None => (envelope(&command_id, &req.command, None)?, "command"),
+        };
+        if payload.len() > MAX_COMMAND_PAYLOAD_BYTES {
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "the published payload would be {} bytes; the limit is {MAX_COMMAND_PAYLOAD_BYTES}",
+                    payload.len()
+                ),
+            ));
+        }
+
+        let topic = self.commands_topic.topic_for(&req.device_id);
+        self.publisher.publish(topic.clone(), payload, qos).await?;
+        info!(command_id, device_id = req.device_id, command = req.command, topic, ?qos, "command published");
+        Ok(SendCommandResponse { command_id, topic })
+    }
+
+    fn list_readings(&self, req: ListReadingsRequest) -> Result<ListReadingsResponse, ApiError> {
+        let filter = reading_filter(&req.device_id, &req.topic_filter)?;
+        let start = optional_time("start_time", req.start_time)?;
+        let end = optional_time("end_time", req.end_time)?;
+        if let (Some(start), Some(end)) = (start, end) {
+            if start >= end {
+                return Err(ApiError::invalid("end_time", "must be later than start_time"));
+            }
+        }
+        let limit = match req.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n < 0 => return Err(ApiError::invalid("page_size", "must not be negative")),
+            n if n as usize > MAX_PAGE_SIZE => {
+                return Err(ApiError::invalid(
+                    "page_size",
+                    format!("is {n}; the maximum is {MAX_PAGE_SIZE}"),
+                ))
+            }
+            n => n as usize,
+        };
+        let query_hash = page_token::query_hash(&req);
+        let cursor = match req.page_token.as_str() {
+            "" => None,
+            token => Some(page_token::decode(token, query_hash)?),
+        };
+
+        let query = ListQuery {
+            filter,
+            start,
+            end,
+            limit,
+            cursor,
+            oldest_first: req.oldest_first,
+        };
+        let page = self.hub.list(&query).map_err(|e| match e {
+            CursorError::Evicted { missed_from, missed_to } => ApiError::PageEvicted { missed_from, missed_to },
+            CursorError::Future(_) => ApiError::invalid("page_token", "was not issued by this service"),
+        })?;
+
+        // Keep the response under the client's message size limit.
+        let mut bytes = 0;
+        let fits = page
+            .readings
+            .iter()
+            .position(|r| {
+                bytes += 2 * r.payload.len() + r.topic.len() + 64;
+                bytes > MAX_PAGE_BYTES
+            })
+            .filter(|&i| i > 0)
+            .unwrap_or(page.readings.len());
+        let next_cursor = page.readings.get(fits).map(|r| r.seq).or(page.next_cursor);
+        Ok(ListReadingsResponse {
+            readings: page.readings[..fits].iter().map(|r| reading_to_proto(r)).collect(),
+            next_page_token: next_cursor
+                .map(|c| page_token::encode(c, query_hash))
+                .unwrap_or_default(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl DeviceHub for DeviceHubService {
+    async fn send_command(
+        &self,
+        request: Request<SendCommandRequest>,
+    ) -> Result<Response<SendCommandResponse>, Status> {
+        Ok(Response::new(self.send_command(request.into_inner()).await?))
+    }
+
+    async fn list_readings(
+        &self,
+        request: Request<ListReadingsRequest>,
+    ) -> Result<Response<ListReadingsResponse>, Status> {
+        Ok(Response::new(self.list_readings(request.into_inner())?))
+    }
+
+    type WatchReadingsStream = WatchStream;
+
+    async fn watch_readings(
+        &self,
+        request: Request<WatchReadingsRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let req = request.into_inner();
+        let filter = reading_filter(&req.device_id, &req.topic_filter)?;
+        let mut watcher = self.hub.subscribe(filter);
+        let start_cursor = watcher.cursor();
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+
+        // The producer reads the buffer at its own pace; a slow client only
+        // holds up this task (its queue is bounded), never ingestion.
+        tokio::spawn(async move {
+            let mut last_sent = start_cursor;
+            loop {
+                let batch = tokio::select! {
+                    batch = watcher.next_batch() => batch,
+                    _ = tx.closed() => return,
+                };
+                let batch = match batch {
+                    Ok(batch) => batch,
+                    Err(CursorError::Evicted { missed_from, missed_to }) => {
+                        let error = ApiError::WatcherFellBehind { missed_from, missed_to, last_sent };
+                        let _ = tx.send(Err(error.into())).await;
+                        return;
+                    }
+                    Err(CursorError::Future(_)) => {
+                        let error = ApiError::Internal("watch cursor ahead of the buffer".into());
+                        let _ = tx.send(Err(error.into())).await;
+                        return;
+                    }
+                };
+                for reading in batch {
+                    last_sent = reading.seq;
+                    let response = WatchReadingsResponse {
+                        event: Some(watch_readings_response::Event::Reading(reading_to_proto(&reading))),
+                    };
+                    if tx.send(Ok(response)).await.is_err() {
+                        return; // the client went away
+                    }
+                }
+            }
+        });
+
+        let mut shutdown = self.shutdown.clone();
+        Ok(Response::new(WatchStream {
+            readings: ReceiverStream::new(rx),
+            shutdown: Box::pin(async move { shutdown.recv().await }),
+            resume_after: start_cursor,
+            done: false,
+        }))
+    }
+}
+
+/// The response stream of WatchReadings: the producer's readings until the
+/// service shuts down, then an `UNAVAILABLE` status that says where to resume.
+pub struct WatchStream {
+    readings: ReceiverStream<Result<WatchReadingsResponse, Status>>,
+    shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// Sequence number of the last reading handed to the transport (or the
+    /// position the watch started at).
+    resume_after: u64,
+    done: bool,
+}
+
+impl Stream for WatchStream {
+    type Item = Result<WatchReadingsResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if self.shutdown.as_mut().poll(cx).is_ready() {
+            self.done = true;
+            let error = ApiError::ShuttingDown {
+                resume_after: self.resume_after,
+            };
+            return Poll::Ready(Some(Err(error.into())));
+        }
+        let item = Pin::new(&mut self.readings).poll_next(cx);
+        if let Poll::Ready(Some(Ok(WatchReadingsResponse {
+            event: Some(watch_readings_response::Event::Reading(reading)),
+        }))) = &item
+        {
+            self.resume_after = reading.seq;
+        }
+        item
+    }
+}
+
+fn reading_filter(device_id: &str, topic_filter: &str) -> Result<ReadingFilter, ApiError> {
+    let device_id = match device_id {
+        "" => None,
+        id => {
+            validate_device_id(id).map_err(|e| ApiError::invalid("device_id", e.to_string()))?;
+            Some(id.to_owned())
+        }
+    };
+    let topic_filter = match topic_filter {
+        "" => None,
+        filter => {
+            validate_topic_filter(filter).map_err(|e| ApiError::invalid("topic_filter", e.to_string()))?;
+            Some(filter.to_owned())
+        }
+    };
+    Ok(ReadingFilter {
+        device_id,
+        topic_filter,
+    })
+}
+
+fn optional_time(field: &'static str, time: Option<Timestamp>) -> Result<Option<SystemTime>, ApiError> {
+    time.map(|t| SystemTime::try_from(t).map_err(|e| ApiError::invalid(field, format!("is not a valid timestamp: {e}"))))
+        .transpose()
+}
+
+/// The JSON envelope published for a command.
+fn envelope(
+    command_id: &str,
+    command: &str,
+    params: Option<serde_json::Map<String, serde_json::Value>>,
+) -> Result<Bytes, ApiError> {
+    let mut envelope = serde_json::Map::new();
+    envelope.insert("id".into(), command_id.into());
+    envelope.insert("command".into(), command.into());
+    if let Some(params) = params {
+        envelope.insert("params".into(), params.into());
+    }
+    serde_json::to_vec(&envelope)
+        .map(Bytes::from)
+        .map_err(|e| ApiError::Internal(format!("encoding a command envelope: {e}")))
+}
+
+/// A buffered reading as a proto message. The payload is shared, not copied;
+/// JSON is decoded here, on demand, not at ingest.
+pub fn reading_to_proto(reading: &Reading) -> proto::Reading {
+    proto::Reading {
+        seq: reading.seq,
+        device_id: reading.device_id.to_string(),
+        topic: reading.topic.to_string(),
+        received_at: Some(Timestamp::from(reading.received_at)),
+        payload: reading.payload.clone(),
+        json: parse_json(&reading.payload),
+        qos: u32::from(reading.qos),
+        retained: reading.retained,
+    }
+}
+
+/// The payload as a protobuf `Value` if it is JSON. serde_json refuses input
+/// nested deeper than 128 levels and numbers out of `f64` range, so hostile
+/// payloads end up raw-only instead of exhausting the stack.
+pub fn parse_json(payload: &[u8]) -> Option<Value> {
+    serde_json::from_slice::<serde_json::Value>(payload)
+        .ok()
+        .map(json_to_value)
+}
+
+fn json_to_value(json: serde_json::Value) -> Value {
+    let kind = match json {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        // protobuf's Value holds numbers as f64, like JSON in JavaScript.
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(items) => Kind::ListValue(ListValue {
+            values: items.into_iter().map(json_to_value).collect(),
+        }),
+        serde_json::Value::Object(map) => Kind::StructValue(Struct {
+            fields: map.into_iter().map(|(k, v)| (k, json_to_value(v))).collect(),
+        }),
+    };
+    Value { kind: Some(kind) }
+}
+
+fn struct_to_json(s: &Struct) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    s.fields
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), value_to_json(v)?)))
+        .collect()
+}
+
+fn value_to_json(value: &Value) -> Result<serde_json::Value, String> {
+    Ok(match &value.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => (*b).into(),
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n)
+            .map(serde_json::Value::Number)
+            .ok_or_else(|| format!("holds the number {n}, which JSON cannot represent"))?,
+        Some(Kind::StringValue(s)) => s.clone().into(),
+        Some(Kind::ListValue(list)) => list
+            .values
+            .iter()
+            .map(value_to_json)
+            .collect::<Result<Vec<_>, _>>()?
+            .into(),
+        Some(Kind::StructValue(s)) => struct_to_json(s)?.into(),
+    })
+}
+
+/// Page tokens: opaque to clients, validated here. A token is the hex form of
+/// a version byte, the cursor (the sequence number the next page starts at)
+/// and a hash of the request's filters and order, so that a token cannot be
+/// replayed against a different query.
+mod page_token {
+    use super::{ApiError, ListReadingsRequest};
+
+    const VERSION: u8 = 1;
+    const LEN: usize = 17;
+
+    pub fn encode(cursor: u64, query_hash: u64) -> String {
+        let mut bytes = Vec::with_capacity(LEN);
+        bytes.push(VERSION);
+        bytes.extend_from_slice(&cursor.to_be_bytes());
+        bytes.extend_from_slice(&query_hash.to_be_bytes());
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn decode(token: &str, query_hash: u64) -> Result<u64, ApiError> {
+        let malformed = || ApiError::invalid("page_token", "is malformed; pass a next_page_token unchanged");
+        if token.len() != LEN * 2 || !token.is_ascii() {
+            return Err(malformed());
+        }
+        let bytes = (0..LEN)
+            .map(|i| u8::from_str_radix(&token[2 * i..2 * i + 2], 16))
+            .collect::<Result<Vec<u8>, _>>()
+            .map_err(|_| malformed())?;
+        if bytes[0] != VERSION {
+            return Err(malformed());
+        }
+        let word = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap_or_default());
+        if word(9) != query_hash {
+            return Err(ApiError::invalid(
+                "page_token",
+                "belongs to a request with other filters or another order",
+            ));
+        }
+        Ok(word(1))
+    }
+
+    /// FNV-1a over everything but the page size and token: stable across
+    /// restarts and platforms.
+    pub fn query_hash(req: &ListReadingsRequest) -> u64 {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for b in bytes {
+                hash ^= u64::from(*b);
+                hash = hash.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        eat(req.device_id.as_bytes());
+        eat(&[0xff]);
+        eat(req.topic_filter.as_bytes());
+        eat(&[0xff]);
+        for time in [&req.start_time, &req.end_time] {
+            match time {
+                Some(t) => {
+                    eat(&[1]);
+                    eat(&t.seconds.to_be_bytes());
+                    eat(&t.nanos.to_be_bytes());
+                }
+                None => eat(&[0]),
+            }
+        }
+        eat(&[u8::from(req.oldest_first)]);
+        hash
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn round_trips_and_rejects_forgeries() {
+            let req = ListReadingsRequest::default();
+            let hash = query_hash(&req);
+            assert_eq!(decode(&encode(42, hash), hash).unwrap(), 42);
+            let other = ListReadingsRequest {
+                oldest_first: true,
+                ..ListReadingsRequest::default()
+            };
+            assert_ne!(query_hash(&other), hash);
+            assert!(decode(&encode(42, hash), query_hash(&other)).is_err());
+            for forged in ["", "zz", "é", &"0".repeat(34), &encode(1, hash)[..33]] {
+                assert!(decode(forged, hash).is_err(), "{forged:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_payloads_are_decoded_and_others_are_not() {
+        let value = parse_json(br#"{"t": 21.5, "ok": true, "tags": ["a", null]}"#).unwrap();
+        let Some(Kind::StructValue(s)) = value.kind else { panic!("not an object") };
+        assert_eq!(s.fields["t"].kind, Some(Kind::NumberValue(21.5)));
+        for raw in [&b""[..], b"\xff\xfe", b"not json", b"1e999", b"{\"a\":"] {
+            assert_eq!(parse_json(raw), None, "{raw:?}");
+        }
+        let deep = "[".repeat(100_000) + &"]".repeat(100_000);
+        assert_eq!(parse_json(deep.as_bytes()), None);
+    }
+
+    #[test]
+    fn params_round_trip_and_non_finite_numbers_are_refused() {
+        let params = struct_to_json(&Struct {
+            fields: [("speed".to_owned(), Value { kind: Some(Kind::NumberValue(3.0)) })].into(),
+        })
+        .unwrap();
+        assert_eq!(serde_json::Value::Object(params), serde_json::json!({"speed": 3.0}));
+        let nan = Struct {
+            fields: [("x".to_owned(), Value { kind: Some(Kind::NumberValue(f64::NAN)) })].into(),
+        };
+        assert!(struct_to_json(&nan).is_err());
+    }
+
+    #[test]
+    fn the_envelope_carries_id_command_and_params() {
+        let params = serde_json::json!({"on": true}).as_object().cloned();
+        let bytes = envelope("id-1", "TURN_ON_FAN", params).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(json, serde_json::json!({"id": "id-1", "command": "TURN_ON_FAN", "params": {"on": true}}));
+    }
+}

@@ -1,0 +1,266 @@
+//! MQTT topic rules: device ids, topic filters and the topic templates that map
+//! a device id to its readings and commands topics.
+//!
+//! Everything here is pure and allocation-light: it runs on the ingest path
+//! (device id from a topic) and per request (validation).
+
+use std::fmt;
+
+/// The placeholder a topic template may contain, as one whole topic level.
+pub const DEVICE_ID_PLACEHOLDER: &str = "{device_id}";
+
+/// The longest device id accepted, in bytes.
+pub const MAX_DEVICE_ID_BYTES: usize = 256;
+
+/// MQTT's own limit on a topic name or filter, in bytes.
+pub const MAX_TOPIC_BYTES: usize = 65_535;
+
+/// Why a device id, topic or filter was refused. The text is meant for the
+/// client, prefixed by the name of the field it came from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TopicError(String);
+
+/// Checks that `id` can stand as one topic level: non-empty, at most
+/// [`MAX_DEVICE_ID_BYTES`], and free of `/`, `+`, `#` and NUL.
+pub fn validate_device_id(id: &str) -> Result<(), TopicError> {
+    if id.is_empty() {
+        return Err(TopicError("must not be empty".into()));
+    }
+    if id.len() > MAX_DEVICE_ID_BYTES {
+        return Err(TopicError(format!(
+            "is {} bytes long; the limit is {MAX_DEVICE_ID_BYTES}",
+            id.len()
+        )));
+    }
+    if let Some(c) = id.chars().find(|c| matches!(c, '/' | '+' | '#' | '\0')) {
+        return Err(TopicError(format!(
+            "must be a single topic level without '/', '+', '#' or NUL; found {c:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks an MQTT topic filter (MQTT 3.1.1 section 4.7): non-empty, no NUL,
+/// `+` alone in its level, `#` alone in the last level.
+pub fn validate_topic_filter(filter: &str) -> Result<(), TopicError> {
+    if filter.is_empty() {
+        return Err(TopicError("must not be empty".into()));
+    }
+    if filter.len() > MAX_TOPIC_BYTES {
+        return Err(TopicError(format!(
+            "is {} bytes long; the limit is {MAX_TOPIC_BYTES}",
+            filter.len()
+        )));
+    }
+    if filter.contains('\0') {
+        return Err(TopicError("must not contain NUL".into()));
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        if level.contains('#') && (*level != "#" || i + 1 != levels.len()) {
+            return Err(TopicError(
+                "'#' must stand alone in the last topic level".into(),
+            ));
+        }
+        if level.contains('+') && *level != "+" {
+            return Err(TopicError("'+' must stand alone in its topic level".into()));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `topic` (a topic name, no wildcards) matches `filter` (a valid
+/// topic filter). Topics starting with `$` are not matched by a leading
+/// wildcard, as in MQTT.
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut topic_levels = topic.split('/');
+    for f in filter.split('/') {
+        if f == "#" {
+            return true;
+        }
+        match topic_levels.next() {
+            Some(t) if f == "+" || f == t => {}
+            _ => return false,
+        }
+    }
+    topic_levels.next().is_none()
+}
+
+/// A topic with an optional `{device_id}` level, such as
+/// `devices/{device_id}/readings`.
+///
+/// A readings template may also hold `+` and `#` levels; it is subscribed with
+/// the placeholder replaced by `+`. A template without a placeholder stands for
+/// one device whose id is configured separately ([`TopicTemplate::fixed_device_id`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicTemplate {
+    template: String,
+    /// Index of the `{device_id}` level, if any.
+    placeholder_level: Option<usize>,
+    /// The template with the placeholder replaced by `+`.
+    subscription: String,
+    fixed_device_id: Option<String>,
+    has_wildcards: bool,
+}
+
+impl TopicTemplate {
+    /// Parses `template`. `fixed_device_id` names the device of a template
+    /// without a placeholder and is required for one.
+    pub fn parse(template: &str, fixed_device_id: Option<&str>) -> Result<Self, TopicError> {
+        let levels: Vec<&str> = template.split('/').collect();
+        let mut placeholder_level = None;
+        for (i, level) in levels.iter().enumerate() {
+            if *level == DEVICE_ID_PLACEHOLDER {
+                if placeholder_level.is_some() {
+                    return Err(TopicError(format!(
+                        "{template:?} holds {DEVICE_ID_PLACEHOLDER} more than once"
+                    )));
+                }
+                placeholder_level = Some(i);
+            } else if level.contains(DEVICE_ID_PLACEHOLDER) {
+                return Err(TopicError(format!(
+                    "{template:?}: {DEVICE_ID_PLACEHOLDER} must be a whole topic level"
+                )));
+            }
+        }
+        let subscription = render(&levels, placeholder_level, "+");
+        validate_topic_filter(&subscription)
+            .map_err(|e| TopicError(format!("{template:?} is not a valid topic: {e}")))?;
+        let fixed_device_id = match (placeholder_level, fixed_device_id) {
+            (Some(_), _) => None,
+            (None, Some(id)) => {
+                validate_device_id(id)
+                    .map_err(|e| TopicError(format!("the fixed device id {e}")))?;
+                Some(id.to_owned())
+            }
+            (None, None) => {
+                return Err(TopicError(format!(
+                    "{template:?} has no {DEVICE_ID_PLACEHOLDER} level, so a fixed device id is required"
+                )))
+            }
+        };
+        Ok(Self {
+            template: template.to_owned(),
+            placeholder_level,
+            subscription,
+            fixed_device_id,
+            has_wildcards: levels.iter().any(|l| *l == "+" || *l == "#"),
+        })
+    }
+
+    /// The device id used when the template has no placeholder.
+    pub fn fixed_device_id(&self) -> Option<&str> {
+        self.fixed_device_id.as_deref()
+    }
+
+    /// Whether the template holds `+` or `#` levels (a publish topic must not).
+    pub fn has_wildcards(&self) -> bool {
+        self.has_wildcards
+    }
+
+    /// The filter to subscribe to: the placeholder replaced by `+`.
+    pub fn subscription_filter(&self) -> &str {
+        &self.subscription
+    }
+
+    /// The topic for `device_id`, which the caller has validated.
+    pub fn topic_for(&self, device_id: &str) -> String {
+        let levels: Vec<&str> = self.template.split('/').collect();
+        render(&levels, self.placeholder_level, device_id)
+    }
+
+    /// The device id that `topic` carries, or `None` when the topic does not
+    /// follow this template.
+    pub fn device_id_of<'t>(&'t self, topic: &'t str) -> Option<&'t str> {
+        let filter_matches = || topic_matches(&self.subscription, topic);
+        match self.placeholder_level {
+            None => filter_matches().then_some(self.fixed_device_id.as_deref()?),
+            Some(i) => {
+                let id = topic.split('/').nth(i)?;
+                (!id.is_empty() && filter_matches()).then_some(id)
+            }
+        }
+    }
+}
+
+impl fmt::Display for TopicTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.template)
+    }
+}
+
+fn render(levels: &[&str], placeholder_level: Option<usize>, value: &str) -> String {
+    let mut out = String::new();
+    for (i, level) in levels.iter().enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(if Some(i) == placeholder_level { value } else { level });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_ids() {
+        assert!(validate_device_id("sensor-1").is_ok());
+        for bad in ["", "a/b", "a+", "#", "a\0b"] {
+            assert!(validate_device_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_device_id(&"x".repeat(MAX_DEVICE_ID_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn filters() {
+        for good in ["#", "+", "a/+/c", "a/#", "+/+", "/"] {
+            assert!(validate_topic_filter(good).is_ok(), "{good:?}");
+        }
+        for bad in ["", "a#", "a/#/c", "a+/b", "a/b\0"] {
+            assert!(validate_topic_filter(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn matching() {
+        assert!(topic_matches("devices/+/readings", "devices/d1/readings"));
+        assert!(!topic_matches("devices/+/readings", "devices/d1/other"));
+        assert!(!topic_matches("devices/+/readings", "devices/d1/readings/x"));
+        assert!(topic_matches("devices/#", "devices/d1/readings"));
+        assert!(topic_matches("devices/#", "devices"));
+        assert!(topic_matches("#", "a/b"));
+        assert!(!topic_matches("#", "$SYS/x"));
+        assert!(!topic_matches("a/b", "a"));
+    }
+
+    #[test]
+    fn templates() {
+        let t = TopicTemplate::parse("devices/{device_id}/readings", None).unwrap();
+        assert_eq!(t.subscription_filter(), "devices/+/readings");
+        assert_eq!(t.topic_for("d1"), "devices/d1/readings");
+        assert_eq!(t.device_id_of("devices/d1/readings"), Some("d1"));
+        assert_eq!(t.device_id_of("devices//readings"), None);
+        assert_eq!(t.device_id_of("other/d1/readings"), None);
+
+        let wild = TopicTemplate::parse("site/+/{device_id}/#", None).unwrap();
+        assert!(wild.has_wildcards());
+        assert_eq!(wild.device_id_of("site/a/d2/t/h"), Some("d2"));
+
+        let fixed = TopicTemplate::parse("poc/device/sensor", Some("device")).unwrap();
+        assert_eq!(fixed.subscription_filter(), "poc/device/sensor");
+        assert_eq!(fixed.topic_for("ignored"), "poc/device/sensor");
+        assert_eq!(fixed.device_id_of("poc/device/sensor"), Some("device"));
+        assert_eq!(fixed.device_id_of("poc/device/other"), None);
+
+        assert!(TopicTemplate::parse("poc/device/sensor", None).is_err());
+        assert!(TopicTemplate::parse("a/x{device_id}", None).is_err());
+        assert!(TopicTemplate::parse("{device_id}/{device_id}", None).is_err());
+        assert!(TopicTemplate::parse("a/#/{device_id}", None).is_err());
+    }
+}
