@@ -6,6 +6,7 @@
 
 use std::{
     collections::HashMap,
+    io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     thread,
     time::{Duration, Instant},
@@ -53,7 +54,7 @@ pub fn start(addr: SocketAddr, max_packet_bytes: usize) -> Result<SocketAddr, Br
         })?;
 
     let deadline = Instant::now() + START_TIMEOUT;
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+    while !speaks_mqtt(addr) {
         // rumqttd's start returns (ending the thread) when its listener fails.
         if handle.is_finished() || Instant::now() > deadline {
             return Err(BrokerError::NotListening(addr));
@@ -62,6 +63,29 @@ pub fn start(addr: SocketAddr, max_packet_bytes: usize) -> Result<SocketAddr, Br
     }
     info!(%addr, "embedded MQTT broker listening");
     Ok(addr)
+}
+
+/// Whether an MQTT broker answers on `addr`: CONNECT, expect a CONNACK that
+/// accepts, DISCONNECT. A full handshake, so the broker logs no aborted
+/// connection and another program on the port is not mistaken for it.
+fn speaks_mqtt(addr: SocketAddr) -> bool {
+    const CONNECT: &[u8] = &[
+        0x10, 27, // CONNECT, remaining length
+        0, 4, b'M', b'Q', b'T', b'T', 4, // protocol name and level 3.1.1
+        0x02, 0, 10, // clean session, keep-alive 10 s
+        0, 15, b'd', b'e', b'v', b'i', b'c', b'e', b'h', b'u', b'b', b'-', b'p', b'r', b'o', b'b', b'e',
+    ];
+    const DISCONNECT: &[u8] = &[0xe0, 0];
+    let handshake = || -> std::io::Result<bool> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+        stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+        stream.write_all(CONNECT)?;
+        let mut connack = [0u8; 4];
+        stream.read_exact(&mut connack)?;
+        stream.write_all(DISCONNECT)?;
+        Ok(connack[0] == 0x20 && connack[3] == 0)
+    };
+    handshake().unwrap_or(false)
 }
 
 fn broker_config(addr: SocketAddr, max_packet_bytes: usize) -> Config {

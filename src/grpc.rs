@@ -359,9 +359,21 @@ fn reading_filter(device_id: &str, topic_filter: &str) -> Result<ReadingFilter, 
     })
 }
 
+/// A timestamp as the well-known type defines it: nanos in 0..1e9, and a
+/// year from 1 to 9999. (prost would silently normalize other values.)
 fn optional_time(field: &'static str, time: Option<Timestamp>) -> Result<Option<SystemTime>, ApiError> {
-    time.map(|t| SystemTime::try_from(t).map_err(|e| ApiError::invalid(field, format!("is not a valid timestamp: {e}"))))
-        .transpose()
+    const MIN_SECONDS: i64 = -62_135_596_800; // 0001-01-01T00:00:00Z
+    const MAX_SECONDS: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    let Some(time) = time else { return Ok(None) };
+    if !(0..1_000_000_000).contains(&time.nanos) || !(MIN_SECONDS..=MAX_SECONDS).contains(&time.seconds) {
+        return Err(ApiError::invalid(
+            field,
+            "is not a valid timestamp (nanos must be 0 to 999999999, the year 1 to 9999)",
+        ));
+    }
+    SystemTime::try_from(time)
+        .map(Some)
+        .map_err(|e| ApiError::invalid(field, format!("is not a valid timestamp: {e}")))
 }
 
 /// The JSON envelope published for a command.
@@ -433,6 +445,10 @@ fn value_to_json(value: &Value) -> Result<serde_json::Value, String> {
     Ok(match &value.kind {
         None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
         Some(Kind::BoolValue(b)) => (*b).into(),
+        // Whole numbers stay whole (`3`, not `3.0`) where f64 holds them exactly.
+        Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 => {
+            (*n as i64).into()
+        }
         Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n)
             .map(serde_json::Value::Number)
             .ok_or_else(|| format!("holds the number {n}, which JSON cannot represent"))?,
@@ -559,7 +575,7 @@ mod tests {
             fields: [("speed".to_owned(), Value { kind: Some(Kind::NumberValue(3.0)) })].into(),
         })
         .unwrap();
-        assert_eq!(serde_json::Value::Object(params), serde_json::json!({"speed": 3.0}));
+        assert_eq!(serde_json::Value::Object(params), serde_json::json!({"speed": 3}));
         let nan = Struct {
             fields: [("x".to_owned(), Value { kind: Some(Kind::NumberValue(f64::NAN)) })].into(),
         };

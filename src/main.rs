@@ -14,7 +14,7 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("DEVICEHUB_LOG")
-                .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn")),
+                .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off")),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -1,0 +1,486 @@
+//! Shared test harness: the real service in-process on ephemeral ports, real
+//! brokers (embedded rumqttd or a Mosquitto process), real MQTT devices and
+//! the generated tonic client. Waits are on conditions, never fixed sleeps.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::{
+    future::Future,
+    io::Write,
+    net::{SocketAddr, TcpListener as StdListener},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use clap::Parser;
+use devicehub::{
+    config::{BrokerUrl, Cli},
+    proto::{device_hub_client::DeviceHubClient, Reading},
+    shutdown::{self, ShutdownTrigger},
+    Config, SERVICE_NAME,
+};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
+use tonic::transport::Channel;
+use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+
+/// Upper bound for any condition a test waits for. Generous: CI is shared.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Polls `check` until it returns `Some`, or panics naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs a future with the [`PATIENCE`] bound, naming it if it hangs.
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// Starts an embedded rumqttd broker on a free loopback port.
+pub fn embedded_broker() -> BrokerUrl {
+    let addr = devicehub::broker::start("127.0.0.1:0".parse().unwrap(), 1 << 20)
+        .expect("embedded broker starts");
+    BrokerUrl::from_addr(addr)
+}
+
+/// A loopback address where nothing listens.
+pub fn closed_port() -> BrokerUrl {
+    let listener = StdListener::bind("127.0.0.1:0").unwrap();
+    BrokerUrl::from_addr(listener.local_addr().unwrap())
+}
+
+/// The service's default configuration (as `devicehub` with `args` would
+/// have it), pointed at `broker`.
+pub fn config(broker: &BrokerUrl, args: &[&str]) -> Config {
+    let cli = Cli::try_parse_from(std::iter::once("devicehub").chain(args.iter().copied()))
+        .expect("valid arguments");
+    cli.serve.config(broker).expect("valid configuration")
+}
+
+/// The real service, in-process, on an ephemeral gRPC port.
+pub struct TestService {
+    pub addr: SocketAddr,
+    trigger: ShutdownTrigger,
+    task: JoinHandle<Result<(), devicehub::Error>>,
+}
+
+impl TestService {
+    pub async fn start(config: Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (trigger, shutdown) = shutdown::channel();
+        let task = tokio::spawn(devicehub::run(config, listener, shutdown));
+        Self { addr, trigger, task }
+    }
+
+    /// Starts the service and waits until it is connected and subscribed.
+    pub async fn start_ready(config: Config) -> Self {
+        let service = Self::start(config).await;
+        service.wait_for_health(ServingStatus::Serving).await;
+        service
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> DeviceHubClient<Channel> {
+        let url = self.url();
+        eventually("the gRPC server to accept", || {
+            let url = url.clone();
+            async move { DeviceHubClient::connect(url).await.ok() }
+        })
+        .await
+    }
+
+    pub async fn health(&self) -> ServingStatus {
+        let channel = Channel::from_shared(self.url()).unwrap().connect().await.expect("health client connects");
+        let mut health = HealthClient::new(channel);
+        let response = health
+            .check(HealthCheckRequest {
+                service: SERVICE_NAME.into(),
+            })
+            .await
+            .expect("health check answers");
+        response.into_inner().status()
+    }
+
+    pub async fn wait_for_health(&self, want: ServingStatus) {
+        eventually(&format!("health {want:?}"), || async {
+            (self.health().await == want).then_some(())
+        })
+        .await
+    }
+
+    /// Fires shutdown and waits for `run` to return.
+    pub async fn stop(self) {
+        self.trigger.fire();
+        let result = within("the service to stop", self.task).await;
+        result.expect("service task").expect("service stops cleanly");
+    }
+}
+
+/// A real MQTT client acting as a device.
+pub struct TestDevice {
+    pub client: AsyncClient,
+    /// Messages received on the device's subscriptions.
+    pub received: mpsc::UnboundedReceiver<Publish>,
+    task: JoinHandle<()>,
+}
+
+impl TestDevice {
+    /// Connects as `client_id`, subscribes to `subscribe` (if given) and
+    /// returns once the broker confirmed both.
+    pub async fn connect(broker: &BrokerUrl, client_id: &str, subscribe: Option<&str>) -> Self {
+        let mut options = MqttOptions::new(client_id, &broker.host, broker.port);
+        options.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(options, 1000);
+        let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+        let (received_tx, received) = mpsc::unbounded_channel();
+        let subscribe = subscribe.map(str::to_owned);
+        let sub_client = client.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => match &subscribe {
+                        Some(filter) => sub_client.try_subscribe(filter, QoS::AtLeastOnce).unwrap(),
+                        None => {
+                            let _ = ready_tx.send(());
+                        }
+                    },
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = received_tx.send(p);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        within("the device to connect", ready_rx.recv()).await;
+        Self {
+            client,
+            received,
+            task,
+        }
+    }
+
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("publish queued");
+    }
+
+    pub async fn next_message(&mut self) -> Publish {
+        within("a message for the device", self.received.recv())
+            .await
+            .expect("device task alive")
+    }
+}
+
+impl Drop for TestDevice {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A Mosquitto process on a free loopback port, with its own config file.
+/// Killed when dropped.
+pub struct Mosquitto {
+    pub url: BrokerUrl,
+    child: Child,
+    dir: tempdir::TempDir,
+}
+
+impl Mosquitto {
+    pub fn start() -> Self {
+        Self::start_on(closed_port().port)
+    }
+
+    /// Starts Mosquitto on `port` (a restart keeps the port).
+    pub fn start_on(port: u16) -> Self {
+        let binary = which("mosquitto").expect(
+            "mosquitto is not installed: the tests need it (apt-get install -y mosquitto, or run scripts/test.sh)",
+        );
+        let dir = tempdir::TempDir::new("mosquitto");
+        let conf = dir.path().join("mosquitto.conf");
+        let mut file = std::fs::File::create(&conf).unwrap();
+        writeln!(file, "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false").unwrap();
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto starts");
+        let mosquitto = Self {
+            url: BrokerUrl {
+                host: "127.0.0.1".into(),
+                port,
+            },
+            child,
+            dir,
+        };
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(std::time::Instant::now() < deadline, "mosquitto did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        mosquitto
+    }
+
+    /// Kills the broker and waits for the process to end.
+    pub fn kill(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.url.port
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Finds an executable on PATH.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A temporary directory removed when dropped; enough for config files.
+pub mod tempdir {
+    use std::path::{Path, PathBuf};
+
+    pub struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub fn new(prefix: &str) -> Self {
+            let unique = uuid::Uuid::now_v7().simple().to_string();
+            let path = std::env::temp_dir().join(format!("devicehub-test-{prefix}-{unique}"));
+            std::fs::create_dir_all(&path).unwrap();
+            Self(path)
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// The sequence numbers of `readings`.
+pub fn seqs(readings: &[Reading]) -> Vec<u64> {
+    readings.iter().map(|r| r.seq).collect()
+}
+
+/// The main flow, against any broker: readings in → ListReadings and
+/// WatchReadings out; SendCommand → the device receives the envelope.
+pub async fn end_to_end(broker: &BrokerUrl) {
+    use devicehub::proto::{
+        send_command_request::Payload, watch_readings_response::Event as WatchEvent,
+        ListReadingsRequest, SendCommandRequest, WatchReadingsRequest,
+    };
+
+    let service = TestService::start_ready(config(broker, &[])).await;
+    let mut client = service.client().await;
+
+    // Watches open before anything is published must see everything.
+    let mut watch_d1 = client
+        .watch_readings(WatchReadingsRequest {
+            device_id: "d1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut watch_all = client
+        .watch_readings(WatchReadingsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut device = TestDevice::connect(broker, "device-d1", Some("devices/d1/commands")).await;
+    let d1_payloads: Vec<&[u8]> = vec![
+        br#"{"temperature": 21.5, "ok": true}"#,
+        b"\xff\xfe not utf-8",
+        b"",
+        b"[1, 2, 3]",
+        b"plain text",
+    ];
+    for (i, payload) in d1_payloads.iter().enumerate() {
+        device.publish("devices/d1/readings", *payload).await;
+        device.publish("devices/d2/readings", format!(r#"{{"n": {i}}}"#)).await;
+    }
+
+    let all = eventually("10 readings to be listed", || {
+        let mut client = client.clone();
+        async move {
+            let page = client.list_readings(ListReadingsRequest::default()).await.unwrap().into_inner();
+            (page.readings.len() == 10).then_some(page)
+        }
+    })
+    .await;
+    assert!(all.next_page_token.is_empty());
+    let newest_first = seqs(&all.readings);
+    assert!(newest_first.windows(2).all(|w| w[0] > w[1]), "newest first: {newest_first:?}");
+
+    let d1 = client
+        .list_readings(ListReadingsRequest {
+            device_id: "d1".into(),
+            oldest_first: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .readings;
+    let got: Vec<&[u8]> = d1.iter().map(|r| r.payload.as_ref()).collect();
+    assert_eq!(got, d1_payloads, "payloads are kept byte for byte");
+    for reading in &d1 {
+        assert_eq!(reading.device_id, "d1");
+        assert_eq!(reading.topic, "devices/d1/readings");
+        assert_eq!(reading.qos, 1);
+        assert!(!reading.retained);
+        assert!(reading.received_at.is_some());
+    }
+    let has_json: Vec<bool> = d1.iter().map(|r| r.json.is_some()).collect();
+    assert_eq!(has_json, [true, false, false, true, false]);
+
+    // Watches deliver the same readings, in order, exactly once.
+    let mut watched_d1 = Vec::new();
+    while watched_d1.len() < 5 {
+        let message = within("watch d1", watch_d1.message()).await.unwrap().unwrap();
+        let Some(WatchEvent::Reading(reading)) = message.event else { panic!("not a reading") };
+        watched_d1.push(reading);
+    }
+    assert_eq!(watched_d1, d1);
+    let mut watched_all = Vec::new();
+    while watched_all.len() < 10 {
+        let message = within("watch all", watch_all.message()).await.unwrap().unwrap();
+        let Some(WatchEvent::Reading(reading)) = message.event else { panic!("not a reading") };
+        watched_all.push(reading.seq);
+    }
+    let mut oldest_first = newest_first.clone();
+    oldest_first.reverse();
+    assert_eq!(watched_all, oldest_first);
+
+    // Paging: every reading once, in order, and an empty token at the end.
+    let mut paged = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_readings(ListReadingsRequest {
+                page_size: 3,
+                page_token: token,
+                oldest_first: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.readings.len() <= 3);
+        paged.extend(seqs(&page.readings));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(paged, oldest_first);
+
+    let d2 = client
+        .list_readings(ListReadingsRequest {
+            topic_filter: "devices/+/readings".into(),
+            device_id: "d2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .readings;
+    assert_eq!(d2.len(), 5);
+    assert!(d2.iter().all(|r| r.device_id == "d2" && r.json.is_some()));
+    let by_topic = client
+        .list_readings(ListReadingsRequest {
+            topic_filter: "devices/d2/#".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .readings;
+    assert_eq!(by_topic, d2);
+
+    // Commands, at each QoS, as a JSON envelope or raw.
+    for qos in [0, 1, 2] {
+        let params: prost_types::Struct = prost_types::Struct {
+            fields: [(
+                "speed".to_owned(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::NumberValue(3.0)),
+                },
+            )]
+            .into(),
+        };
+        let response = client
+            .send_command(SendCommandRequest {
+                device_id: "d1".into(),
+                command: "TURN_ON_FAN".into(),
+                payload: Some(Payload::Params(params)),
+                qos: Some(qos),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(response.topic, "devices/d1/commands");
+        let message = device.next_message().await;
+        assert_eq!(message.topic, "devices/d1/commands");
+        let envelope: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+        assert_eq!(
+            envelope,
+            serde_json::json!({"id": response.command_id, "command": "TURN_ON_FAN", "params": {"speed": 3}})
+        );
+    }
+    let raw = client
+        .send_command(SendCommandRequest {
+            device_id: "d1".into(),
+            command: "RAW".into(),
+            payload: Some(Payload::RawPayload(b"ON".to_vec().into())),
+            qos: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!raw.command_id.is_empty());
+    assert_eq!(device.next_message().await.payload.as_ref(), b"ON");
+
+    service.stop().await;
+}
