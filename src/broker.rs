@@ -39,7 +39,9 @@ pub fn start(addr: SocketAddr, max_packet_bytes: usize) -> Result<SocketAddr, Br
     // below then fails loudly instead of connecting somewhere else silently.
     let addr = if addr.port() == 0 {
         let probe = TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
-        probe.local_addr().map_err(|source| BrokerError::Bind { addr, source })?
+        probe
+            .local_addr()
+            .map_err(|source| BrokerError::Bind { addr, source })?
     } else {
         addr
     };
@@ -73,7 +75,8 @@ fn speaks_mqtt(addr: SocketAddr) -> bool {
         0x10, 27, // CONNECT, remaining length
         0, 4, b'M', b'Q', b'T', b'T', 4, // protocol name and level 3.1.1
         0x02, 0, 10, // clean session, keep-alive 10 s
-        0, 15, b'd', b'e', b'v', b'i', b'c', b'e', b'h', b'u', b'b', b'-', b'p', b'r', b'o', b'b', b'e',
+        0, 15, b'd', b'e', b'v', b'i', b'c', b'e', b'h', b'u', b'b', b'-', b'p', b'r', b'o', b'b',
+        b'e',
     ];
     const DISCONNECT: &[u8] = &[0xe0, 0];
     let handshake = || -> std::io::Result<bool> {

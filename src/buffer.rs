@@ -428,7 +428,10 @@ mod tests {
         assert_eq!(stats.readings, 3);
         assert_eq!(stats.evicted, 2);
         assert_eq!(stats.first_seq, FIRST + 2);
-        assert_eq!(seqs(&buf.list(&query(10)).unwrap()), [FIRST + 4, FIRST + 3, FIRST + 2]);
+        assert_eq!(
+            seqs(&buf.list(&query(10)).unwrap()),
+            [FIRST + 4, FIRST + 3, FIRST + 2]
+        );
     }
 
     #[test]
@@ -464,8 +467,14 @@ mod tests {
         push(&mut buf, "a", 1, "1");
         push(&mut buf, "a", 2, "2");
         let page = buf.list(&query(10)).unwrap();
-        assert!(Arc::ptr_eq(&page.readings[0].topic, &page.readings[1].topic));
-        assert!(Arc::ptr_eq(&page.readings[0].device_id, &page.readings[1].device_id));
+        assert!(Arc::ptr_eq(
+            &page.readings[0].topic,
+            &page.readings[1].topic
+        ));
+        assert!(Arc::ptr_eq(
+            &page.readings[0].device_id,
+            &page.readings[1].device_id
+        ));
     }
 
     #[test]
@@ -477,7 +486,12 @@ mod tests {
             oldest_first: true,
             ..query(10)
         });
-        let times: Vec<_> = page.unwrap().readings.iter().map(|r| r.received_at).collect();
+        let times: Vec<_> = page
+            .unwrap()
+            .readings
+            .iter()
+            .map(|r| r.received_at)
+            .collect();
         assert_eq!(times, [at(10), at(10)]);
     }
 
@@ -619,7 +633,10 @@ mod tests {
         let mut buf = buffer(5, usize::MAX);
         let everything = ReadingFilter::default();
         let start = buf.stats().next_seq - 1;
-        assert_eq!(buf.scan_after(start, 10, &everything).unwrap(), (vec![], start));
+        assert_eq!(
+            buf.scan_after(start, 10, &everything).unwrap(),
+            (vec![], start)
+        );
 
         for i in 0..3 {
             push(&mut buf, ["a", "b"][i % 2], i as u64, "x");

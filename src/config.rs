@@ -41,11 +41,19 @@ pub enum Command {
 pub struct TopicArgs {
     /// Topic devices publish readings to. `{device_id}` marks the level that
     /// holds the device id; other levels may be `+` or `#`.
-    #[arg(long, env = "DEVICEHUB_READINGS_TOPIC", default_value = "devices/{device_id}/readings")]
+    #[arg(
+        long,
+        env = "DEVICEHUB_READINGS_TOPIC",
+        default_value = "devices/{device_id}/readings"
+    )]
     pub readings_topic: String,
 
     /// Topic commands are published to, with a `{device_id}` level.
-    #[arg(long, env = "DEVICEHUB_COMMANDS_TOPIC", default_value = "devices/{device_id}/commands")]
+    #[arg(
+        long,
+        env = "DEVICEHUB_COMMANDS_TOPIC",
+        default_value = "devices/{device_id}/commands"
+    )]
     pub commands_topic: String,
 
     /// Device id for topic templates without `{device_id}`: a single device
@@ -66,7 +74,10 @@ impl TopicArgs {
         let template = TopicTemplate::parse(&self.commands_topic, self.fixed_device_id.as_deref())
             .map_err(|e| ConfigError::Topic("--commands-topic", e))?;
         if template.has_wildcards() {
-            return Err(ConfigError::Wildcards("--commands-topic", template.to_string()));
+            return Err(ConfigError::Wildcards(
+                "--commands-topic",
+                template.to_string(),
+            ));
         }
         Ok(template)
     }
@@ -86,7 +97,11 @@ pub struct ServeArgs {
 
     /// Address of the embedded broker, used when --mqtt-url is unset. Port 0
     /// picks a free port (logged).
-    #[arg(long, env = "DEVICEHUB_EMBEDDED_MQTT_ADDR", default_value = "127.0.0.1:1883")]
+    #[arg(
+        long,
+        env = "DEVICEHUB_EMBEDDED_MQTT_ADDR",
+        default_value = "127.0.0.1:1883"
+    )]
     pub embedded_mqtt_addr: SocketAddr,
 
     /// MQTT client id. Default: `devicehub-` and a random suffix. Set a
@@ -97,7 +112,11 @@ pub struct ServeArgs {
     /// Keep the broker session across reconnects and restarts (clean session
     /// off): the broker queues QoS 1/2 readings while devicehub is away.
     /// Needs a stable --mqtt-client-id.
-    #[arg(long, env = "DEVICEHUB_MQTT_PERSISTENT_SESSION", default_value_t = false)]
+    #[arg(
+        long,
+        env = "DEVICEHUB_MQTT_PERSISTENT_SESSION",
+        default_value_t = false
+    )]
     pub mqtt_persistent_session: bool,
 
     /// MQTT keep-alive interval in seconds (at least 1; 0 disables it).
@@ -169,7 +188,11 @@ impl ServeArgs {
 #[derive(Debug, Clone, Args)]
 pub struct SimulateArgs {
     /// MQTT broker the devices connect to, as mqtt://host[:port].
-    #[arg(long, env = "DEVICEHUB_MQTT_URL", default_value = "mqtt://127.0.0.1:1883")]
+    #[arg(
+        long,
+        env = "DEVICEHUB_MQTT_URL",
+        default_value = "mqtt://127.0.0.1:1883"
+    )]
     pub mqtt_url: BrokerUrl,
 
     /// Number of simulated devices.
@@ -232,7 +255,9 @@ impl FromStr for BrokerUrl {
             return Err(format!("{url:?} must be mqtt://host[:port] with no path"));
         }
         let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-            let (host, after) = v6.split_once(']').ok_or_else(|| format!("{url:?}: unclosed '['"))?;
+            let (host, after) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("{url:?}: unclosed '['"))?;
             (host, after.strip_prefix(':'))
         } else {
             match rest.rsplit_once(':') {
@@ -245,7 +270,9 @@ impl FromStr for BrokerUrl {
         }
         let port = match port {
             None => 1883,
-            Some(p) => p.parse().map_err(|_| format!("{url:?}: {p:?} is not a port number"))?,
+            Some(p) => p
+                .parse()
+                .map_err(|_| format!("{url:?}: {p:?} is not a port number"))?,
         };
         Ok(Self {
             host: host.to_owned(),
@@ -279,13 +306,35 @@ mod tests {
     #[test]
     fn broker_urls() {
         let url = |s: &str| s.parse::<BrokerUrl>();
-        assert_eq!(url("mqtt://localhost").unwrap(), BrokerUrl { host: "localhost".into(), port: 1883 });
+        assert_eq!(
+            url("mqtt://localhost").unwrap(),
+            BrokerUrl {
+                host: "localhost".into(),
+                port: 1883
+            }
+        );
         assert_eq!(url("tcp://10.0.0.1:1884/").unwrap().port, 1884);
-        assert_eq!(url("mqtt://[::1]:1885").unwrap(), BrokerUrl { host: "::1".into(), port: 1885 });
-        for bad in ["localhost:1883", "mqtts://h", "mqtt://", "mqtt://h:x", "mqtt://u:p@h", "mqtt://h/a"] {
+        assert_eq!(
+            url("mqtt://[::1]:1885").unwrap(),
+            BrokerUrl {
+                host: "::1".into(),
+                port: 1885
+            }
+        );
+        for bad in [
+            "localhost:1883",
+            "mqtts://h",
+            "mqtt://",
+            "mqtt://h:x",
+            "mqtt://u:p@h",
+            "mqtt://h/a",
+        ] {
             assert!(url(bad).is_err(), "{bad}");
         }
-        assert_eq!(url("mqtt://[::1]:1885").unwrap().to_string(), "mqtt://[::1]:1885");
+        assert_eq!(
+            url("mqtt://[::1]:1885").unwrap().to_string(),
+            "mqtt://[::1]:1885"
+        );
     }
 
     #[test]
@@ -294,7 +343,10 @@ mod tests {
         assert!(cli.command.is_none());
         let broker = BrokerUrl::from_addr("127.0.0.1:1883".parse().unwrap());
         let config = cli.serve.config(&broker).unwrap();
-        assert_eq!(config.mqtt.readings_topic.subscription_filter(), "devices/+/readings");
+        assert_eq!(
+            config.mqtt.readings_topic.subscription_filter(),
+            "devices/+/readings"
+        );
         assert!(config.mqtt.client_id.starts_with("devicehub-"));
 
         let poc = Cli::try_parse_from([
@@ -305,9 +357,14 @@ mod tests {
             "--fixed-device-id=device",
         ])
         .unwrap();
-        let Some(Command::Serve(args)) = poc.command else { panic!("not serve") };
+        let Some(Command::Serve(args)) = poc.command else {
+            panic!("not serve")
+        };
         let config = args.config(&broker).unwrap();
-        assert_eq!(config.mqtt.commands_topic.topic_for("device"), "poc/device/control");
+        assert_eq!(
+            config.mqtt.commands_topic.topic_for("device"),
+            "poc/device/control"
+        );
 
         let wild = Cli::try_parse_from(["devicehub", "--commands-topic=a/+/{device_id}"]).unwrap();
         assert!(wild.serve.config(&broker).is_err());

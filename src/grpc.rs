@@ -120,12 +120,16 @@ impl DeviceHubService {
     }
 
     async fn send_command(&self, req: SendCommandRequest) -> Result<SendCommandResponse, ApiError> {
-        validate_device_id(&req.device_id).map_err(|e| ApiError::invalid("device_id", e.to_string()))?;
+        validate_device_id(&req.device_id)
+            .map_err(|e| ApiError::invalid("device_id", e.to_string()))?;
         if let Some(fixed) = self.commands_topic.fixed_device_id() {
             if req.device_id != fixed {
                 return Err(ApiError::invalid(
                     "device_id",
-                    format!("the command topic {} serves only device {fixed:?}", self.commands_topic),
+                    format!(
+                        "the command topic {} serves only device {fixed:?}",
+                        self.commands_topic
+                    ),
                 ));
             }
         }
@@ -135,21 +139,30 @@ impl DeviceHubService {
         if req.command.len() > MAX_COMMAND_BYTES {
             return Err(ApiError::invalid(
                 "command",
-                format!("is {} bytes long; the limit is {MAX_COMMAND_BYTES}", req.command.len()),
+                format!(
+                    "is {} bytes long; the limit is {MAX_COMMAND_BYTES}",
+                    req.command.len()
+                ),
             ));
         }
         let qos = match req.qos.unwrap_or(1) {
             0 => QoS::AtMostOnce,
             1 => QoS::AtLeastOnce,
             2 => QoS::ExactlyOnce,
-            other => return Err(ApiError::invalid("qos", format!("must be 0, 1 or 2, not {other}"))),
+            other => {
+                return Err(ApiError::invalid(
+                    "qos",
+                    format!("must be 0, 1 or 2, not {other}"),
+                ))
+            }
         };
 
         let command_id = Uuid::now_v7().to_string();
         let (payload, field) = match req.payload {
             Some(send_command_request::Payload::RawPayload(raw)) => (raw, "raw_payload"),
             Some(send_command_request::Payload::Params(params)) => {
-                let params = struct_to_json(&params).map_err(|reason| ApiError::invalid("params", reason))?;
+                let params = struct_to_json(&params)
+                    .map_err(|reason| ApiError::invalid("params", reason))?;
                 (envelope(&command_id, &req.command, Some(params))?, "params")
             }
             None => (envelope(&command_id, &req.command, None)?, "command"),
@@ -166,7 +179,14 @@ impl DeviceHubService {
 
         let topic = self.commands_topic.topic_for(&req.device_id);
         self.publisher.publish(topic.clone(), payload, qos).await?;
-        info!(command_id, device_id = req.device_id, command = req.command, topic, ?qos, "command published");
+        info!(
+            command_id,
+            device_id = req.device_id,
+            command = req.command,
+            topic,
+            ?qos,
+            "command published"
+        );
         Ok(SendCommandResponse { command_id, topic })
     }
 
@@ -176,7 +196,10 @@ impl DeviceHubService {
         let end = optional_time("end_time", req.end_time)?;
         if let (Some(start), Some(end)) = (start, end) {
             if start >= end {
-                return Err(ApiError::invalid("end_time", "must be later than start_time"));
+                return Err(ApiError::invalid(
+                    "end_time",
+                    "must be later than start_time",
+                ));
             }
         }
         let limit = match req.page_size {
@@ -205,8 +228,16 @@ impl DeviceHubService {
             oldest_first: req.oldest_first,
         };
         let page = self.hub.list(&query).map_err(|e| match e {
-            CursorError::Evicted { missed_from, missed_to } => ApiError::PageEvicted { missed_from, missed_to },
-            CursorError::Future(_) => ApiError::invalid("page_token", "was not issued by this service"),
+            CursorError::Evicted {
+                missed_from,
+                missed_to,
+            } => ApiError::PageEvicted {
+                missed_from,
+                missed_to,
+            },
+            CursorError::Future(_) => {
+                ApiError::invalid("page_token", "was not issued by this service")
+            }
         })?;
 
         // Keep the response under the client's message size limit.
@@ -222,7 +253,10 @@ impl DeviceHubService {
             .unwrap_or(page.readings.len());
         let next_cursor = page.readings.get(fits).map(|r| r.seq).or(page.next_cursor);
         Ok(ListReadingsResponse {
-            readings: page.readings[..fits].iter().map(|r| reading_to_proto(r)).collect(),
+            readings: page.readings[..fits]
+                .iter()
+                .map(|r| reading_to_proto(r))
+                .collect(),
             next_page_token: next_cursor
                 .map(|c| page_token::encode(c, query_hash))
                 .unwrap_or_default(),
@@ -236,7 +270,9 @@ impl DeviceHub for DeviceHubService {
         &self,
         request: Request<SendCommandRequest>,
     ) -> Result<Response<SendCommandResponse>, Status> {
-        Ok(Response::new(self.send_command(request.into_inner()).await?))
+        Ok(Response::new(
+            self.send_command(request.into_inner()).await?,
+        ))
     }
 
     async fn list_readings(
@@ -269,8 +305,15 @@ impl DeviceHub for DeviceHubService {
                 };
                 let batch = match batch {
                     Ok(batch) => batch,
-                    Err(CursorError::Evicted { missed_from, missed_to }) => {
-                        let error = ApiError::WatcherFellBehind { missed_from, missed_to, last_sent };
+                    Err(CursorError::Evicted {
+                        missed_from,
+                        missed_to,
+                    }) => {
+                        let error = ApiError::WatcherFellBehind {
+                            missed_from,
+                            missed_to,
+                            last_sent,
+                        };
                         let _ = tx.send(Err(error.into())).await;
                         return;
                     }
@@ -283,7 +326,9 @@ impl DeviceHub for DeviceHubService {
                 for reading in batch {
                     last_sent = reading.seq;
                     let response = WatchReadingsResponse {
-                        event: Some(watch_readings_response::Event::Reading(reading_to_proto(&reading))),
+                        event: Some(watch_readings_response::Event::Reading(reading_to_proto(
+                            &reading,
+                        ))),
                     };
                     if tx.send(Ok(response)).await.is_err() {
                         return; // the client went away
@@ -349,7 +394,8 @@ fn reading_filter(device_id: &str, topic_filter: &str) -> Result<ReadingFilter, 
     let topic_filter = match topic_filter {
         "" => None,
         filter => {
-            validate_topic_filter(filter).map_err(|e| ApiError::invalid("topic_filter", e.to_string()))?;
+            validate_topic_filter(filter)
+                .map_err(|e| ApiError::invalid("topic_filter", e.to_string()))?;
             Some(filter.to_owned())
         }
     };
@@ -361,11 +407,16 @@ fn reading_filter(device_id: &str, topic_filter: &str) -> Result<ReadingFilter, 
 
 /// A timestamp as the well-known type defines it: nanos in 0..1e9, and a
 /// year from 1 to 9999. (prost would silently normalize other values.)
-fn optional_time(field: &'static str, time: Option<Timestamp>) -> Result<Option<SystemTime>, ApiError> {
+fn optional_time(
+    field: &'static str,
+    time: Option<Timestamp>,
+) -> Result<Option<SystemTime>, ApiError> {
     const MIN_SECONDS: i64 = -62_135_596_800; // 0001-01-01T00:00:00Z
     const MAX_SECONDS: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
     let Some(time) = time else { return Ok(None) };
-    if !(0..1_000_000_000).contains(&time.nanos) || !(MIN_SECONDS..=MAX_SECONDS).contains(&time.seconds) {
+    if !(0..1_000_000_000).contains(&time.nanos)
+        || !(MIN_SECONDS..=MAX_SECONDS).contains(&time.seconds)
+    {
         return Err(ApiError::invalid(
             field,
             "is not a valid timestamp (nanos must be 0 to 999999999, the year 1 to 9999)",
@@ -428,7 +479,10 @@ fn json_to_value(json: serde_json::Value) -> Value {
             values: items.into_iter().map(json_to_value).collect(),
         }),
         serde_json::Value::Object(map) => Kind::StructValue(Struct {
-            fields: map.into_iter().map(|(k, v)| (k, json_to_value(v))).collect(),
+            fields: map
+                .into_iter()
+                .map(|(k, v)| (k, json_to_value(v)))
+                .collect(),
         }),
     };
     Value { kind: Some(kind) }
@@ -482,7 +536,12 @@ mod page_token {
     }
 
     pub fn decode(token: &str, query_hash: u64) -> Result<u64, ApiError> {
-        let malformed = || ApiError::invalid("page_token", "is malformed; pass a next_page_token unchanged");
+        let malformed = || {
+            ApiError::invalid(
+                "page_token",
+                "is malformed; pass a next_page_token unchanged",
+            )
+        };
         if token.len() != LEN * 2 || !token.is_ascii() {
             return Err(malformed());
         }
@@ -560,7 +619,9 @@ mod tests {
     #[test]
     fn json_payloads_are_decoded_and_others_are_not() {
         let value = parse_json(br#"{"t": 21.5, "ok": true, "tags": ["a", null]}"#).unwrap();
-        let Some(Kind::StructValue(s)) = value.kind else { panic!("not an object") };
+        let Some(Kind::StructValue(s)) = value.kind else {
+            panic!("not an object")
+        };
         assert_eq!(s.fields["t"].kind, Some(Kind::NumberValue(21.5)));
         for raw in [&b""[..], b"\xff\xfe", b"not json", b"1e999", b"{\"a\":"] {
             assert_eq!(parse_json(raw), None, "{raw:?}");
@@ -572,12 +633,27 @@ mod tests {
     #[test]
     fn params_round_trip_and_non_finite_numbers_are_refused() {
         let params = struct_to_json(&Struct {
-            fields: [("speed".to_owned(), Value { kind: Some(Kind::NumberValue(3.0)) })].into(),
+            fields: [(
+                "speed".to_owned(),
+                Value {
+                    kind: Some(Kind::NumberValue(3.0)),
+                },
+            )]
+            .into(),
         })
         .unwrap();
-        assert_eq!(serde_json::Value::Object(params), serde_json::json!({"speed": 3}));
+        assert_eq!(
+            serde_json::Value::Object(params),
+            serde_json::json!({"speed": 3})
+        );
         let nan = Struct {
-            fields: [("x".to_owned(), Value { kind: Some(Kind::NumberValue(f64::NAN)) })].into(),
+            fields: [(
+                "x".to_owned(),
+                Value {
+                    kind: Some(Kind::NumberValue(f64::NAN)),
+                },
+            )]
+            .into(),
         };
         assert!(struct_to_json(&nan).is_err());
     }
@@ -587,6 +663,9 @@ mod tests {
         let params = serde_json::json!({"on": true}).as_object().cloned();
         let bytes = envelope("id-1", "TURN_ON_FAN", params).unwrap();
         let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(json, serde_json::json!({"id": "id-1", "command": "TURN_ON_FAN", "params": {"on": true}}));
+        assert_eq!(
+            json,
+            serde_json::json!({"id": "id-1", "command": "TURN_ON_FAN", "params": {"on": true}})
+        );
     }
 }

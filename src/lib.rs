@@ -17,6 +17,8 @@ pub mod simulate;
 pub mod topic;
 
 /// The generated protobuf and gRPC code of `devicehub.v1`.
+// Generated code: its doc comments come from the proto, formatted for protoc.
+#[allow(clippy::all)]
 pub mod proto {
     tonic::include_proto!("devicehub.v1");
 
@@ -110,8 +112,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
     let link = mqtt::start(&config.mqtt, hub.clone(), mqtt_shutdown);
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
-    tokio::spawn(follow_link(health.clone(), link.publisher.link_state(), shutdown.clone()));
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    tokio::spawn(follow_link(
+        health.clone(),
+        link.publisher.link_state(),
+        shutdown.clone(),
+    ));
 
     // Both reflection versions: grpcurl before 1.8.8 only asks v1alpha.
     let reflection = || {
@@ -135,8 +143,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
     let stopping = async move {
         stop.recv().await;
         info!("shutting down");
-        health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
-        health.set_service_status("", ServingStatus::NotServing).await;
+        health
+            .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+            .await;
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
     };
     let served = Server::builder()
         .add_service(health_service)

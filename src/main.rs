@@ -1,6 +1,8 @@
 //! The `devicehub` binary: parse the configuration, set up logging, run the
 //! library until SIGINT/SIGTERM.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use devicehub::{
     config::{Cli, Command},
@@ -17,6 +19,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 
     let (trigger, shutdown) = shutdown::channel();

@@ -186,7 +186,12 @@ impl CommandPublisher {
     /// Publishes `payload` to `topic` and waits until the broker acknowledged
     /// it (PUBACK for QoS 1, PUBCOMP for QoS 2, written for QoS 0), at most
     /// [`ACK_TIMEOUT`]. Fails at once when the link is down.
-    pub async fn publish(&self, topic: String, payload: Bytes, qos: QoS) -> Result<(), PublishError> {
+    pub async fn publish(
+        &self,
+        topic: String,
+        payload: Bytes,
+        qos: QoS,
+    ) -> Result<(), PublishError> {
         let (tx, rx) = oneshot::channel();
         {
             let mut tracker = self.shared.tracker();
@@ -320,7 +325,9 @@ impl Driver {
                         info!(filter, ?qos, "subscribed to readings");
                         self.shared.state.send_replace(LinkState::Ready);
                     }
-                    other => warn!(filter, code = ?other, "the broker refused the readings subscription"),
+                    other => {
+                        warn!(filter, code = ?other, "the broker refused the readings subscription")
+                    }
                 }
             }
             Event::Incoming(Packet::PubAck(ack)) => self.shared.tracker().on_acked(ack.pkid),
@@ -334,7 +341,10 @@ impl Driver {
     fn ingest(&self, publish: rumqttc::Publish) {
         let device_id = self.readings_topic.device_id_of(&publish.topic);
         if device_id.is_none() {
-            debug!(topic = publish.topic, "reading on a topic outside the readings template");
+            debug!(
+                topic = publish.topic,
+                "reading on a topic outside the readings template"
+            );
         }
         let reading = self.hub.push(NewReading {
             device_id: device_id.unwrap_or(""),

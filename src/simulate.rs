@@ -17,14 +17,20 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<(), ConfigErr
     let readings = args.topics.readings()?;
     let commands = args.topics.commands()?;
     if readings.has_wildcards() {
-        return Err(ConfigError::Wildcards("--readings-topic", readings.to_string()));
+        return Err(ConfigError::Wildcards(
+            "--readings-topic",
+            readings.to_string(),
+        ));
     }
     let ids: Vec<String> = match readings.fixed_device_id() {
         Some(id) => vec![id.to_owned()],
-        None => (1..=args.devices).map(|i| format!("{}{i}", args.device_prefix)).collect(),
+        None => (1..=args.devices)
+            .map(|i| format!("{}{i}", args.device_prefix))
+            .collect(),
     };
     for id in &ids {
-        crate::topic::validate_device_id(id).map_err(|e| ConfigError::Topic("--device-prefix", e))?;
+        crate::topic::validate_device_id(id)
+            .map_err(|e| ConfigError::Topic("--device-prefix", e))?;
     }
     info!(devices = ids.len(), broker = %args.mqtt_url, "simulating devices");
 
@@ -62,7 +68,8 @@ struct Device {
 impl Device {
     async fn run(self, options: MqttOptions, mut shutdown: Shutdown) {
         let (client, mut eventloop) = AsyncClient::new(options, 64);
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + self.phase, self.interval);
+        let mut ticker =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.phase, self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut step: u64 = 0;
         loop {
@@ -104,7 +111,10 @@ impl Device {
         }
         let _ = client.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while !matches!(eventloop.poll().await, Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_)) {}
+            while !matches!(
+                eventloop.poll().await,
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_)
+            ) {}
         })
         .await;
     }

@@ -199,7 +199,11 @@ fn render(levels: &[&str], placeholder_level: Option<usize>, value: &str) -> Str
         if i > 0 {
             out.push('/');
         }
-        out.push_str(if Some(i) == placeholder_level { value } else { level });
+        out.push_str(if Some(i) == placeholder_level {
+            value
+        } else {
+            level
+        });
     }
     out
 }
@@ -231,7 +235,10 @@ mod tests {
     fn matching() {
         assert!(topic_matches("devices/+/readings", "devices/d1/readings"));
         assert!(!topic_matches("devices/+/readings", "devices/d1/other"));
-        assert!(!topic_matches("devices/+/readings", "devices/d1/readings/x"));
+        assert!(!topic_matches(
+            "devices/+/readings",
+            "devices/d1/readings/x"
+        ));
         assert!(topic_matches("devices/#", "devices/d1/readings"));
         assert!(topic_matches("devices/#", "devices"));
         assert!(topic_matches("#", "a/b"));

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use common::*;
 use devicehub::proto::{
-    send_command_request::Payload, watch_readings_response::Event as WatchEvent, ListReadingsRequest,
-    SendCommandRequest, WatchReadingsRequest,
+    send_command_request::Payload, watch_readings_response::Event as WatchEvent,
+    ListReadingsRequest, SendCommandRequest, WatchReadingsRequest,
 };
 use tonic::{Code, Request};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -74,13 +74,24 @@ async fn invalid_requests_get_invalid_argument_naming_the_field() {
         (list(|r| r.page_token = "01".repeat(17)), "page_token"),
         (
             list(|r| {
-                r.start_time = Some(prost_types::Timestamp { seconds: 10, nanos: 0 });
-                r.end_time = Some(prost_types::Timestamp { seconds: 5, nanos: 0 });
+                r.start_time = Some(prost_types::Timestamp {
+                    seconds: 10,
+                    nanos: 0,
+                });
+                r.end_time = Some(prost_types::Timestamp {
+                    seconds: 5,
+                    nanos: 0,
+                });
             }),
             "end_time",
         ),
         (
-            list(|r| r.start_time = Some(prost_types::Timestamp { seconds: 0, nanos: -5 })),
+            list(|r| {
+                r.start_time = Some(prost_types::Timestamp {
+                    seconds: 0,
+                    nanos: -5,
+                })
+            }),
             "start_time",
         ),
     ];
@@ -121,7 +132,8 @@ async fn invalid_requests_get_invalid_argument_naming_the_field() {
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().starts_with("page_token"), "{status:?}");
 
-    for (device_id, topic_filter, field) in [("a/b", "", "device_id"), ("", "#/a", "topic_filter")] {
+    for (device_id, topic_filter, field) in [("a/b", "", "device_id"), ("", "#/a", "topic_filter")]
+    {
         let status = client
             .watch_readings(WatchReadingsRequest {
                 device_id: device_id.into(),
@@ -152,7 +164,10 @@ async fn unreachable_broker_means_not_serving_and_unavailable() {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 
     // Reads still work from the (empty) buffer.
-    let page = client.list_readings(ListReadingsRequest::default()).await.unwrap();
+    let page = client
+        .list_readings(ListReadingsRequest::default())
+        .await
+        .unwrap();
     assert!(page.into_inner().readings.is_empty());
     service.stop().await;
 }
@@ -172,7 +187,12 @@ async fn a_watcher_that_falls_behind_gets_data_loss_and_ingestion_goes_on() {
     let device = TestDevice::connect(&broker, "device-flood", None).await;
     let total = 20_000;
     for i in 0..total {
-        device.publish("devices/flood/readings", format!("{{\"i\": {i}, \"pad\": \"{}\"}}", "x".repeat(100))).await;
+        device
+            .publish(
+                "devices/flood/readings",
+                format!("{{\"i\": {i}, \"pad\": \"{}\"}}", "x".repeat(100)),
+            )
+            .await;
     }
     // Ingestion was not held up by the stalled watcher: the last reading is in.
     let last = format!("{{\"i\": {}, ", total - 1);
@@ -188,7 +208,10 @@ async fn a_watcher_that_falls_behind_gets_data_loss_and_ingestion_goes_on() {
                 .await
                 .unwrap()
                 .into_inner();
-            page.readings.first().filter(|r| r.payload.starts_with(last.as_bytes())).map(|_| ())
+            page.readings
+                .first()
+                .filter(|r| r.payload.starts_with(last.as_bytes()))
+                .map(|_| ())
         }
     })
     .await;
@@ -199,7 +222,9 @@ async fn a_watcher_that_falls_behind_gets_data_loss_and_ingestion_goes_on() {
     let status = loop {
         match within("the slow watcher's stream", slow.message()).await {
             Ok(Some(message)) => {
-                let Some(WatchEvent::Reading(reading)) = message.event else { panic!("not a reading") };
+                let Some(WatchEvent::Reading(reading)) = message.event else {
+                    panic!("not a reading")
+                };
                 received.push(reading.seq);
             }
             Ok(None) => panic!("the stream ended without telling the watcher what it missed"),
@@ -213,11 +238,20 @@ async fn a_watcher_that_falls_behind_gets_data_loss_and_ingestion_goes_on() {
         .split(|c: char| !c.is_ascii_digit())
         .filter_map(|n| n.parse().ok())
         .collect();
-    let [missed_from, missed_to, last_sent] = numbers[..] else { panic!("{status:?}") };
-    assert_eq!(missed_from, last_sent + 1, "the gap starts right after the last reading sent");
+    let [missed_from, missed_to, last_sent] = numbers[..] else {
+        panic!("{status:?}")
+    };
+    assert_eq!(
+        missed_from,
+        last_sent + 1,
+        "the gap starts right after the last reading sent"
+    );
     assert!(missed_to >= missed_from);
     assert!(received.len() < total);
-    assert!(received.windows(2).all(|w| w[1] == w[0] + 1), "no gap before the error");
+    assert!(
+        received.windows(2).all(|w| w[1] == w[0] + 1),
+        "no gap before the error"
+    );
     if let Some(last) = received.last() {
         assert_eq!(*last, last_sent);
     }
@@ -279,7 +313,9 @@ async fn a_fixed_topic_device_like_the_old_poc_works_with_flags_alone() {
     let service = TestService::start_ready(config(&broker, &args)).await;
     let mut client = service.client().await;
     let mut device = TestDevice::connect(&broker, "poc-device", Some("poc/device/control")).await;
-    device.publish("poc/device/sensor", r#"{"temperature": 22}"#).await;
+    device
+        .publish("poc/device/sensor", r#"{"temperature": 22}"#)
+        .await;
     let reading = eventually("the POC reading", || {
         let mut client = client.clone();
         async move {
@@ -287,7 +323,13 @@ async fn a_fixed_topic_device_like_the_old_poc_works_with_flags_alone() {
                 device_id: "device".into(),
                 ..Default::default()
             };
-            client.list_readings(request).await.unwrap().into_inner().readings.pop()
+            client
+                .list_readings(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .readings
+                .pop()
         }
     })
     .await;
@@ -332,13 +374,19 @@ async fn shutdown_ends_open_streams_with_unavailable_and_a_resume_point() {
     let device = TestDevice::connect(&broker, "device-shutdown", None).await;
     device.publish("devices/d1/readings", "1").await;
     let message = within("a reading", watch.message()).await.unwrap().unwrap();
-    let Some(WatchEvent::Reading(reading)) = message.event else { panic!("not a reading") };
+    let Some(WatchEvent::Reading(reading)) = message.event else {
+        panic!("not a reading")
+    };
 
     let stopping = tokio::spawn(service.stop());
-    let status = within("the stream to end", watch.message()).await.unwrap_err();
+    let status = within("the stream to end", watch.message())
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(
-        status.message().ends_with(&format!("resume after sequence number {}", reading.seq)),
+        status
+            .message()
+            .ends_with(&format!("resume after sequence number {}", reading.seq)),
         "{status:?}"
     );
     within("the service to stop", stopping).await.unwrap();

