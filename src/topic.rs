@@ -73,6 +73,13 @@ pub fn validate_topic_filter(filter: &str) -> Result<(), TopicError> {
 /// Whether `topic` (a topic name, no wildcards) matches `filter` (a valid
 /// topic filter). Topics starting with `$` are not matched by a leading
 /// wildcard, as in MQTT.
+///
+/// ```
+/// use devicehub::topic::topic_matches;
+/// assert!(topic_matches("devices/+/readings", "devices/d1/readings"));
+/// assert!(topic_matches("devices/#", "devices/d1/readings/extra"));
+/// assert!(!topic_matches("devices/+", "devices/d1/readings"));
+/// ```
 pub fn topic_matches(filter: &str, topic: &str) -> bool {
     if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
         return false;
@@ -92,6 +99,14 @@ pub fn topic_matches(filter: &str, topic: &str) -> bool {
 
 /// A topic with an optional `{device_id}` level, such as
 /// `devices/{device_id}/readings`.
+///
+/// ```
+/// use devicehub::topic::TopicTemplate;
+/// let readings = TopicTemplate::parse("devices/{device_id}/readings", None).unwrap();
+/// assert_eq!(readings.subscription_filter(), "devices/+/readings");
+/// assert_eq!(readings.device_id_of("devices/fan-7/readings"), Some("fan-7"));
+/// assert_eq!(readings.topic_for("fan-7"), "devices/fan-7/readings");
+/// ```
 ///
 /// A readings template may also hold `+` and `#` levels; it is subscribed with
 /// the placeholder replaced by `+`. A template without a placeholder stands for

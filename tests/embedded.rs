@@ -58,6 +58,13 @@ async fn invalid_requests_get_invalid_argument_naming_the_field() {
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
         assert!(status.message().starts_with(field), "{field}: {status:?}");
     }
+    // Over the request size limit: refused by tonic before it is decoded.
+    let huge = SendCommandRequest {
+        payload: Some(Payload::RawPayload(vec![0u8; 2 << 20].into())),
+        ..command("d1", "X")
+    };
+    let status = client.send_command(huge).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
 
     let list = |f: fn(&mut ListReadingsRequest)| {
         let mut request = ListReadingsRequest::default();
