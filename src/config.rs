@@ -147,6 +147,11 @@ pub struct ServeArgs {
     #[arg(long, env = "DEVICEHUB_BUFFER_MAX_BYTES", default_value_t = 64 << 20,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub buffer_max_bytes: u64,
+
+    /// Most WatchReadings streams open at once; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DEVICEHUB_MAX_WATCHERS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_watchers: u32,
 }
 
 impl ServeArgs {
@@ -162,6 +167,10 @@ impl ServeArgs {
         let subscribe_qos = match self.mqtt_subscribe_qos {
             0 => QoS::AtMostOnce,
             1 => QoS::AtLeastOnce,
+            // rumqttc forgets incoming QoS 2 state on reconnect, then treats
+            // the broker's resent PUBREL as a protocol error and reconnects
+            // forever (bytebeamio/rumqtt#664).
+            _ if self.mqtt_persistent_session => return Err(ConfigError::PersistentQos2),
             _ => QoS::ExactlyOnce,
         };
         Ok(Config {
@@ -180,6 +189,7 @@ impl ServeArgs {
                 max_readings: usize::try_from(self.buffer_max_readings).unwrap_or(usize::MAX),
                 max_bytes: usize::try_from(self.buffer_max_bytes).unwrap_or(usize::MAX),
             },
+            max_watchers: self.max_watchers as usize,
         })
     }
 }
@@ -297,6 +307,8 @@ pub enum ConfigError {
     EmptyClientId,
     #[error("--mqtt-persistent-session needs a stable --mqtt-client-id")]
     PersistentWithoutId,
+    #[error("--mqtt-persistent-session works with --mqtt-subscribe-qos 0 or 1, not 2 (the MQTT client library loses QoS 2 state across reconnects)")]
+    PersistentQos2,
 }
 
 #[cfg(test)]
@@ -370,5 +382,16 @@ mod tests {
         assert!(wild.serve.config(&broker).is_err());
         let persistent = Cli::try_parse_from(["devicehub", "--mqtt-persistent-session"]).unwrap();
         assert!(persistent.serve.config(&broker).is_err());
+        let qos2 = [
+            "devicehub",
+            "--mqtt-persistent-session",
+            "--mqtt-client-id=x",
+            "--mqtt-subscribe-qos=2",
+        ];
+        assert!(Cli::try_parse_from(qos2)
+            .unwrap()
+            .serve
+            .config(&broker)
+            .is_err());
     }
 }

@@ -16,17 +16,17 @@ use rumqttc::QoS;
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use crate::{
     buffer::{CursorError, ListQuery, Reading, ReadingFilter},
-    hub::ReadingHub,
+    hub::{ReadingHub, SubscribeError},
     mqtt::{CommandPublisher, PublishError},
     proto::{
         self, device_hub_server::DeviceHub, send_command_request, watch_readings_response,
-        ListReadingsRequest, ListReadingsResponse, SendCommandRequest, SendCommandResponse,
-        WatchReadingsRequest, WatchReadingsResponse,
+        GapPolicy, ListReadingsRequest, ListReadingsResponse, SendCommandRequest,
+        SendCommandResponse, WatchReadingsRequest, WatchReadingsResponse,
     },
     shutdown::Shutdown,
     topic::{validate_device_id, validate_topic_filter, TopicTemplate},
@@ -62,6 +62,10 @@ pub enum ApiError {
         missed_to: u64,
         last_sent: u64,
     },
+    #[error("after_seq: readings after sequence number {after_seq} are no longer buffered; the oldest buffered is {oldest} (set gap_policy GAP_POLICY_NOTIFY to continue from there)")]
+    CursorTooOld { after_seq: u64, oldest: u64 },
+    #[error("{0}")]
+    TooManyWatchers(String),
     #[error("the service is shutting down; resume after sequence number {resume_after}")]
     ShuttingDown { resume_after: u64 },
     #[error("internal error: {0}")]
@@ -86,6 +90,8 @@ impl From<ApiError> for Status {
             ApiError::Publish(_) => Status::unavailable(message),
             ApiError::PageEvicted { .. } => Status::out_of_range(message),
             ApiError::WatcherFellBehind { .. } => Status::data_loss(message),
+            ApiError::CursorTooOld { .. } => Status::out_of_range(message),
+            ApiError::TooManyWatchers(_) => Status::resource_exhausted(message),
             ApiError::ShuttingDown { .. } => Status::unavailable(message),
             ApiError::Internal(_) => {
                 // Details go to the log, never to the client.
@@ -288,9 +294,39 @@ impl DeviceHub for DeviceHubService {
         &self,
         request: Request<WatchReadingsRequest>,
     ) -> Result<Response<WatchStream>, Status> {
-        let req = request.into_inner();
+        Ok(Response::new(self.watch_readings(request.into_inner())?))
+    }
+}
+
+impl DeviceHubService {
+    fn watch_readings(&self, req: WatchReadingsRequest) -> Result<WatchStream, ApiError> {
         let filter = reading_filter(&req.device_id, &req.topic_filter)?;
-        let mut watcher = self.hub.subscribe(filter);
+        let notify_gaps = match GapPolicy::try_from(req.gap_policy) {
+            Ok(GapPolicy::Unspecified | GapPolicy::Fail) => false,
+            Ok(GapPolicy::Notify) => true,
+            Err(_) => {
+                return Err(ApiError::invalid(
+                    "gap_policy",
+                    format!("{} is not a GapPolicy", req.gap_policy),
+                ))
+            }
+        };
+        let mut watcher = self
+            .hub
+            .subscribe(filter, req.after_seq)
+            .map_err(|e| match e {
+                SubscribeError::Future { .. } => ApiError::invalid("after_seq", e.to_string()),
+                SubscribeError::TooManyWatchers(_) => ApiError::TooManyWatchers(e.to_string()),
+            })?;
+        // A stale resume cursor fails the call itself, before any message,
+        // unless the client asked to be told about gaps in-band.
+        let oldest = self.hub.stats().buffer.first_seq;
+        if !notify_gaps && watcher.cursor() + 1 < oldest {
+            return Err(ApiError::CursorTooOld {
+                after_seq: watcher.cursor(),
+                oldest,
+            });
+        }
         let start_cursor = watcher.cursor();
         let (tx, rx) = mpsc::channel(WATCH_QUEUE);
 
@@ -303,47 +339,71 @@ impl DeviceHub for DeviceHubService {
                     batch = watcher.next_batch() => batch,
                     _ = tx.closed() => return,
                 };
-                let batch = match batch {
-                    Ok(batch) => batch,
+                let event = match batch {
+                    Ok(batch) => {
+                        for reading in batch {
+                            last_sent = reading.seq;
+                            let event =
+                                watch_readings_response::Event::Reading(reading_to_proto(&reading));
+                            if tx
+                                .send(Ok(WatchReadingsResponse { event: Some(event) }))
+                                .await
+                                .is_err()
+                            {
+                                return; // the client went away
+                            }
+                        }
+                        continue;
+                    }
+                    Err(CursorError::Evicted {
+                        missed_from,
+                        missed_to,
+                    }) if notify_gaps => {
+                        warn!(
+                            missed_from,
+                            missed_to, "watcher missed evicted readings; notified in-band"
+                        );
+                        watcher.skip_gap(missed_to);
+                        Ok(WatchReadingsResponse {
+                            event: Some(watch_readings_response::Event::Gap(proto::Gap {
+                                first_seq: missed_from,
+                                last_seq: missed_to,
+                            })),
+                        })
+                    }
                     Err(CursorError::Evicted {
                         missed_from,
                         missed_to,
                     }) => {
-                        let error = ApiError::WatcherFellBehind {
+                        warn!(
+                            missed_from,
+                            missed_to, last_sent, "watcher fell behind; ending its stream"
+                        );
+                        Err(ApiError::WatcherFellBehind {
                             missed_from,
                             missed_to,
                             last_sent,
-                        };
-                        let _ = tx.send(Err(error.into())).await;
-                        return;
+                        }
+                        .into())
                     }
                     Err(CursorError::Future(_)) => {
-                        let error = ApiError::Internal("watch cursor ahead of the buffer".into());
-                        let _ = tx.send(Err(error.into())).await;
-                        return;
+                        Err(ApiError::Internal("watch cursor ahead of the buffer".into()).into())
                     }
                 };
-                for reading in batch {
-                    last_sent = reading.seq;
-                    let response = WatchReadingsResponse {
-                        event: Some(watch_readings_response::Event::Reading(reading_to_proto(
-                            &reading,
-                        ))),
-                    };
-                    if tx.send(Ok(response)).await.is_err() {
-                        return; // the client went away
-                    }
+                let ends = event.is_err();
+                if tx.send(event).await.is_err() || ends {
+                    return;
                 }
             }
         });
 
         let mut shutdown = self.shutdown.clone();
-        Ok(Response::new(WatchStream {
+        Ok(WatchStream {
             readings: ReceiverStream::new(rx),
             shutdown: Box::pin(async move { shutdown.recv().await }),
             resume_after: start_cursor,
             done: false,
-        }))
+        })
     }
 }
 

@@ -1,11 +1,14 @@
-//! [`ReadingHub`]: the one shared [`ReadingBuffer`] behind a lock, plus the
-//! wake-up signal that lets watchers follow it.
+//! [`ReadingHub`]: the one shared [`ReadingBuffer`] behind a lock, the
+//! wake-up signal that lets watchers follow it, and the watcher counters.
 //!
 //! Ingestion writes, ListReadings and watchers read. The lock is held only to
 //! push one reading or to copy out `Arc` pointers of at most one batch, never
 //! across an `.await`, JSON decoding or gRPC encoding.
 
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{
+    atomic::{AtomicU64, AtomicUsize, Ordering},
+    Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
+};
 
 use tokio::sync::watch;
 
@@ -17,6 +20,28 @@ use crate::buffer::{
 /// How many buffered readings a watcher looks at per lock acquisition.
 const WATCH_SCAN_BATCH: usize = 512;
 
+/// Why a watcher could not be created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("sequence number {after} is ahead of the newest one ({newest})")]
+    Future { after: u64, newest: u64 },
+    #[error("the service already serves its maximum of {0} watchers")]
+    TooManyWatchers(usize),
+}
+
+/// Counters for operators: see [`ReadingHub::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HubStats {
+    pub buffer: BufferStats,
+    /// Watchers open now.
+    pub watchers: usize,
+    /// Times a watcher found that readings it had not read yet were evicted
+    /// (a slow watcher, or a resume cursor older than the buffer).
+    pub watcher_gaps: u64,
+    /// Readings skipped by those gaps, summed over watchers.
+    pub watcher_missed_readings: u64,
+}
+
 /// The shared buffer and its change signal.
 pub struct ReadingHub {
     buffer: RwLock<ReadingBuffer>,
@@ -24,15 +49,23 @@ pub struct ReadingHub {
     /// `watch` keeps only the latest value, so waking watchers costs the same
     /// however many there are and however slow they are.
     next_seq: watch::Sender<u64>,
+    max_watchers: usize,
+    watchers: AtomicUsize,
+    watcher_gaps: AtomicU64,
+    watcher_missed_readings: AtomicU64,
 }
 
 impl ReadingHub {
-    pub fn new(limits: BufferLimits, first_seq: u64) -> Self {
+    pub fn new(limits: BufferLimits, first_seq: u64, max_watchers: usize) -> Self {
         let buffer = ReadingBuffer::new(limits, first_seq);
         let (next_seq, _) = watch::channel(buffer.next_seq());
         Self {
             buffer: RwLock::new(buffer),
             next_seq,
+            max_watchers,
+            watchers: AtomicUsize::new(0),
+            watcher_gaps: AtomicU64::new(0),
+            watcher_missed_readings: AtomicU64::new(0),
         }
     }
 
@@ -57,21 +90,50 @@ impl ReadingHub {
         self.read().list(query)
     }
 
-    pub fn stats(&self) -> BufferStats {
-        self.read().stats()
+    pub fn stats(&self) -> HubStats {
+        HubStats {
+            buffer: self.read().stats(),
+            watchers: self.watchers.load(Ordering::Relaxed),
+            watcher_gaps: self.watcher_gaps.load(Ordering::Relaxed),
+            watcher_missed_readings: self.watcher_missed_readings.load(Ordering::Relaxed),
+        }
     }
 
-    /// A watcher that will see every reading pushed from now on that matches
-    /// `filter`.
-    pub fn subscribe(self: &Arc<Self>, filter: ReadingFilter) -> ReadingWatcher {
-        let mut wake = self.next_seq.subscribe();
-        let cursor = *wake.borrow_and_update() - 1;
-        ReadingWatcher {
+    /// A watcher that returns the readings matching `filter` with a sequence
+    /// number above `after`: `None` means from now on, `Some(0)` everything
+    /// buffered. A cursor older than the buffer is accepted; the watcher's
+    /// first [`ReadingWatcher::next_batch`] then reports the gap.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        filter: ReadingFilter,
+        after: Option<u64>,
+    ) -> Result<ReadingWatcher, SubscribeError> {
+        let open = self.watchers.fetch_add(1, Ordering::Relaxed);
+        // From here on, dropping the watcher (also on error) gives the slot back.
+        let mut watcher = ReadingWatcher {
             hub: self.clone(),
-            wake,
-            cursor,
+            wake: self.next_seq.subscribe(),
+            cursor: 0,
             filter,
+        };
+        if open >= self.max_watchers {
+            return Err(SubscribeError::TooManyWatchers(self.max_watchers));
         }
+        // The wake signal was taken first: a push from now on is seen by
+        // `next_batch`, which compares the cursor with the latest value.
+        let stats = self.read().stats();
+        watcher.cursor = match after {
+            None => stats.next_seq - 1,
+            Some(0) => stats.first_seq - 1,
+            Some(after) if after >= stats.next_seq => {
+                return Err(SubscribeError::Future {
+                    after,
+                    newest: stats.next_seq - 1,
+                })
+            }
+            Some(after) => after,
+        };
+        Ok(watcher)
     }
 }
 
@@ -94,17 +156,18 @@ impl ReadingWatcher {
     /// Waits for and returns the next matching readings, oldest first.
     ///
     /// An error says which readings were evicted before this watcher read
-    /// them; the watcher is then useless (its cursor is stale).
+    /// them. Call [`ReadingWatcher::skip_gap`] to go on after it.
     pub async fn next_batch(&mut self) -> Result<Vec<Arc<Reading>>, CursorError> {
         loop {
             // Mark the signal as seen *before* reading, so a push that lands
             // after the read wakes the `changed()` below.
             let next_seq = *self.wake.borrow_and_update();
             if self.cursor + 1 < next_seq {
-                let (batch, cursor) =
+                let scanned =
                     self.hub
                         .read()
-                        .scan_after(self.cursor, WATCH_SCAN_BATCH, &self.filter)?;
+                        .scan_after(self.cursor, WATCH_SCAN_BATCH, &self.filter);
+                let (batch, cursor) = scanned.inspect_err(|e| self.count_gap(e))?;
                 self.cursor = cursor;
                 if !batch.is_empty() {
                     return Ok(batch);
@@ -117,5 +180,29 @@ impl ReadingWatcher {
             // Cannot fail: this watcher holds the hub, which holds the sender.
             let _ = self.wake.changed().await;
         }
+    }
+
+    /// Moves the cursor past readings reported missing by `next_batch`.
+    pub fn skip_gap(&mut self, missed_to: u64) {
+        self.cursor = self.cursor.max(missed_to);
+    }
+
+    fn count_gap(&self, error: &CursorError) {
+        if let CursorError::Evicted {
+            missed_from,
+            missed_to,
+        } = error
+        {
+            self.hub.watcher_gaps.fetch_add(1, Ordering::Relaxed);
+            self.hub
+                .watcher_missed_readings
+                .fetch_add(missed_to - missed_from + 1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for ReadingWatcher {
+    fn drop(&mut self) {
+        self.hub.watchers.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -27,7 +27,10 @@ pub mod proto {
         include_bytes!(concat!(env!("OUT_DIR"), "/devicehub_descriptor.bin"));
 }
 
-use std::{sync::Arc, time::SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -53,6 +56,8 @@ const MAX_REQUEST_BYTES: usize = 1 << 20;
 pub struct Config {
     pub mqtt: MqttConfig,
     pub buffer: BufferLimits,
+    /// Most WatchReadings streams open at once.
+    pub max_watchers: usize,
 }
 
 /// Why the service could not start or stopped with an error.
@@ -105,7 +110,11 @@ pub async fn serve(args: &ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
 /// order: health NOT_SERVING, no new calls, open streams ended (tonic waits
 /// for them), MQTT disconnected.
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
-    let hub = Arc::new(ReadingHub::new(config.buffer, first_seq()));
+    let hub = Arc::new(ReadingHub::new(
+        config.buffer,
+        first_seq(),
+        config.max_watchers,
+    ));
     // The MQTT link stops after the gRPC server, so calls in progress can
     // still publish while streams drain.
     let (stop_mqtt, mqtt_shutdown) = shutdown::channel();
@@ -120,6 +129,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
         link.publisher.link_state(),
         shutdown.clone(),
     ));
+    tokio::spawn(log_stats(hub.clone(), shutdown.clone()));
 
     // Both reflection versions: grpcurl before 1.8.8 only asks v1alpha.
     let reflection = || {
@@ -189,6 +199,36 @@ async fn follow_link(
         }
     }
 }
+
+/// Logs the buffer and watcher counters every [`STATS_INTERVAL`] and once at
+/// shutdown, for operators (metrics can come later).
+async fn log_stats(hub: Arc<ReadingHub>, mut shutdown: Shutdown) {
+    let mut interval = tokio::time::interval(STATS_INTERVAL);
+    interval.tick().await; // the first tick is immediate
+    loop {
+        let stopping = tokio::select! {
+            _ = interval.tick() => false,
+            _ = shutdown.recv() => true,
+        };
+        let stats = hub.stats();
+        info!(
+            buffered = stats.buffer.readings,
+            buffered_bytes = stats.buffer.bytes,
+            evicted = stats.buffer.evicted,
+            next_seq = stats.buffer.next_seq,
+            watchers = stats.watchers,
+            watcher_gaps = stats.watcher_gaps,
+            watcher_missed_readings = stats.watcher_missed_readings,
+            "stats"
+        );
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// How often [`log_stats`] logs.
+const STATS_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The first sequence number of this run: microseconds since the Unix epoch,
 /// so that numbers keep increasing across restarts (as long as the service

@@ -145,6 +145,7 @@ async fn invalid_requests_get_invalid_argument_naming_the_field() {
             .watch_readings(WatchReadingsRequest {
                 device_id: device_id.into(),
                 topic_filter: topic_filter.into(),
+                ..Default::default()
             })
             .await
             .unwrap_err();

@@ -57,7 +57,7 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
 
 /// Starts an embedded rumqttd broker on a free loopback port.
 pub fn embedded_broker() -> BrokerUrl {
-    let addr = devicehub::broker::start("127.0.0.1:0".parse().unwrap(), 1 << 20)
+    let addr = devicehub::broker::start("127.0.0.1:0".parse().unwrap(), 4 << 20)
         .expect("embedded broker starts");
     BrokerUrl::from_addr(addr)
 }
@@ -161,8 +161,22 @@ impl TestDevice {
     /// Connects as `client_id`, subscribes to `subscribe` (if given) and
     /// returns once the broker confirmed both.
     pub async fn connect(broker: &BrokerUrl, client_id: &str, subscribe: Option<&str>) -> Self {
+        Self::connect_with(broker, client_id, subscribe, true).await
+    }
+
+    /// Like [`TestDevice::connect`], with a persistent session when
+    /// `clean_session` is false: unacknowledged publishes are sent again
+    /// after a reconnect.
+    pub async fn connect_with(
+        broker: &BrokerUrl,
+        client_id: &str,
+        subscribe: Option<&str>,
+        clean_session: bool,
+    ) -> Self {
         let mut options = MqttOptions::new(client_id, &broker.host, broker.port);
-        options.set_max_packet_size(1 << 20, 1 << 20);
+        options
+            .set_max_packet_size(4 << 20, 4 << 20)
+            .set_clean_session(clean_session);
         let (client, mut eventloop) = AsyncClient::new(options, 1000);
         let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
         let (received_tx, received) = mpsc::unbounded_channel();
@@ -231,6 +245,12 @@ impl Mosquitto {
 
     /// Starts Mosquitto on `port` (a restart keeps the port).
     pub fn start_on(port: u16) -> Self {
+        Self::start_with(port, None)
+    }
+
+    /// Starts Mosquitto on `port`, saving sessions and queued messages in
+    /// `persistence` (when given) at a graceful stop.
+    pub fn start_with(port: u16, persistence: Option<&std::path::Path>) -> Self {
         let binary = which("mosquitto").expect(
             "mosquitto is not installed: the tests need it (apt-get install -y mosquitto, or run scripts/test.sh)",
         );
@@ -239,9 +259,24 @@ impl Mosquitto {
         let mut file = std::fs::File::create(&conf).unwrap();
         writeln!(
             file,
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false"
+            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000"
         )
         .unwrap();
+        match persistence {
+            Some(dir) => {
+                // Started as root, mosquitto drops to its own user, which
+                // must be able to write its state here.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+                writeln!(
+                    file,
+                    "persistence true\npersistence_location {}/",
+                    dir.display()
+                )
+                .unwrap();
+            }
+            None => writeln!(file, "persistence false").unwrap(),
+        }
         let child = Command::new(binary)
             .arg("-c")
             .arg(&conf)
@@ -267,6 +302,19 @@ impl Mosquitto {
             std::thread::sleep(Duration::from_millis(20));
         }
         mosquitto
+    }
+
+    /// Stops the broker with SIGTERM (it saves its state, if persistent) and
+    /// waits for the process to end.
+    pub fn stop(mut self) -> u16 {
+        let pid = self.child.id().to_string();
+        let term = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs");
+        assert!(term.success());
+        let _ = self.child.wait();
+        self.url.port
     }
 
     /// Kills the broker and waits for the process to end.

@@ -1,0 +1,440 @@
+//! Streams that never lose data silently: resume cursors, gaps, slow
+//! consumers, watcher limits and hostile payloads, against the embedded
+//! broker. (Broker and service restarts are in tests/mosquitto.rs.)
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
+};
+
+use common::*;
+use devicehub::proto::{
+    device_hub_client::DeviceHubClient, watch_readings_response::Event as WatchEvent, GapPolicy,
+    ListReadingsRequest, Reading, WatchReadingsRequest,
+};
+use tonic::{transport::Channel, Code, Streaming};
+
+/// All readings currently buffered for `device_id`, oldest first.
+async fn list_all(client: &mut DeviceHubClient<Channel>, device_id: &str) -> Vec<Reading> {
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_readings(ListReadingsRequest {
+                device_id: device_id.into(),
+                oldest_first: true,
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        all.extend(page.readings);
+        if page.next_page_token.is_empty() {
+            return all;
+        }
+        token = page.next_page_token;
+    }
+}
+
+async fn wait_for_count(
+    client: &DeviceHubClient<Channel>,
+    device_id: &str,
+    count: usize,
+) -> Vec<Reading> {
+    eventually(&format!("{count} readings of {device_id}"), || {
+        let mut client = client.clone();
+        async move {
+            let all = list_all(&mut client, device_id).await;
+            (all.len() >= count).then_some(all)
+        }
+    })
+    .await
+}
+
+async fn watch(
+    client: &mut DeviceHubClient<Channel>,
+    request: WatchReadingsRequest,
+) -> Streaming<devicehub::proto::WatchReadingsResponse> {
+    client.watch_readings(request).await.unwrap().into_inner()
+}
+
+async fn next_event(stream: &mut Streaming<devicehub::proto::WatchReadingsResponse>) -> WatchEvent {
+    within("a watch event", stream.message())
+        .await
+        .unwrap()
+        .expect("stream open")
+        .event
+        .expect("an event")
+}
+
+/// The index a test wrote at the start of the payload (`"17"` or `"17:..."`).
+fn index_of(reading: &Reading) -> u64 {
+    let text = std::str::from_utf8(&reading.payload).unwrap();
+    text.split(':').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_replays_then_goes_live_with_no_gap_and_no_duplicate() {
+    let broker = embedded_broker();
+    let service = TestService::start_ready(config(&broker, &[])).await;
+    let mut client = service.client().await;
+    let device = TestDevice::connect(&broker, "device-resume", None).await;
+    for i in 0..50 {
+        device.publish("devices/d1/readings", i.to_string()).await;
+    }
+    let first = wait_for_count(&client, "d1", 50).await;
+
+    // Resume after the 20th reading while the device keeps publishing: the
+    // seam between replay and live must be invisible.
+    let publisher = device.client.clone();
+    let publishing = tokio::spawn(async move {
+        for i in 50..400 {
+            publisher
+                .publish(
+                    "devices/d1/readings",
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    i.to_string(),
+                )
+                .await
+                .unwrap();
+        }
+    });
+    let mut stream = watch(
+        &mut client,
+        WatchReadingsRequest {
+            device_id: "d1".into(),
+            after_seq: Some(first[19].seq),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut got = Vec::new();
+    while got.len() < 380 {
+        let WatchEvent::Reading(reading) = next_event(&mut stream).await else {
+            panic!("unexpected gap")
+        };
+        got.push(index_of(&reading));
+    }
+    assert_eq!(got, (20..400).collect::<Vec<_>>());
+    publishing.await.unwrap();
+
+    // after_seq 0: everything buffered.
+    let mut all = watch(
+        &mut client,
+        WatchReadingsRequest {
+            after_seq: Some(0),
+            ..Default::default()
+        },
+    )
+    .await;
+    let WatchEvent::Reading(oldest) = next_event(&mut all).await else {
+        panic!("unexpected gap")
+    };
+    assert_eq!(index_of(&oldest), 0);
+
+    // A cursor from the future is refused.
+    let status = client
+        .watch_readings(WatchReadingsRequest {
+            after_seq: Some(u64::MAX - 1),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("after_seq"), "{status:?}");
+    let status = client
+        .watch_readings(WatchReadingsRequest {
+            gap_policy: 42,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("gap_policy"), "{status:?}");
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_cursor_fails_or_reports_the_exact_gap() {
+    let broker = embedded_broker();
+    let service = TestService::start_ready(config(&broker, &["--buffer-max-readings", "10"])).await;
+    let mut client = service.client().await;
+    let device = TestDevice::connect(&broker, "device-stale", None).await;
+    device.publish("devices/d1/readings", "0").await;
+    let oldest_then = wait_for_count(&client, "d1", 1).await[0].seq;
+    for i in 1..30 {
+        device.publish("devices/d1/readings", i.to_string()).await;
+    }
+    let buffered = eventually("the buffer to hold readings 20 to 29", || {
+        let mut client = client.clone();
+        async move {
+            let all = list_all(&mut client, "d1").await;
+            (all.first().map(index_of) == Some(20) && all.len() == 10).then_some(all)
+        }
+    })
+    .await;
+
+    let status = client
+        .watch_readings(WatchReadingsRequest {
+            after_seq: Some(oldest_then),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains(&format!("the oldest buffered is {}", buffered[0].seq)),
+        "{status:?}"
+    );
+
+    let mut stream = watch(
+        &mut client,
+        WatchReadingsRequest {
+            after_seq: Some(oldest_then),
+            gap_policy: GapPolicy::Notify.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let WatchEvent::Gap(gap) = next_event(&mut stream).await else {
+        panic!("expected a gap first")
+    };
+    assert_eq!(
+        (gap.first_seq, gap.last_seq),
+        (oldest_then + 1, buffered[0].seq - 1)
+    );
+    for want in &buffered {
+        let WatchEvent::Reading(reading) = next_event(&mut stream).await else {
+            panic!("a second gap")
+        };
+        assert_eq!(&reading, want);
+    }
+    service.stop().await;
+}
+
+/// Collects one watcher's stream in a background task.
+fn collect(
+    mut stream: Streaming<devicehub::proto::WatchReadingsResponse>,
+) -> Arc<Mutex<Vec<WatchEvent>>> {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(message)) = stream.message().await {
+            sink.lock().unwrap().push(message.event.unwrap());
+        }
+    });
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_watcher_gets_gaps_while_fast_watchers_and_ingestion_get_everything() {
+    let broker = embedded_broker();
+    let service =
+        TestService::start_ready(config(&broker, &["--buffer-max-readings", "300"])).await;
+    let mut client = service.client().await;
+    let notify = || WatchReadingsRequest {
+        gap_policy: GapPolicy::Notify.into(),
+        ..Default::default()
+    };
+    let fast: Vec<_> = [
+        collect(watch(&mut client, notify()).await),
+        collect(watch(&mut client, notify()).await),
+    ]
+    .into();
+    // On a connection of its own: HTTP/2 flow control would otherwise let
+    // the stalled stream hold back the others on the client side.
+    let mut slow = watch(&mut TestService::client(&service).await, notify()).await;
+
+    // Large enough readings that the stalled stream's transport windows
+    // (a few MiB) fill up, and the buffer (300 readings) moves past it.
+    let device = TestDevice::connect(&broker, "device-slow", None).await;
+    let pad = "p".repeat(1000);
+    let (rounds, per_round) = (40, 250);
+    for round in 0..rounds {
+        for i in 0..per_round {
+            device
+                .publish(
+                    "devices/d1/readings",
+                    format!("{}:{pad}", round * per_round + i),
+                )
+                .await;
+        }
+        // Pace by the fast watchers, so only the stalled one falls behind.
+        let want = (round + 1) * per_round;
+        eventually("the fast watchers to keep up", || {
+            let fast = fast.clone();
+            async move {
+                fast.iter()
+                    .all(|events| events.lock().unwrap().len() >= want)
+                    .then_some(())
+            }
+        })
+        .await;
+    }
+    let total = rounds * per_round;
+    for events in &fast {
+        let events = events.lock().unwrap();
+        let indices: Vec<u64> = events
+            .iter()
+            .map(|e| match e {
+                WatchEvent::Reading(r) => index_of(r),
+                WatchEvent::Gap(g) => panic!("a fast watcher got a gap: {g:?}"),
+            })
+            .collect();
+        assert_eq!(indices, (0..total as u64).collect::<Vec<_>>());
+    }
+
+    // The slow watcher now reads: every reading either arrives, or lies in a
+    // gap it was told about, in order and once.
+    let newest = list_all(&mut client, "d1").await.last().unwrap().seq;
+    let mut covered = BTreeSet::new();
+    let mut gaps = 0;
+    let mut last = 0;
+    while last < newest {
+        match next_event(&mut slow).await {
+            WatchEvent::Reading(reading) => {
+                assert!(reading.seq > last, "in order");
+                covered.insert(reading.seq);
+                last = reading.seq;
+            }
+            WatchEvent::Gap(gap) => {
+                assert!(gap.first_seq > last && gap.last_seq >= gap.first_seq);
+                gaps += 1;
+                covered.extend(gap.first_seq..=gap.last_seq);
+                last = gap.last_seq;
+            }
+        }
+    }
+    assert!(gaps > 0, "the stalled watcher should have fallen behind");
+    let first = *covered.first().unwrap();
+    assert_eq!(
+        covered.len() as u64,
+        newest - first + 1,
+        "no reading unaccounted for"
+    );
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_limit_is_resource_exhausted_and_slots_come_back() {
+    let broker = embedded_broker();
+    let service = TestService::start_ready(config(&broker, &["--max-watchers", "300"])).await;
+    let mut client = service.client().await;
+
+    // Many watchers open and close, concurrently, several times over.
+    for _ in 0..5 {
+        let opened = futures_join(
+            300,
+            |mut c| async move {
+                c.watch_readings(WatchReadingsRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner()
+            },
+            &client,
+        )
+        .await;
+        let status = client
+            .watch_readings(WatchReadingsRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        drop(opened);
+        eventually("watcher slots to be released", || {
+            let mut client = client.clone();
+            async move {
+                client
+                    .watch_readings(WatchReadingsRequest::default())
+                    .await
+                    .ok()
+            }
+        })
+        .await;
+    }
+    // Still responsive.
+    client
+        .list_readings(ListReadingsRequest::default())
+        .await
+        .unwrap();
+    service.stop().await;
+}
+
+/// Runs `n` calls of `f` concurrently on clones of `client`.
+async fn futures_join<T, F, Fut>(n: usize, f: F, client: &DeviceHubClient<Channel>) -> Vec<T>
+where
+    F: Fn(DeviceHubClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let tasks: Vec<_> = (0..n).map(|_| tokio::spawn(f(client.clone()))).collect();
+    let mut out = Vec::with_capacity(n);
+    for task in tasks {
+        out.push(within("a concurrent call", task).await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_payloads_are_kept_raw_and_nothing_stalls() {
+    let broker = embedded_broker();
+    let service = TestService::start_ready(config(&broker, &[])).await;
+    let mut client = service.client().await;
+    let mut stream = watch(&mut client, WatchReadingsRequest::default()).await;
+    let device = TestDevice::connect(&broker, "device-hostile", None).await;
+
+    let mut random = vec![0u8; 4096];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for byte in random.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *byte = x as u8;
+    }
+    let deep_array = "[".repeat(100_000) + &"]".repeat(100_000);
+    let deep_object = r#"{"a":"#.repeat(100_000) + "1" + &"}".repeat(100_000);
+    let payloads: Vec<(Vec<u8>, bool)> = vec![
+        (random, false),
+        (b"\xc3\x28 invalid utf-8".to_vec(), false),
+        (Vec::new(), false),
+        (vec![b'x'; 256 << 10], false),
+        (vec![0u8; 1 << 20], false),
+        (deep_array.into_bytes(), false),
+        (deep_object.into_bytes(), false),
+        (b"1e999".to_vec(), false),
+        (b"123456789012345678901234567890".to_vec(), true),
+        (br#"{"v": NaN}"#.to_vec(), false),
+        (br#"{"v": "NaN", "w": "-Infinity"}"#.to_vec(), true),
+        (br#""\ud800""#.to_vec(), false),
+        (
+            format!("{{\"big\": \"{}\"}}", "y".repeat(300 << 10)).into_bytes(),
+            true,
+        ),
+    ];
+    for (payload, _) in &payloads {
+        device
+            .publish("devices/hostile/readings", payload.clone())
+            .await;
+    }
+    for (payload, is_json) in &payloads {
+        let WatchEvent::Reading(reading) = next_event(&mut stream).await else {
+            panic!("unexpected gap")
+        };
+        assert_eq!(&reading.payload[..], &payload[..], "kept byte for byte");
+        assert_eq!(
+            reading.json.is_some(),
+            *is_json,
+            "json for {:?}",
+            String::from_utf8_lossy(&payload[..payload.len().min(40)])
+        );
+    }
+    let listed = list_all(&mut client, "hostile").await;
+    assert_eq!(listed.len(), payloads.len());
+    service.stop().await;
+}
