@@ -56,6 +56,15 @@ pub struct TopicArgs {
     )]
     pub commands_topic: String,
 
+    /// Topic devices publish command replies to, with a `{device_id}` level.
+    /// Replies are also buffered like readings.
+    #[arg(
+        long,
+        env = "DEVICEHUB_REPLIES_TOPIC",
+        default_value = "devices/{device_id}/replies"
+    )]
+    pub replies_topic: String,
+
     /// Device id for topic templates without `{device_id}`: a single device
     /// on fixed topics, e.g. `--readings-topic poc/device/sensor
     /// --commands-topic poc/device/control --fixed-device-id device`.
@@ -71,16 +80,34 @@ impl TopicArgs {
 
     /// The commands template; it must be a publishable topic.
     pub fn commands(&self) -> Result<TopicTemplate, ConfigError> {
-        let template = TopicTemplate::parse(&self.commands_topic, self.fixed_device_id.as_deref())
-            .map_err(|e| ConfigError::Topic("--commands-topic", e))?;
-        if template.has_wildcards() {
-            return Err(ConfigError::Wildcards(
-                "--commands-topic",
-                template.to_string(),
-            ));
-        }
-        Ok(template)
+        publishable(
+            "--commands-topic",
+            &self.commands_topic,
+            self.fixed_device_id.as_deref(),
+        )
     }
+
+    /// The replies template; devices publish to it, so no wildcards.
+    pub fn replies(&self) -> Result<TopicTemplate, ConfigError> {
+        publishable(
+            "--replies-topic",
+            &self.replies_topic,
+            self.fixed_device_id.as_deref(),
+        )
+    }
+}
+
+fn publishable(
+    flag: &'static str,
+    template: &str,
+    fixed_device_id: Option<&str>,
+) -> Result<TopicTemplate, ConfigError> {
+    let template =
+        TopicTemplate::parse(template, fixed_device_id).map_err(|e| ConfigError::Topic(flag, e))?;
+    if template.has_wildcards() {
+        return Err(ConfigError::Wildcards(flag, template.to_string()));
+    }
+    Ok(template)
 }
 
 /// Options of `devicehub serve`.
@@ -184,6 +211,7 @@ impl ServeArgs {
                 persistent_session: self.mqtt_persistent_session,
                 readings_topic: self.topics.readings()?,
                 commands_topic: self.topics.commands()?,
+                replies_topic: self.topics.replies()?,
             },
             buffer: BufferLimits {
                 max_readings: usize::try_from(self.buffer_max_readings).unwrap_or(usize::MAX),
@@ -218,6 +246,22 @@ pub struct SimulateArgs {
     /// Device ids are this prefix and a number: sim-1, sim-2...
     #[arg(long, env = "DEVICEHUB_SIM_DEVICE_PREFIX", default_value = "sim-")]
     pub device_prefix: String,
+
+    /// Fraction of the devices (the first ones) that never reply to
+    /// commands, to demonstrate reply timeouts.
+    #[arg(long, env = "DEVICEHUB_SIM_SILENT_FRACTION", default_value_t = 0.0,
+          value_parser = fraction)]
+    pub silent_fraction: f64,
+
+    /// Fraction of the devices (after the silent ones) that reply late, after
+    /// --slow-reply-ms.
+    #[arg(long, env = "DEVICEHUB_SIM_SLOW_FRACTION", default_value_t = 0.0,
+          value_parser = fraction)]
+    pub slow_fraction: f64,
+
+    /// How late slow devices reply, in milliseconds.
+    #[arg(long, env = "DEVICEHUB_SIM_SLOW_REPLY_MS", default_value_t = 3000)]
+    pub slow_reply_ms: u64,
 
     #[command(flatten)]
     pub topics: TopicArgs,
@@ -288,6 +332,13 @@ impl FromStr for BrokerUrl {
             host: host.to_owned(),
             port,
         })
+    }
+}
+
+fn fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{text:?} is not a fraction from 0 to 1")),
     }
 }
 

@@ -28,6 +28,7 @@ use crate::{
         GapPolicy, ListReadingsRequest, ListReadingsResponse, SendCommandRequest,
         SendCommandResponse, WatchReadingsRequest, WatchReadingsResponse,
     },
+    replies::{DeviceReply, ReplyRouter},
     shutdown::Shutdown,
     topic::{validate_device_id, validate_topic_filter, TopicTemplate},
 };
@@ -44,6 +45,8 @@ const MAX_PAGE_BYTES: usize = 3 << 20;
 pub const MAX_COMMAND_PAYLOAD_BYTES: usize = 256 << 10;
 /// Longest command name, in bytes.
 pub const MAX_COMMAND_BYTES: usize = 256;
+/// Longest `reply_timeout` accepted.
+pub const MAX_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Readings queued per watch stream between its producer and tonic.
 const WATCH_QUEUE: usize = 128;
 
@@ -68,6 +71,14 @@ pub enum ApiError {
     TooManyWatchers(String),
     #[error("the service is shutting down; resume after sequence number {resume_after}")]
     ShuttingDown { resume_after: u64 },
+    #[error("{0}")]
+    TooManyPending(String),
+    #[error("device {device_id:?} did not reply to command {command_id} within {timeout:?}")]
+    NoReply {
+        device_id: String,
+        command_id: String,
+        timeout: std::time::Duration,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -91,7 +102,10 @@ impl From<ApiError> for Status {
             ApiError::PageEvicted { .. } => Status::out_of_range(message),
             ApiError::WatcherFellBehind { .. } => Status::data_loss(message),
             ApiError::CursorTooOld { .. } => Status::out_of_range(message),
-            ApiError::TooManyWatchers(_) => Status::resource_exhausted(message),
+            ApiError::TooManyWatchers(_) | ApiError::TooManyPending(_) => {
+                Status::resource_exhausted(message)
+            }
+            ApiError::NoReply { .. } => Status::deadline_exceeded(message),
             ApiError::ShuttingDown { .. } => Status::unavailable(message),
             ApiError::Internal(_) => {
                 // Details go to the log, never to the client.
@@ -106,6 +120,7 @@ impl From<ApiError> for Status {
 pub struct DeviceHubService {
     hub: Arc<ReadingHub>,
     publisher: CommandPublisher,
+    replies: Arc<ReplyRouter>,
     commands_topic: TopicTemplate,
     shutdown: Shutdown,
 }
@@ -114,12 +129,14 @@ impl DeviceHubService {
     pub fn new(
         hub: Arc<ReadingHub>,
         publisher: CommandPublisher,
+        replies: Arc<ReplyRouter>,
         commands_topic: TopicTemplate,
         shutdown: Shutdown,
     ) -> Self {
         Self {
             hub,
             publisher,
+            replies,
             commands_topic,
             shutdown,
         }
@@ -183,6 +200,14 @@ impl DeviceHubService {
             ));
         }
 
+        let reply_timeout = req.reply_timeout.map(reply_timeout).transpose()?;
+        // Registered before publishing: a device may answer before the
+        // broker's acknowledgement reaches us.
+        let mut pending = reply_timeout
+            .map(|_| self.replies.expect(&req.device_id, &command_id))
+            .transpose()
+            .map_err(|e| ApiError::TooManyPending(e.to_string()))?;
+
         let topic = self.commands_topic.topic_for(&req.device_id);
         self.publisher.publish(topic.clone(), payload, qos).await?;
         info!(
@@ -193,7 +218,29 @@ impl DeviceHubService {
             ?qos,
             "command published"
         );
-        Ok(SendCommandResponse { command_id, topic })
+
+        let (Some(timeout), Some(pending)) = (reply_timeout, pending.as_mut()) else {
+            return Ok(SendCommandResponse {
+                command_id,
+                topic,
+                reply: None,
+            });
+        };
+        // The call's own deadline (grpc-timeout) is enforced by tonic, which
+        // drops this future; dropping `pending` unregisters the wait.
+        match tokio::time::timeout(timeout, pending.wait()).await {
+            Ok(Some(reply)) => Ok(SendCommandResponse {
+                command_id,
+                topic,
+                reply: Some(reply_to_proto(reply)),
+            }),
+            Ok(None) => Err(ApiError::Internal("reply waiter dropped".into())),
+            Err(_) => Err(ApiError::NoReply {
+                device_id: req.device_id,
+                command_id,
+                timeout,
+            }),
+        }
     }
 
     fn list_readings(&self, req: ListReadingsRequest) -> Result<ListReadingsResponse, ApiError> {
@@ -485,6 +532,35 @@ fn optional_time(
     SystemTime::try_from(time)
         .map(Some)
         .map_err(|e| ApiError::invalid(field, format!("is not a valid timestamp: {e}")))
+}
+
+/// A `reply_timeout` as the well-known Duration defines it (nanos below one
+/// second, no mixed signs; prost would silently normalize), positive and at
+/// most [`MAX_REPLY_TIMEOUT`].
+fn reply_timeout(timeout: prost_types::Duration) -> Result<std::time::Duration, ApiError> {
+    let valid = timeout.seconds >= 0 && (0..1_000_000_000).contains(&timeout.nanos);
+    valid
+        .then(|| std::time::Duration::new(timeout.seconds as u64, timeout.nanos as u32))
+        .filter(|t| !t.is_zero() && *t <= MAX_REPLY_TIMEOUT)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "reply_timeout",
+                format!("must be more than 0 s and at most {MAX_REPLY_TIMEOUT:?}"),
+            )
+        })
+}
+
+fn reply_to_proto(reply: DeviceReply) -> proto::CommandReply {
+    let status = match reply.ok {
+        true => proto::CommandStatus::Ok,
+        false => proto::CommandStatus::Error,
+    };
+    proto::CommandReply {
+        status: status.into(),
+        result: reply.result.map(json_to_value),
+        message: reply.message,
+        received_at: Some(Timestamp::from(reply.received_at)),
+    }
 }
 
 /// The JSON envelope published for a command.

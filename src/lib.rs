@@ -12,6 +12,7 @@ pub mod config;
 pub mod grpc;
 pub mod hub;
 pub mod mqtt;
+pub mod replies;
 pub mod shutdown;
 pub mod simulate;
 pub mod topic;
@@ -45,6 +46,7 @@ use crate::{
     hub::ReadingHub,
     mqtt::{LinkState, MqttConfig},
     proto::device_hub_server::DeviceHubServer,
+    replies::ReplyRouter,
     shutdown::Shutdown,
 };
 
@@ -118,7 +120,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
     // The MQTT link stops after the gRPC server, so calls in progress can
     // still publish while streams drain.
     let (stop_mqtt, mqtt_shutdown) = shutdown::channel();
-    let link = mqtt::start(&config.mqtt, hub.clone(), mqtt_shutdown);
+    let replies = Arc::new(ReplyRouter::default());
+    let link = mqtt::start(&config.mqtt, hub.clone(), replies.clone(), mqtt_shutdown);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -129,7 +132,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
         link.publisher.link_state(),
         shutdown.clone(),
     ));
-    tokio::spawn(log_stats(hub.clone(), shutdown.clone()));
+    tokio::spawn(log_stats(hub.clone(), replies.clone(), shutdown.clone()));
 
     // Both reflection versions: grpcurl before 1.8.8 only asks v1alpha.
     let reflection = || {
@@ -143,6 +146,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
     let service = DeviceHubService::new(
         hub,
         link.publisher.clone(),
+        replies,
         config.mqtt.commands_topic.clone(),
         shutdown.clone(),
     );
@@ -202,7 +206,7 @@ async fn follow_link(
 
 /// Logs the buffer and watcher counters every [`STATS_INTERVAL`] and once at
 /// shutdown, for operators (metrics can come later).
-async fn log_stats(hub: Arc<ReadingHub>, mut shutdown: Shutdown) {
+async fn log_stats(hub: Arc<ReadingHub>, replies: Arc<ReplyRouter>, mut shutdown: Shutdown) {
     let mut interval = tokio::time::interval(STATS_INTERVAL);
     interval.tick().await; // the first tick is immediate
     loop {
@@ -211,6 +215,7 @@ async fn log_stats(hub: Arc<ReadingHub>, mut shutdown: Shutdown) {
             _ = shutdown.recv() => true,
         };
         let stats = hub.stats();
+        let replies = replies.stats();
         info!(
             buffered = stats.buffer.readings,
             buffered_bytes = stats.buffer.bytes,
@@ -219,6 +224,10 @@ async fn log_stats(hub: Arc<ReadingHub>, mut shutdown: Shutdown) {
             watchers = stats.watchers,
             watcher_gaps = stats.watcher_gaps,
             watcher_missed_readings = stats.watcher_missed_readings,
+            commands_awaiting_reply = replies.pending,
+            replies_matched = replies.matched,
+            replies_late = replies.late,
+            replies_unmatched = replies.unmatched,
             "stats"
         );
         if stopping {

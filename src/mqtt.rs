@@ -36,7 +36,7 @@ use std::{
 use bytes::Bytes;
 use rumqttc::{
     AsyncClient, ClientError, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet,
-    QoS, SubscribeReasonCode,
+    QoS, SubscribeFilter, SubscribeReasonCode,
 };
 use tokio::{
     sync::{oneshot, watch},
@@ -44,7 +44,10 @@ use tokio::{
 };
 use tracing::{debug, info, trace, warn};
 
-use crate::{buffer::NewReading, hub::ReadingHub, shutdown::Shutdown, topic::TopicTemplate};
+use crate::{
+    buffer::NewReading, hub::ReadingHub, replies::ReplyRouter, shutdown::Shutdown,
+    topic::TopicTemplate,
+};
 
 /// How long a command waits for the broker's acknowledgement.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -75,6 +78,7 @@ pub struct MqttConfig {
     pub persistent_session: bool,
     pub readings_topic: TopicTemplate,
     pub commands_topic: TopicTemplate,
+    pub replies_topic: TopicTemplate,
 }
 
 /// The state of the MQTT link, as health checks and commands see it.
@@ -239,8 +243,14 @@ fn options(config: &MqttConfig) -> MqttOptions {
 }
 
 /// Starts the shared client and its event loop task, which stores incoming
-/// readings in `hub` until `shutdown` fires.
-pub fn start(config: &MqttConfig, hub: Arc<ReadingHub>, shutdown: Shutdown) -> MqttLink {
+/// readings (and command replies) in `hub` and routes replies through
+/// `replies`, until `shutdown` fires.
+pub fn start(
+    config: &MqttConfig,
+    hub: Arc<ReadingHub>,
+    replies: Arc<ReplyRouter>,
+    shutdown: Shutdown,
+) -> MqttLink {
     let (client, eventloop) = AsyncClient::new(options(config), REQUEST_QUEUE);
     let shared = Arc::new(Shared {
         tracker: Mutex::default(),
@@ -250,7 +260,9 @@ pub fn start(config: &MqttConfig, hub: Arc<ReadingHub>, shutdown: Shutdown) -> M
         client: client.clone(),
         shared: shared.clone(),
         hub,
+        replies,
         readings_topic: config.readings_topic.clone(),
+        replies_topic: config.replies_topic.clone(),
         subscribe_qos: config.subscribe_qos,
         clean_session: !config.persistent_session,
         broker: format!("{}:{}", config.host, config.port),
@@ -266,7 +278,9 @@ struct Driver {
     client: AsyncClient,
     shared: Arc<Shared>,
     hub: Arc<ReadingHub>,
+    replies: Arc<ReplyRouter>,
     readings_topic: TopicTemplate,
+    replies_topic: TopicTemplate,
     subscribe_qos: QoS,
     clean_session: bool,
     broker: String,
@@ -313,21 +327,25 @@ impl Driver {
                 }
                 self.shared.state.send_replace(LinkState::Connected);
                 drop(tracker);
-                let filter = self.readings_topic.subscription_filter();
-                if let Err(error) = self.client.try_subscribe(filter, self.subscribe_qos) {
-                    warn!(%error, filter, "could not queue the readings subscription");
+                let filters = self
+                    .subscriptions()
+                    .map(|f| SubscribeFilter::new(f.to_owned(), self.subscribe_qos));
+                if let Err(error) = self.client.try_subscribe_many(filters) {
+                    warn!(%error, "could not queue the readings and replies subscriptions");
                 }
             }
             Event::Incoming(Packet::SubAck(suback)) => {
-                let filter = self.readings_topic.subscription_filter();
-                match suback.return_codes.first() {
-                    Some(SubscribeReasonCode::Success(qos)) => {
-                        info!(filter, ?qos, "subscribed to readings");
-                        self.shared.state.send_replace(LinkState::Ready);
-                    }
-                    other => {
-                        warn!(filter, code = ?other, "the broker refused the readings subscription")
-                    }
+                let filters: Vec<&str> = self.subscriptions().collect();
+                let codes = &suback.return_codes;
+                let granted = codes.len() == filters.len()
+                    && codes
+                        .iter()
+                        .all(|c| matches!(c, SubscribeReasonCode::Success(_)));
+                if granted {
+                    info!(?filters, ?codes, "subscribed to readings and replies");
+                    self.shared.state.send_replace(LinkState::Ready);
+                } else {
+                    warn!(?filters, ?codes, "the broker refused a subscription");
                 }
             }
             Event::Incoming(Packet::PubAck(ack)) => self.shared.tracker().on_acked(ack.pkid),
@@ -338,12 +356,29 @@ impl Driver {
         }
     }
 
+    /// The filters subscribed to: readings and command replies.
+    fn subscriptions(&self) -> impl Iterator<Item = &str> {
+        [
+            self.readings_topic.subscription_filter(),
+            self.replies_topic.subscription_filter(),
+        ]
+        .into_iter()
+    }
+
     fn ingest(&self, publish: rumqttc::Publish) {
-        let device_id = self.readings_topic.device_id_of(&publish.topic);
+        // Replies are buffered like readings, and routed to a waiting
+        // SendCommand call if there is one.
+        let device_id = match self.replies_topic.device_id_of(&publish.topic) {
+            Some(device_id) => {
+                self.replies.route(device_id, &publish.payload);
+                Some(device_id)
+            }
+            None => self.readings_topic.device_id_of(&publish.topic),
+        };
         if device_id.is_none() {
             debug!(
                 topic = publish.topic,
-                "reading on a topic outside the readings template"
+                "message on a topic outside the readings and replies templates"
             );
         }
         let reading = self.hub.push(NewReading {

@@ -1,10 +1,20 @@
-//! `devicehub simulate`: devices that publish temperature/humidity readings
-//! and print the commands they receive. Each device is a real MQTT client with
-//! its own connection, so the service sees what it would see in the field.
+//! `devicehub simulate`: devices that publish temperature/humidity readings,
+//! carry out commands and reply to them. Each device is a real MQTT client
+//! with its own connection, so the service sees what it would see in the
+//! field.
+//!
+//! Commands a simulated device understands (the JSON envelope's `command`):
+//! - `SET_INTERVAL` with `params.ms` (100 to 3600000): the reading interval;
+//! - `TURN_ON_FAN` / `TURN_OFF_FAN`: the `fan` field of its readings;
+//! - `PING`: replies `{"pong": true}`.
+//!
+//! Anything else gets an error reply. `--silent-fraction` and
+//! `--slow-fraction` make some devices never reply or reply late.
 
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use crate::{
@@ -12,10 +22,19 @@ use crate::{
     shutdown::Shutdown,
 };
 
+/// How a device answers commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replies {
+    Prompt,
+    Late(Duration),
+    Never,
+}
+
 /// Runs the devices until `shutdown` fires.
 pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<(), ConfigError> {
     let readings = args.topics.readings()?;
     let commands = args.topics.commands()?;
+    let replies = args.topics.replies()?;
     if readings.has_wildcards() {
         return Err(ConfigError::Wildcards(
             "--readings-topic",
@@ -32,17 +51,32 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<(), ConfigErr
         crate::topic::validate_device_id(id)
             .map_err(|e| ConfigError::Topic("--device-prefix", e))?;
     }
-    info!(devices = ids.len(), broker = %args.mqtt_url, "simulating devices");
+    let silent = (ids.len() as f64 * args.silent_fraction).round() as usize;
+    let slow = (ids.len() as f64 * args.slow_fraction).round() as usize;
+    info!(devices = ids.len(), silent, slow, broker = %args.mqtt_url, "simulating devices");
 
     let mut tasks = Vec::new();
     for (n, device_id) in ids.into_iter().enumerate() {
+        let replies_mode = if n < silent {
+            Replies::Never
+        } else if n < silent + slow {
+            Replies::Late(Duration::from_millis(args.slow_reply_ms))
+        } else {
+            Replies::Prompt
+        };
+        if replies_mode != Replies::Prompt {
+            info!(device = device_id, replies = ?replies_mode, "device with unusual replies");
+        }
         let device = Device {
             readings_topic: readings.topic_for(&device_id),
             commands_topic: commands.topic_for(&device_id),
+            replies_topic: replies.topic_for(&device_id),
             device_id,
             interval: Duration::from_millis(args.interval_ms),
             // Spread the devices' start so their readings do not come in bursts.
             phase: Duration::from_millis(args.interval_ms * n as u64 / u64::from(args.devices)),
+            replies: replies_mode,
+            fan: false,
         };
         let options = MqttOptions::new(
             format!("devicehub-sim-{}", device.device_id),
@@ -61,16 +95,23 @@ struct Device {
     device_id: String,
     readings_topic: String,
     commands_topic: String,
+    replies_topic: String,
     interval: Duration,
     phase: Duration,
+    replies: Replies,
+    fan: bool,
+}
+
+fn reading_ticker(start_in: Duration, period: Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + start_in, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker
 }
 
 impl Device {
-    async fn run(self, options: MqttOptions, mut shutdown: Shutdown) {
+    async fn run(mut self, options: MqttOptions, mut shutdown: Shutdown) {
         let (client, mut eventloop) = AsyncClient::new(options, 64);
-        let mut ticker =
-            tokio::time::interval_at(tokio::time::Instant::now() + self.phase, self.interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticker = reading_ticker(self.phase, self.interval);
         let mut step: u64 = 0;
         loop {
             tokio::select! {
@@ -97,6 +138,12 @@ impl Device {
                             p.topic,
                             String::from_utf8_lossy(&p.payload)
                         );
+                        let Some((reply, new_interval)) = self.carry_out(&p.payload) else { continue };
+                        if let Some(interval) = new_interval {
+                            self.interval = interval;
+                            ticker = reading_ticker(interval, interval);
+                        }
+                        self.reply(&client, reply);
                     }
                     Ok(_) => {}
                     Err(error) => {
@@ -119,15 +166,71 @@ impl Device {
         .await;
     }
 
+    /// Carries out a command envelope; returns the reply, and the new reading
+    /// interval if it changed. `None` for a payload that is not an envelope.
+    fn carry_out(&mut self, payload: &[u8]) -> Option<(Value, Option<Duration>)> {
+        let envelope: Value = serde_json::from_slice(payload).ok()?;
+        let id = envelope.get("id")?.as_str()?.to_owned();
+        let command = envelope.get("command")?.as_str()?;
+        let params = envelope.get("params").cloned().unwrap_or(Value::Null);
+        let ok = |result: Value| json!({"id": id, "status": "ok", "result": result});
+        let error = |message: String| json!({"id": id, "status": "error", "message": message});
+        Some(match command {
+            "SET_INTERVAL" => match params.get("ms").and_then(Value::as_u64) {
+                Some(ms @ 100..=3_600_000) => (
+                    ok(json!({"interval_ms": ms})),
+                    Some(Duration::from_millis(ms)),
+                ),
+                _ => (
+                    error("SET_INTERVAL needs params.ms from 100 to 3600000".into()),
+                    None,
+                ),
+            },
+            "TURN_ON_FAN" | "TURN_OFF_FAN" => {
+                self.fan = command == "TURN_ON_FAN";
+                (ok(json!({"fan": self.fan})), None)
+            }
+            "PING" => (ok(json!({"pong": true})), None),
+            other => (error(format!("unknown command {other:?}")), None),
+        })
+    }
+
+    fn reply(&self, client: &AsyncClient, reply: Value) {
+        let payload = reply.to_string();
+        match self.replies {
+            Replies::Never => {}
+            Replies::Prompt => {
+                if let Err(error) =
+                    client.try_publish(&self.replies_topic, QoS::AtLeastOnce, false, payload)
+                {
+                    warn!(device = self.device_id, %error, "reply not queued");
+                }
+            }
+            Replies::Late(delay) => {
+                // Off the event loop task, so awaiting the client is fine.
+                let (client, topic) = (client.clone(), self.replies_topic.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = client
+                        .publish(topic, QoS::AtLeastOnce, false, payload)
+                        .await;
+                });
+            }
+        }
+    }
+
     /// A plausible reading: slow sine waves with a per-device offset.
     fn reading(&self, step: u64) -> Vec<u8> {
         let offset = self.device_id.bytes().map(u64::from).sum::<u64>() % 10;
         let t = step as f64 / 10.0;
-        let temperature = 20.0 + offset as f64 * 0.5 + 2.0 * t.sin();
+        // A running fan cools the device down a little.
+        let fan = if self.fan { -1.5 } else { 0.0 };
+        let temperature = 20.0 + offset as f64 * 0.5 + 2.0 * t.sin() + fan;
         let humidity = 45.0 + offset as f64 + 5.0 * (t / 2.0).cos();
-        serde_json::json!({
+        json!({
             "temperature": (temperature * 100.0).round() / 100.0,
             "humidity": (humidity * 100.0).round() / 100.0,
+            "fan": self.fan,
             "step": step,
         })
         .to_string()

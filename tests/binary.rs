@@ -8,7 +8,9 @@ use std::process::{ExitStatus, Stdio};
 use common::*;
 use devicehub::{
     config::BrokerUrl,
-    proto::{device_hub_client::DeviceHubClient, ListReadingsRequest, SendCommandRequest},
+    proto::{
+        device_hub_client::DeviceHubClient, CommandStatus, ListReadingsRequest, SendCommandRequest,
+    },
 };
 use tokio::{
     io::{AsyncBufReadExt, BufReader, Lines},
@@ -78,7 +80,15 @@ async fn serve_and_simulate_run_until_sigterm() {
 
     let broker: BrokerUrl = format!("mqtt://{broker}").parse().unwrap();
     let mut simulate = Command::new(BINARY)
-        .args(["simulate", "--devices", "2", "--interval-ms", "50"])
+        .args([
+            "simulate",
+            "--devices",
+            "3",
+            "--interval-ms",
+            "50",
+            "--silent-fraction",
+            "0.34",
+        ])
         .env("DEVICEHUB_MQTT_URL", broker.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -100,6 +110,7 @@ async fn serve_and_simulate_run_until_sigterm() {
             async move {
                 let request = ListReadingsRequest {
                     device_id: device.into(),
+                    topic_filter: "devices/+/readings".into(),
                     ..Default::default()
                 };
                 client
@@ -138,6 +149,63 @@ async fn serve_and_simulate_run_until_sigterm() {
         line.starts_with("sim-1 received command") && line.contains(&sent.command_id),
         "{line}"
     );
+
+    // Simulated devices answer commands: known ones ok and take effect,
+    // unknown ones with an error.
+    let round_trip = |device: &str, command: &str| SendCommandRequest {
+        device_id: device.into(),
+        command: command.into(),
+        reply_timeout: Some(prost_types::Duration {
+            seconds: 10,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let fan_on = client
+        .clone()
+        .send_command(round_trip("sim-2", "TURN_ON_FAN"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fan_on.reply.unwrap().status(), CommandStatus::Ok);
+    eventually("sim-2 readings with the fan on", || {
+        let mut client = client.clone();
+        async move {
+            let request = ListReadingsRequest {
+                device_id: "sim-2".into(),
+                topic_filter: "devices/+/readings".into(),
+                page_size: 1,
+                ..Default::default()
+            };
+            let reading = client
+                .list_readings(request)
+                .await
+                .ok()?
+                .into_inner()
+                .readings
+                .pop()?;
+            let json: serde_json::Value = serde_json::from_slice(&reading.payload).ok()?;
+            (json["fan"] == true).then_some(())
+        }
+    })
+    .await;
+    let unknown = client
+        .clone()
+        .send_command(round_trip("sim-2", "SELF_DESTRUCT"))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = unknown.reply.unwrap();
+    assert_eq!(reply.status(), CommandStatus::Error);
+    assert!(reply.message.contains("SELF_DESTRUCT"), "{reply:?}");
+    // sim-1 is the silent one (a third of three devices).
+    let mut silent = round_trip("sim-1", "PING");
+    silent.reply_timeout = Some(prost_types::Duration {
+        seconds: 0,
+        nanos: 300_000_000,
+    });
+    let status = client.clone().send_command(silent).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
 
     assert!(terminate(&mut simulate).await.success());
     assert!(terminate(&mut serve).await.success());

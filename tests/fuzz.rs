@@ -76,7 +76,11 @@ impl Rng {
 fn acceptable(code: Code) -> bool {
     matches!(
         code,
-        Code::InvalidArgument | Code::OutOfRange | Code::Unavailable | Code::ResourceExhausted
+        Code::InvalidArgument
+            | Code::OutOfRange
+            | Code::Unavailable
+            | Code::ResourceExhausted
+            | Code::DeadlineExceeded
     )
 }
 
@@ -189,6 +193,18 @@ async fn random_requests_and_payloads_get_clear_answers() {
                     },
                     qos: [None, Some(0), Some(1), Some(2), Some(3), Some(u32::MAX)]
                         [rng.below(6) as usize],
+                    // Nobody answers here: short waits, or invalid ones.
+                    reply_timeout: match rng.below(4) {
+                        0 => Some(prost_types::Duration {
+                            seconds: 0,
+                            nanos: 1_000_000,
+                        }),
+                        1 => Some(prost_types::Duration {
+                            seconds: rng.next() as i64,
+                            nanos: rng.next() as i32,
+                        }),
+                        _ => None,
+                    },
                 };
                 if let Err(status) = client.send_command(request).await {
                     assert!(acceptable(status.code()), "send #{i}: {status:?}");

@@ -171,6 +171,26 @@ async fn grpcurl_lists_describes_and_calls_everything_through_reflection() {
     assert_eq!(envelope["id"], sent["commandId"]);
     assert_eq!(envelope["params"]["speed"], 3);
 
+    // A round trip, as the README shows it.
+    let _responder = Responder::start(
+        &broker,
+        "responder-grpcurl",
+        std::sync::Arc::new(|_: &str, envelope: &Value| {
+            let reply = serde_json::json!({"id": envelope["id"], "status": "ok", "result": {"interval_ms": 500}});
+            Some((std::time::Duration::ZERO, reply))
+        }),
+    )
+    .await;
+    let replied = grpcurl(
+        &["-d", r#"{"device_id": "d2", "command": "SET_INTERVAL", "params": {"ms": 500}, "reply_timeout": "5s"}"#],
+        &addr,
+        &["devicehub.v1.DeviceHub/SendCommand"],
+    )
+    .await;
+    let replied: Value = serde_json::from_str(&replied).unwrap();
+    assert_eq!(replied["reply"]["status"], "COMMAND_STATUS_OK", "{replied}");
+    assert_eq!(replied["reply"]["result"]["interval_ms"], 500.0);
+
     let error = grpcurl_error(
         &["-d", r#"{"device_id": "a/b", "command": "X"}"#],
         &addr,

@@ -9,6 +9,7 @@ use std::{
     net::{SocketAddr, TcpListener as StdListener},
     path::PathBuf,
     process::{Child, Command, Stdio},
+    sync::Arc,
     time::Duration,
 };
 
@@ -545,6 +546,7 @@ pub async fn end_to_end(broker: &BrokerUrl) {
                 command: "TURN_ON_FAN".into(),
                 payload: Some(Payload::Params(params)),
                 qos: Some(qos),
+                reply_timeout: None,
             })
             .await
             .unwrap()
@@ -564,6 +566,7 @@ pub async fn end_to_end(broker: &BrokerUrl) {
             command: "RAW".into(),
             payload: Some(Payload::RawPayload(b"ON".to_vec().into())),
             qos: None,
+            reply_timeout: None,
         })
         .await
         .unwrap()
@@ -572,4 +575,57 @@ pub async fn end_to_end(broker: &BrokerUrl) {
     assert_eq!(device.next_message().await.payload.as_ref(), b"ON");
 
     service.stop().await;
+}
+
+/// What a [`Responder`] does with one command: reply after a delay, or not.
+pub type ReplyPolicy =
+    Arc<dyn Fn(&str, &serde_json::Value) -> Option<(Duration, serde_json::Value)> + Send + Sync>;
+
+/// Devices that answer commands: one MQTT client subscribed to every
+/// device's command topic, replying on each device's replies topic as
+/// `policy` says.
+pub struct Responder {
+    device: TestDevice,
+    task: JoinHandle<()>,
+}
+
+impl Responder {
+    pub async fn start(broker: &BrokerUrl, client_id: &str, policy: ReplyPolicy) -> Self {
+        let mut device = TestDevice::connect(broker, client_id, Some("devices/+/commands")).await;
+        let client = device.client.clone();
+        let mut received = std::mem::replace(&mut device.received, mpsc::unbounded_channel().1);
+        let task = tokio::spawn(async move {
+            while let Some(command) = received.recv().await {
+                let device_id = command
+                    .topic
+                    .split('/')
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_owned();
+                let Ok(envelope) = serde_json::from_slice::<serde_json::Value>(&command.payload)
+                else {
+                    continue;
+                };
+                let Some((delay, reply)) = policy(&device_id, &envelope) else {
+                    continue;
+                };
+                let client = client.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let topic = format!("devices/{device_id}/replies");
+                    let _ = client
+                        .publish(topic, QoS::AtLeastOnce, false, reply.to_string())
+                        .await;
+                });
+            }
+        });
+        Self { device, task }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = &self.device;
+    }
 }

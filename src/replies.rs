@@ -1,0 +1,307 @@
+//! Command replies: [`ReplyRouter`] pairs a device's reply with the
+//! SendCommand call waiting for it, by command id and device id.
+//!
+//! A caller registers *before* the command is published (a fast device may
+//! answer before the publish is even acknowledged) and holds a
+//! [`PendingReply`]; dropping it (timeout, cancelled call) removes the entry,
+//! so the table never outgrows the calls in progress, and is bounded by
+//! [`MAX_PENDING_REPLIES`]. A reply nobody waits for is never handed to
+//! anyone else: it is counted as late (its command timed out or was
+//! cancelled recently) or unmatched, and logged.
+//!
+//! The device-side protocol: publish on the replies topic (default
+//! `devices/{device_id}/replies`) a JSON object `{"id": "<command id>",
+//! "status": "ok" | "error", "result": <any JSON, optional>, "message":
+//! "<text, optional>"}`.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::SystemTime,
+};
+
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+/// Most commands waiting for a reply at once.
+pub const MAX_PENDING_REPLIES: usize = 10_000;
+
+/// How many expired command ids are remembered to tell late replies from
+/// unknown ones.
+const EXPIRED_MEMORY: usize = 4_096;
+
+/// What a device answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceReply {
+    pub received_at: SystemTime,
+    pub ok: bool,
+    pub result: Option<serde_json::Value>,
+    pub message: String,
+}
+
+/// Why a reply could not be waited for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{MAX_PENDING_REPLIES} commands are already waiting for replies")]
+pub struct TooManyPending;
+
+/// Counters for operators.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplyStats {
+    pub pending: usize,
+    pub matched: u64,
+    /// Replies to commands that had timed out or been cancelled.
+    pub late: u64,
+    /// Replies with an unknown id, another device's id, or not a reply at all.
+    pub unmatched: u64,
+}
+
+#[derive(Default)]
+struct Table {
+    /// Command id → (device id, waiter).
+    pending: HashMap<String, (String, oneshot::Sender<DeviceReply>)>,
+    expired: HashSet<String>,
+    expired_order: VecDeque<String>,
+}
+
+/// The table of commands waiting for replies. Cheap to share.
+#[derive(Default)]
+pub struct ReplyRouter {
+    table: Mutex<Table>,
+    matched: AtomicU64,
+    late: AtomicU64,
+    unmatched: AtomicU64,
+}
+
+/// A registered wait; see [`ReplyRouter::expect`]. Dropping it unregisters.
+pub struct PendingReply {
+    router: Arc<ReplyRouter>,
+    command_id: String,
+    reply: oneshot::Receiver<DeviceReply>,
+}
+
+impl ReplyRouter {
+    fn table(&self) -> MutexGuard<'_, Table> {
+        // The table's invariants hold between statements; keep serving after a
+        // panic elsewhere.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a wait for `device_id`'s reply to `command_id`.
+    pub fn expect(
+        self: &Arc<Self>,
+        device_id: &str,
+        command_id: &str,
+    ) -> Result<PendingReply, TooManyPending> {
+        let (tx, rx) = oneshot::channel();
+        let mut table = self.table();
+        if table.pending.len() >= MAX_PENDING_REPLIES {
+            return Err(TooManyPending);
+        }
+        table
+            .pending
+            .insert(command_id.to_owned(), (device_id.to_owned(), tx));
+        Ok(PendingReply {
+            router: self.clone(),
+            command_id: command_id.to_owned(),
+            reply: rx,
+        })
+    }
+
+    /// Routes a message that `device_id` published on its replies topic.
+    /// Returns whether a waiting call got it.
+    pub fn route(&self, device_id: &str, payload: &[u8]) -> bool {
+        let Some((command_id, reply)) = parse_reply(payload, SystemTime::now()) else {
+            self.unmatched.fetch_add(1, Ordering::Relaxed);
+            debug!(
+                device_id,
+                "a message on a replies topic is not a command reply"
+            );
+            return false;
+        };
+        let mut table = self.table();
+        match table.pending.get(&command_id) {
+            Some((owner, _)) if owner == device_id => {
+                let Some((_, (_, waiter))) = table.pending.remove_entry(&command_id) else {
+                    return false;
+                };
+                drop(table);
+                // The caller may have gone in the meantime; then it is late.
+                if waiter.send(reply).is_ok() {
+                    self.matched.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                self.late.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    device_id,
+                    command_id, "reply arrived after its command was given up"
+                );
+                false
+            }
+            Some((owner, _)) => {
+                self.unmatched.fetch_add(1, Ordering::Relaxed);
+                warn!(device_id, command_id, owner = %owner, "reply from another device than the command's; ignored");
+                false
+            }
+            None if table.expired.contains(&command_id) => {
+                self.late.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    device_id,
+                    command_id, "reply arrived after its command timed out"
+                );
+                false
+            }
+            None => {
+                self.unmatched.fetch_add(1, Ordering::Relaxed);
+                warn!(device_id, command_id, "reply to an unknown command");
+                false
+            }
+        }
+    }
+
+    pub fn stats(&self) -> ReplyStats {
+        ReplyStats {
+            pending: self.table().pending.len(),
+            matched: self.matched.load(Ordering::Relaxed),
+            late: self.late.load(Ordering::Relaxed),
+            unmatched: self.unmatched.load(Ordering::Relaxed),
+        }
+    }
+
+    fn give_up(&self, command_id: &str) {
+        let mut table = self.table();
+        if table.pending.remove(command_id).is_none() {
+            return; // answered
+        }
+        if table.expired_order.len() == EXPIRED_MEMORY {
+            if let Some(oldest) = table.expired_order.pop_front() {
+                table.expired.remove(&oldest);
+            }
+        }
+        table.expired.insert(command_id.to_owned());
+        table.expired_order.push_back(command_id.to_owned());
+    }
+}
+
+impl PendingReply {
+    /// Waits for the reply. Cancel-safe: drop the future (or `self`) to stop.
+    pub async fn wait(&mut self) -> Option<DeviceReply> {
+        (&mut self.reply).await.ok()
+    }
+}
+
+impl Drop for PendingReply {
+    fn drop(&mut self) {
+        self.router.give_up(&self.command_id);
+    }
+}
+
+/// Parses a device's reply; `None` when it is not one.
+fn parse_reply(payload: &[u8], received_at: SystemTime) -> Option<(String, DeviceReply)> {
+    let serde_json::Value::Object(mut reply) = serde_json::from_slice(payload).ok()? else {
+        return None;
+    };
+    let serde_json::Value::String(id) = reply.remove("id")? else {
+        return None;
+    };
+    let ok = match reply.get("status").and_then(|s| s.as_str()) {
+        Some(s) if s.eq_ignore_ascii_case("ok") => true,
+        Some(s) if s.eq_ignore_ascii_case("error") => false,
+        _ => return None,
+    };
+    let message = match reply.remove("message") {
+        Some(serde_json::Value::String(m)) => m,
+        _ => String::new(),
+    };
+    let reply = DeviceReply {
+        received_at,
+        ok,
+        result: reply.remove("result"),
+        message,
+    };
+    Some((id, reply))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_parse_leniently_but_need_id_and_status() {
+        let (id, reply) = parse_reply(
+            br#"{"id": "c1", "status": "OK", "result": {"x": 1}}"#,
+            SystemTime::UNIX_EPOCH,
+        )
+        .unwrap();
+        assert_eq!(id, "c1");
+        assert!(reply.ok);
+        assert_eq!(reply.result, Some(serde_json::json!({"x": 1})));
+        let (_, error) = parse_reply(
+            br#"{"id": "c2", "status": "error", "message": "no"}"#,
+            SystemTime::UNIX_EPOCH,
+        )
+        .unwrap();
+        assert!(!error.ok && error.message == "no");
+        for bad in [
+            &b"not json"[..],
+            br#"{"status": "ok"}"#,
+            br#"{"id": 5, "status": "ok"}"#,
+            br#"{"id": "c", "status": "maybe"}"#,
+            b"[]",
+        ] {
+            assert!(
+                parse_reply(bad, SystemTime::UNIX_EPOCH).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reply_goes_to_its_caller_only() {
+        let router = Arc::new(ReplyRouter::default());
+        let mut pending = router.expect("d1", "c1").unwrap();
+        assert!(
+            !router.route("d2", br#"{"id": "c1", "status": "ok"}"#),
+            "another device's reply"
+        );
+        assert!(
+            !router.route("d1", br#"{"id": "zz", "status": "ok"}"#),
+            "unknown id"
+        );
+        assert!(router.route("d1", br#"{"id": "c1", "status": "ok", "result": 7}"#));
+        assert_eq!(
+            pending.wait().await.unwrap().result,
+            Some(serde_json::json!(7))
+        );
+        drop(pending);
+        let stats = router.stats();
+        assert_eq!(
+            (stats.pending, stats.matched, stats.unmatched, stats.late),
+            (0, 1, 2, 0)
+        );
+    }
+
+    #[test]
+    fn giving_up_cleans_up_and_makes_later_replies_late() {
+        let router = Arc::new(ReplyRouter::default());
+        let pending = router.expect("d1", "c1").unwrap();
+        drop(pending);
+        assert_eq!(router.stats().pending, 0);
+        assert!(!router.route("d1", br#"{"id": "c1", "status": "ok"}"#));
+        assert_eq!(router.stats().late, 1);
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let router = Arc::new(ReplyRouter::default());
+        let held: Vec<_> = (0..MAX_PENDING_REPLIES)
+            .map(|i| router.expect("d", &i.to_string()).unwrap())
+            .collect();
+        assert!(router.expect("d", "one more").is_err());
+        drop(held);
+        assert!(router.expect("d", "one more").is_ok());
+    }
+}

@@ -1,0 +1,333 @@
+//! Commands with a round trip: device replies, timeouts, correlation under
+//! load, late and stray replies, against the embedded broker and Mosquitto.
+
+mod common;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use common::*;
+use devicehub::{
+    config::BrokerUrl,
+    proto::{CommandStatus, ListReadingsRequest, SendCommandRequest, SendCommandResponse},
+};
+use serde_json::{json, Value};
+use tonic::{Code, Request, Status};
+
+fn command(device_id: &str, command: &str, reply_timeout_ms: Option<u64>) -> SendCommandRequest {
+    SendCommandRequest {
+        device_id: device_id.into(),
+        command: command.into(),
+        reply_timeout: reply_timeout_ms
+            .map(|ms| prost_types::Duration::try_from(Duration::from_millis(ms)).unwrap()),
+        ..Default::default()
+    }
+}
+
+fn with_params(mut request: SendCommandRequest, params: Value) -> SendCommandRequest {
+    let Value::Object(map) = params else {
+        panic!("params must be an object")
+    };
+    let fields = map
+        .into_iter()
+        .map(|(k, v)| {
+            let kind = match v {
+                Value::Number(n) => prost_types::value::Kind::NumberValue(n.as_f64().unwrap()),
+                Value::String(s) => prost_types::value::Kind::StringValue(s),
+                other => panic!("unsupported param {other}"),
+            };
+            (k, prost_types::Value { kind: Some(kind) })
+        })
+        .collect();
+    request.payload = Some(devicehub::proto::send_command_request::Payload::Params(
+        prost_types::Struct { fields },
+    ));
+    request
+}
+
+/// The policy of the tests' devices: d-silent never answers, d-late answers
+/// after 1 s, FAIL gets an error, anything else an ok echoing the device and
+/// params, after a short pseudo-random delay that shuffles reply order.
+fn policy() -> ReplyPolicy {
+    Arc::new(|device_id: &str, envelope: &Value| {
+        let id = envelope["id"].clone();
+        let jitter = Duration::from_micros(
+            id.as_str()
+                .unwrap_or("")
+                .bytes()
+                .map(u64::from)
+                .sum::<u64>()
+                % 3000,
+        );
+        match (device_id, envelope["command"].as_str()) {
+            ("d-silent", _) => None,
+            ("d-late", _) => Some((
+                Duration::from_millis(1000),
+                json!({"id": id, "status": "ok", "result": "late"}),
+            )),
+            (_, Some("FAIL")) => Some((
+                jitter,
+                json!({"id": id, "status": "error", "message": "fan is broken"}),
+            )),
+            _ => Some((
+                jitter,
+                json!({"id": id, "status": "ok", "result": {"device": device_id, "params": envelope["params"]}}),
+            )),
+        }
+    })
+}
+
+fn result_json(response: &SendCommandResponse) -> Value {
+    let reply = response.reply.as_ref().expect("a reply");
+    let value = reply.result.as_ref().expect("a result");
+    proto_to_json(value)
+}
+
+fn proto_to_json(value: &prost_types::Value) -> Value {
+    use prost_types::value::Kind;
+    match value.kind.as_ref().unwrap() {
+        Kind::NullValue(_) => Value::Null,
+        Kind::NumberValue(n) => json!(n),
+        Kind::StringValue(s) => json!(s),
+        Kind::BoolValue(b) => json!(b),
+        Kind::StructValue(s) => Value::Object(
+            s.fields
+                .iter()
+                .map(|(k, v)| (k.clone(), proto_to_json(v)))
+                .collect(),
+        ),
+        Kind::ListValue(l) => Value::Array(l.values.iter().map(proto_to_json).collect()),
+    }
+}
+
+async fn round_trips(broker: &BrokerUrl) {
+    let service = TestService::start_ready(config(broker, &[])).await;
+    let mut client = service.client().await;
+    let _devices = Responder::start(broker, "responder", policy()).await;
+
+    // OK, with the device's result.
+    let response = client
+        .send_command(with_params(
+            command("d1", "TURN_ON_FAN", Some(5000)),
+            json!({"speed": 3}),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = response.reply.as_ref().unwrap();
+    assert_eq!(reply.status(), CommandStatus::Ok);
+    assert!(reply.received_at.is_some());
+    assert_eq!(
+        result_json(&response),
+        json!({"device": "d1", "params": {"speed": 3.0}})
+    );
+
+    // The device's error is an answer, not a gRPC error.
+    let response = client
+        .send_command(command("d1", "FAIL", Some(5000)))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = response.reply.unwrap();
+    assert_eq!(reply.status(), CommandStatus::Error);
+    assert_eq!(reply.message, "fan is broken");
+
+    // No reply in time.
+    let status = client
+        .send_command(command("d-silent", "PING", Some(300)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("d-silent") && status.message().contains("300ms"),
+        "{status:?}"
+    );
+
+    // Fire-and-forget stays the default: no reply is waited for.
+    let response = client
+        .send_command(command("d-silent", "PING", None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response.reply.is_none());
+
+    // Replies are buffered like readings, so anyone can see outcomes.
+    let outcomes = eventually("the replies in the buffer", || {
+        let mut client = client.clone();
+        async move {
+            let request = ListReadingsRequest {
+                topic_filter: "devices/+/replies".into(),
+                ..Default::default()
+            };
+            let readings = client
+                .list_readings(request)
+                .await
+                .ok()?
+                .into_inner()
+                .readings;
+            (readings.len() >= 2).then_some(readings)
+        }
+    })
+    .await;
+    assert!(outcomes
+        .iter()
+        .all(|r| r.device_id == "d1" && r.json.is_some()));
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_through_the_embedded_broker() {
+    round_trips(&embedded_broker()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_through_mosquitto() {
+    let mosquitto = Mosquitto::start();
+    round_trips(&mosquitto.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_commands_each_get_their_own_devices_reply() {
+    let mosquitto = Mosquitto::start();
+    let service = TestService::start_ready(config(&mosquitto.url, &[])).await;
+    let client = service.client().await;
+    let _devices = Responder::start(&mosquitto.url, "responder-load", policy()).await;
+
+    let calls: Vec<_> = (0..1000u64)
+        .map(|n| {
+            let mut client = client.clone();
+            let device = format!("dev{}", n % 100);
+            tokio::spawn(async move {
+                let request = with_params(command(&device, "SET", Some(15_000)), json!({"n": n}));
+                let response = client.send_command(request).await.map(|r| r.into_inner());
+                (device, n, response)
+            })
+        })
+        .collect();
+    let mut per_device: HashMap<String, usize> = HashMap::new();
+    for call in calls {
+        let (device, n, response) = within("a concurrent command", call).await.unwrap();
+        let response = response.unwrap_or_else(|s: Status| panic!("command {n}: {s:?}"));
+        assert_eq!(
+            result_json(&response),
+            json!({"device": device, "params": {"n": n as f64}}),
+            "command {n}"
+        );
+        *per_device.entry(device).or_default() += 1;
+    }
+    assert_eq!(per_device.len(), 100);
+    assert!(per_device.values().all(|&count| count == 10));
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_replies_and_short_client_deadlines_never_misdeliver() {
+    let broker = embedded_broker();
+    let service = TestService::start_ready(config(&broker, &[])).await;
+    let mut client = service.client().await;
+    let _devices = Responder::start(&broker, "responder-late", policy()).await;
+
+    // The reply comes after 1 s; the command gives up after 200 ms.
+    let status = client
+        .send_command(command("d-late", "PING", Some(200)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+
+    // The client's own deadline, shorter than the reply timeout, wins.
+    let mut request = Request::new(command("d-late", "PING", Some(10_000)));
+    request.set_timeout(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let status = client.send_command(request).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the call ended at the client's deadline"
+    );
+
+    // Both late replies arrive while a new command to the same device waits:
+    // it must get its own reply (which is also late, by design of d-late,
+    // so give it time), never one of theirs.
+    let response = client
+        .send_command(command("d-late", "PING", Some(5000)))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = response.reply.unwrap();
+    assert_eq!(reply.status(), CommandStatus::Ok);
+    let outcomes = eventually("three late replies in the buffer", || {
+        let mut client = client.clone();
+        async move {
+            let request = ListReadingsRequest {
+                device_id: "d-late".into(),
+                ..Default::default()
+            };
+            let readings = client
+                .list_readings(request)
+                .await
+                .ok()?
+                .into_inner()
+                .readings;
+            (readings.len() == 3).then_some(readings)
+        }
+    })
+    .await;
+    let ids: Vec<String> = outcomes
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<Value>(&r.payload).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert!(ids.contains(&response.command_id));
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_reply_timeouts_and_a_down_broker_are_refused() {
+    let broker = embedded_broker();
+    let service = TestService::start_ready(config(&broker, &[])).await;
+    let mut client = service.client().await;
+    for timeout in [
+        prost_types::Duration {
+            seconds: 0,
+            nanos: 0,
+        },
+        prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        },
+        prost_types::Duration {
+            seconds: 61,
+            nanos: 0,
+        },
+        prost_types::Duration {
+            seconds: 1,
+            nanos: 2_000_000_000,
+        },
+    ] {
+        let mut request = command("d1", "PING", None);
+        request.reply_timeout = Some(timeout);
+        let status = client.send_command(request).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{timeout:?}: {status:?}"
+        );
+        assert!(status.message().starts_with("reply_timeout"), "{status:?}");
+    }
+    service.stop().await;
+
+    let service = TestService::start(config(&closed_port(), &[])).await;
+    let mut client = service.client().await;
+    let status = client
+        .send_command(command("d1", "PING", Some(5000)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    service.stop().await;
+}
