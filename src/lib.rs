@@ -34,7 +34,7 @@ use std::{
 };
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{wrappers::TcpListenerStream, StreamExt};
 use tonic::transport::Server;
 use tonic_health::{server::HealthReporter, ServingStatus};
 use tracing::{info, warn};
@@ -169,7 +169,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(DeviceHubServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping)
+        .serve_with_incoming_shutdown(incoming(listener), stopping)
         .await;
 
     stop_mqtt.fire();
@@ -179,6 +179,21 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
     served?;
     info!("stopped");
     Ok(())
+}
+
+/// The accepted connections of `listener`, with Nagle's algorithm off: tonic
+/// sets TCP_NODELAY only on listeners it binds itself, and without it small
+/// responses wait for the peer's delayed ACK (tens of milliseconds).
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    TcpListenerStream::new(listener).map(|stream| {
+        let stream = stream?;
+        if let Err(error) = stream.set_nodelay(true) {
+            warn!(%error, "cannot set TCP_NODELAY on a gRPC connection");
+        }
+        Ok(stream)
+    })
 }
 
 /// Keeps the health status of [`SERVICE_NAME`] in step with the MQTT link:

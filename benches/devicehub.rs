@@ -1,0 +1,1072 @@
+//! devicehub's benchmark harness: every scenario measures devicehub next to
+//! a baseline in the same run (a bare MQTT client through the same broker,
+//! or a gRPC health check) and reports the ratio, because this machine is
+//! shared and noisy. Absolute numbers drift; ratios are what to compare.
+//!
+//! ```sh
+//! cargo bench --bench devicehub                  # full run, embedded broker (minutes)
+//! cargo bench --bench devicehub -- --mosquitto   # the same through a Mosquitto process
+//! cargo bench --bench devicehub -- --smoke       # seconds; what `cargo test` runs
+//! ```
+//!
+//! The service runs as its own process (the `devicehub` binary, pointed at
+//! the broker with `--mqtt-url`) so that its CPU time and memory are its own;
+//! the broker, publishers, bare subscribers and gRPC clients live here.
+//! Everything binds to 127.0.0.1 on ephemeral ports, every loop is bounded
+//! in count and time, and every process started is stopped.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    process::Stdio,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use devicehub::{
+    config::BrokerUrl,
+    proto::{
+        device_hub_client::DeviceHubClient, watch_readings_response::Event as WatchEvent,
+        ListReadingsRequest, SendCommandRequest, WatchReadingsRequest,
+    },
+};
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+use tonic::transport::Channel;
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+/// Scenario sizes: full (`cargo bench`) and smoke (`cargo test`, `--smoke`).
+#[derive(Clone, Copy)]
+struct Sizes {
+    ingest_readings: u64,
+    fanout_watchers: &'static [usize],
+    fanout_rate: u64,
+    fanout_secs: f64,
+    latency_readings: u64,
+    latency_rate: u64,
+    query_readings: u64,
+    query_devices: u64,
+    query_iterations: usize,
+    command_secs: f64,
+}
+
+const FULL: Sizes = Sizes {
+    ingest_readings: 200_000,
+    fanout_watchers: &[1, 10, 100, 1000],
+    fanout_rate: 10_000,
+    fanout_secs: 3.0,
+    latency_readings: 5_000,
+    latency_rate: 1_000,
+    query_readings: 1_000_000,
+    query_devices: 10_000,
+    query_iterations: 300,
+    command_secs: 3.0,
+};
+
+const SMOKE: Sizes = Sizes {
+    ingest_readings: 2_000,
+    fanout_watchers: &[1, 10],
+    fanout_rate: 1_000,
+    fanout_secs: 0.5,
+    latency_readings: 100,
+    latency_rate: 500,
+    query_readings: 5_000,
+    query_devices: 100,
+    query_iterations: 20,
+    command_secs: 0.5,
+};
+
+/// Upper bound on any wait, so a broken run ends instead of hanging.
+const PATIENCE: Duration = Duration::from_secs(120);
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // `cargo bench` passes --bench; `cargo test` runs this target without it.
+    let smoke = args.iter().any(|a| a == "--smoke") || !args.iter().any(|a| a == "--bench");
+    let mosquitto = args.iter().any(|a| a == "--mosquitto");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(run(if smoke { SMOKE } else { FULL }, smoke, mosquitto));
+}
+
+async fn run(sizes: Sizes, smoke: bool, mosquitto: bool) {
+    let broker = Broker::start(mosquitto);
+    println!(
+        "devicehub benchmarks ({}; broker: {}; {} cores, {})",
+        if smoke {
+            "smoke run: sizes too small to mean anything"
+        } else {
+            "full run"
+        },
+        if mosquitto {
+            "mosquitto"
+        } else {
+            "embedded rumqttd"
+        },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model(),
+    );
+    println!(
+        "{:<44} {:>16} {:>16} {:>8}  notes",
+        "scenario", "devicehub", "baseline", "ratio"
+    );
+    let table = Table;
+
+    ingest(&table, &broker.url, sizes).await;
+    fan_out(&table, &broker.url, sizes).await;
+    latency(&table, &broker.url, sizes).await;
+    query_and_memory(&table, &broker.url, sizes).await;
+    commands(&table, &broker.url, sizes).await;
+    drop(broker);
+    println!("bench: 6 scenarios completed");
+}
+
+struct Table;
+
+impl Table {
+    fn row(&self, scenario: &str, ours: f64, baseline: f64, unit: &str, notes: &str) {
+        let ratio = if baseline > 0.0 {
+            ours / baseline
+        } else {
+            f64::NAN
+        };
+        println!(
+            "{:<44} {:>12.1} {:<3} {:>12.1} {:<3} {:>8.3}  {notes}",
+            scenario, ours, unit, baseline, unit, ratio
+        );
+    }
+}
+
+// ---------------------------------------------------------------- parts
+
+/// The broker the run goes through.
+struct Broker {
+    url: BrokerUrl,
+    mosquitto: Option<std::process::Child>,
+    _dir: Option<TempDir>,
+}
+
+impl Broker {
+    fn start(mosquitto: bool) -> Self {
+        if !mosquitto {
+            let addr = devicehub::broker::start("127.0.0.1:0".parse().unwrap(), 1 << 20)
+                .expect("embedded broker");
+            return Self {
+                url: BrokerUrl::from_addr(addr),
+                mosquitto: None,
+                _dir: None,
+            };
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = TempDir::new();
+        let conf = dir.0.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\nmax_inflight_messages 1000\n"),
+        )
+        .unwrap();
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto is installed (apt-get install mosquitto)");
+        let deadline = Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            url: BrokerUrl {
+                host: "127.0.0.1".into(),
+                port,
+            },
+            mosquitto: Some(child),
+            _dir: Some(dir),
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.mosquitto {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let path =
+            std::env::temp_dir().join(format!("devicehub-bench-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The devicehub binary as its own process.
+struct Service {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Service {
+    async fn start(broker: &BrokerUrl, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_devicehub"))
+            .args([
+                "serve",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--mqtt-url",
+                &broker.to_string(),
+            ])
+            .args([
+                "--buffer-max-readings",
+                "2000000",
+                "--buffer-max-bytes",
+                "4000000000",
+                "--max-watchers",
+                "5000",
+            ])
+            .args(extra)
+            .env("DEVICEHUB_LOG", "info")
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("devicehub binary");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut addr = None;
+        let mut ready = false;
+        bounded("the service to start", async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("gRPC listening") {
+                    let at = line.find("addr=").unwrap() + 5;
+                    addr = Some(
+                        line[at..]
+                            .split_whitespace()
+                            .next()
+                            .unwrap()
+                            .parse()
+                            .unwrap(),
+                    );
+                }
+                if line.contains("subscribed to readings") {
+                    ready = true;
+                }
+                if addr.is_some() && ready {
+                    return;
+                }
+            }
+        })
+        .await;
+        // Keep draining the log so the service never blocks on the pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self {
+            child,
+            addr: addr.unwrap(),
+        }
+    }
+
+    async fn client(&self) -> DeviceHubClient<Channel> {
+        DeviceHubClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("gRPC client")
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// User + system CPU seconds of the service process so far.
+    fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the command name (which is in parentheses).
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (ticks(11) + ticks(12)) / 100.0 // utime, stime; CLK_TCK is 100 on Linux
+    }
+
+    /// Resident memory of the service process, in bytes.
+    fn rss_bytes(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    async fn stop(mut self) {
+        let pid = self.pid().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status().await;
+        let _ = bounded("the service to stop", self.child.wait()).await;
+    }
+}
+
+async fn bounded<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// A bare MQTT subscriber: the baseline consumer.
+struct BareSubscriber {
+    count: Arc<AtomicU64>,
+    last: Arc<Mutex<Option<Instant>>>,
+    latencies: Arc<Mutex<Vec<u64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BareSubscriber {
+    async fn start(broker: &BrokerUrl, id: &str, filter: &str, qos: QoS, epoch: Instant) -> Self {
+        let mut options = MqttOptions::new(id, &broker.host, broker.port);
+        options
+            .set_max_packet_size(1 << 20, 1 << 20)
+            .set_inflight(1000);
+        let (client, mut eventloop) = AsyncClient::new(options, 1000);
+        let (count, last, latencies) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(Mutex::new(None)),
+            Arc::new(Mutex::new(Vec::new())),
+        );
+        let (c, l, lat) = (count.clone(), last.clone(), latencies.clone());
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let mut ready_tx = Some(ready_tx);
+        let filter = filter.to_owned();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        client.try_subscribe(&filter, qos).unwrap()
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(tx) = ready_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let now = Instant::now();
+                        if let Some(sent) = sent_at(&p.payload) {
+                            lat.lock()
+                                .unwrap()
+                                .push((now - epoch).as_nanos() as u64 - sent);
+                        }
+                        c.fetch_add(1, Ordering::Relaxed);
+                        *l.lock().unwrap() = Some(now);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        bounded("the bare subscriber to subscribe", ready_rx)
+            .await
+            .unwrap();
+        Self {
+            count,
+            last,
+            latencies,
+            task,
+        }
+    }
+}
+
+impl Drop for BareSubscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The send time a publisher wrote into a payload: `{"t":<nanos>,...}`.
+fn sent_at(payload: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let rest = text.strip_prefix("{\"t\":")?;
+    rest[..rest.find(',')?].parse().ok()
+}
+
+/// A reading of about 60 bytes, stamped with its send time.
+fn reading_payload(epoch: Instant, i: u64) -> Vec<u8> {
+    format!(
+        "{{\"t\":{},\"temp\":{:.2},\"hum\":{:.1},\"n\":{}}}",
+        (Instant::now() - epoch).as_nanos(),
+        20.0 + (i % 100) as f64 / 10.0,
+        40.0 + (i % 50) as f64,
+        i
+    )
+    .into_bytes()
+}
+
+/// Publishes `total` readings for `devices` devices from `publishers` MQTT
+/// clients, as fast as the broker takes them, or at `rate` per second.
+async fn publish(
+    broker: &BrokerUrl,
+    publishers: usize,
+    total: u64,
+    devices: u64,
+    qos: QoS,
+    rate: Option<u64>,
+    epoch: Instant,
+) {
+    let mut tasks = Vec::new();
+    for p in 0..publishers {
+        let mut options = MqttOptions::new(
+            format!("bench-pub-{p}-{}", uuid::Uuid::now_v7().simple()),
+            &broker.host,
+            broker.port,
+        );
+        options
+            .set_inflight(200)
+            .set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(options, 1000);
+        let share = total / publishers as u64 + u64::from((p as u64) < total % publishers as u64);
+        let interval = rate.map(|r| Duration::from_secs_f64(publishers as f64 / r as f64));
+        tasks.push(tokio::spawn(async move {
+            let driver = tokio::spawn(async move {
+                // QoS 0/1 publishes are done once their acks (or writes) are.
+                let mut outstanding = share as i64;
+                while outstanding > 0 {
+                    match eventloop.poll().await {
+                        Ok(Event::Outgoing(Outgoing::Publish(_))) if qos == QoS::AtMostOnce => {
+                            outstanding -= 1
+                        }
+                        Ok(Event::Incoming(Packet::PubAck(_))) => outstanding -= 1,
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+                // Flush and say goodbye.
+                let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+            });
+            let mut ticker = interval.map(tokio::time::interval);
+            for i in 0..share {
+                if let Some(t) = ticker.as_mut() {
+                    t.tick().await;
+                }
+                let n = i * publishers as u64 + p as u64;
+                let topic = format!("devices/dev-{}/readings", n % devices);
+                client
+                    .publish(topic, qos, false, reading_payload(epoch, n))
+                    .await
+                    .unwrap();
+            }
+            bounded("the publisher to finish", driver).await.unwrap();
+            let _ = client.try_disconnect();
+        }));
+    }
+    for task in tasks {
+        bounded("publishers", task).await.unwrap();
+    }
+}
+
+/// Waits until `count` stops growing for `quiet`, or reaches `target`.
+async fn settle(target: u64, quiet: Duration, mut count: impl FnMut() -> u64) -> u64 {
+    let deadline = Instant::now() + PATIENCE;
+    let (mut last, mut since) = (count(), Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let now = count();
+        if now >= target || Instant::now() > deadline {
+            return now;
+        }
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() > quiet {
+            return now;
+        }
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i] as f64
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+// ---------------------------------------------------------------- scenarios
+
+/// Scenario 1, ingest: readings/s stored by devicehub vs received by a bare
+/// subscriber on the same broker, both subscribed during the same publish
+/// burst; and loss at QoS 0 and QoS 1.
+async fn ingest(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
+    for qos in [QoS::AtLeastOnce, QoS::AtMostOnce] {
+        let service = Service::start(
+            broker,
+            &[
+                "--mqtt-subscribe-qos",
+                if qos == QoS::AtMostOnce { "0" } else { "1" },
+            ],
+        )
+        .await;
+        let mut client = service.client().await;
+        let epoch = Instant::now();
+        let bare = BareSubscriber::start(
+            broker,
+            &format!("bench-bare-ingest-{}", qos as u8),
+            "devices/+/readings",
+            qos,
+            epoch,
+        )
+        .await;
+        let total = sizes.ingest_readings;
+        let start = Instant::now();
+        publish(broker, 4, total, 1000, qos, None, epoch).await;
+
+        // devicehub: poll its stored count until it settles.
+        let stored = Arc::new(AtomicU64::new(0));
+        let stored_at = Arc::new(Mutex::new(start));
+        let poller = {
+            let (stored, stored_at) = (stored.clone(), stored_at.clone());
+            let mut client = client.clone();
+            async move {
+                let deadline = Instant::now() + PATIENCE;
+                let (mut last, mut since) = (0, Instant::now());
+                while Instant::now() < deadline {
+                    let now = stored_count(&mut client).await;
+                    if now != last {
+                        (last, since) = (now, Instant::now());
+                        stored.store(now, Ordering::Relaxed);
+                        *stored_at.lock().unwrap() = since;
+                    }
+                    if now >= total || since.elapsed() > Duration::from_secs(2) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        let bare_count = bare.count.clone();
+        let (_, bare_total) = tokio::join!(
+            poller,
+            settle(total, Duration::from_secs(2), || bare_count
+                .load(Ordering::Relaxed))
+        );
+        let ours = stored.load(Ordering::Relaxed);
+        let ours_secs = (*stored_at.lock().unwrap() - start).as_secs_f64();
+        let bare_secs = (bare.last.lock().unwrap().unwrap_or(start) - start).as_secs_f64();
+        let label = if qos == QoS::AtMostOnce {
+            "QoS 0"
+        } else {
+            "QoS 1"
+        };
+        table.row(
+            &format!("1. ingest, {label}, 1000 devices (readings/s)"),
+            ours as f64 / ours_secs,
+            bare_total as f64 / bare_secs,
+            "/s",
+            &format!(
+                "stored {ours} / received {bare_total} of {total}; loss {} vs {}",
+                total - ours.min(total),
+                total - bare_total.min(total)
+            ),
+        );
+        let _ = client.list_readings(ListReadingsRequest::default()).await;
+        drop(bare);
+        service.stop().await;
+    }
+}
+
+/// How many readings the service holds: newest seq - oldest seq + 1
+/// (sequence numbers are contiguous in the buffer).
+async fn stored_count(client: &mut DeviceHubClient<Channel>) -> u64 {
+    let seq = |oldest_first| ListReadingsRequest {
+        page_size: 1,
+        oldest_first,
+        ..Default::default()
+    };
+    let newest = client
+        .list_readings(seq(false))
+        .await
+        .map(|r| r.into_inner().readings)
+        .unwrap_or_default();
+    let oldest = client
+        .list_readings(seq(true))
+        .await
+        .map(|r| r.into_inner().readings)
+        .unwrap_or_default();
+    match (newest.first(), oldest.first()) {
+        (Some(n), Some(o)) => n.seq - o.seq + 1,
+        _ => 0,
+    }
+}
+
+/// WatchReadings streams that count what they receive.
+struct Watchers {
+    delivered: Arc<AtomicU64>,
+    /// When the last reading arrived, at any of them.
+    last: Arc<Mutex<Option<Instant>>>,
+    /// Arrival latencies seen by the first watcher.
+    latencies: Arc<Mutex<Vec<u64>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Watchers {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Opens `n` WatchReadings streams, 100 per HTTP/2 connection.
+async fn watchers(service: &Service, n: usize, epoch: Instant) -> Watchers {
+    let delivered = Arc::new(AtomicU64::new(0));
+    let last = Arc::new(Mutex::new(None));
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..n.div_ceil(100) {
+        clients.push(service.client().await);
+    }
+    for i in 0..n {
+        let mut client = clients[i / 100].clone();
+        let mut stream = client
+            .watch_readings(WatchReadingsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let (delivered, last, latencies) = (delivered.clone(), last.clone(), latencies.clone());
+        tasks.push(tokio::spawn(async move {
+            while let Ok(Some(message)) = stream.message().await {
+                if let Some(WatchEvent::Reading(r)) = message.event {
+                    let now = Instant::now();
+                    if let (0, Some(sent)) = (i, sent_at(&r.payload)) {
+                        latencies
+                            .lock()
+                            .unwrap()
+                            .push((now - epoch).as_nanos() as u64 - sent);
+                    }
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                    *last.lock().unwrap() = Some(now);
+                }
+            }
+        }));
+    }
+    Watchers {
+        delivered,
+        last,
+        latencies,
+        tasks,
+    }
+}
+
+/// Scenario 2, fan-out: N watchers at a fixed offered rate; delivered/s, loss, and
+/// the service's CPU seconds per million deliveries. Baseline: a bare
+/// subscriber's received rate (the offered rate actually achieved).
+async fn fan_out(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
+    let service = Service::start(broker, &[]).await;
+    for &n in sizes.fanout_watchers {
+        let epoch = Instant::now();
+        let bare = BareSubscriber::start(
+            broker,
+            &format!("bench-bare-fanout-{n}"),
+            "devices/+/readings",
+            QoS::AtLeastOnce,
+            epoch,
+        )
+        .await;
+        let watchers = watchers(&service, n, epoch).await;
+        let delivered = watchers.delivered.clone();
+        let total = (sizes.fanout_rate as f64 * sizes.fanout_secs) as u64;
+        let cpu_before = service.cpu_seconds();
+        let start = Instant::now();
+        publish(
+            broker,
+            2,
+            total,
+            1000,
+            QoS::AtLeastOnce,
+            Some(sizes.fanout_rate),
+            epoch,
+        )
+        .await;
+        let want = total * n as u64;
+        let got = settle(want, Duration::from_secs(2), || {
+            delivered.load(Ordering::Relaxed)
+        })
+        .await;
+        // CPU over the whole window, rates up to the last arrival.
+        let cpu = service.cpu_seconds() - cpu_before;
+        let secs = (watchers.last.lock().unwrap().unwrap_or(start) - start).as_secs_f64();
+        let bare_got = bare.count.load(Ordering::Relaxed);
+        let bare_secs = (bare.last.lock().unwrap().unwrap_or(start) - start).as_secs_f64();
+        table.row(
+            &format!("2. fan-out to {n} watchers (deliveries/s)"),
+            got as f64 / secs,
+            bare_got as f64 / bare_secs * n as f64,
+            "/s",
+            &format!(
+                "loss {} of {want}; service CPU {:.2} s per million deliveries, {:.0}% of a core",
+                want - got.min(want),
+                cpu / (got.max(1) as f64 / 1e6),
+                100.0 * cpu / secs
+            ),
+        );
+        drop(watchers);
+    }
+    service.stop().await;
+}
+
+/// Scenario 3, end-to-end latency at a steady rate: MQTT publish → gRPC watcher vs
+/// publish → bare MQTT subscriber, same readings, same run.
+async fn latency(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
+    let service = Service::start(broker, &[]).await;
+    let epoch = Instant::now();
+    let bare = BareSubscriber::start(
+        broker,
+        "bench-bare-latency",
+        "devices/+/readings",
+        QoS::AtLeastOnce,
+        epoch,
+    )
+    .await;
+    let watchers = watchers(&service, 1, epoch).await;
+    let (delivered, latencies) = (watchers.delivered.clone(), watchers.latencies.clone());
+    publish(
+        broker,
+        1,
+        sizes.latency_readings,
+        100,
+        QoS::AtLeastOnce,
+        Some(sizes.latency_rate),
+        epoch,
+    )
+    .await;
+    settle(sizes.latency_readings, Duration::from_secs(2), || {
+        delivered.load(Ordering::Relaxed)
+    })
+    .await;
+    let mut ours = latencies.lock().unwrap().clone();
+    let mut floor = bare.latencies.lock().unwrap().clone();
+    ours.sort_unstable();
+    floor.sort_unstable();
+    for (name, p) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
+        let (a, b) = (percentile(&ours, p) / 1e3, percentile(&floor, p) / 1e3);
+        table.row(
+            &format!("3. latency {name} at {}/s (µs)", sizes.latency_rate),
+            a,
+            b,
+            "µs",
+            &format!("+{:.0} µs over the bare subscriber", a - b),
+        );
+    }
+    drop(watchers);
+    service.stop().await;
+}
+
+/// Scenarios 4 and 5: query latency and throughput on a full buffer, and memory per
+/// buffered reading.
+async fn query_and_memory(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
+    let service = Service::start(broker, &[]).await;
+    let mut client = service.client().await;
+    let rss_empty = service.rss_bytes();
+    let epoch = Instant::now();
+    publish(
+        broker,
+        4,
+        sizes.query_readings,
+        sizes.query_devices,
+        QoS::AtLeastOnce,
+        None,
+        epoch,
+    )
+    .await;
+    let deadline = Instant::now() + PATIENCE;
+    while stored_count(&mut client).await < sizes.query_readings && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let count = stored_count(&mut client).await;
+    let rss_full = service.rss_bytes();
+    // Payloads are about 60 bytes; topics "devices/dev-NNNN/readings" are
+    // shared per device, so count them once per reading to be conservative.
+    let sample = client
+        .list_readings(ListReadingsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .readings;
+    let payload =
+        sample.iter().map(|r| r.payload.len()).sum::<usize>() as f64 / sample.len().max(1) as f64;
+    let topic =
+        sample.iter().map(|r| r.topic.len()).sum::<usize>() as f64 / sample.len().max(1) as f64;
+    let per_reading = (rss_full.saturating_sub(rss_empty)) as f64 / count.max(1) as f64;
+    table.row(
+        "5. memory per buffered reading (bytes)",
+        per_reading - payload - topic,
+        64.0,
+        "B",
+        &format!(
+            "{count} readings: RSS {:.0} MiB (empty {:.0} MiB), {per_reading:.0} B each incl. {payload:.0} B payload and {topic:.0} B topic; baseline is the 64 B target",
+            rss_full as f64 / (1 << 20) as f64,
+            rss_empty as f64 / (1 << 20) as f64
+        ),
+    );
+
+    let health = HealthClient::new(
+        Channel::from_shared(format!("http://{}", service.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let floor = time_calls(sizes.query_iterations, || {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .unwrap();
+        }
+    })
+    .await;
+    let devices = sizes.query_devices;
+    let device = move |i: usize| format!("dev-{}", (i as u64 * 7919) % devices);
+    let queries: Vec<(&str, MakeQuery)> = vec![
+        (
+            "device page of 100",
+            Box::new(move |i| ListReadingsRequest {
+                device_id: device(i),
+                page_size: 100,
+                ..Default::default()
+            }),
+        ),
+        (
+            "newest page of 100",
+            Box::new(|_| ListReadingsRequest {
+                page_size: 100,
+                ..Default::default()
+            }),
+        ),
+        (
+            "topic filter devices/+/readings, 100",
+            Box::new(|_| ListReadingsRequest {
+                topic_filter: "devices/+/readings".into(),
+                page_size: 100,
+                ..Default::default()
+            }),
+        ),
+        (
+            "topic filter of one device, 100",
+            Box::new(move |i| ListReadingsRequest {
+                topic_filter: format!("devices/{}/#", device(i)),
+                page_size: 100,
+                ..Default::default()
+            }),
+        ),
+    ];
+    for (name, make) in &queries {
+        let iterations = if name.contains("one device") {
+            sizes.query_iterations.min(30)
+        } else {
+            sizes.query_iterations
+        };
+        let mut i = 0;
+        let times = time_calls(iterations, || {
+            let mut client = client.clone();
+            i += 1;
+            let request = make(i);
+            async move {
+                client.list_readings(request).await.unwrap();
+            }
+        })
+        .await;
+        for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
+            table.row(
+                &format!("4. query: {name} {label} (µs)"),
+                percentile(&times, p) / 1e3,
+                percentile(&floor, p) / 1e3,
+                "µs",
+                &format!("{count} buffered; baseline: a health check"),
+            );
+        }
+    }
+    let (queries_per_sec, checks_per_sec) = (
+        throughput(8, Duration::from_secs_f64(sizes.command_secs), || {
+            let mut client = client.clone();
+            async move {
+                client
+                    .list_readings(ListReadingsRequest {
+                        device_id: "dev-1".into(),
+                        page_size: 100,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+            }
+        })
+        .await,
+        throughput(8, Duration::from_secs_f64(sizes.command_secs), || {
+            let mut health = health.clone();
+            async move {
+                health
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .unwrap();
+            }
+        })
+        .await,
+    );
+    table.row(
+        "4. query throughput, 8 clients (queries/s)",
+        queries_per_sec,
+        checks_per_sec,
+        "/s",
+        "device pages of 100; baseline: health checks",
+    );
+    service.stop().await;
+}
+
+/// Builds the i-th request of a query scenario.
+type MakeQuery = Box<dyn Fn(usize) -> ListReadingsRequest>;
+
+/// Runs `f` `n` times, one at a time, and returns the sorted nanoseconds.
+async fn time_calls<F, Fut>(n: usize, mut f: F) -> Vec<u64>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        f().await;
+        times.push(start.elapsed().as_nanos() as u64);
+    }
+    times.sort_unstable();
+    times
+}
+
+/// Keeps `workers` calls of `f` in flight for `duration`; calls per second.
+async fn throughput<F, Fut>(workers: usize, duration: Duration, mut f: F) -> f64
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let start = Instant::now();
+    let mut running = tokio::task::JoinSet::new();
+    let mut done = 0u64;
+    for _ in 0..workers {
+        running.spawn(f());
+    }
+    while let Some(result) = running.join_next().await {
+        result.expect("call");
+        done += 1;
+        if start.elapsed() < duration {
+            running.spawn(f());
+        }
+    }
+    done as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Scenario 6, commands: SendCommand QoS 1 with 64 concurrent callers vs a bare
+/// rumqttc QoS 1 publisher with 64 publishes in flight, same broker.
+async fn commands(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
+    let service = Service::start(broker, &[]).await;
+    let client = service.client().await;
+    let duration = Duration::from_secs_f64(sizes.command_secs);
+    let ours = throughput(64, duration, || {
+        let mut client = client.clone();
+        async move {
+            client
+                .send_command(SendCommandRequest {
+                    device_id: "dev-1".into(),
+                    command: "PING".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+    })
+    .await;
+
+    let mut options = MqttOptions::new("bench-bare-commands", &broker.host, broker.port);
+    options.set_inflight(64);
+    let (bare, mut eventloop) = AsyncClient::new(options, 64);
+    let acked = Arc::new(AtomicU64::new(0));
+    let counter = acked.clone();
+    let driver = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    });
+    let start = Instant::now();
+    let payload = br#"{"id":"01a2145b-58c7-741b-93c5-feaf7e34ec99","command":"PING"}"#;
+    while start.elapsed() < duration {
+        bare.publish(
+            "devices/dev-1/commands",
+            QoS::AtLeastOnce,
+            false,
+            &payload[..],
+        )
+        .await
+        .unwrap();
+    }
+    let baseline = acked.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    driver.abort();
+    table.row(
+        "6. commands, QoS 1, 64 callers (calls/s)",
+        ours,
+        baseline,
+        "/s",
+        "baseline: bare rumqttc acked publishes/s, 64 in flight",
+    );
+    service.stop().await;
+}
