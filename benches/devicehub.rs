@@ -7,6 +7,8 @@
 //! cargo bench --bench devicehub                  # full run, embedded broker (minutes)
 //! cargo bench --bench devicehub -- --mosquitto   # the same through a Mosquitto process
 //! cargo bench --bench devicehub -- --smoke       # seconds; what `cargo test` runs
+//! cargo bench --bench devicehub -- --only ingest,query   # some scenarios: ingest,
+//!                                                # fanout, latency, query, commands
 //! ```
 //!
 //! The service runs as its own process (the `devicehub` binary, pointed at
@@ -90,14 +92,26 @@ fn main() {
     // `cargo bench` passes --bench; `cargo test` runs this target without it.
     let smoke = args.iter().any(|a| a == "--smoke") || !args.iter().any(|a| a == "--bench");
     let mosquitto = args.iter().any(|a| a == "--mosquitto");
+    // `--only ingest,query` runs those scenarios alone.
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| list.split(',').map(str::to_owned).collect::<Vec<_>>());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    runtime.block_on(run(if smoke { SMOKE } else { FULL }, smoke, mosquitto));
+    runtime.block_on(run(
+        if smoke { SMOKE } else { FULL },
+        smoke,
+        mosquitto,
+        only,
+    ));
 }
 
-async fn run(sizes: Sizes, smoke: bool, mosquitto: bool) {
+async fn run(sizes: Sizes, smoke: bool, mosquitto: bool, only: Option<Vec<String>>) {
+    let wanted = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|n| n == name));
     let broker = Broker::start(mosquitto);
     println!(
         "devicehub benchmarks ({}; broker: {}; {} cores, {})",
@@ -120,13 +134,29 @@ async fn run(sizes: Sizes, smoke: bool, mosquitto: bool) {
     );
     let table = Table;
 
-    ingest(&table, &broker.url, sizes).await;
-    fan_out(&table, &broker.url, sizes).await;
-    latency(&table, &broker.url, sizes).await;
-    query_and_memory(&table, &broker.url, sizes).await;
-    commands(&table, &broker.url, sizes).await;
+    let mut ran = 0;
+    if wanted("ingest") {
+        ingest(&table, &broker.url, sizes).await;
+        ran += 1;
+    }
+    if wanted("fanout") {
+        fan_out(&table, &broker.url, sizes).await;
+        ran += 1;
+    }
+    if wanted("latency") {
+        latency(&table, &broker.url, sizes).await;
+        ran += 1;
+    }
+    if wanted("query") {
+        query_and_memory(&table, &broker.url, sizes).await;
+        ran += 1;
+    }
+    if wanted("commands") {
+        commands(&table, &broker.url, sizes).await;
+        ran += 1;
+    }
     drop(broker);
-    println!("bench: 6 scenarios completed");
+    println!("bench: {ran} scenario groups completed");
 }
 
 struct Table;

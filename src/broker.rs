@@ -2,7 +2,10 @@
 //! broker URL is configured, so the service runs with one command.
 //!
 //! rumqttd runs on threads of its own and binds its listener itself, and it
-//! cannot be stopped: it lives until the process exits.
+//! cannot be stopped: it lives until the process exits. It is meant for
+//! development and demos: its per-subscription log is bounded (see
+//! `broker_config`), so a subscriber that lags far behind loses messages;
+//! production deployments use a real broker (`--mqtt-url`).
 
 use std::{
     collections::HashMap,
@@ -111,10 +114,14 @@ fn broker_config(addr: SocketAddr, max_packet_bytes: usize) -> Config {
         router: RouterConfig {
             max_connections: 10_000,
             max_outgoing_packet_count: 1_000,
-            // A segment must hold the largest publish; a few per topic bound
-            // the broker's own memory.
-            max_segment_size: max_packet_bytes.max(8 << 20),
-            max_segment_count: 4,
+            // rumqttd keeps one commit log per subscription filter and drops
+            // its oldest segment when full: a subscriber that falls further
+            // behind than the log loses messages without notice, even at
+            // QoS 1. 8 x 16 MiB (the broker's memory once full) gives
+            // devicehub seconds of slack at 100 000 readings/s. A segment
+            // must also hold the largest publish.
+            max_segment_size: max_packet_bytes.max(16 << 20),
+            max_segment_count: 8,
             ..RouterConfig::default()
         },
         v4: Some(HashMap::from([("embedded".to_owned(), server)])),

@@ -22,7 +22,7 @@ use uuid::Uuid;
 use crate::{
     buffer::{CursorError, ListQuery, Reading, ReadingFilter},
     hub::{ReadingHub, SubscribeError},
-    mqtt::{CommandPublisher, PublishError},
+    mqtt::{CommandPublisher, MqttConfig, PublishError},
     proto::{
         self, device_hub_server::DeviceHub, send_command_request, watch_readings_response,
         GapPolicy, ListReadingsRequest, ListReadingsResponse, SendCommandRequest,
@@ -30,7 +30,7 @@ use crate::{
     },
     replies::{DeviceReply, ReplyRouter},
     shutdown::Shutdown,
-    topic::{validate_device_id, validate_topic_filter, TopicTemplate},
+    topic::{literal_level, validate_device_id, validate_topic_filter, TopicTemplate},
 };
 
 /// Page size when the request leaves it at 0.
@@ -122,6 +122,9 @@ pub struct DeviceHubService {
     publisher: CommandPublisher,
     replies: Arc<ReplyRouter>,
     commands_topic: TopicTemplate,
+    /// The topic level that holds the device id in every subscribed topic
+    /// (readings and replies), if there is one.
+    device_level: Option<usize>,
     shutdown: Shutdown,
 }
 
@@ -130,14 +133,22 @@ impl DeviceHubService {
         hub: Arc<ReadingHub>,
         publisher: CommandPublisher,
         replies: Arc<ReplyRouter>,
-        commands_topic: TopicTemplate,
+        topics: &MqttConfig,
         shutdown: Shutdown,
     ) -> Self {
+        let device_level = match (
+            topics.readings_topic.placeholder_level(),
+            topics.replies_topic.placeholder_level(),
+        ) {
+            (Some(readings), Some(replies)) if readings == replies => Some(readings),
+            _ => None,
+        };
         Self {
             hub,
             publisher,
             replies,
-            commands_topic,
+            commands_topic: topics.commands_topic.clone(),
+            device_level,
             shutdown,
         }
     }
@@ -243,8 +254,47 @@ impl DeviceHubService {
         }
     }
 
+    /// The buffer filter for a request's `device_id` and `topic_filter`.
+    ///
+    /// A topic filter that names one device at the level where every
+    /// subscribed topic carries the device id (`devices/d7/#`) also selects
+    /// by device, so the buffer uses its device index instead of a scan; the
+    /// result is the same.
+    fn reading_filter(
+        &self,
+        device_id: &str,
+        topic_filter: &str,
+    ) -> Result<ReadingFilter, ApiError> {
+        let device_id = match device_id {
+            "" => None,
+            id => {
+                validate_device_id(id)
+                    .map_err(|e| ApiError::invalid("device_id", e.to_string()))?;
+                Some(id.to_owned())
+            }
+        };
+        let topic_filter = match topic_filter {
+            "" => None,
+            filter => {
+                validate_topic_filter(filter)
+                    .map_err(|e| ApiError::invalid("topic_filter", e.to_string()))?;
+                Some(filter.to_owned())
+            }
+        };
+        let device_id = device_id.or_else(|| {
+            let device = literal_level(topic_filter.as_deref()?, self.device_level?)?;
+            validate_device_id(device)
+                .is_ok()
+                .then(|| device.to_owned())
+        });
+        Ok(ReadingFilter {
+            device_id,
+            topic_filter,
+        })
+    }
+
     fn list_readings(&self, req: ListReadingsRequest) -> Result<ListReadingsResponse, ApiError> {
-        let filter = reading_filter(&req.device_id, &req.topic_filter)?;
+        let filter = self.reading_filter(&req.device_id, &req.topic_filter)?;
         let start = optional_time("start_time", req.start_time)?;
         let end = optional_time("end_time", req.end_time)?;
         if let (Some(start), Some(end)) = (start, end) {
@@ -347,7 +397,7 @@ impl DeviceHub for DeviceHubService {
 
 impl DeviceHubService {
     fn watch_readings(&self, req: WatchReadingsRequest) -> Result<WatchStream, ApiError> {
-        let filter = reading_filter(&req.device_id, &req.topic_filter)?;
+        let filter = self.reading_filter(&req.device_id, &req.topic_filter)?;
         let notify_gaps = match GapPolicy::try_from(req.gap_policy) {
             Ok(GapPolicy::Unspecified | GapPolicy::Fail) => false,
             Ok(GapPolicy::Notify) => true,
@@ -488,28 +538,6 @@ impl Stream for WatchStream {
         }
         item
     }
-}
-
-fn reading_filter(device_id: &str, topic_filter: &str) -> Result<ReadingFilter, ApiError> {
-    let device_id = match device_id {
-        "" => None,
-        id => {
-            validate_device_id(id).map_err(|e| ApiError::invalid("device_id", e.to_string()))?;
-            Some(id.to_owned())
-        }
-    };
-    let topic_filter = match topic_filter {
-        "" => None,
-        filter => {
-            validate_topic_filter(filter)
-                .map_err(|e| ApiError::invalid("topic_filter", e.to_string()))?;
-            Some(filter.to_owned())
-        }
-    };
-    Ok(ReadingFilter {
-        device_id,
-        topic_filter,
-    })
 }
 
 /// A timestamp as the well-known type defines it: nanos in 0..1e9, and a

@@ -147,7 +147,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
         hub,
         link.publisher.clone(),
         replies,
-        config.mqtt.commands_topic.clone(),
+        &config.mqtt,
         shutdown.clone(),
     );
     let addr = listener.local_addr()?;

@@ -97,6 +97,21 @@ pub fn topic_matches(filter: &str, topic: &str) -> bool {
     topic_levels.next().is_none()
 }
 
+/// The literal text of `level` in a valid topic `filter`: `None` when that
+/// level is `+`, or lies at or after a `#`, or does not exist.
+///
+/// ```
+/// use devicehub::topic::literal_level;
+/// assert_eq!(literal_level("devices/d7/#", 1), Some("d7"));
+/// assert_eq!(literal_level("devices/+/readings", 1), None);
+/// assert_eq!(literal_level("devices/#", 1), None);
+/// ```
+pub fn literal_level(filter: &str, level: usize) -> Option<&str> {
+    let text = filter.split('/').nth(level)?;
+    let before_has_hash = filter.split('/').take(level).any(|l| l == "#");
+    (!before_has_hash && text != "+" && text != "#").then_some(text)
+}
+
 /// A topic with an optional `{device_id}` level, such as
 /// `devices/{device_id}/readings`.
 ///
@@ -165,6 +180,11 @@ impl TopicTemplate {
             fixed_device_id,
             has_wildcards: levels.iter().any(|l| *l == "+" || *l == "#"),
         })
+    }
+
+    /// Which topic level holds the device id, if the template has one.
+    pub fn placeholder_level(&self) -> Option<usize> {
+        self.placeholder_level
     }
 
     /// The device id used when the template has no placeholder.
