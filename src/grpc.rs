@@ -626,10 +626,84 @@ pub fn reading_to_proto(reading: &Reading) -> proto::Reading {
 /// The payload as a protobuf `Value` if it is JSON. serde_json refuses input
 /// nested deeper than 128 levels and numbers out of `f64` range, so hostile
 /// payloads end up raw-only instead of exhausting the stack.
+///
+/// This runs for every reading listed or watched, so it builds the protobuf
+/// `Value` straight from the parser ([`ProtoValue`]) instead of going through
+/// a `serde_json::Value` tree first.
 pub fn parse_json(payload: &[u8]) -> Option<Value> {
-    serde_json::from_slice::<serde_json::Value>(payload)
+    serde_json::from_slice::<ProtoValue>(payload)
         .ok()
-        .map(json_to_value)
+        .map(|v| v.0)
+}
+
+/// A protobuf `Value` deserialized directly from JSON.
+struct ProtoValue(Value);
+
+impl<'de> serde::Deserialize<'de> for ProtoValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ProtoValueVisitor)
+    }
+}
+
+struct ProtoValueVisitor;
+
+impl ProtoValueVisitor {
+    fn kind<E>(kind: Kind) -> Result<ProtoValue, E> {
+        Ok(ProtoValue(Value { kind: Some(kind) }))
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ProtoValueVisitor {
+    type Value = ProtoValue;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<ProtoValue, E> {
+        Self::kind(Kind::NullValue(0))
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<ProtoValue, E> {
+        Self::kind(Kind::BoolValue(b))
+    }
+
+    // protobuf's Value holds numbers as f64, like JSON in JavaScript.
+    fn visit_i64<E>(self, n: i64) -> Result<ProtoValue, E> {
+        Self::kind(Kind::NumberValue(n as f64))
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<ProtoValue, E> {
+        Self::kind(Kind::NumberValue(n as f64))
+    }
+
+    fn visit_f64<E>(self, n: f64) -> Result<ProtoValue, E> {
+        Self::kind(Kind::NumberValue(n))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<ProtoValue, E> {
+        Self::kind(Kind::StringValue(s.to_owned()))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<ProtoValue, E> {
+        Self::kind(Kind::StringValue(s))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<ProtoValue, A::Error> {
+        let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+        while let Some(ProtoValue(value)) = seq.next_element()? {
+            values.push(value);
+        }
+        Self::kind(Kind::ListValue(ListValue { values }))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ProtoValue, A::Error> {
+        let mut fields = std::collections::BTreeMap::new();
+        while let Some((key, ProtoValue(value))) = map.next_entry::<String, ProtoValue>()? {
+            fields.insert(key, value);
+        }
+        Self::kind(Kind::StructValue(Struct { fields }))
+    }
 }
 
 fn json_to_value(json: serde_json::Value) -> Value {
@@ -779,6 +853,28 @@ mod page_token {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn direct_decoding_matches_decoding_through_serde_json() {
+        let samples: [&[u8]; 6] = [
+            br#"{"t": 21.5, "n": -3, "big": 18446744073709551615, "s": "x\u00e9", "z": null}"#,
+            br#"[true, false, [], {}, [1, [2, [3]]], "a"]"#,
+            br#"{"dup": 1, "dup": 2}"#,
+            b"0",
+            br#""just a string""#,
+            br#"{"nested": {"a": [{"b": {"c": 1e300}}]}}"#,
+        ];
+        for sample in samples {
+            let through_serde =
+                serde_json::from_slice::<serde_json::Value>(sample).map(json_to_value);
+            assert_eq!(
+                parse_json(sample),
+                through_serde.ok(),
+                "{:?}",
+                String::from_utf8_lossy(sample)
+            );
+        }
+    }
 
     #[test]
     fn json_payloads_are_decoded_and_others_are_not() {

@@ -251,7 +251,12 @@ pub fn start(
     replies: Arc<ReplyRouter>,
     shutdown: Shutdown,
 ) -> MqttLink {
-    let (client, eventloop) = AsyncClient::new(options(config), REQUEST_QUEUE);
+    let (client, mut eventloop) = AsyncClient::new(options(config), REQUEST_QUEUE);
+    // Commands and acknowledgements are small writes that must go out at
+    // once, not wait for Nagle's algorithm.
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
     let shared = Arc::new(Shared {
         tracker: Mutex::default(),
         state: watch::channel(LinkState::Down).0,
