@@ -16,41 +16,14 @@ use devicehub::proto::{
 };
 use tonic::{transport::Channel, Code, Streaming};
 
-/// All readings currently buffered for `device_id`, oldest first.
-async fn list_all(client: &mut DeviceHubClient<Channel>, device_id: &str) -> Vec<Reading> {
-    let mut all = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = client
-            .list_readings(ListReadingsRequest {
-                device_id: device_id.into(),
-                oldest_first: true,
-                page_size: 1000,
-                page_token: token,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        all.extend(page.readings);
-        if page.next_page_token.is_empty() {
-            return all;
-        }
-        token = page.next_page_token;
-    }
-}
-
 async fn wait_for_count(
     client: &DeviceHubClient<Channel>,
     device_id: &str,
     count: usize,
 ) -> Vec<Reading> {
-    eventually(&format!("{count} readings of {device_id}"), || {
-        let mut client = client.clone();
-        async move {
-            let all = list_all(&mut client, device_id).await;
-            (all.len() >= count).then_some(all)
-        }
+    eventually(&format!("{count} readings of {device_id}"), || async move {
+        let all = list_all(client, device_id).await;
+        (all.len() >= count).then_some(all)
     })
     .await
 }
@@ -171,9 +144,9 @@ async fn a_stale_cursor_fails_or_reports_the_exact_gap() {
         device.publish("devices/d1/readings", i.to_string()).await;
     }
     let buffered = eventually("the buffer to hold readings 20 to 29", || {
-        let mut client = client.clone();
+        let client = &client;
         async move {
-            let all = list_all(&mut client, "d1").await;
+            let all = list_all(client, "d1").await;
             (all.first().map(index_of) == Some(20) && all.len() == 10).then_some(all)
         }
     })
@@ -293,7 +266,7 @@ async fn a_slow_watcher_gets_gaps_while_fast_watchers_and_ingestion_get_everythi
 
     // The slow watcher now reads: every reading either arrives, or lies in a
     // gap it was told about, in order and once.
-    let newest = list_all(&mut client, "d1").await.last().unwrap().seq;
+    let newest = list_all(&client, "d1").await.last().unwrap().seq;
     let mut covered = BTreeSet::new();
     let mut gaps = 0;
     let mut last = 0;
@@ -434,7 +407,7 @@ async fn hostile_payloads_are_kept_raw_and_nothing_stalls() {
             String::from_utf8_lossy(&payload[..payload.len().min(40)])
         );
     }
-    let listed = list_all(&mut client, "hostile").await;
+    let listed = list_all(&client, "hostile").await;
     assert_eq!(listed.len(), payloads.len());
     service.stop().await;
 }

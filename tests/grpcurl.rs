@@ -30,29 +30,31 @@ fn command(flags: &[&str], addr: &str, rest: &[&str]) -> Command {
     command
 }
 
-/// Runs grpcurl and returns its stdout; panics with its stderr if it fails.
-async fn grpcurl(flags: &[&str], addr: &str, rest: &[&str]) -> String {
-    let args = [flags, rest].concat();
+/// Runs `grpcurl -plaintext FLAGS ADDR REST` to the end: (success, stdout, stderr).
+async fn run(flags: &[&str], addr: &str, rest: &[&str]) -> (bool, String, String) {
     let output = within("grpcurl", command(flags, addr, rest).output())
         .await
         .expect("grpcurl runs");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (
         output.status.success(),
-        "grpcurl {args:?} failed: {}\n{stdout}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+        text(&output.stdout),
+        text(&output.stderr),
+    )
+}
+
+/// Runs grpcurl and returns its stdout; panics with its stderr if it fails.
+async fn grpcurl(flags: &[&str], addr: &str, rest: &[&str]) -> String {
+    let (ok, stdout, stderr) = run(flags, addr, rest).await;
+    assert!(ok, "grpcurl {flags:?} {rest:?} failed: {stderr}\n{stdout}");
     stdout
 }
 
 /// Runs grpcurl expecting an error status; returns its stderr.
 async fn grpcurl_error(flags: &[&str], addr: &str, rest: &[&str]) -> String {
-    let args = [flags, rest].concat();
-    let output = within("grpcurl", command(flags, addr, rest).output())
-        .await
-        .expect("grpcurl runs");
-    assert!(!output.status.success(), "grpcurl {args:?} should fail");
-    String::from_utf8_lossy(&output.stderr).into_owned()
+    let (ok, _, stderr) = run(flags, addr, rest).await;
+    assert!(!ok, "grpcurl {flags:?} {rest:?} should fail");
+    stderr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -131,34 +131,18 @@ fn collect_indices(
     got
 }
 
+/// The indices the test devices wrote as payloads, of every buffered reading.
 async fn indices_listed(
     client: &devicehub::proto::device_hub_client::DeviceHubClient<tonic::transport::Channel>,
 ) -> Vec<u64> {
-    let mut client = client.clone();
-    let mut indices = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = client
-            .list_readings(ListReadingsRequest {
-                oldest_first: true,
-                page_size: 1000,
-                page_token: token,
-                ..Default::default()
-            })
-            .await
+    let readings = list_all(client, "").await;
+    let index = |r: &devicehub::proto::Reading| {
+        std::str::from_utf8(&r.payload)
             .unwrap()
-            .into_inner();
-        indices.extend(page.readings.iter().map(|r| {
-            std::str::from_utf8(&r.payload)
-                .unwrap()
-                .parse::<u64>()
-                .unwrap()
-        }));
-        if page.next_page_token.is_empty() {
-            return indices;
-        }
-        token = page.next_page_token;
-    }
+            .parse::<u64>()
+            .unwrap()
+    };
+    readings.iter().map(index).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -368,6 +368,29 @@ pub mod tempdir {
     }
 }
 
+/// Every buffered reading, oldest first, of `device_id` (empty: all),
+/// paging through ListReadings.
+pub async fn list_all(client: &DeviceHubClient<Channel>, device_id: &str) -> Vec<Reading> {
+    let mut client = client.clone();
+    let mut all = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let request = devicehub::proto::ListReadingsRequest {
+            device_id: device_id.into(),
+            oldest_first: true,
+            page_size: 1000,
+            page_token,
+            ..Default::default()
+        };
+        let page = client.list_readings(request).await.unwrap().into_inner();
+        all.extend(page.readings);
+        if page.next_page_token.is_empty() {
+            return all;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
 /// The sequence numbers of `readings`.
 pub fn seqs(readings: &[Reading]) -> Vec<u64> {
     readings.iter().map(|r| r.seq).collect()
