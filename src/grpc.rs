@@ -28,7 +28,7 @@ use crate::{
         GapPolicy, ListReadingsRequest, ListReadingsResponse, SendCommandRequest,
         SendCommandResponse, WatchReadingsRequest, WatchReadingsResponse,
     },
-    replies::{DeviceReply, ReplyRouter},
+    replies::{DeviceReply, ReplyRouter, TooManyPending},
     shutdown::Shutdown,
     topic::{literal_level, validate_device_id, validate_topic_filter, TopicTemplate},
 };
@@ -67,12 +67,12 @@ pub enum ApiError {
     },
     #[error("after_seq: readings after sequence number {after_seq} are no longer buffered; the oldest buffered is {oldest} (set gap_policy GAP_POLICY_NOTIFY to continue from there)")]
     CursorTooOld { after_seq: u64, oldest: u64 },
-    #[error("{0}")]
-    TooManyWatchers(String),
+    #[error("the service already serves its maximum of {0} watchers")]
+    TooManyWatchers(usize),
     #[error("the service is shutting down; resume after sequence number {resume_after}")]
     ShuttingDown { resume_after: u64 },
-    #[error("{0}")]
-    TooManyPending(String),
+    #[error(transparent)]
+    TooManyPending(#[from] TooManyPending),
     #[error("device {device_id:?} did not reply to command {command_id} within {timeout:?}")]
     NoReply {
         device_id: String,
@@ -216,8 +216,7 @@ impl DeviceHubService {
         // broker's acknowledgement reaches us.
         let mut pending = reply_timeout
             .map(|_| self.replies.expect(&req.device_id, &command_id))
-            .transpose()
-            .map_err(|e| ApiError::TooManyPending(e.to_string()))?;
+            .transpose()?;
 
         let topic = self.commands_topic.topic_for(&req.device_id);
         self.publisher.publish(topic.clone(), payload, qos).await?;
@@ -413,7 +412,7 @@ impl DeviceHubService {
             .subscribe(filter, req.after_seq)
             .map_err(|e| match e {
                 SubscribeError::Future { .. } => ApiError::invalid("after_seq", e.to_string()),
-                SubscribeError::TooManyWatchers(_) => ApiError::TooManyWatchers(e.to_string()),
+                SubscribeError::TooManyWatchers(max) => ApiError::TooManyWatchers(max),
             })?;
         // A stale resume cursor fails the call itself, before any message,
         // unless the client asked to be told about gaps in-band.
