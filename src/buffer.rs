@@ -4,19 +4,22 @@
 //! behind a lock and wakes watchers.
 //!
 //! # Design
-//! - Readings live in one `VecDeque<Arc<Reading>>` in arrival order. Sequence
-//!   numbers are contiguous inside the buffer, so the reading with sequence
-//!   number `s` sits at index `s - first_seq`: a cursor is found in O(1).
+//! - Readings live in one `VecDeque<Slot>` in arrival order, stored inline
+//!   and compact (56 bytes besides the payload: see [`Slot`]). Sequence
+//!   numbers are contiguous inside the buffer, so they are not stored: the
+//!   reading with sequence number `s` sits at index `s - first_seq`, and a
+//!   cursor is found in O(1).
 //! - `received_at` never goes backwards (a clock step back is clamped to the
 //!   previous reading's time), so a time range is two binary searches.
 //! - A per-device index keeps each device's sequence numbers in order, so a
 //!   page for one device costs O(log n + page) however large the buffer. It
 //!   also interns the device id and the device's last topic: readings of a
-//!   device share those strings instead of owning a copy each.
+//!   device share one [`Source`] instead of owning the strings.
 //! - Topic filters without a device are served by a scan that stops as soon as
 //!   the page is full.
-//! - Readings are `Arc`-shared and payloads are `Bytes`, so listing or watching
-//!   copies pointers, never payloads. The buffer is never copied per request.
+//! - Payloads are `Bytes` and sources are `Arc`-shared, so a [`Reading`]
+//!   handed out by listing or watching copies pointers, never payloads. The
+//!   buffer is never copied per request.
 //! - Watchers do not get a queue of their own: each keeps a cursor (the last
 //!   sequence number it looked at) and reads forward from it with
 //!   [`ReadingBuffer::scan_after`]. A slow watcher costs no memory and never
@@ -37,7 +40,26 @@ use bytes::Bytes;
 
 use crate::topic::topic_matches;
 
-/// One MQTT message received from a device.
+/// Where readings come from: a device and a topic, shared by every stored
+/// reading of that device on that topic.
+#[derive(Debug, PartialEq, Eq)]
+struct Source {
+    device_id: Arc<str>,
+    topic: Arc<str>,
+}
+
+/// A stored reading: 56 bytes besides the payload. The sequence number is
+/// implied by the position, the time is microseconds since the Unix epoch.
+#[derive(Debug)]
+struct Slot {
+    source: Arc<Source>,
+    received_micros: u64,
+    payload: Bytes,
+    qos: u8,
+    retained: bool,
+}
+
+/// One MQTT message received from a device, as the buffer hands it out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reading {
     /// Unique in the buffer, increasing in arrival order.
@@ -70,10 +92,9 @@ pub struct BufferLimits {
     pub max_bytes: usize,
 }
 
-/// Bytes charged per reading on top of its payload, topic and device id: the
-/// `Reading` itself, its `Arc` counters, its slot in the deque and in the
-/// device index.
-pub const READING_OVERHEAD_BYTES: usize = std::mem::size_of::<Reading>() + 16 + 8 + 8;
+/// Bytes charged per reading on top of its payload, topic and device id: its
+/// slot in the deque and its entry in the device index.
+pub const READING_OVERHEAD_BYTES: usize = std::mem::size_of::<Slot>() + 8;
 
 /// Which readings a list or a watch wants.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -84,13 +105,15 @@ pub struct ReadingFilter {
 
 impl ReadingFilter {
     pub fn matches(&self, reading: &Reading) -> bool {
-        self.device_id
-            .as_deref()
-            .is_none_or(|d| *reading.device_id == *d)
+        self.matches_source(&reading.device_id, &reading.topic)
+    }
+
+    fn matches_source(&self, device_id: &str, topic: &str) -> bool {
+        self.device_id.as_deref().is_none_or(|d| device_id == d)
             && self
                 .topic_filter
                 .as_deref()
-                .is_none_or(|f| topic_matches(f, &reading.topic))
+                .is_none_or(|f| topic_matches(f, topic))
     }
 }
 
@@ -112,7 +135,7 @@ pub struct ListQuery {
 /// One page: the readings, and the cursor of the next page if there is one.
 #[derive(Debug, Clone, Default)]
 pub struct ListPage {
-    pub readings: Vec<Arc<Reading>>,
+    pub readings: Vec<Reading>,
     pub next_cursor: Option<u64>,
 }
 
@@ -141,21 +164,21 @@ pub struct BufferStats {
 }
 
 struct DeviceIndex {
-    id: Arc<str>,
     seqs: VecDeque<u64>,
-    last_topic: Arc<str>,
+    /// The device's most recent source, reused while its topic stays the same.
+    last_source: Arc<Source>,
 }
 
 /// The bounded store. See the module documentation for the design.
 pub struct ReadingBuffer {
-    readings: VecDeque<Arc<Reading>>,
+    readings: VecDeque<Slot>,
     /// Sequence number of `readings[0]`, or of the next reading when empty.
     first_seq: u64,
     devices: HashMap<Arc<str>, DeviceIndex>,
     bytes: usize,
     evicted: u64,
     limits: BufferLimits,
-    last_received_at: SystemTime,
+    last_received_micros: u64,
 }
 
 impl ReadingBuffer {
@@ -168,7 +191,7 @@ impl ReadingBuffer {
             bytes: 0,
             evicted: 0,
             limits,
-            last_received_at: SystemTime::UNIX_EPOCH,
+            last_received_micros: 0,
         }
     }
 
@@ -189,37 +212,48 @@ impl ReadingBuffer {
 
     /// Stores a reading, evicting the oldest ones beyond the limits, and
     /// returns it with its sequence number.
-    pub fn push(&mut self, new: NewReading<'_>) -> Arc<Reading> {
+    pub fn push(&mut self, new: NewReading<'_>) -> Reading {
         let seq = self.next_seq();
-        let received_at = new.received_at.max(self.last_received_at);
-        self.last_received_at = received_at;
+        let micros = new
+            .received_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64)
+            .max(self.last_received_micros);
+        self.last_received_micros = micros;
 
         let device = match self.devices.get_mut(new.device_id) {
             Some(device) => device,
             None => {
-                let id: Arc<str> = Arc::from(new.device_id);
-                self.devices.entry(id.clone()).or_insert(DeviceIndex {
-                    id,
+                let source = Arc::new(Source {
+                    device_id: Arc::from(new.device_id),
+                    topic: Arc::from(new.topic),
+                });
+                let index = DeviceIndex {
                     seqs: VecDeque::new(),
-                    last_topic: Arc::from(new.topic),
-                })
+                    last_source: source.clone(),
+                };
+                self.devices
+                    .entry(source.device_id.clone())
+                    .or_insert(index)
             }
         };
-        if *device.last_topic != *new.topic {
-            device.last_topic = Arc::from(new.topic);
+        if *device.last_source.topic != *new.topic {
+            device.last_source = Arc::new(Source {
+                device_id: device.last_source.device_id.clone(),
+                topic: Arc::from(new.topic),
+            });
         }
         device.seqs.push_back(seq);
-        let reading = Arc::new(Reading {
-            seq,
-            device_id: device.id.clone(),
-            topic: device.last_topic.clone(),
-            received_at,
+        let slot = Slot {
+            source: device.last_source.clone(),
+            received_micros: micros,
             payload: new.payload,
             qos: new.qos,
             retained: new.retained,
-        });
-        self.bytes += charged_bytes(&reading);
-        self.readings.push_back(reading.clone());
+        };
+        self.bytes += charged_bytes(&slot);
+        let reading = reading(seq, &slot);
+        self.readings.push_back(slot);
         self.evict();
         reading
     }
@@ -234,16 +268,17 @@ impl ReadingBuffer {
             self.first_seq += 1;
             self.evicted += 1;
             self.bytes -= charged_bytes(&oldest);
-            if let Some(device) = self.devices.get_mut(&oldest.device_id) {
+            let device_id = &oldest.source.device_id;
+            if let Some(device) = self.devices.get_mut(device_id) {
                 device.seqs.pop_front();
                 if device.seqs.is_empty() {
-                    self.devices.remove(&oldest.device_id);
+                    self.devices.remove(device_id);
                 }
             }
         }
     }
 
-    fn get(&self, seq: u64) -> Option<&Arc<Reading>> {
+    fn get(&self, seq: u64) -> Option<&Slot> {
         let index = seq.checked_sub(self.first_seq)?;
         self.readings.get(usize::try_from(index).ok()?)
     }
@@ -259,7 +294,7 @@ impl ReadingBuffer {
         after: u64,
         max_scan: usize,
         filter: &ReadingFilter,
-    ) -> Result<(Vec<Arc<Reading>>, u64), CursorError> {
+    ) -> Result<(Vec<Reading>, u64), CursorError> {
         if after >= self.next_seq() {
             return Err(CursorError::Future(after));
         }
@@ -271,11 +306,13 @@ impl ReadingBuffer {
         }
         let start = (after + 1 - self.first_seq) as usize;
         let end = self.readings.len().min(start.saturating_add(max_scan));
+        let first = self.first_seq + start as u64;
         let batch = self
             .readings
             .range(start..end)
-            .filter(|r| filter.matches(r))
-            .cloned()
+            .enumerate()
+            .filter(|(_, slot)| filter.matches_source(&slot.source.device_id, &slot.source.topic))
+            .map(|(i, slot)| reading(first + i as u64, slot))
             .collect();
         Ok((batch, self.first_seq + end as u64 - 1))
     }
@@ -297,13 +334,19 @@ impl ReadingBuffer {
             }
         }
         // Sequence range [lo, hi) allowed by the time bounds and the cursor.
+        let micros = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64)
+        };
         let mut lo = self.first_seq
             + query.start.map_or(0, |start| {
-                self.readings.partition_point(|r| r.received_at < start)
+                let start = micros(start);
+                self.readings.partition_point(|r| r.received_micros < start)
             }) as u64;
         let mut hi = self.first_seq
             + query.end.map_or(self.readings.len(), |end| {
-                self.readings.partition_point(|r| r.received_at < end)
+                let end = micros(end);
+                self.readings.partition_point(|r| r.received_micros < end)
             }) as u64;
         match (query.cursor, query.oldest_first) {
             (Some(c), true) => lo = lo.max(c),
@@ -317,15 +360,18 @@ impl ReadingBuffer {
         let limit = query.limit.max(1);
         let mut page = Vec::with_capacity(limit.min(1024));
         let mut next_cursor = None;
-        let mut take = |reading: &Arc<Reading>| -> bool {
-            if !query.filter.matches(reading) {
+        let mut take = |(seq, slot): (u64, &Slot)| -> bool {
+            if !query
+                .filter
+                .matches_source(&slot.source.device_id, &slot.source.topic)
+            {
                 return true;
             }
             if page.len() == limit {
-                next_cursor = Some(reading.seq);
+                next_cursor = Some(seq);
                 return false;
             }
-            page.push(reading.clone());
+            page.push(reading(seq, slot));
             true
         };
 
@@ -337,20 +383,24 @@ impl ReadingBuffer {
                 let from = device.seqs.partition_point(|s| *s < lo);
                 let to = device.seqs.partition_point(|s| *s < hi);
                 let seqs = device.seqs.range(from..to);
-                let readings = seqs.filter_map(|s| self.get(*s));
+                let slots = seqs.filter_map(|s| Some((*s, self.get(*s)?)));
                 if query.oldest_first {
-                    readings.take_while(|r| take(r)).for_each(drop);
+                    slots.take_while(|r| take(*r)).for_each(drop);
                 } else {
-                    readings.rev().take_while(|r| take(r)).for_each(drop);
+                    slots.rev().take_while(|r| take(*r)).for_each(drop);
                 }
             }
             None => {
                 let range = (lo - self.first_seq) as usize..(hi - self.first_seq) as usize;
-                let readings = self.readings.range(range);
+                let slots = self
+                    .readings
+                    .range(range)
+                    .enumerate()
+                    .map(|(i, slot)| (lo + i as u64, slot));
                 if query.oldest_first {
-                    readings.take_while(|r| take(r)).for_each(drop);
+                    slots.take_while(|r| take(*r)).for_each(drop);
                 } else {
-                    readings.rev().take_while(|r| take(r)).for_each(drop);
+                    slots.rev().take_while(|r| take(*r)).for_each(drop);
                 }
             }
         }
@@ -361,8 +411,23 @@ impl ReadingBuffer {
     }
 }
 
-fn charged_bytes(reading: &Reading) -> usize {
-    reading.payload.len() + reading.topic.len() + reading.device_id.len() + READING_OVERHEAD_BYTES
+/// A stored slot as the reading handed out.
+fn reading(seq: u64, slot: &Slot) -> Reading {
+    Reading {
+        seq,
+        device_id: slot.source.device_id.clone(),
+        topic: slot.source.topic.clone(),
+        received_at: SystemTime::UNIX_EPOCH
+            + std::time::Duration::from_micros(slot.received_micros),
+        payload: slot.payload.clone(),
+        qos: slot.qos,
+        retained: slot.retained,
+    }
+}
+
+fn charged_bytes(slot: &Slot) -> usize {
+    let source = &slot.source;
+    slot.payload.len() + source.topic.len() + source.device_id.len() + READING_OVERHEAD_BYTES
 }
 
 #[cfg(test)]
@@ -408,6 +473,13 @@ mod tests {
             limit,
             ..ListQuery::default()
         }
+    }
+
+    #[test]
+    fn a_stored_reading_is_compact() {
+        // What the module documentation promises; the memory target depends on it.
+        assert_eq!(std::mem::size_of::<Slot>(), 56);
+        assert_eq!(READING_OVERHEAD_BYTES, 64);
     }
 
     #[test]
@@ -699,7 +771,7 @@ mod tests {
                     + rng.below(500) as usize,
             };
             let mut buf = ReadingBuffer::new(limits, FIRST);
-            let mut model: Vec<Arc<Reading>> = Vec::new();
+            let mut model: Vec<Reading> = Vec::new();
             let mut clock = 1_000u64;
             for _ in 0..400 {
                 if rng.below(3) > 0 {
@@ -722,8 +794,16 @@ mod tests {
                     });
                     model.push(pushed);
                     // The model evicts by the documented rule.
-                    let charged =
-                        |m: &[Arc<Reading>]| m.iter().map(|r| charged_bytes(r)).sum::<usize>();
+                    let charged = |m: &[Reading]| {
+                        m.iter()
+                            .map(|r| {
+                                r.payload.len()
+                                    + r.topic.len()
+                                    + r.device_id.len()
+                                    + READING_OVERHEAD_BYTES
+                            })
+                            .sum::<usize>()
+                    };
                     while model.len() > limits.max_readings
                         || (model.len() > 1 && charged(&model) > limits.max_bytes)
                     {

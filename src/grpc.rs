@@ -357,7 +357,7 @@ impl DeviceHubService {
         Ok(ListReadingsResponse {
             readings: page.readings[..fits]
                 .iter()
-                .map(|r| reading_to_proto(r))
+                .map(reading_to_proto)
                 .collect(),
             next_page_token: next_cursor
                 .map(|c| page_token::encode(c, query_hash))

@@ -80,7 +80,7 @@ impl ReadingHub {
     }
 
     /// Stores a reading and wakes the watchers.
-    pub fn push(&self, new: NewReading<'_>) -> Arc<Reading> {
+    pub fn push(&self, new: NewReading<'_>) -> Reading {
         let reading = self.write().push(new);
         self.next_seq.send_replace(reading.seq + 1);
         reading
@@ -157,7 +157,7 @@ impl ReadingWatcher {
     ///
     /// An error says which readings were evicted before this watcher read
     /// them. Call [`ReadingWatcher::skip_gap`] to go on after it.
-    pub async fn next_batch(&mut self) -> Result<Vec<Arc<Reading>>, CursorError> {
+    pub async fn next_batch(&mut self) -> Result<Vec<Reading>, CursorError> {
         loop {
             // Mark the signal as seen *before* reading, so a push that lands
             // after the read wakes the `changed()` below.
