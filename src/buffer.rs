@@ -64,9 +64,9 @@ struct Slot {
 pub struct Reading {
     /// Unique in the buffer, increasing in arrival order.
     pub seq: u64,
-    /// From the topic; empty when the topic did not follow the template.
-    pub device_id: Arc<str>,
-    pub topic: Arc<str>,
+    /// Device id and topic, shared with the buffer (one reference count
+    /// per reading handed out, not one per string).
+    source: Arc<Source>,
     pub received_at: SystemTime,
     /// The payload byte for byte, whatever it is.
     pub payload: Bytes,
@@ -92,6 +92,17 @@ pub struct BufferLimits {
     pub max_bytes: usize,
 }
 
+impl Reading {
+    /// From the topic; empty when the topic did not follow the template.
+    pub fn device_id(&self) -> &str {
+        &self.source.device_id
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.source.topic
+    }
+}
+
 /// Bytes charged per reading on top of its payload, topic and device id: its
 /// slot in the deque and its entry in the device index.
 pub const READING_OVERHEAD_BYTES: usize = std::mem::size_of::<Slot>() + 8;
@@ -105,7 +116,7 @@ pub struct ReadingFilter {
 
 impl ReadingFilter {
     pub fn matches(&self, reading: &Reading) -> bool {
-        self.matches_source(&reading.device_id, &reading.topic)
+        self.matches_source(reading.device_id(), reading.topic())
     }
 
     fn matches_source(&self, device_id: &str, topic: &str) -> bool {
@@ -415,8 +426,7 @@ impl ReadingBuffer {
 fn reading(seq: u64, slot: &Slot) -> Reading {
     Reading {
         seq,
-        device_id: slot.source.device_id.clone(),
-        topic: slot.source.topic.clone(),
+        source: slot.source.clone(),
         received_at: SystemTime::UNIX_EPOCH
             + std::time::Duration::from_micros(slot.received_micros),
         payload: slot.payload.clone(),
@@ -540,12 +550,12 @@ mod tests {
         push(&mut buf, "a", 2, "2");
         let page = buf.list(&query(10)).unwrap();
         assert!(Arc::ptr_eq(
-            &page.readings[0].topic,
-            &page.readings[1].topic
+            &page.readings[0].source,
+            &page.readings[1].source
         ));
         assert!(Arc::ptr_eq(
-            &page.readings[0].device_id,
-            &page.readings[1].device_id
+            &page.readings[0].source.device_id,
+            &page.readings[1].source.device_id
         ));
     }
 
@@ -798,8 +808,8 @@ mod tests {
                         m.iter()
                             .map(|r| {
                                 r.payload.len()
-                                    + r.topic.len()
-                                    + r.device_id.len()
+                                    + r.topic().len()
+                                    + r.device_id().len()
                                     + READING_OVERHEAD_BYTES
                             })
                             .sum::<usize>()

@@ -348,17 +348,14 @@ impl DeviceHubService {
             .readings
             .iter()
             .position(|r| {
-                bytes += 2 * r.payload.len() + r.topic.len() + 64;
+                bytes += 2 * r.payload.len() + r.topic().len() + 64;
                 bytes > MAX_PAGE_BYTES
             })
             .filter(|&i| i > 0)
             .unwrap_or(page.readings.len());
         let next_cursor = page.readings.get(fits).map(|r| r.seq).or(page.next_cursor);
         Ok(ListReadingsResponse {
-            readings: page.readings[..fits]
-                .iter()
-                .map(reading_to_proto)
-                .collect(),
+            readings: page.readings[..fits].iter().map(reading_to_proto).collect(),
             next_page_token: next_cursor
                 .map(|c| page_token::encode(c, query_hash))
                 .unwrap_or_default(),
@@ -612,8 +609,8 @@ fn envelope(
 pub fn reading_to_proto(reading: &Reading) -> proto::Reading {
     proto::Reading {
         seq: reading.seq,
-        device_id: reading.device_id.to_string(),
-        topic: reading.topic.to_string(),
+        device_id: reading.device_id().to_owned(),
+        topic: reading.topic().to_owned(),
         received_at: Some(Timestamp::from(reading.received_at)),
         payload: reading.payload.clone(),
         json: parse_json(&reading.payload),

@@ -394,7 +394,12 @@ impl Driver {
             retained: publish.retain,
             received_at: SystemTime::now(),
         });
-        trace!(seq = reading.seq, topic = %reading.topic, bytes = reading.payload.len(), "reading stored");
+        trace!(
+            seq = reading.seq,
+            topic = reading.topic(),
+            bytes = reading.payload.len(),
+            "reading stored"
+        );
     }
 
     fn connection_lost(&self, eventloop: &mut EventLoop, error: &ConnectionError) {
