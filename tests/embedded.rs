@@ -324,23 +324,7 @@ async fn a_fixed_topic_device_like_the_old_poc_works_with_flags_alone() {
     device
         .publish("poc/device/sensor", r#"{"temperature": 22}"#)
         .await;
-    let reading = eventually("the POC reading", || {
-        let mut client = client.clone();
-        async move {
-            let request = ListReadingsRequest {
-                device_id: "device".into(),
-                ..Default::default()
-            };
-            client
-                .list_readings(request)
-                .await
-                .unwrap()
-                .into_inner()
-                .readings
-                .pop()
-        }
-    })
-    .await;
+    let reading = newest_reading_of(&client, "device").await;
     assert_eq!(reading.topic, "poc/device/sensor");
 
     let response = client

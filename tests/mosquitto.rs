@@ -50,23 +50,7 @@ async fn retained_readings_are_flagged() {
     .await;
     let service = TestService::start_ready(config(&mosquitto.url, &[])).await;
     let client = service.client().await;
-    let reading = eventually("the retained reading", || {
-        let mut client = client.clone();
-        async move {
-            let request = ListReadingsRequest {
-                device_id: "r1".into(),
-                ..Default::default()
-            };
-            client
-                .list_readings(request)
-                .await
-                .unwrap()
-                .into_inner()
-                .readings
-                .pop()
-        }
-    })
-    .await;
+    let reading = newest_reading_of(&client, "r1").await;
     assert!(reading.retained);
     assert_eq!(reading.payload.as_ref(), b"last known");
     service.stop().await;

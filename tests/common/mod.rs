@@ -391,6 +391,20 @@ pub async fn list_all(client: &DeviceHubClient<Channel>, device_id: &str) -> Vec
     }
 }
 
+/// Waits until `device_id` has a buffered reading, and returns its newest.
+pub async fn newest_reading_of(client: &DeviceHubClient<Channel>, device_id: &str) -> Reading {
+    eventually(&format!("a reading of {device_id}"), || async move {
+        let request = devicehub::proto::ListReadingsRequest {
+            device_id: device_id.into(),
+            page_size: 1,
+            ..Default::default()
+        };
+        let page = client.clone().list_readings(request).await.ok()?;
+        page.into_inner().readings.pop()
+    })
+    .await
+}
+
 /// The sequence numbers of `readings`.
 pub fn seqs(readings: &[Reading]) -> Vec<u64> {
     readings.iter().map(|r| r.seq).collect()
