@@ -222,8 +222,8 @@ impl ReadingBuffer {
     }
 
     /// Stores a reading, evicting the oldest ones beyond the limits, and
-    /// returns it with its sequence number.
-    pub fn push(&mut self, new: NewReading<'_>) -> Reading {
+    /// returns its sequence number.
+    pub fn push(&mut self, new: NewReading<'_>) -> u64 {
         let seq = self.next_seq();
         let micros = new
             .received_at
@@ -263,10 +263,9 @@ impl ReadingBuffer {
             retained: new.retained,
         };
         self.bytes += charged_bytes(&slot);
-        let reading = reading(seq, &slot);
         self.readings.push_back(slot);
         self.evict();
-        reading
+        seq
     }
 
     fn evict(&mut self) {
@@ -471,7 +470,6 @@ mod tests {
             retained: false,
             received_at: at(secs),
         })
-        .seq
     }
 
     fn seqs(page: &ListPage) -> Vec<u64> {
@@ -794,7 +792,7 @@ mod tests {
                         ["readings", "status"][rng.below(2) as usize]
                     );
                     let payload = vec![b'x'; rng.below(200) as usize];
-                    let pushed = buf.push(NewReading {
+                    let seq = buf.push(NewReading {
                         device_id: &device,
                         topic: &topic,
                         payload: Bytes::from(payload),
@@ -802,7 +800,8 @@ mod tests {
                         retained: false,
                         received_at: at(clock),
                     });
-                    model.push(pushed);
+                    // The newest reading is never evicted on arrival.
+                    model.push(reading(seq, buf.get(seq).unwrap()));
                     // The model evicts by the documented rule.
                     let charged = |m: &[Reading]| {
                         m.iter()

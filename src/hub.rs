@@ -79,11 +79,11 @@ impl ReadingHub {
         self.buffer.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stores a reading and wakes the watchers.
-    pub fn push(&self, new: NewReading<'_>) -> Reading {
-        let reading = self.write().push(new);
-        self.next_seq.send_replace(reading.seq + 1);
-        reading
+    /// Stores a reading, wakes the watchers, and returns its sequence number.
+    pub fn push(&self, new: NewReading<'_>) -> u64 {
+        let seq = self.write().push(new);
+        self.next_seq.send_replace(seq + 1);
+        seq
     }
 
     pub fn list(&self, query: &ListQuery) -> Result<ListPage, CursorError> {

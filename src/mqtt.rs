@@ -386,7 +386,8 @@ impl Driver {
                 "message on a topic outside the readings and replies templates"
             );
         }
-        let reading = self.hub.push(NewReading {
+        let bytes = publish.payload.len();
+        let seq = self.hub.push(NewReading {
             device_id: device_id.unwrap_or(""),
             topic: &publish.topic,
             payload: publish.payload,
@@ -394,12 +395,7 @@ impl Driver {
             retained: publish.retain,
             received_at: SystemTime::now(),
         });
-        trace!(
-            seq = reading.seq,
-            topic = reading.topic(),
-            bytes = reading.payload.len(),
-            "reading stored"
-        );
+        trace!(seq, topic = publish.topic, bytes, "reading stored");
     }
 
     fn connection_lost(&self, eventloop: &mut EventLoop, error: &ConnectionError) {
