@@ -63,20 +63,7 @@ async fn resuming_replays_then_goes_live_with_no_gap_and_no_duplicate() {
 
     // Resume after the 20th reading while the device keeps publishing: the
     // seam between replay and live must be invisible.
-    let publisher = device.client.clone();
-    let publishing = tokio::spawn(async move {
-        for i in 50..400 {
-            publisher
-                .publish(
-                    "devices/d1/readings",
-                    rumqttc::QoS::AtLeastOnce,
-                    false,
-                    i.to_string(),
-                )
-                .await
-                .unwrap();
-        }
-    });
+    let publishing = publish_indices(&device, "devices/d1/readings", 50..400);
     let mut stream = watch(
         &mut client,
         WatchReadingsRequest {

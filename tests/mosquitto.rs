@@ -7,10 +7,8 @@ use std::time::Duration;
 
 use common::*;
 use devicehub::proto::{
-    watch_readings_response::Event as WatchEvent, ListReadingsRequest, SendCommandRequest,
-    WatchReadingsRequest,
+    watch_readings_response::Event as WatchEvent, ListReadingsRequest, WatchReadingsRequest,
 };
-use tonic::{Code, Request};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,14 +67,7 @@ async fn broker_restart_flips_health_and_ingestion_resumes() {
 
     let port = mosquitto.kill();
     service.wait_for_health(ServingStatus::NotServing).await;
-    let mut request = Request::new(SendCommandRequest {
-        device_id: "d1".into(),
-        command: "TURN_ON_FAN".into(),
-        ..Default::default()
-    });
-    request.set_timeout(Duration::from_secs(10));
-    let status = client.send_command(request).await.unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_command_unavailable(&client).await;
 
     let mosquitto = Mosquitto::start_on(port);
     service.wait_for_health(ServingStatus::Serving).await;
@@ -233,23 +224,7 @@ async fn every_qos1_reading_reaches_every_watcher_across_a_broker_restart() {
     let device =
         TestDevice::connect_with(&mosquitto.url, "device-broker-restart", None, false).await;
     let total = 1500u64;
-    let publisher = device.client.clone();
-    let publishing = tokio::spawn(async move {
-        for i in 0..total {
-            publisher
-                .publish(
-                    "devices/d1/readings",
-                    rumqttc::QoS::AtLeastOnce,
-                    false,
-                    i.to_string(),
-                )
-                .await
-                .unwrap();
-            if i % 50 == 0 {
-                tokio::task::yield_now().await;
-            }
-        }
-    });
+    let publishing = publish_indices(&device, "devices/d1/readings", 0..total);
     eventually("readings to flow before the restart", || async {
         (watchers[0].lock().unwrap().len() >= 300).then_some(())
     })

@@ -391,6 +391,37 @@ pub async fn list_all(client: &DeviceHubClient<Channel>, device_id: &str) -> Vec
     }
 }
 
+/// Sends a command while the broker is unreachable: it must fail with
+/// UNAVAILABLE promptly. A hang would end in DEADLINE_EXCEEDED instead.
+pub async fn assert_command_unavailable(client: &DeviceHubClient<Channel>) {
+    let mut request = tonic::Request::new(devicehub::proto::SendCommandRequest {
+        device_id: "d1".into(),
+        command: "TURN_ON_FAN".into(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_secs(10));
+    let status = client.clone().send_command(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+}
+
+/// Publishes the payloads "first", "first + 1", ... up to `end` (exclusive)
+/// at QoS 1 from a background task; the task ends once all are queued.
+pub fn publish_indices(
+    device: &TestDevice,
+    topic: &str,
+    indices: std::ops::Range<u64>,
+) -> JoinHandle<()> {
+    let (client, topic) = (device.client.clone(), topic.to_owned());
+    tokio::spawn(async move {
+        for i in indices {
+            client
+                .publish(&topic, QoS::AtLeastOnce, false, i.to_string())
+                .await
+                .unwrap();
+        }
+    })
+}
+
 /// Waits until `device_id` has a buffered reading, and returns its newest.
 pub async fn newest_reading_of(client: &DeviceHubClient<Channel>, device_id: &str) -> Reading {
     eventually(&format!("a reading of {device_id}"), || async move {
