@@ -17,10 +17,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         fds.encode_to_vec(),
     )?;
 
+    // Messages and the client, as every generated client sees them.
     tonic_prost_build::configure()
+        .build_server(false)
         // Payloads are shared with the buffer instead of copied.
         .bytes(".devicehub.v1.Reading.payload")
         .bytes(".devicehub.v1.SendCommandRequest.raw_payload")
+        .compile_fds(fds.clone())?;
+
+    // The server alone, in its own file, with the messages above, except
+    // that WatchReadings streams pre-encoded messages: a reading is encoded
+    // once and the bytes are shared by every stream that sends it. The wire
+    // format is the same `WatchReadingsResponse`.
+    let server_dir = out_dir.join("server");
+    fs::create_dir_all(&server_dir)?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .out_dir(&server_dir)
+        .extern_path(".devicehub.v1", "crate::proto")
+        .extern_path(
+            ".devicehub.v1.WatchReadingsResponse",
+            "crate::grpc::EncodedWatchReadingsResponse",
+        )
         .compile_fds(fds)?;
     Ok(())
 }

@@ -331,21 +331,7 @@ impl Service {
 
     /// User + system CPU seconds of the service process so far.
     fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after the command name (which is in parentheses).
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map_or("", |(_, rest)| rest)
-            .split_whitespace()
-            .collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        (ticks(11) + ticks(12)) / 100.0 // utime, stime; CLK_TCK is 100 on Linux
+        cpu_seconds(&self.pid().to_string())
     }
 
     /// Resident memory of the service process, in bytes.
@@ -726,6 +712,24 @@ async fn watchers(service: &Service, n: usize, epoch: Instant) -> Watchers {
     }
 }
 
+/// User + system CPU seconds so far of a process (`self` for this one).
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0 // utime, stime; CLK_TCK is 100 on Linux
+}
+
 /// Scenario 2, fan-out: N watchers at a fixed offered rate; delivered/s, loss, and
 /// the service's CPU seconds per million deliveries. Baseline: a bare
 /// subscriber's received rate (the offered rate actually achieved).
@@ -745,6 +749,7 @@ async fn fan_out(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
         let delivered = watchers.delivered.clone();
         let total = (sizes.fanout_rate as f64 * sizes.fanout_secs) as u64;
         let cpu_before = service.cpu_seconds();
+        let harness_cpu_before = cpu_seconds("self");
         let start = Instant::now();
         publish(
             broker,
@@ -763,6 +768,7 @@ async fn fan_out(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
         .await;
         // CPU over the whole window, rates up to the last arrival.
         let cpu = service.cpu_seconds() - cpu_before;
+        let harness_cpu = cpu_seconds("self") - harness_cpu_before;
         let secs = (watchers.last.lock().unwrap().unwrap_or(start) - start).as_secs_f64();
         let bare_got = bare.count.load(Ordering::Relaxed);
         let bare_secs = (bare.last.lock().unwrap().unwrap_or(start) - start).as_secs_f64();
@@ -772,10 +778,12 @@ async fn fan_out(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
             bare_got as f64 / bare_secs * n as f64,
             "/s",
             &format!(
-                "loss {} of {want}; service CPU {:.2} s per million deliveries, {:.0}% of a core",
+                "loss {} of {want}; service CPU {:.2} s per million deliveries, {:.0}% of a core \
+                 (harness: broker, publishers, gRPC clients, {:.0}%)",
                 want - got.min(want),
                 cpu / (got.max(1) as f64 / 1e6),
-                100.0 * cpu / secs
+                100.0 * cpu / secs,
+                100.0 * harness_cpu / secs
             ),
         );
         drop(watchers);

@@ -19,6 +19,11 @@ use tonic::{Request, Response, Status};
 use tracing::{error, info, warn};
 use uuid::Uuid;
 
+mod encoded;
+
+use encoded::EncodedReadings;
+pub use encoded::EncodedWatchReadingsResponse;
+
 use crate::{
     buffer::{CursorError, ListQuery, Reading, ReadingFilter},
     hub::{ReadingHub, SubscribeError},
@@ -26,7 +31,7 @@ use crate::{
     proto::{
         self, device_hub_server::DeviceHub, send_command_request, watch_readings_response,
         GapPolicy, ListReadingsRequest, ListReadingsResponse, SendCommandRequest,
-        SendCommandResponse, WatchReadingsRequest, WatchReadingsResponse,
+        SendCommandResponse, WatchReadingsRequest,
     },
     replies::{DeviceReply, ReplyRouter, TooManyPending},
     shutdown::Shutdown,
@@ -47,8 +52,9 @@ pub const MAX_COMMAND_PAYLOAD_BYTES: usize = 256 << 10;
 pub const MAX_COMMAND_BYTES: usize = 256;
 /// Longest `reply_timeout` accepted.
 pub const MAX_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-/// Readings queued per watch stream between its producer and tonic.
-const WATCH_QUEUE: usize = 128;
+/// Batches (of up to a few hundred readings) queued per watch stream between
+/// its producer and tonic.
+const WATCH_QUEUE_BATCHES: usize = 2;
 
 /// Everything a call can fail with. Turned into a [`Status`] in one place.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +131,8 @@ pub struct DeviceHubService {
     /// The topic level that holds the device id in every subscribed topic
     /// (readings and replies), if there is one.
     device_level: Option<usize>,
+    /// The newest readings' WatchReadings messages, shared by all streams.
+    encoded: Arc<EncodedReadings>,
     shutdown: Shutdown,
 }
 
@@ -149,6 +157,7 @@ impl DeviceHubService {
             replies,
             commands_topic: topics.commands_topic.clone(),
             device_level,
+            encoded: Arc::default(),
             shutdown,
         }
     }
@@ -421,7 +430,8 @@ impl DeviceHubService {
             });
         }
         let start_cursor = watcher.cursor();
-        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE_BATCHES);
+        let encoded = self.encoded.clone();
 
         // The producer reads the buffer at its own pace; a slow client only
         // holds up this task (its queue is bounded), never ingestion.
@@ -434,19 +444,8 @@ impl DeviceHubService {
                 };
                 let event = match batch {
                     Ok(batch) => {
-                        for reading in batch {
-                            last_sent = reading.seq;
-                            let event =
-                                watch_readings_response::Event::Reading(reading_to_proto(&reading));
-                            if tx
-                                .send(Ok(WatchReadingsResponse { event: Some(event) }))
-                                .await
-                                .is_err()
-                            {
-                                return; // the client went away
-                            }
-                        }
-                        continue;
+                        last_sent = batch.last().map_or(last_sent, |r| r.seq);
+                        Ok(encoded.messages(&batch))
                     }
                     Err(CursorError::Evicted {
                         missed_from,
@@ -457,12 +456,12 @@ impl DeviceHubService {
                             missed_to, "watcher missed evicted readings; notified in-band"
                         );
                         watcher.skip_gap(missed_to);
-                        Ok(WatchReadingsResponse {
-                            event: Some(watch_readings_response::Event::Gap(proto::Gap {
+                        Ok(vec![EncodedWatchReadingsResponse::event(
+                            watch_readings_response::Event::Gap(proto::Gap {
                                 first_seq: missed_from,
                                 last_seq: missed_to,
-                            })),
-                        })
+                            }),
+                        )])
                     }
                     Err(CursorError::Evicted {
                         missed_from,
@@ -485,14 +484,15 @@ impl DeviceHubService {
                 };
                 let ends = event.is_err();
                 if tx.send(event).await.is_err() || ends {
-                    return;
+                    return; // the client went away, or the stream ends
                 }
             }
         });
 
         let mut shutdown = self.shutdown.clone();
         Ok(WatchStream {
-            readings: ReceiverStream::new(rx),
+            batches: ReceiverStream::new(rx),
+            batch: Vec::new().into_iter(),
             shutdown: Box::pin(async move { shutdown.recv().await }),
             resume_after: start_cursor,
             done: false,
@@ -500,10 +500,12 @@ impl DeviceHubService {
     }
 }
 
-/// The response stream of WatchReadings: the producer's readings until the
+/// The response stream of WatchReadings: the producer's messages until the
 /// service shuts down, then an `UNAVAILABLE` status that says where to resume.
 pub struct WatchStream {
-    readings: ReceiverStream<Result<WatchReadingsResponse, Status>>,
+    batches: ReceiverStream<Result<Vec<EncodedWatchReadingsResponse>, Status>>,
+    /// The rest of the batch being sent.
+    batch: std::vec::IntoIter<EncodedWatchReadingsResponse>,
     shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
     /// Sequence number of the last reading handed to the transport (or the
     /// position the watch started at).
@@ -512,7 +514,7 @@ pub struct WatchStream {
 }
 
 impl Stream for WatchStream {
-    type Item = Result<WatchReadingsResponse, Status>;
+    type Item = Result<EncodedWatchReadingsResponse, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if self.done {
@@ -525,14 +527,19 @@ impl Stream for WatchStream {
             };
             return Poll::Ready(Some(Err(error.into())));
         }
-        let item = Pin::new(&mut self.readings).poll_next(cx);
-        if let Poll::Ready(Some(Ok(WatchReadingsResponse {
-            event: Some(watch_readings_response::Event::Reading(reading)),
-        }))) = &item
-        {
-            self.resume_after = reading.seq;
+        loop {
+            if let Some(message) = self.batch.next() {
+                if let Some(seq) = message.reading_seq() {
+                    self.resume_after = seq;
+                }
+                return Poll::Ready(Some(Ok(message)));
+            }
+            match std::task::ready!(Pin::new(&mut self.batches).poll_next(cx)) {
+                Some(Ok(batch)) => self.batch = batch.into_iter(),
+                Some(Err(status)) => return Poll::Ready(Some(Err(status))),
+                None => return Poll::Ready(None),
+            }
         }
-        item
     }
 }
 

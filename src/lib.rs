@@ -22,6 +22,8 @@ pub mod topic;
 #[allow(clippy::all)]
 pub mod proto {
     tonic::include_proto!("devicehub.v1");
+    // The server, generated separately: see build.rs.
+    include!(concat!(env!("OUT_DIR"), "/server/devicehub.v1.rs"));
 
     /// The encoded descriptor set of the proto and its imports, for reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
