@@ -571,6 +571,7 @@ async fn ingest(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
         )
         .await;
         let total = sizes.ingest_readings;
+        let (cpu_before, harness_cpu_before) = (service.cpu_seconds(), cpu_seconds("self"));
         let start = Instant::now();
         publish(broker, 4, total, 1000, qos, None, epoch).await;
 
@@ -605,6 +606,9 @@ async fn ingest(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
         );
         let ours = stored.load(Ordering::Relaxed);
         let ours_secs = (*stored_at.lock().unwrap() - start).as_secs_f64();
+        // Includes the idle wait for the count to settle: an upper bound.
+        let cpu = service.cpu_seconds() - cpu_before;
+        let harness_cpu = cpu_seconds("self") - harness_cpu_before;
         let bare_secs = (bare.last.lock().unwrap().unwrap_or(start) - start).as_secs_f64();
         let label = if qos == QoS::AtMostOnce {
             "QoS 0"
@@ -617,9 +621,13 @@ async fn ingest(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
             bare_total as f64 / bare_secs,
             "/s",
             &format!(
-                "stored {ours} / received {bare_total} of {total}; loss {} vs {}",
+                "stored {ours} / received {bare_total} of {total}; loss {} vs {}; \
+                 service CPU {:.1} µs per reading ({:.0}% of a core), harness {:.0}%",
                 total - ours.min(total),
-                total - bare_total.min(total)
+                total - bare_total.min(total),
+                cpu * 1e6 / ours.max(1) as f64,
+                100.0 * cpu / ours_secs,
+                100.0 * harness_cpu / ours_secs,
             ),
         );
         let _ = client.list_readings(ListReadingsRequest::default()).await;

@@ -2,8 +2,9 @@
 //! wake-up signal that lets watchers follow it, and the watcher counters.
 //!
 //! Ingestion writes, ListReadings and watchers read. The lock is held only to
-//! push one reading or to copy out `Arc` pointers of at most one batch, never
-//! across an `.await`, JSON decoding or gRPC encoding.
+//! store the readings of one network read or to copy out at most one batch
+//! (reference counts, not payloads), never across an `.await`, JSON decoding
+//! or gRPC encoding.
 
 use std::sync::{
     atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -79,11 +80,17 @@ impl ReadingHub {
         self.buffer.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stores a reading, wakes the watchers, and returns its sequence number.
-    pub fn push(&self, new: NewReading<'_>) -> u64 {
-        let seq = self.write().push(new);
-        self.next_seq.send_replace(seq + 1);
-        seq
+    /// Stores readings received together under one lock, wakes the watchers
+    /// once, and returns the last one's sequence number (`None` if there
+    /// were none).
+    pub fn push_all<'a>(&self, readings: impl IntoIterator<Item = NewReading<'a>>) -> Option<u64> {
+        let mut buffer = self.write();
+        let last = readings.into_iter().map(|new| buffer.push(new)).last();
+        drop(buffer);
+        if let Some(seq) = last {
+            self.next_seq.send_replace(seq + 1);
+        }
+        last
     }
 
     pub fn list(&self, query: &ListQuery) -> Result<ListPage, CursorError> {

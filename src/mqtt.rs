@@ -294,12 +294,32 @@ struct Driver {
 impl Driver {
     async fn run(self, mut eventloop: EventLoop, mut shutdown: Shutdown) {
         let mut backoff = BACKOFF_MIN;
+        let mut batch = Vec::new();
         loop {
             let event = tokio::select! {
                 event = eventloop.poll() => event,
                 _ = shutdown.recv() => break,
             };
             match event {
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    // rumqttc decodes up to ten packets per read and hands
+                    // them out one by one; the publishes queued right behind
+                    // this one are stored with it, under one lock and one
+                    // wake-up of the watchers. (Popping them is what `poll`
+                    // would do next, without I/O.)
+                    batch.push(publish);
+                    while let Some(Event::Incoming(Packet::Publish(_))) =
+                        eventloop.state.events.front()
+                    {
+                        if let Some(Event::Incoming(Packet::Publish(publish))) =
+                            eventloop.state.events.pop_front()
+                        {
+                            batch.push(publish);
+                        }
+                    }
+                    self.ingest(&mut batch);
+                    batch.clear();
+                }
                 Ok(event) => {
                     if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
                         backoff = BACKOFF_MIN;
@@ -320,9 +340,9 @@ impl Driver {
         self.disconnect(&mut eventloop).await;
     }
 
+    /// Handles an event other than an incoming publish (see `run`).
     fn handle(&self, event: Event) {
         match event {
-            Event::Incoming(Packet::Publish(publish)) => self.ingest(publish),
             Event::Incoming(Packet::ConnAck(connack)) => {
                 info!(broker = %self.broker, session_present = connack.session_present, "MQTT connected");
                 let mut tracker = self.shared.tracker();
@@ -370,32 +390,39 @@ impl Driver {
         .into_iter()
     }
 
-    fn ingest(&self, publish: rumqttc::Publish) {
-        // Replies are buffered like readings, and routed to a waiting
-        // SendCommand call if there is one.
-        let device_id = match self.replies_topic.device_id_of(&publish.topic) {
-            Some(device_id) => {
-                self.replies.route(device_id, &publish.payload);
-                Some(device_id)
+    /// Stores publishes received together (and routes the replies among them).
+    fn ingest(&self, batch: &mut [rumqttc::Publish]) {
+        // One read, one time: they arrived together.
+        let received_at = SystemTime::now();
+        let readings = batch.iter_mut().map(|publish| {
+            let payload = std::mem::take(&mut publish.payload);
+            let publish = &*publish;
+            // Replies are buffered like readings, and routed to a waiting
+            // SendCommand call if there is one.
+            let device_id = match self.replies_topic.device_id_of(&publish.topic) {
+                Some(device_id) => {
+                    self.replies.route(device_id, &payload);
+                    Some(device_id)
+                }
+                None => self.readings_topic.device_id_of(&publish.topic),
+            };
+            if device_id.is_none() {
+                debug!(
+                    topic = publish.topic,
+                    "message on a topic outside the readings and replies templates"
+                );
             }
-            None => self.readings_topic.device_id_of(&publish.topic),
-        };
-        if device_id.is_none() {
-            debug!(
-                topic = publish.topic,
-                "message on a topic outside the readings and replies templates"
-            );
-        }
-        let bytes = publish.payload.len();
-        let seq = self.hub.push(NewReading {
-            device_id: device_id.unwrap_or(""),
-            topic: &publish.topic,
-            payload: publish.payload,
-            qos: publish.qos as u8,
-            retained: publish.retain,
-            received_at: SystemTime::now(),
+            NewReading {
+                device_id: device_id.unwrap_or(""),
+                topic: &publish.topic,
+                payload,
+                qos: publish.qos as u8,
+                retained: publish.retain,
+                received_at,
+            }
         });
-        trace!(seq, topic = publish.topic, bytes, "reading stored");
+        let last_seq = self.hub.push_all(readings);
+        trace!(last_seq, count = batch.len(), "readings stored");
     }
 
     fn connection_lost(&self, eventloop: &mut EventLoop, error: &ConnectionError) {

@@ -135,6 +135,10 @@ pub struct TopicTemplate {
     subscription: String,
     fixed_device_id: Option<String>,
     has_wildcards: bool,
+    /// For a template with a placeholder and no wildcards, the text before
+    /// and after the placeholder: matching a topic is then two comparisons
+    /// (this runs for every message received).
+    affixes: Option<(String, String)>,
 }
 
 impl TopicTemplate {
@@ -173,12 +177,22 @@ impl TopicTemplate {
                 )))
             }
         };
+        let has_wildcards = levels.iter().any(|l| *l == "+" || *l == "#");
+        let affixes = match placeholder_level {
+            Some(i) if !has_wildcards => {
+                let before: String = levels[..i].iter().map(|l| format!("{l}/")).collect();
+                let after: String = levels[i + 1..].iter().map(|l| format!("/{l}")).collect();
+                Some((before, after))
+            }
+            _ => None,
+        };
         Ok(Self {
             template: template.to_owned(),
             placeholder_level,
             subscription,
             fixed_device_id,
-            has_wildcards: levels.iter().any(|l| *l == "+" || *l == "#"),
+            has_wildcards,
+            affixes,
         })
     }
 
@@ -211,6 +225,20 @@ impl TopicTemplate {
     /// The device id that `topic` carries, or `None` when the topic does not
     /// follow this template.
     pub fn device_id_of<'t>(&'t self, topic: &'t str) -> Option<&'t str> {
+        if let Some((before, after)) = &self.affixes {
+            let id = topic
+                .strip_prefix(before.as_str())?
+                .strip_suffix(after.as_str())?;
+            // `+` never matches a first level that starts with `$`.
+            let first_level_system = before.is_empty() && id.starts_with('$');
+            let valid = !id.is_empty() && !id.contains('/') && !first_level_system;
+            return valid.then_some(id);
+        }
+        self.device_id_by_levels(topic)
+    }
+
+    /// [`TopicTemplate::device_id_of`] for any template, level by level.
+    fn device_id_by_levels<'t>(&'t self, topic: &'t str) -> Option<&'t str> {
         let filter_matches = || topic_matches(&self.subscription, topic);
         match self.placeholder_level {
             None => filter_matches().then_some(self.fixed_device_id.as_deref()?),
@@ -287,6 +315,9 @@ mod tests {
         assert_eq!(t.subscription_filter(), "devices/+/readings");
         assert_eq!(t.topic_for("d1"), "devices/d1/readings");
         assert_eq!(t.device_id_of("devices/d1/readings"), Some("d1"));
+        assert_eq!(t.device_id_of("devices/d1/readings/x"), None);
+        assert_eq!(t.device_id_of("devices/a/b/readings"), None);
+        assert_eq!(t.device_id_of("devices/readings"), None);
         assert_eq!(t.device_id_of("devices//readings"), None);
         assert_eq!(t.device_id_of("other/d1/readings"), None);
 
@@ -304,5 +335,52 @@ mod tests {
         assert!(TopicTemplate::parse("a/x{device_id}", None).is_err());
         assert!(TopicTemplate::parse("{device_id}/{device_id}", None).is_err());
         assert!(TopicTemplate::parse("a/#/{device_id}", None).is_err());
+    }
+
+    #[test]
+    fn fast_device_id_agrees_with_matching_level_by_level() {
+        let templates = [
+            "devices/{device_id}/readings",
+            "{device_id}/readings",
+            "devices/{device_id}",
+            "{device_id}",
+            "a/b/{device_id}/c/d",
+        ];
+        let topics = [
+            "devices/d1/readings",
+            "devices//readings",
+            "devices/d1/readings/",
+            "devices/d1",
+            "devices/d1/",
+            "devices/",
+            "d1/readings",
+            "$SYS/readings",
+            "$d/readings",
+            "d$/readings",
+            "/readings",
+            "readings",
+            "d1",
+            "$d1",
+            "",
+            "/",
+            "a/b/x/c/d",
+            "a/b//c/d",
+            "a/b/x/y/c/d",
+            "a/b/x/c",
+            "devices/$d/readings",
+            "devicesX/d1/readings",
+            "devices/d1/readingsX",
+        ];
+        for template in templates {
+            let t = TopicTemplate::parse(template, None).unwrap();
+            assert!(t.affixes.is_some(), "{template}");
+            for topic in topics {
+                assert_eq!(
+                    t.device_id_of(topic),
+                    t.device_id_by_levels(topic),
+                    "{template} vs {topic}"
+                );
+            }
+        }
     }
 }
