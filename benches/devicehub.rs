@@ -25,7 +25,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use devicehub::{
@@ -37,8 +37,8 @@ use devicehub::{
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
+    process::{Child, ChildStdin, ChildStdout, Command},
 };
 use tonic::transport::Channel;
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
@@ -89,6 +89,9 @@ const PATIENCE: Duration = Duration::from_secs(120);
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(BARE_SUBSCRIBER_PROCESS) {
+        return bare_subscriber_process(&args[2..]);
+    }
     // `cargo bench` passes --bench; `cargo test` runs this target without it.
     let smoke = args.iter().any(|a| a == "--smoke") || !args.iter().any(|a| a == "--bench");
     let mosquitto = args.iter().any(|a| a == "--mosquitto");
@@ -426,6 +429,108 @@ impl Drop for BareSubscriber {
     }
 }
 
+/// The argument that makes this program a [`BareSubscriberProcess`].
+const BARE_SUBSCRIBER_PROCESS: &str = "--bare-subscriber-process";
+
+/// A bare MQTT subscriber in a process of its own, like the service: the
+/// ingest baseline, so that both sides cross the same process boundary and
+/// neither shares a runtime with the broker and the publishers.
+struct BareSubscriberProcess {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl BareSubscriberProcess {
+    async fn start(broker: &BrokerUrl, id: &str, filter: &str, qos: QoS) -> Self {
+        let mut child = Command::new(std::env::current_exe().expect("this program"))
+            .args([
+                BARE_SUBSCRIBER_PROCESS,
+                &broker.host,
+                &broker.port.to_string(),
+            ])
+            .args([&(qos as u8).to_string(), filter, id])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting a bare subscriber process");
+        let stdin = child.stdin.take().expect("piped");
+        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let ready = bounded("a bare subscriber process", lines.next_line()).await;
+        assert_eq!(ready.ok().flatten().as_deref(), Some("ready"));
+        Self {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// Readings received so far, and when the last one arrived.
+    async fn received(&mut self) -> (u64, Option<Instant>) {
+        self.stdin
+            .write_all(b"?\n")
+            .await
+            .expect("asking the subscriber");
+        let line = bounded("the subscriber's answer", self.lines.next_line())
+            .await
+            .ok()
+            .flatten()
+            .expect("an answer");
+        let now = Instant::now();
+        let (count, age) = line.split_once(' ').expect("count and age");
+        let age = age.parse().ok().map(Duration::from_nanos);
+        (count.parse().expect("a count"), age.map(|age| now - age))
+    }
+
+    async fn stop(mut self) {
+        drop(self.stdin); // it exits at the end of its input
+        if bounded("a bare subscriber to exit", self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// The child side of [`BareSubscriberProcess`]: args are host, port, QoS,
+/// filter, client id. Prints `ready` once subscribed, then for each line read
+/// `<count> <nanoseconds since the last arrival, or ->`.
+fn bare_subscriber_process(args: &[String]) {
+    let [host, port, qos, filter, id] = args else {
+        panic!("{BARE_SUBSCRIBER_PROCESS} host port qos filter id");
+    };
+    let broker = BrokerUrl {
+        host: host.clone(),
+        port: port.parse().expect("a port"),
+    };
+    let qos = rumqttc::qos(qos.parse().expect("a QoS")).expect("a QoS");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let bare = BareSubscriber::start(&broker, id, filter, qos, Instant::now()).await;
+        let mut stdout = tokio::io::stdout();
+        stdout.write_all(b"ready\n").await.expect("stdout");
+        stdout.flush().await.expect("stdout");
+        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+        while let Ok(Some(_)) = lines.next_line().await {
+            let count = bare.count.load(Ordering::Relaxed);
+            let age = match *bare.last.lock().unwrap() {
+                Some(last) => last.elapsed().as_nanos().to_string(),
+                None => "-".to_owned(),
+            };
+            stdout
+                .write_all(format!("{count} {age}\n").as_bytes())
+                .await
+                .expect("stdout");
+            stdout.flush().await.expect("stdout");
+        }
+    });
+}
+
 /// The send time a publisher wrote into a payload: `{"t":<nanos>,...}`.
 fn sent_at(payload: &[u8]) -> Option<u64> {
     let text = std::str::from_utf8(payload).ok()?;
@@ -508,12 +613,12 @@ async fn publish(
 }
 
 /// Waits until `count` stops growing for `quiet`, or reaches `target`.
-async fn settle(target: u64, quiet: Duration, mut count: impl FnMut() -> u64) -> u64 {
+async fn settle(target: u64, quiet: Duration, mut count: impl AsyncFnMut() -> u64) -> u64 {
     let deadline = Instant::now() + PATIENCE;
-    let (mut last, mut since) = (count(), Instant::now());
+    let (mut last, mut since) = (count().await, Instant::now());
     loop {
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let now = count();
+        let now = count().await;
         if now >= target || Instant::now() > deadline {
             return now;
         }
@@ -562,54 +667,54 @@ async fn ingest(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
         .await;
         let mut client = service.client().await;
         let epoch = Instant::now();
-        let bare = BareSubscriber::start(
+        let mut bare = BareSubscriberProcess::start(
             broker,
             &format!("bench-bare-ingest-{}", qos as u8),
             "devices/+/readings",
             qos,
-            epoch,
         )
         .await;
         let total = sizes.ingest_readings;
         let (cpu_before, harness_cpu_before) = (service.cpu_seconds(), cpu_seconds("self"));
-        let start = Instant::now();
+        let (start, start_wall) = (Instant::now(), SystemTime::now());
         publish(broker, 4, total, 1000, qos, None, epoch).await;
 
-        // devicehub: poll its stored count until it settles.
-        let stored = Arc::new(AtomicU64::new(0));
-        let stored_at = Arc::new(Mutex::new(start));
-        let poller = {
-            let (stored, stored_at) = (stored.clone(), stored_at.clone());
-            let mut client = client.clone();
-            async move {
-                let deadline = Instant::now() + PATIENCE;
-                let (mut last, mut since) = (0, Instant::now());
-                while Instant::now() < deadline {
-                    let now = stored_count(&mut client).await;
-                    if now != last {
-                        (last, since) = (now, Instant::now());
-                        stored.store(now, Ordering::Relaxed);
-                        *stored_at.lock().unwrap() = since;
-                    }
-                    if now >= total || since.elapsed() > Duration::from_secs(2) {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        };
-        let bare_count = bare.count.clone();
-        let (_, bare_total) = tokio::join!(
-            poller,
-            settle(total, Duration::from_secs(2), || bare_count
-                .load(Ordering::Relaxed))
+        // Wait for both to settle, then take the service's last arrival by
+        // its own clock (`received_at`): polling its count only says when
+        // the harness got round to looking, which on 2 busy cores was up to
+        // a second late and made ingest look half as fast as it is.
+        let mut poller = client.clone();
+        let (ours, bare_total) = tokio::join!(
+            settle(total, Duration::from_secs(2), async || stored_count(
+                &mut poller
+            )
+            .await),
+            settle(total, Duration::from_secs(2), async || bare
+                .received()
+                .await
+                .0),
         );
-        let ours = stored.load(Ordering::Relaxed);
-        let ours_secs = (*stored_at.lock().unwrap() - start).as_secs_f64();
+        let bare_last = bare.received().await.1;
+        let newest = client
+            .list_readings(ListReadingsRequest {
+                page_size: 1,
+                ..Default::default()
+            })
+            .await
+            .expect("the newest reading")
+            .into_inner()
+            .readings;
+        let ours_secs = newest
+            .first()
+            .and_then(|r| r.received_at)
+            .and_then(|t| SystemTime::try_from(t).ok())
+            .and_then(|last| last.duration_since(start_wall).ok())
+            .expect("the newest reading's received_at")
+            .as_secs_f64();
         // Includes the idle wait for the count to settle: an upper bound.
         let cpu = service.cpu_seconds() - cpu_before;
         let harness_cpu = cpu_seconds("self") - harness_cpu_before;
-        let bare_secs = (bare.last.lock().unwrap().unwrap_or(start) - start).as_secs_f64();
+        let bare_secs = (bare_last.unwrap_or(start) - start).as_secs_f64();
         let label = if qos == QoS::AtMostOnce {
             "QoS 0"
         } else {
@@ -631,7 +736,7 @@ async fn ingest(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
             ),
         );
         let _ = client.list_readings(ListReadingsRequest::default()).await;
-        drop(bare);
+        bare.stop().await;
         service.stop().await;
     }
 }
@@ -770,7 +875,7 @@ async fn fan_out(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
         )
         .await;
         let want = total * n as u64;
-        let got = settle(want, Duration::from_secs(2), || {
+        let got = settle(want, Duration::from_secs(2), async || {
             delivered.load(Ordering::Relaxed)
         })
         .await;
@@ -824,7 +929,7 @@ async fn latency(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
         epoch,
     )
     .await;
-    settle(sizes.latency_readings, Duration::from_secs(2), || {
+    settle(sizes.latency_readings, Duration::from_secs(2), async || {
         delivered.load(Ordering::Relaxed)
     })
     .await;
