@@ -26,9 +26,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_fds(fds.clone())?;
 
     // The server alone, in its own file, with the messages above, except
-    // that WatchReadings streams pre-encoded messages: a reading is encoded
-    // once and the bytes are shared by every stream that sends it. The wire
-    // format is the same `WatchReadingsResponse`.
+    // that the responses made of readings are sent as bytes encoded by the
+    // service itself (a reading is encoded once and shared by every stream
+    // that sends it). Clients see the same messages.
     let server_dir = out_dir.join("server");
     fs::create_dir_all(&server_dir)?;
     tonic_prost_build::configure()
@@ -38,6 +38,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(
             ".devicehub.v1.WatchReadingsResponse",
             "crate::grpc::EncodedWatchReadingsResponse",
+        )
+        .extern_path(
+            ".devicehub.v1.ListReadingsResponse",
+            "crate::grpc::EncodedListReadingsResponse",
         )
         .compile_fds(fds)?;
     Ok(())

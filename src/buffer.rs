@@ -5,7 +5,8 @@
 //!
 //! # Design
 //! - Readings live in one `VecDeque<Slot>` in arrival order, stored inline
-//!   and compact (56 bytes besides the payload: see [`Slot`]). Sequence
+//!   and compact (32 bytes besides the payload: see [`Slot`]), with the
+//!   payloads packed in a [`PayloadArena`]. Sequence
 //!   numbers are contiguous inside the buffer, so they are not stored: the
 //!   reading with sequence number `s` sits at index `s - first_seq`, and a
 //!   cursor is found in O(1).
@@ -17,9 +18,10 @@
 //!   device share one [`Source`] instead of owning the strings.
 //! - Topic filters without a device are served by a scan that stops as soon as
 //!   the page is full.
-//! - Payloads are `Bytes` and sources are `Arc`-shared, so a [`Reading`]
-//!   handed out by listing or watching copies pointers, never payloads. The
-//!   buffer is never copied per request.
+//! - Sources are `Arc`-shared, so a [`Reading`] handed out by listing or
+//!   watching copies a pointer and its payload (tens of bytes, the one copy
+//!   that keeps memory per stored reading low), never the buffer. WatchReadings
+//!   encodes each reading once for all its streams (see `grpc`).
 //! - Watchers do not get a queue of their own: each keeps a cursor (the last
 //!   sequence number it looked at) and reads forward from it with
 //!   [`ReadingBuffer::scan_after`]. A slow watcher costs no memory and never
@@ -40,6 +42,10 @@ use bytes::Bytes;
 
 use crate::topic::topic_matches;
 
+mod arena;
+
+use arena::{PayloadArena, PayloadRef};
+
 /// Where readings come from: a device and a topic, shared by every stored
 /// reading of that device on that topic.
 #[derive(Debug, PartialEq, Eq)]
@@ -48,13 +54,14 @@ struct Source {
     topic: Arc<str>,
 }
 
-/// A stored reading: 56 bytes besides the payload. The sequence number is
-/// implied by the position, the time is microseconds since the Unix epoch.
+/// A stored reading: 32 bytes besides the payload, which is in the
+/// [`PayloadArena`]. The sequence number is implied by the position, the time
+/// is microseconds since the Unix epoch.
 #[derive(Debug)]
 struct Slot {
     source: Arc<Source>,
     received_micros: u64,
-    payload: Bytes,
+    payload: PayloadRef,
     qos: u8,
     retained: bool,
 }
@@ -183,6 +190,7 @@ struct DeviceIndex {
 /// The bounded store. See the module documentation for the design.
 pub struct ReadingBuffer {
     readings: VecDeque<Slot>,
+    payloads: PayloadArena,
     /// Sequence number of `readings[0]`, or of the next reading when empty.
     first_seq: u64,
     devices: HashMap<Arc<str>, DeviceIndex>,
@@ -195,8 +203,15 @@ pub struct ReadingBuffer {
 impl ReadingBuffer {
     /// An empty buffer whose first reading gets sequence number `first_seq`.
     pub fn new(limits: BufferLimits, first_seq: u64) -> Self {
+        // Room for as many readings as the limits allow, reserved at once:
+        // growing by doubling would leave up to half of it unused, and pages
+        // not yet written take no memory.
+        let most = limits
+            .max_readings
+            .min(limits.max_bytes / READING_OVERHEAD_BYTES + 1);
         Self {
-            readings: VecDeque::new(),
+            readings: VecDeque::with_capacity(most),
+            payloads: PayloadArena::default(),
             first_seq,
             devices: HashMap::new(),
             bytes: 0,
@@ -258,7 +273,7 @@ impl ReadingBuffer {
         let slot = Slot {
             source: device.last_source.clone(),
             received_micros: micros,
-            payload: new.payload,
+            payload: self.payloads.push(&new.payload),
             qos: new.qos,
             retained: new.retained,
         };
@@ -273,7 +288,7 @@ impl ReadingBuffer {
             || (self.bytes > self.limits.max_bytes && self.readings.len() > 1)
         {
             let Some(oldest) = self.readings.pop_front() else {
-                return;
+                break;
             };
             self.first_seq += 1;
             self.evicted += 1;
@@ -285,6 +300,23 @@ impl ReadingBuffer {
                     self.devices.remove(device_id);
                 }
             }
+        }
+        match self.readings.front() {
+            Some(oldest) => self.payloads.release_before(oldest.payload),
+            None => self.payloads.release_all(),
+        }
+    }
+
+    /// A stored slot as the reading handed out, with a copy of its payload.
+    fn reading(&self, seq: u64, slot: &Slot) -> Reading {
+        Reading {
+            seq,
+            source: slot.source.clone(),
+            received_at: SystemTime::UNIX_EPOCH
+                + std::time::Duration::from_micros(slot.received_micros),
+            payload: Bytes::copy_from_slice(self.payloads.get(slot.payload)),
+            qos: slot.qos,
+            retained: slot.retained,
         }
     }
 
@@ -322,7 +354,7 @@ impl ReadingBuffer {
             .range(start..end)
             .enumerate()
             .filter(|(_, slot)| filter.matches_source(&slot.source.device_id, &slot.source.topic))
-            .map(|(i, slot)| reading(first + i as u64, slot))
+            .map(|(i, slot)| self.reading(first + i as u64, slot))
             .collect();
         Ok((batch, self.first_seq + end as u64 - 1))
     }
@@ -381,7 +413,7 @@ impl ReadingBuffer {
                 next_cursor = Some(seq);
                 return false;
             }
-            page.push(reading(seq, slot));
+            page.push(self.reading(seq, slot));
             true
         };
 
@@ -418,19 +450,6 @@ impl ReadingBuffer {
             readings: page,
             next_cursor,
         })
-    }
-}
-
-/// A stored slot as the reading handed out.
-fn reading(seq: u64, slot: &Slot) -> Reading {
-    Reading {
-        seq,
-        source: slot.source.clone(),
-        received_at: SystemTime::UNIX_EPOCH
-            + std::time::Duration::from_micros(slot.received_micros),
-        payload: slot.payload.clone(),
-        qos: slot.qos,
-        retained: slot.retained,
     }
 }
 
@@ -486,8 +505,8 @@ mod tests {
     #[test]
     fn a_stored_reading_is_compact() {
         // What the module documentation promises; the memory target depends on it.
-        assert_eq!(std::mem::size_of::<Slot>(), 56);
-        assert_eq!(READING_OVERHEAD_BYTES, 64);
+        assert_eq!(std::mem::size_of::<Slot>(), 32);
+        assert_eq!(READING_OVERHEAD_BYTES, 40);
     }
 
     #[test]
@@ -801,7 +820,7 @@ mod tests {
                         received_at: at(clock),
                     });
                     // The newest reading is never evicted on arrival.
-                    model.push(reading(seq, buf.get(seq).unwrap()));
+                    model.push(buf.reading(seq, buf.get(seq).unwrap()));
                     // The model evicts by the documented rule.
                     let charged = |m: &[Reading]| {
                         m.iter()

@@ -20,18 +20,24 @@ use tracing::{error, info, warn};
 use uuid::Uuid;
 
 mod encoded;
+mod wire;
 
 use encoded::EncodedReadings;
-pub use encoded::EncodedWatchReadingsResponse;
+pub use wire::Encoded;
+
+/// What the server sends for WatchReadings and ListReadings: the messages,
+/// encoded from readings without building them (see build.rs).
+pub type EncodedWatchReadingsResponse = Encoded<proto::WatchReadingsResponse>;
+pub type EncodedListReadingsResponse = Encoded<proto::ListReadingsResponse>;
 
 use crate::{
-    buffer::{CursorError, ListQuery, Reading, ReadingFilter},
+    buffer::{CursorError, ListQuery, ReadingFilter},
     hub::{ReadingHub, SubscribeError},
     mqtt::{CommandPublisher, MqttConfig, PublishError},
     proto::{
         self, device_hub_server::DeviceHub, send_command_request, watch_readings_response,
-        GapPolicy, ListReadingsRequest, ListReadingsResponse, SendCommandRequest,
-        SendCommandResponse, WatchReadingsRequest,
+        GapPolicy, ListReadingsRequest, SendCommandRequest, SendCommandResponse,
+        WatchReadingsRequest,
     },
     replies::{DeviceReply, ReplyRouter, TooManyPending},
     shutdown::Shutdown,
@@ -52,6 +58,8 @@ pub const MAX_COMMAND_PAYLOAD_BYTES: usize = 256 << 10;
 pub const MAX_COMMAND_BYTES: usize = 256;
 /// Longest `reply_timeout` accepted.
 pub const MAX_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// `ListReadingsResponse.next_page_token`.
+const NEXT_PAGE_TOKEN_FIELD: u32 = 2;
 /// Batches (of up to a few hundred readings) queued per watch stream between
 /// its producer and tonic.
 const WATCH_QUEUE_BATCHES: usize = 2;
@@ -301,7 +309,10 @@ impl DeviceHubService {
         })
     }
 
-    fn list_readings(&self, req: ListReadingsRequest) -> Result<ListReadingsResponse, ApiError> {
+    fn list_readings(
+        &self,
+        req: ListReadingsRequest,
+    ) -> Result<EncodedListReadingsResponse, ApiError> {
         let filter = self.reading_filter(&req.device_id, &req.topic_filter)?;
         let start = optional_time("start_time", req.start_time)?;
         let end = optional_time("end_time", req.end_time)?;
@@ -351,24 +362,28 @@ impl DeviceHubService {
             }
         })?;
 
-        // Keep the response under the client's message size limit.
+        // Keep the response under the client's message size limit; at least
+        // one reading is always sent.
+        let encoded = self.encoded.encode(&page.readings);
         let mut bytes = 0;
-        let fits = page
-            .readings
+        let fits = encoded
             .iter()
-            .position(|r| {
-                bytes += 2 * r.payload.len() + r.topic().len() + 64;
+            .position(|e| {
+                bytes += e.len();
                 bytes > MAX_PAGE_BYTES
             })
             .filter(|&i| i > 0)
-            .unwrap_or(page.readings.len());
+            .unwrap_or(encoded.len());
         let next_cursor = page.readings.get(fits).map(|r| r.seq).or(page.next_cursor);
-        Ok(ListReadingsResponse {
-            readings: page.readings[..fits].iter().map(reading_to_proto).collect(),
-            next_page_token: next_cursor
-                .map(|c| page_token::encode(c, query_hash))
-                .unwrap_or_default(),
-        })
+        let mut response = Vec::with_capacity(bytes.min(MAX_PAGE_BYTES) + 64);
+        for reading in &encoded[..fits] {
+            response.extend_from_slice(reading);
+        }
+        if let Some(cursor) = next_cursor {
+            let token = page_token::encode(cursor, query_hash);
+            wire::put_str(NEXT_PAGE_TOKEN_FIELD, &token, &mut response);
+        }
+        Ok(Encoded::from_bytes(response.into()))
     }
 }
 
@@ -386,7 +401,7 @@ impl DeviceHub for DeviceHubService {
     async fn list_readings(
         &self,
         request: Request<ListReadingsRequest>,
-    ) -> Result<Response<ListReadingsResponse>, Status> {
+    ) -> Result<Response<EncodedListReadingsResponse>, Status> {
         Ok(Response::new(self.list_readings(request.into_inner())?))
     }
 
@@ -445,7 +460,16 @@ impl DeviceHubService {
                 let event = match batch {
                     Ok(batch) => {
                         last_sent = batch.last().map_or(last_sent, |r| r.seq);
-                        Ok(encoded.messages(&batch))
+                        let messages = encoded.encode(&batch);
+                        Ok(batch
+                            .iter()
+                            .zip(messages)
+                            .map(|(reading, message)| WatchItem {
+                                reading_seq: Some(reading.seq),
+                                // A reading as field 1 is a whole message.
+                                message: Encoded::from_bytes(message),
+                            })
+                            .collect())
                     }
                     Err(CursorError::Evicted {
                         missed_from,
@@ -456,12 +480,16 @@ impl DeviceHubService {
                             missed_to, "watcher missed evicted readings; notified in-band"
                         );
                         watcher.skip_gap(missed_to);
-                        Ok(vec![EncodedWatchReadingsResponse::event(
-                            watch_readings_response::Event::Gap(proto::Gap {
-                                first_seq: missed_from,
-                                last_seq: missed_to,
+                        let gap = proto::Gap {
+                            first_seq: missed_from,
+                            last_seq: missed_to,
+                        };
+                        Ok(vec![WatchItem {
+                            reading_seq: None,
+                            message: Encoded::new(&proto::WatchReadingsResponse {
+                                event: Some(watch_readings_response::Event::Gap(gap)),
                             }),
-                        )])
+                        }])
                     }
                     Err(CursorError::Evicted {
                         missed_from,
@@ -500,12 +528,18 @@ impl DeviceHubService {
     }
 }
 
+/// A message of a watch stream, and the reading it carries if it does.
+struct WatchItem {
+    reading_seq: Option<u64>,
+    message: EncodedWatchReadingsResponse,
+}
+
 /// The response stream of WatchReadings: the producer's messages until the
 /// service shuts down, then an `UNAVAILABLE` status that says where to resume.
 pub struct WatchStream {
-    batches: ReceiverStream<Result<Vec<EncodedWatchReadingsResponse>, Status>>,
+    batches: ReceiverStream<Result<Vec<WatchItem>, Status>>,
     /// The rest of the batch being sent.
-    batch: std::vec::IntoIter<EncodedWatchReadingsResponse>,
+    batch: std::vec::IntoIter<WatchItem>,
     shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
     /// Sequence number of the last reading handed to the transport (or the
     /// position the watch started at).
@@ -528,11 +562,11 @@ impl Stream for WatchStream {
             return Poll::Ready(Some(Err(error.into())));
         }
         loop {
-            if let Some(message) = self.batch.next() {
-                if let Some(seq) = message.reading_seq() {
+            if let Some(item) = self.batch.next() {
+                if let Some(seq) = item.reading_seq {
                     self.resume_after = seq;
                 }
-                return Poll::Ready(Some(Ok(message)));
+                return Poll::Ready(Some(Ok(item.message)));
             }
             match std::task::ready!(Pin::new(&mut self.batches).poll_next(cx)) {
                 Some(Ok(batch)) => self.batch = batch.into_iter(),
@@ -609,104 +643,6 @@ fn envelope(
     serde_json::to_vec(&envelope)
         .map(Bytes::from)
         .map_err(|e| ApiError::Internal(format!("encoding a command envelope: {e}")))
-}
-
-/// A buffered reading as a proto message. The payload is shared, not copied;
-/// JSON is decoded here, on demand, not at ingest.
-pub fn reading_to_proto(reading: &Reading) -> proto::Reading {
-    proto::Reading {
-        seq: reading.seq,
-        device_id: reading.device_id().to_owned(),
-        topic: reading.topic().to_owned(),
-        received_at: Some(Timestamp::from(reading.received_at)),
-        payload: reading.payload.clone(),
-        json: parse_json(&reading.payload),
-        qos: u32::from(reading.qos),
-        retained: reading.retained,
-    }
-}
-
-/// The payload as a protobuf `Value` if it is JSON. serde_json refuses input
-/// nested deeper than 128 levels and numbers out of `f64` range, so hostile
-/// payloads end up raw-only instead of exhausting the stack.
-///
-/// This runs for every reading listed or watched, so it builds the protobuf
-/// `Value` straight from the parser ([`ProtoValue`]) instead of going through
-/// a `serde_json::Value` tree first.
-pub fn parse_json(payload: &[u8]) -> Option<Value> {
-    serde_json::from_slice::<ProtoValue>(payload)
-        .ok()
-        .map(|v| v.0)
-}
-
-/// A protobuf `Value` deserialized directly from JSON.
-struct ProtoValue(Value);
-
-impl<'de> serde::Deserialize<'de> for ProtoValue {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(ProtoValueVisitor)
-    }
-}
-
-struct ProtoValueVisitor;
-
-impl ProtoValueVisitor {
-    fn kind<E>(kind: Kind) -> Result<ProtoValue, E> {
-        Ok(ProtoValue(Value { kind: Some(kind) }))
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for ProtoValueVisitor {
-    type Value = ProtoValue;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_unit<E>(self) -> Result<ProtoValue, E> {
-        Self::kind(Kind::NullValue(0))
-    }
-
-    fn visit_bool<E>(self, b: bool) -> Result<ProtoValue, E> {
-        Self::kind(Kind::BoolValue(b))
-    }
-
-    // protobuf's Value holds numbers as f64, like JSON in JavaScript.
-    fn visit_i64<E>(self, n: i64) -> Result<ProtoValue, E> {
-        Self::kind(Kind::NumberValue(n as f64))
-    }
-
-    fn visit_u64<E>(self, n: u64) -> Result<ProtoValue, E> {
-        Self::kind(Kind::NumberValue(n as f64))
-    }
-
-    fn visit_f64<E>(self, n: f64) -> Result<ProtoValue, E> {
-        Self::kind(Kind::NumberValue(n))
-    }
-
-    fn visit_str<E>(self, s: &str) -> Result<ProtoValue, E> {
-        Self::kind(Kind::StringValue(s.to_owned()))
-    }
-
-    fn visit_string<E>(self, s: String) -> Result<ProtoValue, E> {
-        Self::kind(Kind::StringValue(s))
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<ProtoValue, A::Error> {
-        let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
-        while let Some(ProtoValue(value)) = seq.next_element()? {
-            values.push(value);
-        }
-        Self::kind(Kind::ListValue(ListValue { values }))
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ProtoValue, A::Error> {
-        let mut fields = std::collections::BTreeMap::new();
-        while let Some((key, ProtoValue(value))) = map.next_entry::<String, ProtoValue>()? {
-            fields.insert(key, value);
-        }
-        Self::kind(Kind::StructValue(Struct { fields }))
-    }
 }
 
 fn json_to_value(json: serde_json::Value) -> Value {
@@ -856,42 +792,6 @@ mod page_token {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn direct_decoding_matches_decoding_through_serde_json() {
-        let samples: [&[u8]; 6] = [
-            br#"{"t": 21.5, "n": -3, "big": 18446744073709551615, "s": "x\u00e9", "z": null}"#,
-            br#"[true, false, [], {}, [1, [2, [3]]], "a"]"#,
-            br#"{"dup": 1, "dup": 2}"#,
-            b"0",
-            br#""just a string""#,
-            br#"{"nested": {"a": [{"b": {"c": 1e300}}]}}"#,
-        ];
-        for sample in samples {
-            let through_serde =
-                serde_json::from_slice::<serde_json::Value>(sample).map(json_to_value);
-            assert_eq!(
-                parse_json(sample),
-                through_serde.ok(),
-                "{:?}",
-                String::from_utf8_lossy(sample)
-            );
-        }
-    }
-
-    #[test]
-    fn json_payloads_are_decoded_and_others_are_not() {
-        let value = parse_json(br#"{"t": 21.5, "ok": true, "tags": ["a", null]}"#).unwrap();
-        let Some(Kind::StructValue(s)) = value.kind else {
-            panic!("not an object")
-        };
-        assert_eq!(s.fields["t"].kind, Some(Kind::NumberValue(21.5)));
-        for raw in [&b""[..], b"\xff\xfe", b"not json", b"1e999", b"{\"a\":"] {
-            assert_eq!(parse_json(raw), None, "{raw:?}");
-        }
-        let deep = "[".repeat(100_000) + &"]".repeat(100_000);
-        assert_eq!(parse_json(deep.as_bytes()), None);
-    }
 
     #[test]
     fn params_round_trip_and_non_finite_numbers_are_refused() {

@@ -1,102 +1,35 @@
-//! WatchReadings messages encoded once and shared by every stream.
+//! Readings encoded once and shared by every response that carries them.
 //!
-//! Turning a reading into protobuf (strings, the JSON payload as a `Value`
-//! tree) and encoding it costs microseconds; with N watchers on the same
-//! readings, doing it per stream made the work grow with readings × watchers.
-//! Instead the newest readings' encoded messages are kept in a small window
-//! ([`EncodedReadings`]): the first stream to send a reading encodes it, the
-//! others clone a `Bytes` handle (a reference count), and tonic copies the
-//! bytes into the stream's HTTP/2 buffer.
+//! Encoding a reading (its JSON payload transcoded to a protobuf `Value`)
+//! costs microseconds; with N watchers on the same readings, doing it per
+//! stream made the work grow with readings × watchers. Instead the newest
+//! readings' encodings are kept in a small window ([`EncodedReadings`]): the
+//! first stream to send a reading encodes it, the others clone a `Bytes`
+//! handle (a reference count), and tonic copies the bytes into the stream's
+//! HTTP/2 buffer.
 //!
-//! The server is generated with [`EncodedWatchReadingsResponse`] in place of
-//! `WatchReadingsResponse` (see build.rs); the bytes on the wire are the same
-//! message, so clients see no difference.
+//! What is kept is a reading encoded as field 1 of its message: that is at
+//! once a whole `WatchReadingsResponse` (field 1 is its `reading`) and one
+//! entry of `ListReadingsResponse.readings` (field 1 too), so listing the
+//! newest readings uses the same window.
 
 use std::{
     collections::VecDeque,
     sync::{Mutex, MutexGuard},
 };
 
-use bytes::{BufMut, Bytes};
-use prost::{
-    encoding::{DecodeContext, WireType},
-    DecodeError, Message,
-};
+use bytes::Bytes;
 
-use crate::{
-    buffer::Reading,
-    proto::{watch_readings_response::Event, WatchReadingsResponse},
-};
+use super::wire::put_reading_field;
+use crate::buffer::Reading;
 
-/// How many of the newest readings' encoded messages are kept. A stream
-/// further behind than this encodes for itself (and caches nothing).
+/// How many of the newest readings' encodings are kept. A stream further
+/// behind than this encodes for itself (and caches nothing).
 const WINDOW: usize = 8192;
 
-/// A `WatchReadingsResponse`, already encoded.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct EncodedWatchReadingsResponse {
-    encoded: Bytes,
-    /// The sequence number of the reading it carries, if it carries one
-    /// (not part of the message: the stream uses it as its resume point).
-    reading_seq: Option<u64>,
-}
-
-impl EncodedWatchReadingsResponse {
-    pub fn event(event: Event) -> Self {
-        WatchReadingsResponse { event: Some(event) }.into()
-    }
-
-    fn reading(reading: &Reading) -> Self {
-        Self::event(Event::Reading(super::reading_to_proto(reading)))
-    }
-
-    pub fn reading_seq(&self) -> Option<u64> {
-        self.reading_seq
-    }
-}
-
-impl From<WatchReadingsResponse> for EncodedWatchReadingsResponse {
-    fn from(message: WatchReadingsResponse) -> Self {
-        let reading_seq = match &message.event {
-            Some(Event::Reading(reading)) => Some(reading.seq),
-            _ => None,
-        };
-        Self {
-            encoded: message.encode_to_vec().into(),
-            reading_seq,
-        }
-    }
-}
-
-/// Encoding writes the stored bytes. Decoding goes through
-/// `WatchReadingsResponse` (the server never decodes this type).
-impl Message for EncodedWatchReadingsResponse {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        buf.put_slice(&self.encoded);
-    }
-
-    // Never used by the server; correct all the same, through the real type.
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl bytes::Buf,
-        ctx: DecodeContext,
-    ) -> Result<(), DecodeError> {
-        let mut message = WatchReadingsResponse::decode(self.encoded.clone())?;
-        message.merge_field(tag, wire_type, buf, ctx)?;
-        *self = Self::from(message);
-        Ok(())
-    }
-
-    fn encoded_len(&self) -> usize {
-        self.encoded.len()
-    }
-
-    fn clear(&mut self) {
-        *self = Self::default();
-    }
-}
+/// The field number of a reading in both `WatchReadingsResponse` (`reading`)
+/// and `ListReadingsResponse` (`readings`).
+pub const READING_FIELD: u32 = 1;
 
 /// The encoded messages of the newest readings, shared by all watch streams.
 #[derive(Default)]
@@ -105,40 +38,37 @@ pub struct EncodedReadings {
 }
 
 impl EncodedReadings {
-    /// The messages for `readings`, in order: from the window where another
-    /// stream already encoded them, else encoded now and added to it.
-    pub fn messages(&self, readings: &[Reading]) -> Vec<EncodedWatchReadingsResponse> {
-        let mut messages = Vec::with_capacity(readings.len());
+    /// `readings`, each encoded as field [`READING_FIELD`], in order: from
+    /// the window where another response already encoded them, else encoded
+    /// now and added to it.
+    pub fn encode(&self, readings: &[Reading]) -> Vec<Bytes> {
+        let mut encoded = Vec::with_capacity(readings.len());
         let mut missing = Vec::new();
         {
             let window = self.window();
             for (i, reading) in readings.iter().enumerate() {
-                match window.get(reading.seq) {
-                    Some(encoded) => messages.push(EncodedWatchReadingsResponse {
-                        encoded,
-                        reading_seq: Some(reading.seq),
-                    }),
-                    None => {
-                        messages.push(EncodedWatchReadingsResponse::default());
-                        missing.push(i);
-                    }
-                }
+                encoded.push(window.get(reading.seq).unwrap_or_else(|| {
+                    missing.push(i);
+                    Bytes::new()
+                }));
             }
         }
         if missing.is_empty() {
-            return messages;
+            return encoded;
         }
         // Encode without the lock: other streams keep reading the window.
         // Two streams may encode the same reading at once; both results are
         // the same bytes, and the window keeps one.
         for &i in &missing {
-            messages[i] = EncodedWatchReadingsResponse::reading(&readings[i]);
+            let mut bytes = Vec::with_capacity(2 * readings[i].payload.len() + 64);
+            put_reading_field(READING_FIELD, &readings[i], &mut bytes);
+            encoded[i] = bytes.into();
         }
         let mut window = self.window();
         for &i in &missing {
-            window.insert(readings[i].seq, messages[i].encoded.clone());
+            window.insert(readings[i].seq, encoded[i].clone());
         }
-        messages
+        encoded
     }
 
     // Poisoning: the window is valid between statements; keep using it.
@@ -190,27 +120,6 @@ impl Window {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::Gap;
-
-    #[test]
-    fn encodes_and_decodes_as_watch_readings_response() {
-        let gap = WatchReadingsResponse {
-            event: Some(Event::Gap(Gap {
-                first_seq: 3,
-                last_seq: 9,
-            })),
-        };
-        let encoded = EncodedWatchReadingsResponse::from(gap.clone());
-        assert_eq!(encoded.encoded_len(), gap.encoded_len());
-        let bytes = encoded.encode_to_vec();
-        assert_eq!(bytes, gap.encode_to_vec());
-        assert_eq!(WatchReadingsResponse::decode(&bytes[..]).unwrap(), gap);
-        assert_eq!(
-            EncodedWatchReadingsResponse::decode(&bytes[..]).unwrap(),
-            encoded
-        );
-    }
-
     fn bytes(seq: u64) -> Bytes {
         Bytes::from(seq.to_string())
     }
