@@ -14,7 +14,7 @@ use std::marker::PhantomData;
 
 use bytes::{BufMut, Bytes};
 use prost::{
-    encoding::{encode_key, encode_varint, encoded_len_varint, DecodeContext, WireType},
+    encoding::{encode_key, encode_varint, DecodeContext, WireType},
     DecodeError, Message,
 };
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -168,11 +168,11 @@ fn wrap(out: &mut Vec<u8>, start: usize, field: u32) {
     encode_key(field, WireType::LengthDelimited, &mut head);
     encode_varint(len as u64, &mut head);
     let prefix_len = 15 - head.len();
-    debug_assert_eq!(
-        prefix_len,
-        prost::encoding::key_len(field) + encoded_len_varint(len as u64)
-    );
-    out.splice(start..start, prefix[..prefix_len].iter().copied());
+    let prefix = &prefix[..prefix_len];
+    // Make room in front (a memmove of the body, which is small), then fill it.
+    out.extend_from_slice(prefix);
+    out.copy_within(start..start + len, start + prefix.len());
+    out[start..start + prefix.len()].copy_from_slice(prefix);
 }
 
 /// Appends `payload` as a `google.protobuf.Value` message body if it is JSON,
