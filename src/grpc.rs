@@ -3,6 +3,7 @@
 //! where errors become a [`Status`] ([`ApiError`] → `Status`).
 
 use std::{
+    collections::HashSet,
     future::Future,
     pin::Pin,
     sync::Arc,
@@ -11,11 +12,12 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use prost_types::{value::Kind, ListValue, Struct, Timestamp, Value};
 use rumqttc::QoS;
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, Stream};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::{error, info, warn};
 use uuid::Uuid;
 
@@ -37,7 +39,7 @@ use crate::{
     proto::{
         self, device_hub_server::DeviceHub, send_command_request, watch_readings_response,
         GapPolicy, ListReadingsRequest, SendCommandRequest, SendCommandResponse,
-        WatchReadingsRequest,
+        StreamCommandsRequest, StreamCommandsResponse, WatchReadingsRequest,
     },
     replies::{DeviceReply, ReplyRouter, TooManyPending},
     shutdown::Shutdown,
@@ -60,6 +62,8 @@ pub const MAX_COMMAND_BYTES: usize = 256;
 pub const MAX_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// `ListReadingsResponse.next_page_token`.
 const NEXT_PAGE_TOKEN_FIELD: u32 = 2;
+/// Commands in flight per StreamCommands stream.
+pub const MAX_COMMANDS_IN_FLIGHT: usize = 256;
 /// Batches (of up to a few hundred readings) queued per watch stream between
 /// its producer and tonic.
 const WATCH_QUEUE_BATCHES: usize = 2;
@@ -85,6 +89,8 @@ pub enum ApiError {
     TooManyWatchers(usize),
     #[error("the service is shutting down; resume after sequence number {resume_after}")]
     ShuttingDown { resume_after: u64 },
+    #[error("the service is shutting down; commands without a response may or may not have been published")]
+    CommandsShutDown,
     #[error(transparent)]
     TooManyPending(#[from] TooManyPending),
     #[error("device {device_id:?} did not reply to command {command_id} within {timeout:?}")]
@@ -120,7 +126,9 @@ impl From<ApiError> for Status {
                 Status::resource_exhausted(message)
             }
             ApiError::NoReply { .. } => Status::deadline_exceeded(message),
-            ApiError::ShuttingDown { .. } => Status::unavailable(message),
+            ApiError::ShuttingDown { .. } | ApiError::CommandsShutDown => {
+                Status::unavailable(message)
+            }
             ApiError::Internal(_) => {
                 // Details go to the log, never to the client.
                 error!(%message, "internal error");
@@ -130,7 +138,9 @@ impl From<ApiError> for Status {
     }
 }
 
-/// The `DeviceHub` service.
+/// The `DeviceHub` service. Cheap to clone: StreamCommands shares it with
+/// the task that serves a stream.
+#[derive(Clone)]
 pub struct DeviceHubService {
     hub: Arc<ReadingHub>,
     publisher: CommandPublisher,
@@ -407,11 +417,91 @@ impl DeviceHub for DeviceHubService {
 
     type WatchReadingsStream = WatchStream;
 
+    type StreamCommandsStream = ReceiverStream<Result<StreamCommandsResponse, Status>>;
+
+    async fn stream_commands(
+        &self,
+        request: Request<Streaming<StreamCommandsRequest>>,
+    ) -> Result<Response<Self::StreamCommandsStream>, Status> {
+        Ok(Response::new(self.stream_commands(request.into_inner())))
+    }
+
     async fn watch_readings(
         &self,
         request: Request<WatchReadingsRequest>,
     ) -> Result<Response<WatchStream>, Status> {
         Ok(Response::new(self.watch_readings(request.into_inner())?))
+    }
+}
+
+impl DeviceHubService {
+    /// Serves a StreamCommands stream from a task of its own: reads requests
+    /// while fewer than [`MAX_COMMANDS_IN_FLIGHT`] are in flight, runs them
+    /// concurrently as SendCommand, and sends each outcome as it completes.
+    fn stream_commands(
+        &self,
+        mut requests: Streaming<StreamCommandsRequest>,
+    ) -> ReceiverStream<Result<StreamCommandsResponse, Status>> {
+        let (tx, rx) = mpsc::channel(MAX_COMMANDS_IN_FLIGHT);
+        let service = self.clone();
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut in_flight = FuturesUnordered::new();
+            let mut request_ids = HashSet::new();
+            let mut reading = true;
+            while reading || !in_flight.is_empty() {
+                let (response, finished) = tokio::select! {
+                    // Outcomes first: they make room for more requests.
+                    biased;
+                    Some(response) = in_flight.next() => (response, true),
+                    request = requests.message(),
+                        if reading && in_flight.len() < MAX_COMMANDS_IN_FLIGHT =>
+                    {
+                        let (id, command) = match request {
+                            Ok(Some(request)) => (request.request_id, request.command),
+                            Ok(None) => {
+                                reading = false;
+                                continue;
+                            }
+                            // The client's side broke (or sent an oversized
+                            // message): report it and abandon the stream.
+                            Err(status) => {
+                                let _ = tx.send(Err(status)).await;
+                                return;
+                            }
+                        };
+                        let error = match command {
+                            None => ApiError::invalid("command", "is required"),
+                            Some(_) if request_ids.contains(&id) => ApiError::invalid(
+                                "request_id",
+                                format!("{id} is already in flight on this stream"),
+                            ),
+                            Some(command) => {
+                                request_ids.insert(id);
+                                let service = service.clone();
+                                in_flight.push(async move {
+                                    command_response(id, service.send_command(command).await)
+                                });
+                                continue;
+                            }
+                        };
+                        (command_response(id, Err(error)), false)
+                    }
+                    _ = tx.closed() => return, // the client went away
+                    _ = shutdown.recv() => {
+                        let _ = tx.send(Err(ApiError::CommandsShutDown.into())).await;
+                        return;
+                    }
+                };
+                if finished {
+                    request_ids.remove(&response.request_id);
+                }
+                if tx.send(Ok(response)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        ReceiverStream::new(rx)
     }
 }
 
@@ -525,6 +615,30 @@ impl DeviceHubService {
             resume_after: start_cursor,
             done: false,
         })
+    }
+}
+
+/// A StreamCommands response: the outcome SendCommand would have returned,
+/// its status turned into a code and message in the one usual place.
+fn command_response(
+    request_id: u64,
+    outcome: Result<SendCommandResponse, ApiError>,
+) -> StreamCommandsResponse {
+    match outcome {
+        Ok(response) => StreamCommandsResponse {
+            request_id,
+            response: Some(response),
+            ..Default::default()
+        },
+        Err(error) => {
+            let status = Status::from(error);
+            StreamCommandsResponse {
+                request_id,
+                status_code: status.code() as i32,
+                status_message: status.message().to_owned(),
+                response: None,
+            }
+        }
     }
 }
 

@@ -8,9 +8,13 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use common::*;
 use devicehub::{
     config::BrokerUrl,
-    proto::{CommandStatus, ListReadingsRequest, SendCommandRequest, SendCommandResponse},
+    proto::{
+        CommandStatus, ListReadingsRequest, SendCommandRequest, SendCommandResponse,
+        StreamCommandsRequest, StreamCommandsResponse,
+    },
 };
 use serde_json::{json, Value};
+use tokio_stream::StreamExt;
 use tonic::{Code, Request, Status};
 
 fn command(device_id: &str, command: &str, reply_timeout_ms: Option<u64>) -> SendCommandRequest {
@@ -330,4 +334,117 @@ async fn invalid_reply_timeouts_and_a_down_broker_are_refused() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_commands_gets_one_response_per_request() {
+    let broker = embedded_broker();
+    let service = TestService::start_ready(config(&broker, &[])).await;
+    let mut client = service.client().await;
+    let _devices = Responder::start(&broker, "responder-stream", policy()).await;
+
+    let request = |request_id: u64, command: Option<SendCommandRequest>| StreamCommandsRequest {
+        request_id,
+        command,
+    };
+    // Stays in flight for a while, so that the same id again is refused.
+    let mut requests = vec![
+        request(1, Some(command("d-silent", "PING", Some(1500)))),
+        request(1, Some(command("dev0", "PING", None))),
+        request(2, None),
+        request(3, Some(command("dev0", "", None))),
+        request(4, Some(command("bad/device", "PING", None))),
+        request(5, Some(command("dev1", "FAIL", Some(15_000)))),
+    ];
+    // More than one stream's in-flight limit: flow control, not refusal.
+    let many = 2 * devicehub::grpc::MAX_COMMANDS_IN_FLIGHT as u64;
+    for n in 0..many {
+        let device = format!("dev{}", n % 50);
+        let command = with_params(command(&device, "SET", Some(15_000)), json!({"n": n}));
+        requests.push(request(100 + n, Some(command)));
+    }
+    let sent = requests.len();
+    let responses = client
+        .stream_commands(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let responses: Vec<StreamCommandsResponse> =
+        within("every response", responses.map(|r| r.unwrap()).collect()).await;
+    assert_eq!(responses.len(), sent);
+
+    let mut by_id: HashMap<u64, Vec<&StreamCommandsResponse>> = HashMap::new();
+    for response in &responses {
+        by_id.entry(response.request_id).or_default().push(response);
+    }
+    let code = |r: &StreamCommandsResponse| Code::from_i32(r.status_code);
+    // Id 1: the duplicate is refused at once, the first times out later.
+    let ones: Vec<Code> = by_id[&1].iter().map(|r| code(r)).collect();
+    assert_eq!(ones, [Code::InvalidArgument, Code::DeadlineExceeded]);
+    assert!(by_id[&1][0].status_message.contains("request_id"));
+    for (id, field) in [(2, "command"), (3, "command"), (4, "device_id")] {
+        let [response] = by_id[&id][..] else {
+            panic!("one response for {id}")
+        };
+        assert_eq!(code(response), Code::InvalidArgument, "{response:?}");
+        assert!(response.status_message.starts_with(field), "{response:?}");
+        assert!(response.response.is_none());
+    }
+    let failed = by_id[&5][0].response.as_ref().unwrap();
+    assert_eq!(
+        failed.reply.as_ref().unwrap().status(),
+        CommandStatus::Error,
+        "a device's error is a reply, not a failed command"
+    );
+    for n in 0..many {
+        let [response] = by_id[&(100 + n)][..] else {
+            panic!("one response for command {n}")
+        };
+        assert_eq!(code(response), Code::Ok, "{response:?}");
+        let device = format!("dev{}", n % 50);
+        assert_eq!(
+            result_json(response.response.as_ref().unwrap()),
+            json!({"device": device, "params": {"n": n as f64}}),
+            "command {n}"
+        );
+    }
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_stream_ends_unavailable_when_the_service_stops() {
+    let broker = embedded_broker();
+    let service = TestService::start_ready(config(&broker, &[])).await;
+    let mut client = service.client().await;
+    let mut device = TestDevice::connect(
+        &broker,
+        "device-stream-stop",
+        Some("devices/d-silent/commands"),
+    )
+    .await;
+    let (requests, stream) = tokio::sync::mpsc::channel(4);
+    // A command that waits for a reply that never comes, on a stream the
+    // client keeps open.
+    requests
+        .send(StreamCommandsRequest {
+            request_id: 7,
+            command: Some(command("d-silent", "PING", Some(60_000))),
+        })
+        .await
+        .unwrap();
+    let mut responses = client
+        .stream_commands(tokio_stream::wrappers::ReceiverStream::new(stream))
+        .await
+        .unwrap()
+        .into_inner();
+    // The device got it, so it is in flight when the service stops.
+    let message = within("the command at the device", device.next_message()).await;
+    assert_eq!(message.topic, "devices/d-silent/commands");
+    within("the service to stop", service.stop()).await;
+    let status = within("the stream to end", responses.message())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"), "{status:?}");
+    drop(requests);
 }

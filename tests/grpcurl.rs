@@ -68,7 +68,12 @@ async fn grpcurl_lists_describes_and_calls_everything_through_reflection() {
         assert!(services.lines().any(|l| l == name), "{name} in {services}");
     }
     let methods = grpcurl(&[], &addr, &["list", "devicehub.v1.DeviceHub"]).await;
-    for method in ["SendCommand", "ListReadings", "WatchReadings"] {
+    for method in [
+        "SendCommand",
+        "ListReadings",
+        "WatchReadings",
+        "StreamCommands",
+    ] {
         assert!(
             methods.contains(&format!("devicehub.v1.DeviceHub.{method}")),
             "{methods}"
@@ -192,6 +197,32 @@ async fn grpcurl_lists_describes_and_calls_everything_through_reflection() {
     let replied: Value = serde_json::from_str(&replied).unwrap();
     assert_eq!(replied["reply"]["status"], "COMMAND_STATUS_OK", "{replied}");
     assert_eq!(replied["reply"]["result"]["interval_ms"], 500.0);
+
+    // Several commands on one stream: one JSON message each.
+    let streamed = grpcurl(
+        &[
+            "-d",
+            r#"{"request_id": 1, "command": {"device_id": "d2", "command": "PING", "reply_timeout": "5s"}}
+               {"request_id": 2, "command": {"device_id": "a/b", "command": "X"}}"#,
+        ],
+        &addr,
+        &["devicehub.v1.DeviceHub/StreamCommands"],
+    )
+    .await;
+    let streamed: Vec<Value> = serde_json::Deserializer::from_str(&streamed)
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(streamed.len(), 2, "{streamed:?}");
+    let by_id = |id: &str| streamed.iter().find(|r| r["requestId"] == id).unwrap();
+    assert_eq!(
+        by_id("1")["response"]["reply"]["status"],
+        "COMMAND_STATUS_OK"
+    );
+    assert_eq!(by_id("2")["statusCode"], 3, "INVALID_ARGUMENT");
+    assert!(by_id("2")["statusMessage"]
+        .as_str()
+        .is_some_and(|m| m.starts_with("device_id")));
 
     let error = grpcurl_error(
         &["-d", r#"{"device_id": "a/b", "command": "X"}"#],
