@@ -284,7 +284,13 @@ impl Service {
                 "5000",
             ])
             .args(extra)
-            .env("DEVICEHUB_LOG", "info")
+            // The harness reads the startup lines logged at info; pass a
+            // DEVICEHUB_LOG on, e.g. "info,devicehub::grpc=warn" to measure
+            // commands without a log line each.
+            .env(
+                "DEVICEHUB_LOG",
+                std::env::var("DEVICEHUB_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
