@@ -86,7 +86,7 @@ pub struct Reading {
 pub struct NewReading<'a> {
     pub device_id: &'a str,
     pub topic: &'a str,
-    pub payload: Bytes,
+    pub payload: &'a [u8],
     pub qos: u8,
     pub retained: bool,
     pub received_at: SystemTime,
@@ -273,7 +273,7 @@ impl ReadingBuffer {
         let slot = Slot {
             source: device.last_source.clone(),
             received_micros: micros,
-            payload: self.payloads.push(&new.payload),
+            payload: self.payloads.push(new.payload),
             qos: new.qos,
             retained: new.retained,
         };
@@ -484,7 +484,7 @@ mod tests {
         buf.push(NewReading {
             device_id: device,
             topic: &topic,
-            payload: Bytes::copy_from_slice(payload.as_bytes()),
+            payload: payload.as_bytes(),
             qos: 1,
             retained: false,
             received_at: at(secs),
@@ -810,11 +810,14 @@ mod tests {
                         "devices/{device}/{}",
                         ["readings", "status"][rng.below(2) as usize]
                     );
-                    let payload = vec![b'x'; rng.below(200) as usize];
+                    // Distinct bytes, so a payload read from the wrong place
+                    // in the arena cannot pass for the right one.
+                    let salt = rng.below(256);
+                    let payload: Vec<u8> = (0..rng.below(200)).map(|j| (salt + j) as u8).collect();
                     let seq = buf.push(NewReading {
                         device_id: &device,
                         topic: &topic,
-                        payload: Bytes::from(payload),
+                        payload: &payload,
                         qos: 1,
                         retained: false,
                         received_at: at(clock),

@@ -317,7 +317,7 @@ impl Driver {
                             batch.push(publish);
                         }
                     }
-                    self.ingest(&mut batch);
+                    self.ingest(&batch);
                     batch.clear();
                 }
                 Ok(event) => {
@@ -390,37 +390,39 @@ impl Driver {
         .into_iter()
     }
 
-    /// Stores publishes received together (and routes the replies among them).
-    fn ingest(&self, batch: &mut [rumqttc::Publish]) {
+    /// Stores publishes received together (and routes the replies among
+    /// them), parsing topics before taking the buffer's lock.
+    fn ingest(&self, batch: &[rumqttc::Publish]) {
         // One read, one time: they arrived together.
         let received_at = SystemTime::now();
-        let readings = batch.iter_mut().map(|publish| {
-            let payload = std::mem::take(&mut publish.payload);
-            let publish = &*publish;
-            // Replies are buffered like readings, and routed to a waiting
-            // SendCommand call if there is one.
-            let device_id = match self.replies_topic.device_id_of(&publish.topic) {
-                Some(device_id) => {
-                    self.replies.route(device_id, &payload);
-                    Some(device_id)
+        let readings: Vec<NewReading<'_>> = batch
+            .iter()
+            .map(|publish| {
+                // Replies are buffered like readings, and routed to a waiting
+                // SendCommand call if there is one.
+                let device_id = match self.replies_topic.device_id_of(&publish.topic) {
+                    Some(device_id) => {
+                        self.replies.route(device_id, &publish.payload);
+                        Some(device_id)
+                    }
+                    None => self.readings_topic.device_id_of(&publish.topic),
+                };
+                if device_id.is_none() {
+                    debug!(
+                        topic = publish.topic,
+                        "message on a topic outside the readings and replies templates"
+                    );
                 }
-                None => self.readings_topic.device_id_of(&publish.topic),
-            };
-            if device_id.is_none() {
-                debug!(
-                    topic = publish.topic,
-                    "message on a topic outside the readings and replies templates"
-                );
-            }
-            NewReading {
-                device_id: device_id.unwrap_or(""),
-                topic: &publish.topic,
-                payload,
-                qos: publish.qos as u8,
-                retained: publish.retain,
-                received_at,
-            }
-        });
+                NewReading {
+                    device_id: device_id.unwrap_or(""),
+                    topic: &publish.topic,
+                    payload: &publish.payload,
+                    qos: publish.qos as u8,
+                    retained: publish.retain,
+                    received_at,
+                }
+            })
+            .collect();
         let last_seq = self.hub.push_all(readings);
         trace!(last_seq, count = batch.len(), "readings stored");
     }

@@ -389,7 +389,7 @@ mod tests {
             buffer.push(NewReading {
                 device_id: device,
                 topic,
-                payload: Bytes::copy_from_slice(payload),
+                payload,
                 qos: (i % 3) as u8,
                 retained: i % 2 == 0,
                 received_at: SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000 + i as u64, 0),
