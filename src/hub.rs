@@ -3,8 +3,7 @@
 //!
 //! Ingestion writes, ListReadings and watchers read. The lock is held only to
 //! store the readings of one network read or to copy out at most one batch
-//! (reference counts, not payloads), never across an `.await`, JSON decoding
-//! or gRPC encoding.
+//! of readings, never across an `.await`, JSON decoding or gRPC encoding.
 
 use std::sync::{
     atomic::{AtomicU64, AtomicUsize, Ordering},
