@@ -9,7 +9,7 @@ use std::{path::Path, process::Stdio};
 use common::*;
 use serde_json::Value;
 use tokio::{
-    io::{AsyncBufReadExt, BufReader},
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     process::Command,
 };
 
@@ -136,6 +136,48 @@ async fn the_python_client_lists_watches_and_sends_commands() {
     assert_eq!(envelope["id"], sent["commandId"]);
     assert_eq!(envelope["command"], "SET_INTERVAL");
     assert_eq!(envelope["params"]["ms"], 500);
+
+    // send-many: commands from stdin over one StreamCommands stream; each
+    // gets its outcome, matched by request_id (the input line).
+    let mut many = client(stubs.path(), &target, &["send-many"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = many.stdin.take().unwrap();
+    stdin
+        .write_all(
+            concat!(
+                r#"{"device_id": "d1", "command": "PING"}"#,
+                "\n",
+                r#"{"device_id": "a/b", "command": "X"}"#,
+                "\n",
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    drop(stdin);
+    let output = within("python send-many", many.wait_with_output())
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut outcomes = json_lines(&output.stdout);
+    outcomes.sort_by_key(|o| o["requestId"].as_u64());
+    assert_eq!(outcomes.len(), 2, "{outcomes:?}");
+    assert_eq!(outcomes[0]["code"], "OK", "{outcomes:?}");
+    assert_eq!(outcomes[1]["code"], "INVALID_ARGUMENT", "{outcomes:?}");
+    assert!(outcomes[1]["message"]
+        .as_str()
+        .is_some_and(|m| m.starts_with("device_id")));
+    let envelope: Value = serde_json::from_slice(&device.next_message().await.payload).unwrap();
+    assert_eq!(envelope["id"], outcomes[0]["response"]["commandId"]);
+    assert_eq!(envelope["command"], "PING");
 
     // watch: live readings after the stream is open.
     let mut watch = client(

@@ -13,6 +13,9 @@ Then:
     python3 examples/python/devicehub_client.py watch --device-id sim-1 --count 5
     python3 examples/python/devicehub_client.py send  --device-id sim-1 \
         --command TURN_ON_FAN --params '{"speed": 3}'
+    printf '%s\n' '{"device_id": "sim-1", "command": "PING"}' \
+                   '{"device_id": "sim-2", "command": "TURN_OFF_FAN"}' |
+        python3 examples/python/devicehub_client.py send-many
 
 Every reading or response is printed as one JSON line (protobuf's JSON
 mapping). A gRPC error is printed to stderr with its status code, and the exit
@@ -89,6 +92,29 @@ def send_command(stub, args):
     emit(stub.SendCommand(request, timeout=args.timeout))
 
 
+def send_many(stub, args):
+    """Sends the commands read from stdin (one SendCommandRequest as JSON per
+    line) over one StreamCommands stream, and prints each outcome as it comes:
+    the request's line number as request_id, its status code name, and the
+    response or the error message."""
+
+    def requests():
+        for number, line in enumerate(sys.stdin, start=1):
+            if line.strip():
+                command = json_format.Parse(line, devicehub_pb2.SendCommandRequest())
+                yield devicehub_pb2.StreamCommandsRequest(request_id=number, command=command)
+
+    names = {code.value[0]: code.name for code in grpc.StatusCode}
+    for response in stub.StreamCommands(requests()):
+        code = names.get(response.status_code, str(response.status_code))
+        outcome = {"requestId": response.request_id, "code": code}
+        if response.status_code == 0:
+            outcome["response"] = json_format.MessageToDict(response.response)
+        else:
+            outcome["message"] = response.status_message
+        emit(outcome)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--target", default=os.environ.get("DEVICEHUB_GRPC_ADDR", "127.0.0.1:50051"))
@@ -108,8 +134,15 @@ def main():
     send.add_argument("--params", help="JSON object")
     send.add_argument("--qos", type=int, default=1)
 
+    sub.add_parser("send-many", help="commands from stdin, one JSON SendCommandRequest a line")
+
     args = parser.parse_args()
-    actions = {"list": list_readings, "watch": watch_readings, "send": send_command}
+    actions = {
+        "list": list_readings,
+        "watch": watch_readings,
+        "send": send_command,
+        "send-many": send_many,
+    }
     with grpc.insecure_channel(args.target) as channel:
         stub = devicehub_pb2_grpc.DeviceHubStub(channel)
         try:
