@@ -110,6 +110,9 @@ impl Reading {
     }
 }
 
+/// Most readings whose slots are reserved up front (128 MiB of address space).
+const MAX_RESERVED_READINGS: usize = 1 << 22;
+
 /// Bytes charged per reading on top of its payload, topic and device id: its
 /// slot in the deque and its entry in the device index.
 pub const READING_OVERHEAD_BYTES: usize = std::mem::size_of::<Slot>() + 8;
@@ -205,10 +208,12 @@ impl ReadingBuffer {
     pub fn new(limits: BufferLimits, first_seq: u64) -> Self {
         // Room for as many readings as the limits allow, reserved at once:
         // growing by doubling would leave up to half of it unused, and pages
-        // not yet written take no memory.
+        // not yet written take no memory. Past a sane size (limits are not
+        // bounded in the configuration) the deque grows as it fills.
         let most = limits
             .max_readings
-            .min(limits.max_bytes / READING_OVERHEAD_BYTES + 1);
+            .min(limits.max_bytes / READING_OVERHEAD_BYTES + 1)
+            .min(MAX_RESERVED_READINGS);
         Self {
             readings: VecDeque::with_capacity(most),
             payloads: PayloadArena::default(),
@@ -507,6 +512,13 @@ mod tests {
         // What the module documentation promises; the memory target depends on it.
         assert_eq!(std::mem::size_of::<Slot>(), 32);
         assert_eq!(READING_OVERHEAD_BYTES, 40);
+    }
+
+    #[test]
+    fn unbounded_limits_reserve_a_bounded_deque() {
+        let mut buf = buffer(usize::MAX, usize::MAX);
+        assert!(buf.readings.capacity() <= 2 * MAX_RESERVED_READINGS);
+        assert_eq!(push(&mut buf, "d1", 1, "{}"), FIRST);
     }
 
     #[test]
