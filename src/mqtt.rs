@@ -306,10 +306,13 @@ impl Driver {
                     // them out one by one; the publishes queued right behind
                     // this one are stored with it, under one lock and one
                     // wake-up of the watchers. (Popping them is what `poll`
-                    // would do next, without I/O.)
+                    // would do next, without I/O.) The acknowledgements
+                    // rumqttc sent for them in between need nothing from us.
                     batch.push(publish);
-                    while let Some(Event::Incoming(Packet::Publish(_))) =
-                        eventloop.state.events.front()
+                    while let Some(
+                        Event::Incoming(Packet::Publish(_))
+                        | Event::Outgoing(Outgoing::PubAck(_) | Outgoing::PubRec(_)),
+                    ) = eventloop.state.events.front()
                     {
                         if let Some(Event::Incoming(Packet::Publish(publish))) =
                             eventloop.state.events.pop_front()
