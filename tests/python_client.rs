@@ -47,8 +47,14 @@ fn client(stubs: &Path, target: &str, args: &[&str]) -> Command {
     command
 }
 
-fn json_lines(bytes: &[u8]) -> Vec<Value> {
-    String::from_utf8_lossy(bytes)
+/// The JSON lines a successful run of the client printed.
+fn json_lines(output: &std::process::Output) -> Vec<Value> {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect()
@@ -95,12 +101,7 @@ async fn the_python_client_lists_watches_and_sends_commands() {
     )
     .await
     .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let listed = json_lines(&output.stdout);
+    let listed = json_lines(&output);
     // protobuf's Value holds numbers as doubles.
     let is: Vec<Option<f64>> = listed.iter().map(|r| r["json"]["i"].as_f64()).collect();
     assert_eq!(is, [Some(0.0), Some(1.0), Some(2.0)]);
@@ -126,12 +127,7 @@ async fn the_python_client_lists_watches_and_sends_commands() {
     )
     .await
     .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let sent = &json_lines(&output.stdout)[0];
+    let sent = &json_lines(&output)[0];
     let envelope: Value = serde_json::from_slice(&device.next_message().await.payload).unwrap();
     assert_eq!(envelope["id"], sent["commandId"]);
     assert_eq!(envelope["command"], "SET_INTERVAL");
@@ -162,12 +158,7 @@ async fn the_python_client_lists_watches_and_sends_commands() {
     let output = within("python send-many", many.wait_with_output())
         .await
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let mut outcomes = json_lines(&output.stdout);
+    let mut outcomes = json_lines(&output);
     outcomes.sort_by_key(|o| o["requestId"].as_u64());
     assert_eq!(outcomes.len(), 2, "{outcomes:?}");
     assert_eq!(outcomes[0]["code"], "OK", "{outcomes:?}");
