@@ -3,6 +3,7 @@
 
 Generate the stubs first (from the repository root):
 
+    mkdir -p examples/python/gen
     python3 -m grpc_tools.protoc -I proto \
         --python_out=examples/python/gen --grpc_python_out=examples/python/gen \
         proto/devicehub/v1/devicehub.proto
