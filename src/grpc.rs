@@ -443,7 +443,8 @@ impl DeviceHubService {
         mut requests: Streaming<StreamCommandsRequest>,
     ) -> ReceiverStream<Result<StreamCommandsResponse, Status>> {
         let (tx, rx) = mpsc::channel(MAX_COMMANDS_IN_FLIGHT);
-        let service = self.clone();
+        // One copy per stream, shared by its commands.
+        let service = Arc::new(self.clone());
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let mut in_flight = FuturesUnordered::new();
