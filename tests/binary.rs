@@ -105,24 +105,13 @@ async fn serve_and_simulate_run_until_sigterm() {
     })
     .await;
     for device in ["sim-1", "sim-2"] {
-        let reading = eventually(&format!("a reading from {device}"), || {
-            let mut client = client.clone();
-            async move {
-                let request = ListReadingsRequest {
-                    device_id: device.into(),
-                    topic_filter: "devices/+/readings".into(),
-                    ..Default::default()
-                };
-                client
-                    .list_readings(request)
-                    .await
-                    .ok()?
-                    .into_inner()
-                    .readings
-                    .pop()
-            }
-        })
-        .await;
+        let request = ListReadingsRequest {
+            device_id: device.into(),
+            topic_filter: "devices/+/readings".into(),
+            ..Default::default()
+        };
+        let what = format!("a reading from {device}");
+        let reading = list_until(&what, &client, request, |mut readings| readings.pop()).await;
         assert!(reading.json.is_some(), "simulated readings are JSON");
         let json = String::from_utf8_lossy(&reading.payload);
         assert!(
@@ -168,26 +157,21 @@ async fn serve_and_simulate_run_until_sigterm() {
         .unwrap()
         .into_inner();
     assert_eq!(fan_on.reply.unwrap().status(), CommandStatus::Ok);
-    eventually("sim-2 readings with the fan on", || {
-        let mut client = client.clone();
-        async move {
-            let request = ListReadingsRequest {
-                device_id: "sim-2".into(),
-                topic_filter: "devices/+/readings".into(),
-                page_size: 1,
-                ..Default::default()
-            };
-            let reading = client
-                .list_readings(request)
-                .await
-                .ok()?
-                .into_inner()
-                .readings
-                .pop()?;
-            let json: serde_json::Value = serde_json::from_slice(&reading.payload).ok()?;
+    let request = ListReadingsRequest {
+        device_id: "sim-2".into(),
+        topic_filter: "devices/+/readings".into(),
+        page_size: 1,
+        ..Default::default()
+    };
+    list_until(
+        "sim-2 readings with the fan on",
+        &client,
+        request,
+        |mut readings| {
+            let json: serde_json::Value = serde_json::from_slice(&readings.pop()?.payload).ok()?;
             (json["fan"] == true).then_some(())
-        }
-    })
+        },
+    )
     .await;
     let unknown = client
         .clone()

@@ -155,21 +155,12 @@ async fn round_trips(broker: &BrokerUrl) {
     assert!(response.reply.is_none());
 
     // Replies are buffered like readings, so anyone can see outcomes.
-    let outcomes = eventually("the replies in the buffer", || {
-        let mut client = client.clone();
-        async move {
-            let request = ListReadingsRequest {
-                topic_filter: "devices/+/replies".into(),
-                ..Default::default()
-            };
-            let readings = client
-                .list_readings(request)
-                .await
-                .ok()?
-                .into_inner()
-                .readings;
-            (readings.len() >= 2).then_some(readings)
-        }
+    let request = ListReadingsRequest {
+        topic_filter: "devices/+/replies".into(),
+        ..Default::default()
+    };
+    let outcomes = list_until("the replies in the buffer", &client, request, |readings| {
+        (readings.len() >= 2).then_some(readings)
     })
     .await;
     assert!(outcomes
@@ -261,22 +252,16 @@ async fn late_replies_and_short_client_deadlines_never_misdeliver() {
         .into_inner();
     let reply = response.reply.unwrap();
     assert_eq!(reply.status(), CommandStatus::Ok);
-    let outcomes = eventually("three late replies in the buffer", || {
-        let mut client = client.clone();
-        async move {
-            let request = ListReadingsRequest {
-                device_id: "d-late".into(),
-                ..Default::default()
-            };
-            let readings = client
-                .list_readings(request)
-                .await
-                .ok()?
-                .into_inner()
-                .readings;
-            (readings.len() == 3).then_some(readings)
-        }
-    })
+    let request = ListReadingsRequest {
+        device_id: "d-late".into(),
+        ..Default::default()
+    };
+    let outcomes = list_until(
+        "three late replies in the buffer",
+        &client,
+        request,
+        |readings| (readings.len() == 3).then_some(readings),
+    )
     .await;
     let ids: Vec<String> = outcomes
         .iter()

@@ -49,6 +49,25 @@ where
     }
 }
 
+/// Lists with `request` until `check` accepts the page's readings, and returns
+/// what it made of them; panics naming `what` if that never happens.
+pub async fn list_until<T>(
+    what: &str,
+    client: &DeviceHubClient<Channel>,
+    request: devicehub::proto::ListReadingsRequest,
+    check: impl Fn(Vec<Reading>) -> Option<T>,
+) -> T {
+    let check = &check;
+    eventually(what, || {
+        let (mut client, request) = (client.clone(), request.clone());
+        async move {
+            let page = client.list_readings(request).await.ok()?.into_inner();
+            check(page.readings)
+        }
+    })
+    .await
+}
+
 /// Runs a future with the [`PATIENCE`] bound, naming it if it hangs.
 pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
     tokio::time::timeout(PATIENCE, future)
