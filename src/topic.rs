@@ -22,7 +22,8 @@ pub const MAX_TOPIC_BYTES: usize = 65_535;
 pub struct TopicError(String);
 
 /// Checks that `id` can stand as one topic level: non-empty, at most
-/// [`MAX_DEVICE_ID_BYTES`], and free of `/`, `+`, `#` and NUL.
+/// [`MAX_DEVICE_ID_BYTES`], free of `/`, `+`, `#` and of every character
+/// MQTT receivers reject ([`check_topic_text`]).
 pub fn validate_device_id(id: &str) -> Result<(), TopicError> {
     if id.is_empty() {
         return Err(TopicError("must not be empty".into()));
@@ -33,16 +34,46 @@ pub fn validate_device_id(id: &str) -> Result<(), TopicError> {
             id.len()
         )));
     }
-    if let Some(c) = id.chars().find(|c| matches!(c, '/' | '+' | '#' | '\0')) {
+    check_topic_text(id)?;
+    if let Some(c) = id.chars().find(|c| matches!(c, '/' | '+' | '#')) {
         return Err(TopicError(format!(
-            "must be a single topic level without '/', '+', '#' or NUL; found {c:?}"
+            "must be a single topic level without '/', '+' or '#'; found {c:?}"
         )));
     }
     Ok(())
 }
 
-/// Checks an MQTT topic filter (MQTT 3.1.1 section 4.7): non-empty, no NUL,
-/// `+` alone in its level, `#` alone in the last level.
+/// Checks that `text` holds no character that MQTT receivers may reject in
+/// a topic (MQTT 3.1.1 section 1.5.3, MQTT 5 section 1.5.4): U+0000, the
+/// control characters U+0001–U+001F and U+007F–U+009F, and the
+/// noncharacters U+FDD0–U+FDEF and U+nFFFE/U+nFFFF. Mosquitto drops the
+/// whole connection for a PUBLISH or SUBSCRIBE holding one, so everything
+/// that may end up in a topic is checked before it is sent.
+pub fn check_topic_text(text: &str) -> Result<(), TopicError> {
+    let Some((at, c)) = text.char_indices().find(|&(_, c)| rejected_by_brokers(c)) else {
+        return Ok(());
+    };
+    let kind = if c.is_control() {
+        "a control character"
+    } else {
+        "a Unicode noncharacter"
+    };
+    Err(TopicError(format!(
+        "must not contain U+{:04X} ({kind}; MQTT brokers refuse it in topics), found at byte {at}",
+        u32::from(c)
+    )))
+}
+
+/// See [`check_topic_text`].
+fn rejected_by_brokers(c: char) -> bool {
+    let code = u32::from(c);
+    // `is_control` is exactly U+0000–U+001F and U+007F–U+009F.
+    c.is_control() || (0xFDD0..=0xFDEF).contains(&code) || code & 0xFFFE == 0xFFFE
+}
+
+/// Checks an MQTT topic filter (MQTT 3.1.1 section 4.7): non-empty, at most
+/// [`MAX_TOPIC_BYTES`], nothing brokers reject ([`check_topic_text`]), `+`
+/// alone in its level, `#` alone in the last level.
 pub fn validate_topic_filter(filter: &str) -> Result<(), TopicError> {
     if filter.is_empty() {
         return Err(TopicError("must not be empty".into()));
@@ -53,9 +84,7 @@ pub fn validate_topic_filter(filter: &str) -> Result<(), TopicError> {
             filter.len()
         )));
     }
-    if filter.contains('\0') {
-        return Err(TopicError("must not contain NUL".into()));
-    }
+    check_topic_text(filter)?;
     let levels: Vec<&str> = filter.split('/').collect();
     for (i, level) in levels.iter().enumerate() {
         if level.contains('#') && (*level != "#" || i + 1 != levels.len()) {
@@ -160,6 +189,17 @@ impl TopicTemplate {
                     "{template:?}: {DEVICE_ID_PLACEHOLDER} must be a whole topic level"
                 )));
             }
+        }
+        // Every topic made from the template must fit MQTT's limit, with
+        // the longest device id in the placeholder.
+        let longest = match placeholder_level {
+            Some(_) => template.len() - DEVICE_ID_PLACEHOLDER.len() + MAX_DEVICE_ID_BYTES,
+            None => template.len(),
+        };
+        if longest > MAX_TOPIC_BYTES {
+            return Err(TopicError(format!(
+                "{template:?} makes topics of up to {longest} bytes; MQTT's limit is {MAX_TOPIC_BYTES}"
+            )));
         }
         let subscription = render(&levels, placeholder_level, "+");
         validate_topic_filter(&subscription)
@@ -281,6 +321,27 @@ mod tests {
         for bad in ["", "a/b", "a+", "#", "a\0b"] {
             assert!(validate_device_id(bad).is_err(), "{bad:?}");
         }
+        // Every character MQTT receivers reject, at the edges of each range.
+        for c in [
+            0x00, 0x01, 0x1F, 0x7F, 0x80, 0x9F, 0xFDD0, 0xFDEF, 0xFFFE, 0xFFFF, 0x1FFFE, 0x1FFFF,
+            0x10FFFE, 0x10FFFF,
+        ] {
+            let c = char::from_u32(c).unwrap();
+            let error = validate_device_id(&format!("a{c}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains(&format!("U+{:04X}", u32::from(c))) && error.contains("byte 1"),
+                "{error}"
+            );
+            assert!(validate_topic_filter(&format!("a/{c}/#")).is_err());
+            assert!(TopicTemplate::parse(&format!("a{c}/{{device_id}}"), None).is_err());
+        }
+        // Their neighbours are fine.
+        for c in [0x20, 0x7E, 0xA0, 0xFDCF, 0xFDF0, 0xFFFD, 0x1FFFD, 0x10000] {
+            let id = format!("a{}", char::from_u32(c).unwrap());
+            assert!(validate_device_id(&id).is_ok(), "U+{c:04X}");
+        }
         assert!(validate_device_id(&"x".repeat(MAX_DEVICE_ID_BYTES + 1)).is_err());
     }
 
@@ -335,6 +396,12 @@ mod tests {
         assert!(TopicTemplate::parse("a/x{device_id}", None).is_err());
         assert!(TopicTemplate::parse("{device_id}/{device_id}", None).is_err());
         assert!(TopicTemplate::parse("a/#/{device_id}", None).is_err());
+        assert!(TopicTemplate::parse("poc/device/sensor", Some("a\u{1}")).is_err());
+        let long_prefix = "p".repeat(MAX_TOPIC_BYTES - MAX_DEVICE_ID_BYTES);
+        assert!(TopicTemplate::parse(&format!("{long_prefix}/{{device_id}}"), None).is_err());
+        assert!(
+            TopicTemplate::parse(&format!("{}/{{device_id}}", &long_prefix[1..]), None).is_ok()
+        );
     }
 
     #[test]

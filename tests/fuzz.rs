@@ -45,6 +45,13 @@ impl Rng {
             "ff",
             "{device_id}",
             "\u{1F600}",
+            // What MQTT brokers refuse in topics (Mosquitto disconnects).
+            "\u{1}",
+            "\u{7f}",
+            "\u{85}",
+            "\u{fdd0}",
+            "\u{fffe}",
+            "\u{10ffff}",
         ];
         let len = self.below(8);
         (0..len)
@@ -86,7 +93,20 @@ fn acceptable(code: Code) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_requests_and_payloads_get_clear_answers() {
-    let broker = embedded_broker();
+    random_requests_and_payloads(&embedded_broker()).await;
+}
+
+/// Mosquitto refuses topics the embedded broker accepts: the same requests
+/// must never cost the service its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_requests_never_break_the_link_to_mosquitto() {
+    let mosquitto = Mosquitto::start();
+    random_requests_and_payloads(&mosquitto.url).await;
+    mosquitto.assert_one_unbroken_service_connection();
+}
+
+async fn random_requests_and_payloads(broker: &devicehub::config::BrokerUrl) {
+    let broker = broker.clone();
     let service =
         TestService::start_ready(config(&broker, &["--buffer-max-readings", "200"])).await;
     let mut client = service.client().await;

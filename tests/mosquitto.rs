@@ -268,3 +268,123 @@ async fn every_qos1_reading_reaches_every_watcher_across_a_broker_restart() {
     drop(mosquitto);
     service.stop().await;
 }
+
+/// One device id for each class of text MQTT receivers reject in a topic,
+/// and the code point the error must name. Mosquitto drops the whole
+/// connection for a PUBLISH whose topic holds any of these.
+const HOSTILE_DEVICE_IDS: &[(&str, &str)] = &[
+    ("a\u{0}b", "U+0000"),
+    ("a\u{1}b", "U+0001"),
+    ("tab\tid", "U+0009"),
+    ("\u{1f}", "U+001F"),
+    ("del\u{7f}", "U+007F"),
+    ("c1\u{85}x", "U+0085"),
+    ("\u{9f}", "U+009F"),
+    ("non\u{fdd0}char", "U+FDD0"),
+    ("\u{fdef}", "U+FDEF"),
+    ("bom\u{fffe}", "U+FFFE"),
+    ("\u{ffff}", "U+FFFF"),
+    ("plane1\u{1fffe}", "U+1FFFE"),
+    ("\u{10ffff}", "U+10FFFF"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_ids_brokers_reject_are_refused_and_the_link_never_drops() {
+    use devicehub::proto::{SendCommandRequest, StreamCommandsRequest};
+    use tokio_stream::StreamExt;
+
+    let mosquitto = Mosquitto::start();
+    // A persistent session would replay a bad publish on every reconnect.
+    let args = [
+        "--mqtt-persistent-session",
+        "--mqtt-client-id",
+        "devicehub-hostile-ids",
+    ];
+    let service = TestService::start_ready(config(&mosquitto.url, &args)).await;
+    let mut client = service.client().await;
+    let command = |device_id: &str| SendCommandRequest {
+        device_id: device_id.into(),
+        command: "PING".into(),
+        ..Default::default()
+    };
+    let too_long = "x".repeat(devicehub::topic::MAX_DEVICE_ID_BYTES + 1);
+
+    for (id, code_point) in HOSTILE_DEVICE_IDS {
+        let status = client.send_command(command(id)).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{id:?}: {status:?}"
+        );
+        assert!(
+            status.message().starts_with("device_id") && status.message().contains(code_point),
+            "{id:?}: {status:?}"
+        );
+    }
+    let status = client.send_command(command(&too_long)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    let requests: Vec<StreamCommandsRequest> = HOSTILE_DEVICE_IDS
+        .iter()
+        .map(|(id, _)| *id)
+        .chain([too_long.as_str()])
+        .enumerate()
+        .map(|(i, id)| StreamCommandsRequest {
+            request_id: i as u64,
+            command: Some(command(id)),
+        })
+        .collect();
+    let sent = requests.len();
+    let responses: Vec<_> = within(
+        "every StreamCommands response",
+        client
+            .stream_commands(tokio_stream::iter(requests))
+            .await
+            .unwrap()
+            .into_inner()
+            .map(|r| r.unwrap())
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    assert_eq!(responses.len(), sent);
+    for response in &responses {
+        assert_eq!(
+            tonic::Code::from_i32(response.status_code),
+            tonic::Code::InvalidArgument,
+            "{response:?}"
+        );
+        assert!(
+            response.status_message.starts_with("device_id"),
+            "{response:?}"
+        );
+    }
+
+    // Filters carrying such text are refused too, naming the field.
+    let status = client
+        .list_readings(ListReadingsRequest {
+            topic_filter: "devices/\u{1}/readings".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().starts_with("topic_filter") && status.message().contains("U+0001"));
+
+    // The link never dropped: a reading still flows and a command still goes
+    // out, health stayed SERVING, and Mosquitto saw one connection from the
+    // service and no malformed packet.
+    let mut device = TestDevice::connect(
+        &mosquitto.url,
+        "device-after-hostile",
+        Some("devices/ok/commands"),
+    )
+    .await;
+    device.publish("devices/ok/readings", "still flowing").await;
+    let reading = newest_reading_of(&client, "ok").await;
+    assert_eq!(reading.payload.as_ref(), b"still flowing");
+    client.send_command(command("ok")).await.unwrap();
+    assert_eq!(device.next_message().await.topic, "devices/ok/commands");
+    assert_eq!(service.health().await, ServingStatus::Serving);
+    mosquitto.assert_one_unbroken_service_connection();
+    service.stop().await;
+}

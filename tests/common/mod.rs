@@ -258,6 +258,9 @@ pub struct Mosquitto {
     dir: tempdir::TempDir,
 }
 
+/// The name of Mosquitto's log file in its directory.
+const MOSQUITTO_LOG: &str = "mosquitto.log";
+
 impl Mosquitto {
     pub fn start() -> Self {
         Self::start_on(closed_port().port)
@@ -279,7 +282,8 @@ impl Mosquitto {
         let mut file = std::fs::File::create(&conf).unwrap();
         writeln!(
             file,
-            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000"
+            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n\
+             log_dest stderr\nlog_type all\nconnection_messages true"
         )
         .unwrap();
         match persistence {
@@ -297,11 +301,14 @@ impl Mosquitto {
             }
             None => writeln!(file, "persistence false").unwrap(),
         }
+        // The log goes to stderr, into a file the test opened: no permission
+        // games with the user Mosquitto drops to.
+        let log = std::fs::File::create(dir.path().join(MOSQUITTO_LOG)).unwrap();
         let child = Command::new(binary)
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("mosquitto starts");
         let mosquitto = Self {
@@ -322,6 +329,30 @@ impl Mosquitto {
             std::thread::sleep(Duration::from_millis(20));
         }
         mosquitto
+    }
+
+    /// What Mosquitto has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(MOSQUITTO_LOG)).unwrap_or_default()
+    }
+
+    /// Checks Mosquitto's log: the service (client ids starting with
+    /// `devicehub-`) connected exactly once and nothing was dropped as a
+    /// malformed packet.
+    pub fn assert_one_unbroken_service_connection(&self) {
+        let log = self.log();
+        let connects = log
+            .lines()
+            .filter(|l| l.contains("New client connected") && l.contains(" as devicehub-"))
+            .count();
+        assert_eq!(
+            connects, 1,
+            "the service connected {connects} times:\n{log}"
+        );
+        assert!(
+            !log.contains("malformed"),
+            "Mosquitto saw a malformed packet:\n{log}"
+        );
     }
 
     /// Stops the broker with SIGTERM (it saves its state, if persistent) and
