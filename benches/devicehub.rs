@@ -16,6 +16,13 @@
 //! the broker, publishers, bare subscribers and gRPC clients live here.
 //! Everything binds to 127.0.0.1 on ephemeral ports, every loop is bounded
 //! in count and time, and every process started is stopped.
+//!
+//! `DEVICEHUB_BENCH_BINARY=path` runs another build of the service (for
+//! example the previous commit's release binary) under the same harness, so
+//! two versions can be compared back to back on the same machine.
+
+#[path = "../tests/common/tempdir.rs"]
+mod tempdir;
 
 use std::{
     future::Future,
@@ -184,7 +191,7 @@ impl Table {
 struct Broker {
     url: BrokerUrl,
     mosquitto: Option<std::process::Child>,
-    _dir: Option<TempDir>,
+    _dir: Option<tempdir::TempDir>,
 }
 
 impl Broker {
@@ -203,8 +210,8 @@ impl Broker {
             .local_addr()
             .unwrap()
             .port();
-        let dir = TempDir::new();
-        let conf = dir.0.join("mosquitto.conf");
+        let dir = tempdir::TempDir::new("bench");
+        let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\nmax_inflight_messages 1000\n"),
@@ -242,23 +249,6 @@ impl Drop for Broker {
     }
 }
 
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let path =
-            std::env::temp_dir().join(format!("devicehub-bench-{}", uuid::Uuid::now_v7().simple()));
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The devicehub binary as its own process.
 struct Service {
     child: Child,
@@ -267,7 +257,9 @@ struct Service {
 
 impl Service {
     async fn start(broker: &BrokerUrl, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_devicehub"))
+        let binary = std::env::var_os("DEVICEHUB_BENCH_BINARY")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_devicehub").into());
+        let mut child = Command::new(binary)
             .args([
                 "serve",
                 "--grpc-addr",

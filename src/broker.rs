@@ -64,7 +64,7 @@ pub fn start(addr: SocketAddr, max_packet_bytes: usize) -> Result<SocketAddr, Br
         if handle.is_finished() || Instant::now() > deadline {
             return Err(BrokerError::NotListening(addr));
         }
-        thread::sleep(Duration::from_millis(10));
+        thread::sleep(Duration::from_millis(10)); // a poll, bounded by START_TIMEOUT
     }
     info!(%addr, "embedded MQTT broker listening");
     Ok(addr)
@@ -82,6 +82,7 @@ fn speaks_mqtt(addr: SocketAddr) -> bool {
         b'e',
     ];
     const DISCONNECT: &[u8] = &[0xe0, 0];
+    // Loopback answers in microseconds; these only bound a stuck probe.
     let handshake = || -> std::io::Result<bool> {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
         stream.set_read_timeout(Some(Duration::from_secs(1)))?;
@@ -101,8 +102,12 @@ fn broker_config(addr: SocketAddr, max_packet_bytes: usize) -> Config {
         tls: None,
         next_connection_delay_ms: 0,
         connections: ConnectionSettings {
+            // How long a new connection may take to send CONNECT.
             connection_timeout_ms: 10_000,
             max_payload_size: max_packet_bytes,
+            // Despite the name, rumqttd uses this as the most packets it
+            // decodes from one connection's socket per read before handing
+            // them to the router: large batches for bursts of readings.
             max_inflight_count: 1_000,
             auth: None,
             external_auth: None,
@@ -112,7 +117,12 @@ fn broker_config(addr: SocketAddr, max_packet_bytes: usize) -> Config {
     Config {
         id: 0,
         router: RouterConfig {
+            // Devices plus devicehub: room for the simulator's maximum of
+            // 10 000 devices (rumqttd allocates its tables for this up front).
             max_connections: 10_000,
+            // QoS 0 messages the router copies from a commit log to one
+            // subscriber per turn (QoS 1/2 are bounded by the subscriber's
+            // free in-flight slots instead).
             max_outgoing_packet_count: 1_000,
             // rumqttd keeps one commit log per subscription filter and drops
             // its oldest segment when full: a subscriber that falls further

@@ -40,7 +40,7 @@ use std::{
 
 use bytes::Bytes;
 
-use crate::topic::topic_matches;
+use crate::{config::BufferLimits, topic::topic_matches};
 
 mod arena;
 
@@ -82,7 +82,7 @@ pub struct Reading {
 }
 
 /// What ingestion hands to [`ReadingBuffer::push`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct NewReading<'a> {
     pub device_id: &'a str,
     pub topic: &'a str,
@@ -90,13 +90,6 @@ pub struct NewReading<'a> {
     pub qos: u8,
     pub retained: bool,
     pub received_at: SystemTime,
-}
-
-/// How much the buffer keeps before it evicts the oldest readings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BufferLimits {
-    pub max_readings: usize,
-    pub max_bytes: usize,
 }
 
 impl Reading {
@@ -125,10 +118,6 @@ pub struct ReadingFilter {
 }
 
 impl ReadingFilter {
-    pub fn matches(&self, reading: &Reading) -> bool {
-        self.matches_source(reading.device_id(), reading.topic())
-    }
-
     fn matches_source(&self, device_id: &str, topic: &str) -> bool {
         self.device_id.as_deref().is_none_or(|d| device_id == d)
             && self
@@ -466,6 +455,7 @@ fn charged_bytes(slot: &Slot) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_rng::Rng;
     use std::time::Duration;
 
     const FIRST: u64 = 1_000;
@@ -779,23 +769,6 @@ mod tests {
         );
     }
 
-    /// A tiny deterministic PRNG (splitmix64), so failures replay exactly.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
-
     /// Model-based check: random pushes (devices, topics, payload sizes,
     /// clock steps backwards) and random queries (filters, time ranges, page
     /// sizes, both orders, paging to the end) against a naive model: a plain
@@ -875,7 +848,7 @@ mod tests {
                 let limit = 1 + rng.below(25) as usize;
                 let mut want: Vec<u64> = model
                     .iter()
-                    .filter(|r| filter.matches(r))
+                    .filter(|r| filter.matches_source(r.device_id(), r.topic()))
                     .filter(|r| start.is_none_or(|s| r.received_at >= s))
                     .filter(|r| end.is_none_or(|e| r.received_at < e))
                     .map(|r| r.seq)

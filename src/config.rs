@@ -1,270 +1,52 @@
-//! Command line and environment configuration (clap, with `DEVICEHUB_*`
-//! fallbacks for every flag), and its translation into the library's
-//! [`Config`].
+//! The library's configuration: plain data that [`crate::run`] takes. The
+//! command line (`crate::cli`) builds it; tests and programs that embed the
+//! library may build it themselves.
 
 use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
 use rumqttc::QoS;
 
-use crate::{
-    buffer::BufferLimits,
-    mqtt::MqttConfig,
-    topic::{TopicError, TopicTemplate},
-    Config,
-};
+use crate::topic::{TopicError, TopicTemplate};
 
-/// devicehub: a typed, streaming gRPC API in front of MQTT devices.
-///
-/// With no subcommand, runs `serve`.
-#[derive(Debug, Parser)]
-#[command(name = "devicehub", version, args_conflicts_with_subcommands = true)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    #[command(flatten)]
-    pub serve: ServeArgs,
+/// Everything [`crate::run`] needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mqtt: MqttConfig,
+    pub buffer: BufferLimits,
+    /// Most WatchReadings streams open at once.
+    pub max_watchers: usize,
 }
 
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Serve the gRPC API (the default). Without --mqtt-url, starts an
-    /// embedded MQTT broker and uses it.
-    Serve(ServeArgs),
-    /// Run simulated devices that publish temperature/humidity readings and
-    /// print the commands they receive.
-    Simulate(SimulateArgs),
+/// Where and how to connect to the broker.
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub keep_alive: Duration,
+    /// QoS of the readings subscription.
+    pub subscribe_qos: QoS,
+    /// Largest MQTT packet accepted or sent, in bytes.
+    pub max_packet_bytes: usize,
+    /// Keep the broker session (and queued QoS 1/2 readings) across
+    /// reconnects and restarts: clean session off.
+    pub persistent_session: bool,
+    /// Parses the device id out of the topic of an incoming reading.
+    pub readings_topic: TopicTemplate,
+    /// What is subscribed to for readings. Usually the readings template
+    /// with `+` for the device id; kept apart from the template because a
+    /// shared subscription (`$share/GROUP/...`) changes the filter, not the
+    /// topics that arrive.
+    pub readings_subscription: String,
+    pub commands_topic: TopicTemplate,
+    pub replies_topic: TopicTemplate,
 }
 
-/// Topic layout, shared by `serve` and `simulate`.
-#[derive(Debug, Clone, Args)]
-pub struct TopicArgs {
-    /// Topic devices publish readings to. `{device_id}` marks the level that
-    /// holds the device id; other levels may be `+` or `#`.
-    #[arg(
-        long,
-        env = "DEVICEHUB_READINGS_TOPIC",
-        default_value = "devices/{device_id}/readings"
-    )]
-    pub readings_topic: String,
-
-    /// Topic commands are published to, with a `{device_id}` level.
-    #[arg(
-        long,
-        env = "DEVICEHUB_COMMANDS_TOPIC",
-        default_value = "devices/{device_id}/commands"
-    )]
-    pub commands_topic: String,
-
-    /// Topic devices publish command replies to, with a `{device_id}` level.
-    /// Replies are also buffered like readings.
-    #[arg(
-        long,
-        env = "DEVICEHUB_REPLIES_TOPIC",
-        default_value = "devices/{device_id}/replies"
-    )]
-    pub replies_topic: String,
-
-    /// Device id for topic templates without `{device_id}`: a single device
-    /// on fixed topics, e.g. `--readings-topic poc/device/sensor
-    /// --commands-topic poc/device/control --fixed-device-id device`.
-    #[arg(long, env = "DEVICEHUB_FIXED_DEVICE_ID")]
-    pub fixed_device_id: Option<String>,
-}
-
-impl TopicArgs {
-    pub fn readings(&self) -> Result<TopicTemplate, ConfigError> {
-        TopicTemplate::parse(&self.readings_topic, self.fixed_device_id.as_deref())
-            .map_err(|e| ConfigError::Topic("--readings-topic", e))
-    }
-
-    /// The commands template; it must be a publishable topic.
-    pub fn commands(&self) -> Result<TopicTemplate, ConfigError> {
-        publishable(
-            "--commands-topic",
-            &self.commands_topic,
-            self.fixed_device_id.as_deref(),
-        )
-    }
-
-    /// The replies template; devices publish to it, so no wildcards.
-    pub fn replies(&self) -> Result<TopicTemplate, ConfigError> {
-        publishable(
-            "--replies-topic",
-            &self.replies_topic,
-            self.fixed_device_id.as_deref(),
-        )
-    }
-}
-
-fn publishable(
-    flag: &'static str,
-    template: &str,
-    fixed_device_id: Option<&str>,
-) -> Result<TopicTemplate, ConfigError> {
-    let template =
-        TopicTemplate::parse(template, fixed_device_id).map_err(|e| ConfigError::Topic(flag, e))?;
-    if template.has_wildcards() {
-        return Err(ConfigError::Wildcards(flag, template.to_string()));
-    }
-    Ok(template)
-}
-
-/// Options of `devicehub serve`.
-#[derive(Debug, Clone, Args)]
-pub struct ServeArgs {
-    /// Address the gRPC server listens on. Port 0 picks a free port (logged).
-    #[arg(long, env = "DEVICEHUB_GRPC_ADDR", default_value = "127.0.0.1:50051")]
-    pub grpc_addr: SocketAddr,
-
-    /// MQTT broker to use, as mqtt://host[:port] (port 1883 by default).
-    /// Unset: start an embedded broker on --embedded-mqtt-addr.
-    #[arg(long, env = "DEVICEHUB_MQTT_URL")]
-    pub mqtt_url: Option<BrokerUrl>,
-
-    /// Address of the embedded broker, used when --mqtt-url is unset. Port 0
-    /// picks a free port (logged).
-    #[arg(
-        long,
-        env = "DEVICEHUB_EMBEDDED_MQTT_ADDR",
-        default_value = "127.0.0.1:1883"
-    )]
-    pub embedded_mqtt_addr: SocketAddr,
-
-    /// MQTT client id. Default: `devicehub-` and a random suffix. Set a
-    /// stable one with --mqtt-persistent-session.
-    #[arg(long, env = "DEVICEHUB_MQTT_CLIENT_ID")]
-    pub mqtt_client_id: Option<String>,
-
-    /// Keep the broker session across reconnects and restarts (clean session
-    /// off): the broker queues QoS 1/2 readings while devicehub is away.
-    /// Needs a stable --mqtt-client-id.
-    #[arg(
-        long,
-        env = "DEVICEHUB_MQTT_PERSISTENT_SESSION",
-        default_value_t = false
-    )]
-    pub mqtt_persistent_session: bool,
-
-    /// MQTT keep-alive interval in seconds (at least 1; 0 disables it).
-    #[arg(long, env = "DEVICEHUB_MQTT_KEEP_ALIVE_SECS", default_value_t = 30)]
-    pub mqtt_keep_alive_secs: u64,
-
-    /// QoS of the readings subscription: 0, 1 or 2.
-    #[arg(long, env = "DEVICEHUB_MQTT_SUBSCRIBE_QOS", default_value_t = 1,
-          value_parser = clap::value_parser!(u8).range(0..=2))]
-    pub mqtt_subscribe_qos: u8,
-
-    /// Largest MQTT packet devicehub sends or accepts, in bytes (at least
-    /// 1 MiB). Also the embedded broker's payload limit.
-    #[arg(long, env = "DEVICEHUB_MQTT_MAX_PACKET_BYTES", default_value_t = 16 << 20,
-          value_parser = clap::value_parser!(u64).range(1 << 20..=256 << 20))]
-    pub mqtt_max_packet_bytes: u64,
-
-    #[command(flatten)]
-    pub topics: TopicArgs,
-
-    /// Most readings kept in memory; the oldest are evicted first.
-    #[arg(long, env = "DEVICEHUB_BUFFER_MAX_READINGS", default_value_t = 100_000,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    pub buffer_max_readings: u64,
-
-    /// Most bytes of readings kept in memory (payload, topic, device id and
-    /// a fixed overhead per reading); the oldest are evicted first.
-    #[arg(long, env = "DEVICEHUB_BUFFER_MAX_BYTES", default_value_t = 64 << 20,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    pub buffer_max_bytes: u64,
-
-    /// Most WatchReadings streams open at once; more get RESOURCE_EXHAUSTED.
-    #[arg(long, env = "DEVICEHUB_MAX_WATCHERS", default_value_t = 1000,
-          value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_watchers: u32,
-}
-
-impl ServeArgs {
-    /// The library configuration, connecting to `broker` (the --mqtt-url, or
-    /// the embedded broker's address).
-    pub fn config(&self, broker: &BrokerUrl) -> Result<Config, ConfigError> {
-        let client_id = match &self.mqtt_client_id {
-            Some(id) if id.is_empty() => return Err(ConfigError::EmptyClientId),
-            Some(id) => id.clone(),
-            None if self.mqtt_persistent_session => return Err(ConfigError::PersistentWithoutId),
-            None => default_client_id(),
-        };
-        let subscribe_qos = match self.mqtt_subscribe_qos {
-            0 => QoS::AtMostOnce,
-            1 => QoS::AtLeastOnce,
-            // rumqttc forgets incoming QoS 2 state on reconnect, then treats
-            // the broker's resent PUBREL as a protocol error and reconnects
-            // forever (bytebeamio/rumqtt#664).
-            _ if self.mqtt_persistent_session => return Err(ConfigError::PersistentQos2),
-            _ => QoS::ExactlyOnce,
-        };
-        Ok(Config {
-            mqtt: MqttConfig {
-                host: broker.host.clone(),
-                port: broker.port,
-                client_id,
-                keep_alive: Duration::from_secs(self.mqtt_keep_alive_secs),
-                subscribe_qos,
-                max_packet_bytes: self.mqtt_max_packet_bytes as usize,
-                persistent_session: self.mqtt_persistent_session,
-                readings_topic: self.topics.readings()?,
-                commands_topic: self.topics.commands()?,
-                replies_topic: self.topics.replies()?,
-            },
-            buffer: BufferLimits {
-                max_readings: usize::try_from(self.buffer_max_readings).unwrap_or(usize::MAX),
-                max_bytes: usize::try_from(self.buffer_max_bytes).unwrap_or(usize::MAX),
-            },
-            max_watchers: self.max_watchers as usize,
-        })
-    }
-}
-
-/// Options of `devicehub simulate`.
-#[derive(Debug, Clone, Args)]
-pub struct SimulateArgs {
-    /// MQTT broker the devices connect to, as mqtt://host[:port].
-    #[arg(
-        long,
-        env = "DEVICEHUB_MQTT_URL",
-        default_value = "mqtt://127.0.0.1:1883"
-    )]
-    pub mqtt_url: BrokerUrl,
-
-    /// Number of simulated devices.
-    #[arg(long, env = "DEVICEHUB_SIM_DEVICES", default_value_t = 3,
-          value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    pub devices: u32,
-
-    /// Milliseconds between two readings of one device.
-    #[arg(long, env = "DEVICEHUB_SIM_INTERVAL_MS", default_value_t = 1000,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    pub interval_ms: u64,
-
-    /// Device ids are this prefix and a number: sim-1, sim-2...
-    #[arg(long, env = "DEVICEHUB_SIM_DEVICE_PREFIX", default_value = "sim-")]
-    pub device_prefix: String,
-
-    /// Fraction of the devices (the first ones) that never reply to
-    /// commands, to demonstrate reply timeouts.
-    #[arg(long, env = "DEVICEHUB_SIM_SILENT_FRACTION", default_value_t = 0.0,
-          value_parser = fraction)]
-    pub silent_fraction: f64,
-
-    /// Fraction of the devices (after the silent ones) that reply late, after
-    /// --slow-reply-ms.
-    #[arg(long, env = "DEVICEHUB_SIM_SLOW_FRACTION", default_value_t = 0.0,
-          value_parser = fraction)]
-    pub slow_fraction: f64,
-
-    /// How late slow devices reply, in milliseconds.
-    #[arg(long, env = "DEVICEHUB_SIM_SLOW_REPLY_MS", default_value_t = 3000)]
-    pub slow_reply_ms: u64,
-
-    #[command(flatten)]
-    pub topics: TopicArgs,
+/// How much the buffer keeps before it evicts the oldest readings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferLimits {
+    pub max_readings: usize,
+    pub max_bytes: usize,
 }
 
 /// An MQTT broker address: `mqtt://host[:port]` (or `tcp://`).
@@ -335,25 +117,15 @@ impl FromStr for BrokerUrl {
     }
 }
 
-fn fraction(text: &str) -> Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
-        _ => Err(format!("{text:?} is not a fraction from 0 to 1")),
-    }
-}
-
-fn default_client_id() -> String {
-    // The last 12 hex digits of a UUID v7 are random.
-    let uuid = uuid::Uuid::now_v7().simple().to_string();
-    format!("devicehub-{}", &uuid[20..])
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{0}: {1}")]
     Topic(&'static str, TopicError),
     #[error("{0}: {1:?} must not contain '+' or '#'")]
     Wildcards(&'static str, String),
+    #[cfg(not(feature = "embedded-broker"))]
+    #[error("--mqtt-url is required: this build has no embedded broker")]
+    NoBroker,
     #[error("--mqtt-client-id must not be empty")]
     EmptyClientId,
     #[error("--mqtt-persistent-session needs a stable --mqtt-client-id")]
@@ -398,51 +170,5 @@ mod tests {
             url("mqtt://[::1]:1885").unwrap().to_string(),
             "mqtt://[::1]:1885"
         );
-    }
-
-    #[test]
-    fn defaults_and_fixed_topics_parse() {
-        let cli = Cli::try_parse_from(["devicehub"]).unwrap();
-        assert!(cli.command.is_none());
-        let broker = BrokerUrl::from_addr("127.0.0.1:1883".parse().unwrap());
-        let config = cli.serve.config(&broker).unwrap();
-        assert_eq!(
-            config.mqtt.readings_topic.subscription_filter(),
-            "devices/+/readings"
-        );
-        assert!(config.mqtt.client_id.starts_with("devicehub-"));
-
-        let poc = Cli::try_parse_from([
-            "devicehub",
-            "serve",
-            "--readings-topic=poc/device/sensor",
-            "--commands-topic=poc/device/control",
-            "--fixed-device-id=device",
-        ])
-        .unwrap();
-        let Some(Command::Serve(args)) = poc.command else {
-            panic!("not serve")
-        };
-        let config = args.config(&broker).unwrap();
-        assert_eq!(
-            config.mqtt.commands_topic.topic_for("device"),
-            "poc/device/control"
-        );
-
-        let wild = Cli::try_parse_from(["devicehub", "--commands-topic=a/+/{device_id}"]).unwrap();
-        assert!(wild.serve.config(&broker).is_err());
-        let persistent = Cli::try_parse_from(["devicehub", "--mqtt-persistent-session"]).unwrap();
-        assert!(persistent.serve.config(&broker).is_err());
-        let qos2 = [
-            "devicehub",
-            "--mqtt-persistent-session",
-            "--mqtt-client-id=x",
-            "--mqtt-subscribe-qos=2",
-        ];
-        assert!(Cli::try_parse_from(qos2)
-            .unwrap()
-            .serve
-            .config(&broker)
-            .is_err());
     }
 }

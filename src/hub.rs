@@ -1,7 +1,9 @@
 //! [`ReadingHub`]: the one shared [`ReadingBuffer`] behind a lock, the
 //! wake-up signal that lets watchers follow it, and the watcher counters.
+//! It knows nothing of MQTT or gRPC: ingest writes through
+//! [`crate::store::ReadingStore`], the gRPC handlers read.
 //!
-//! Ingestion writes, ListReadings and watchers read. The lock is held only to
+//! The lock is a std `RwLock` (see [`crate::sync`]): it is held only to
 //! store the readings of one network read or to copy out at most one batch
 //! of readings, never across an `.await`, JSON decoding or gRPC encoding.
 
@@ -12,9 +14,13 @@ use std::sync::{
 
 use tokio::sync::watch;
 
-use crate::buffer::{
-    BufferLimits, BufferStats, CursorError, ListPage, ListQuery, NewReading, Reading,
-    ReadingBuffer, ReadingFilter,
+use crate::{
+    buffer::{
+        BufferStats, CursorError, ListPage, ListQuery, NewReading, Reading, ReadingBuffer,
+        ReadingFilter,
+    },
+    config::BufferLimits,
+    sync,
 };
 
 /// How many buffered readings a watcher looks at per lock acquisition.
@@ -42,8 +48,13 @@ pub struct HubStats {
     pub watcher_missed_readings: u64,
 }
 
-/// The shared buffer and its change signal.
+/// The shared buffer and its change signal. A cheap handle: clones share it.
+#[derive(Clone)]
 pub struct ReadingHub {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
     buffer: RwLock<ReadingBuffer>,
     /// The next sequence number to be assigned; bumped on every push. A
     /// `watch` keeps only the latest value, so waking watchers costs the same
@@ -59,24 +70,25 @@ impl ReadingHub {
     pub fn new(limits: BufferLimits, first_seq: u64, max_watchers: usize) -> Self {
         let buffer = ReadingBuffer::new(limits, first_seq);
         let (next_seq, _) = watch::channel(buffer.next_seq());
-        Self {
+        let shared = Shared {
             buffer: RwLock::new(buffer),
             next_seq,
             max_watchers,
             watchers: AtomicUsize::new(0),
             watcher_gaps: AtomicU64::new(0),
             watcher_missed_readings: AtomicU64::new(0),
+        };
+        Self {
+            shared: Arc::new(shared),
         }
     }
 
-    // A poisoned lock means a panic while holding it; the buffer's invariants
-    // hold between statements that can panic, so keep serving.
     fn read(&self) -> RwLockReadGuard<'_, ReadingBuffer> {
-        self.buffer.read().unwrap_or_else(|e| e.into_inner())
+        sync::read(&self.shared.buffer)
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, ReadingBuffer> {
-        self.buffer.write().unwrap_or_else(|e| e.into_inner())
+        sync::write(&self.shared.buffer)
     }
 
     /// Stores readings received together under one lock, wakes the watchers
@@ -87,7 +99,7 @@ impl ReadingHub {
         let last = readings.into_iter().map(|new| buffer.push(new)).last();
         drop(buffer);
         if let Some(seq) = last {
-            self.next_seq.send_replace(seq + 1);
+            self.shared.next_seq.send_replace(seq + 1);
         }
         last
     }
@@ -99,9 +111,9 @@ impl ReadingHub {
     pub fn stats(&self) -> HubStats {
         HubStats {
             buffer: self.read().stats(),
-            watchers: self.watchers.load(Ordering::Relaxed),
-            watcher_gaps: self.watcher_gaps.load(Ordering::Relaxed),
-            watcher_missed_readings: self.watcher_missed_readings.load(Ordering::Relaxed),
+            watchers: self.shared.watchers.load(Ordering::Relaxed),
+            watcher_gaps: self.shared.watcher_gaps.load(Ordering::Relaxed),
+            watcher_missed_readings: self.shared.watcher_missed_readings.load(Ordering::Relaxed),
         }
     }
 
@@ -110,20 +122,21 @@ impl ReadingHub {
     /// buffered. A cursor older than the buffer is accepted; the watcher's
     /// first [`ReadingWatcher::next_batch`] then reports the gap.
     pub fn subscribe(
-        self: &Arc<Self>,
+        &self,
         filter: ReadingFilter,
         after: Option<u64>,
     ) -> Result<ReadingWatcher, SubscribeError> {
-        let open = self.watchers.fetch_add(1, Ordering::Relaxed);
+        let shared = &self.shared;
+        let open = shared.watchers.fetch_add(1, Ordering::Relaxed);
         // From here on, dropping the watcher (also on error) gives the slot back.
         let mut watcher = ReadingWatcher {
             hub: self.clone(),
-            wake: self.next_seq.subscribe(),
+            wake: shared.next_seq.subscribe(),
             cursor: 0,
             filter,
         };
-        if open >= self.max_watchers {
-            return Err(SubscribeError::TooManyWatchers(self.max_watchers));
+        if open >= shared.max_watchers {
+            return Err(SubscribeError::TooManyWatchers(shared.max_watchers));
         }
         // The wake signal was taken first: a push from now on is seen by
         // `next_batch`, which compares the cursor with the latest value.
@@ -145,7 +158,7 @@ impl ReadingHub {
 
 /// A cursor that follows the buffer. See [`ReadingHub::subscribe`].
 pub struct ReadingWatcher {
-    hub: Arc<ReadingHub>,
+    hub: ReadingHub,
     wake: watch::Receiver<u64>,
     /// The last sequence number looked at.
     cursor: u64,
@@ -199,8 +212,9 @@ impl ReadingWatcher {
             missed_to,
         } = error
         {
-            self.hub.watcher_gaps.fetch_add(1, Ordering::Relaxed);
-            self.hub
+            let shared = &self.hub.shared;
+            shared.watcher_gaps.fetch_add(1, Ordering::Relaxed);
+            shared
                 .watcher_missed_readings
                 .fetch_add(missed_to - missed_from + 1, Ordering::Relaxed);
         }
@@ -209,6 +223,6 @@ impl ReadingWatcher {
 
 impl Drop for ReadingWatcher {
     fn drop(&mut self) {
-        self.hub.watchers.fetch_sub(1, Ordering::Relaxed);
+        self.hub.shared.watchers.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -1,25 +1,51 @@
 //! devicehub: a typed, streaming gRPC API in front of MQTT devices.
 //!
-//! Devices publish readings to an MQTT broker; [`mqtt`] ingests them into the
-//! bounded [`buffer`] (shared through [`hub`]), and [`grpc`] serves them and
-//! publishes commands. [`run`] wires the parts together on a listener the
-//! caller bound, so tests and benchmarks start the real server in-process;
-//! [`serve`] adds what the binary needs (the embedded broker, binding).
+//! Data flows one way: MQTT → store → hub → gRPC. The crate root only wires
+//! the parts together; [`run`] does it on a listener the caller bound, so
+//! tests and benchmarks start the real server in-process, and [`serve`] adds
+//! what the binary needs (the embedded broker, binding).
+//!
+//! Where things live:
+//! - `cli`: the command line (clap, `DEVICEHUB_*` variables) → [`Config`];
+//! - `config`: the library's configuration, plain data;
+//! - `topic`: device ids, topic filters and templates, checked against what
+//!   MQTT brokers refuse;
+//! - `mqtt/`: the shared MQTT client: the event loop and ingest (`link.rs`),
+//!   commands and broker acknowledgements (`publish.rs`);
+//! - `store`: the boundary ingest writes through (memory today);
+//! - `buffer` (+ `buffer/arena.rs`): the bounded in-memory readings, no async;
+//! - `hub`: the shared buffer, the watchers' wake-ups and counters;
+//! - `replies`: pairs device replies with the calls waiting for them;
+//! - `grpc/`: the `DeviceHub` service, a file per RPC family, conversions,
+//!   page tokens, the one error → `Status` mapping, wire encoding;
+//! - `health`: the gRPC health statuses (the MQTT link, shutdown);
+//! - `sync`: the lock helpers shared by the above;
+//! - `broker` (feature `embedded-broker`): the embedded rumqttd;
+//! - `simulate` (feature `simulator`): simulated devices.
 
+#[cfg(feature = "embedded-broker")]
 pub mod broker;
-pub mod buffer;
+mod buffer;
+pub mod cli;
 pub mod config;
-pub mod grpc;
-pub mod hub;
-pub mod mqtt;
-pub mod replies;
-pub mod shutdown;
+mod grpc;
+mod health;
+mod hub;
+mod mqtt;
+mod replies;
+#[cfg(feature = "simulator")]
 pub mod simulate;
+mod store;
+mod sync;
 pub mod topic;
+
+#[cfg(test)]
+#[path = "../tests/common/rng.rs"]
+mod test_rng;
 
 /// The generated protobuf and gRPC code of `devicehub.v1`.
 // Generated code: its doc comments come from the proto, formatted for protoc.
-#[allow(clippy::all)]
+#[allow(clippy::all, clippy::pedantic)]
 pub mod proto {
     tonic::include_proto!("devicehub.v1");
     // The server, generated separately: see build.rs.
@@ -37,38 +63,32 @@ use std::{
 
 use tokio::net::TcpListener;
 use tokio_stream::{wrappers::TcpListenerStream, StreamExt};
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
-use tonic_health::{server::HealthReporter, ServingStatus};
+use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
+pub use config::Config;
+pub use grpc::MAX_COMMANDS_IN_FLIGHT;
+
 use crate::{
-    buffer::BufferLimits,
-    config::{BrokerUrl, ConfigError, ServeArgs},
+    cli::ServeArgs,
+    config::{BrokerUrl, ConfigError},
     grpc::DeviceHubService,
     hub::ReadingHub,
-    mqtt::{LinkState, MqttConfig},
     proto::device_hub_server::DeviceHubServer,
     replies::ReplyRouter,
-    shutdown::Shutdown,
 };
 
 /// Largest request message the service accepts. Commands are at most 256 KiB.
 const MAX_REQUEST_BYTES: usize = 1 << 20;
-
-/// Everything [`run`] needs.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub mqtt: MqttConfig,
-    pub buffer: BufferLimits,
-    /// Most WatchReadings streams open at once.
-    pub max_watchers: usize,
-}
 
 /// Why the service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[cfg(feature = "embedded-broker")]
     #[error(transparent)]
     Broker(#[from] broker::BrokerError),
     #[error("cannot bind the gRPC server to {addr}: {source}")]
@@ -88,17 +108,11 @@ pub enum Error {
 pub const SERVICE_NAME: &str = "devicehub.v1.DeviceHub";
 
 /// Starts the embedded broker when no `--mqtt-url` is given, binds the gRPC
-/// address and runs the service until `shutdown` fires.
-pub async fn serve(args: &ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
+/// address and runs the service until `shutdown` is cancelled.
+pub async fn serve(args: &ServeArgs, shutdown: CancellationToken) -> Result<(), Error> {
     let broker = match &args.mqtt_url {
         Some(url) => url.clone(),
-        None => {
-            let (addr, max) = (args.embedded_mqtt_addr, args.mqtt_max_packet_bytes as usize);
-            let bound = tokio::task::spawn_blocking(move || broker::start(addr, max))
-                .await
-                .map_err(std::io::Error::other)??;
-            BrokerUrl::from_addr(bound)
-        }
+        None => embedded_broker(args).await?,
     };
     let config = args.config(&broker)?;
     let listener = TcpListener::bind(args.grpc_addr)
@@ -110,26 +124,46 @@ pub async fn serve(args: &ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
     run(config, listener, shutdown).await
 }
 
-/// Runs the service on `listener` until `shutdown` fires, then stops in
-/// order: health NOT_SERVING, no new calls, open streams ended (tonic waits
-/// for them), MQTT disconnected.
-pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
-    let hub = Arc::new(ReadingHub::new(
-        config.buffer,
-        first_seq(),
-        config.max_watchers,
-    ));
+#[cfg(feature = "embedded-broker")]
+async fn embedded_broker(args: &ServeArgs) -> Result<BrokerUrl, Error> {
+    let (addr, max) = (args.embedded_mqtt_addr, args.mqtt_max_packet_bytes as usize);
+    let bound = tokio::task::spawn_blocking(move || broker::start(addr, max))
+        .await
+        .map_err(std::io::Error::other)??;
+    Ok(BrokerUrl::from_addr(bound))
+}
+
+#[cfg(not(feature = "embedded-broker"))]
+async fn embedded_broker(_: &ServeArgs) -> Result<BrokerUrl, Error> {
+    Err(ConfigError::NoBroker.into())
+}
+
+/// Runs the service on `listener` until `shutdown` is cancelled, then stops
+/// in order: health NOT_SERVING, no new calls, open streams ended (tonic
+/// waits for them), MQTT disconnected.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let hub = ReadingHub::new(config.buffer, first_seq(), config.max_watchers);
     // The MQTT link stops after the gRPC server, so calls in progress can
-    // still publish while streams drain.
-    let (stop_mqtt, mqtt_shutdown) = shutdown::channel();
-    let replies = Arc::new(ReplyRouter::default());
-    let link = mqtt::start(&config.mqtt, hub.clone(), replies.clone(), mqtt_shutdown);
+    // still publish while streams drain; and also if this future is dropped.
+    let stop_mqtt = CancellationToken::new();
+    let _stop_mqtt_on_drop = stop_mqtt.clone().drop_guard();
+    let replies = ReplyRouter::default();
+    let link = mqtt::start(
+        &config.mqtt,
+        Arc::new(hub.clone()),
+        replies.clone(),
+        stop_mqtt.clone(),
+    );
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
         .await;
-    tokio::spawn(follow_link(
+    tokio::spawn(health::follow_link(
         health.clone(),
         link.publisher.link_state(),
         shutdown.clone(),
@@ -155,26 +189,15 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
     let addr = listener.local_addr()?;
     info!(%addr, broker = %format!("{}:{}", config.mqtt.host, config.mqtt.port), "gRPC listening");
 
-    let mut stop = shutdown.clone();
-    let stopping = async move {
-        stop.recv().await;
-        info!("shutting down");
-        health
-            .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-            .await;
-        health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-    };
     let served = Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(DeviceHubServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .serve_with_incoming_shutdown(incoming(listener), stopping)
+        .serve_with_incoming_shutdown(incoming(listener), health::stopping(health, shutdown))
         .await;
 
-    stop_mqtt.fire();
+    stop_mqtt.cancel();
     if let Err(error) = link.task.await {
         warn!(%error, "MQTT task ended abnormally");
     }
@@ -198,38 +221,15 @@ fn incoming(
     })
 }
 
-/// Keeps the health status of [`SERVICE_NAME`] in step with the MQTT link:
-/// SERVING only while connected and subscribed.
-async fn follow_link(
-    health: HealthReporter,
-    mut link: tokio::sync::watch::Receiver<LinkState>,
-    mut shutdown: Shutdown,
-) {
-    loop {
-        let status = match *link.borrow_and_update() {
-            LinkState::Ready => ServingStatus::Serving,
-            LinkState::Down | LinkState::Connected => ServingStatus::NotServing,
-        };
-        if shutdown.is_shutdown() {
-            return;
-        }
-        health.set_service_status(SERVICE_NAME, status).await;
-        tokio::select! {
-            changed = link.changed() => if changed.is_err() { return },
-            _ = shutdown.recv() => return,
-        }
-    }
-}
-
 /// Logs the buffer and watcher counters every [`STATS_INTERVAL`] and once at
 /// shutdown, for operators (metrics can come later).
-async fn log_stats(hub: Arc<ReadingHub>, replies: Arc<ReplyRouter>, mut shutdown: Shutdown) {
+async fn log_stats(hub: ReadingHub, replies: ReplyRouter, shutdown: CancellationToken) {
     let mut interval = tokio::time::interval(STATS_INTERVAL);
     interval.tick().await; // the first tick is immediate
     loop {
         let stopping = tokio::select! {
             _ = interval.tick() => false,
-            _ = shutdown.recv() => true,
+            _ = shutdown.cancelled() => true,
         };
         let stats = hub.stats();
         let replies = replies.stats();

@@ -1,13 +1,11 @@
-//! The `devicehub` binary: parse the configuration, set up logging, run the
+//! The `devicehub` binary: parse the command line, set up logging, run the
 //! library until SIGINT/SIGTERM.
 
 use std::io::IsTerminal;
 
 use clap::Parser;
-use devicehub::{
-    config::{Cli, Command},
-    shutdown,
-};
+use devicehub::cli::{Cli, Command};
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -22,16 +20,38 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
-    let (trigger, shutdown) = shutdown::channel();
-    tokio::spawn(async move {
-        shutdown::os_signal().await;
-        trigger.fire();
-    });
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
 
     match cli.command {
+        #[cfg(feature = "simulator")]
         Some(Command::Simulate(args)) => devicehub::simulate::run(args, shutdown).await?,
         Some(Command::Serve(args)) => devicehub::serve(&args, shutdown).await?,
         None => devicehub::serve(&cli.serve, shutdown).await?,
     }
     Ok(())
+}
+
+/// Cancels `shutdown` on SIGINT (Ctrl-C) or SIGTERM.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the service");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    shutdown.cancel();
 }

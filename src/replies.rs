@@ -1,7 +1,8 @@
 //! Command replies: [`ReplyRouter`] pairs a device's reply with the
 //! SendCommand call waiting for it, by command id and device id.
 //!
-//! A caller registers *before* the command is published (a fast device may
+//! A caller registers ([`ReplyRouter::register`]) *before* the command is
+//! published (a fast device may
 //! answer before the publish is even acknowledged) and holds a
 //! [`PendingReply`]; dropping it (timeout, cancelled call) removes the entry,
 //! so the table never outgrows the calls in progress, and is bounded by
@@ -25,6 +26,8 @@ use std::{
 
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
+
+use crate::sync;
 
 /// Most commands waiting for a reply at once.
 pub const MAX_PENDING_REPLIES: usize = 10_000;
@@ -66,32 +69,38 @@ struct Table {
     expired_order: VecDeque<String>,
 }
 
-/// The table of commands waiting for replies. Cheap to share.
-#[derive(Default)]
+/// The table of commands waiting for replies. A cheap handle: clones share
+/// the table.
+#[derive(Clone, Default)]
 pub struct ReplyRouter {
+    shared: Arc<Shared>,
+}
+
+/// The table behind a std mutex (see [`crate::sync`]): held to insert,
+/// look up or remove one entry, never across an `.await`.
+#[derive(Default)]
+struct Shared {
     table: Mutex<Table>,
     matched: AtomicU64,
     late: AtomicU64,
     unmatched: AtomicU64,
 }
 
-/// A registered wait; see [`ReplyRouter::expect`]. Dropping it unregisters.
+/// A registered wait; see [`ReplyRouter::register`]. Dropping it unregisters.
 pub struct PendingReply {
-    router: Arc<ReplyRouter>,
+    router: ReplyRouter,
     command_id: String,
     reply: oneshot::Receiver<DeviceReply>,
 }
 
 impl ReplyRouter {
     fn table(&self) -> MutexGuard<'_, Table> {
-        // The table's invariants hold between statements; keep serving after a
-        // panic elsewhere.
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.shared.table)
     }
 
     /// Registers a wait for `device_id`'s reply to `command_id`.
-    pub fn expect(
-        self: &Arc<Self>,
+    pub fn register(
+        &self,
         device_id: &str,
         command_id: &str,
     ) -> Result<PendingReply, TooManyPending> {
@@ -114,7 +123,7 @@ impl ReplyRouter {
     /// Returns whether a waiting call got it.
     pub fn route(&self, device_id: &str, payload: &[u8]) -> bool {
         let Some((command_id, reply)) = parse_reply(payload, SystemTime::now()) else {
-            self.unmatched.fetch_add(1, Ordering::Relaxed);
+            self.shared.unmatched.fetch_add(1, Ordering::Relaxed);
             debug!(
                 device_id,
                 "a message on a replies topic is not a command reply"
@@ -130,10 +139,10 @@ impl ReplyRouter {
                 drop(table);
                 // The caller may have gone in the meantime; then it is late.
                 if waiter.send(reply).is_ok() {
-                    self.matched.fetch_add(1, Ordering::Relaxed);
+                    self.shared.matched.fetch_add(1, Ordering::Relaxed);
                     return true;
                 }
-                self.late.fetch_add(1, Ordering::Relaxed);
+                self.shared.late.fetch_add(1, Ordering::Relaxed);
                 warn!(
                     device_id,
                     command_id, "reply arrived after its command was given up"
@@ -141,12 +150,12 @@ impl ReplyRouter {
                 false
             }
             Some((owner, _)) => {
-                self.unmatched.fetch_add(1, Ordering::Relaxed);
+                self.shared.unmatched.fetch_add(1, Ordering::Relaxed);
                 warn!(device_id, command_id, owner = %owner, "reply from another device than the command's; ignored");
                 false
             }
             None if table.expired.contains(&command_id) => {
-                self.late.fetch_add(1, Ordering::Relaxed);
+                self.shared.late.fetch_add(1, Ordering::Relaxed);
                 warn!(
                     device_id,
                     command_id, "reply arrived after its command timed out"
@@ -154,7 +163,7 @@ impl ReplyRouter {
                 false
             }
             None => {
-                self.unmatched.fetch_add(1, Ordering::Relaxed);
+                self.shared.unmatched.fetch_add(1, Ordering::Relaxed);
                 warn!(device_id, command_id, "reply to an unknown command");
                 false
             }
@@ -164,9 +173,9 @@ impl ReplyRouter {
     pub fn stats(&self) -> ReplyStats {
         ReplyStats {
             pending: self.table().pending.len(),
-            matched: self.matched.load(Ordering::Relaxed),
-            late: self.late.load(Ordering::Relaxed),
-            unmatched: self.unmatched.load(Ordering::Relaxed),
+            matched: self.shared.matched.load(Ordering::Relaxed),
+            late: self.shared.late.load(Ordering::Relaxed),
+            unmatched: self.shared.unmatched.load(Ordering::Relaxed),
         }
     }
 
@@ -261,8 +270,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_reply_goes_to_its_caller_only() {
-        let router = Arc::new(ReplyRouter::default());
-        let mut pending = router.expect("d1", "c1").unwrap();
+        let router = ReplyRouter::default();
+        let mut pending = router.register("d1", "c1").unwrap();
         assert!(
             !router.route("d2", br#"{"id": "c1", "status": "ok"}"#),
             "another device's reply"
@@ -286,8 +295,8 @@ mod tests {
 
     #[test]
     fn giving_up_cleans_up_and_makes_later_replies_late() {
-        let router = Arc::new(ReplyRouter::default());
-        let pending = router.expect("d1", "c1").unwrap();
+        let router = ReplyRouter::default();
+        let pending = router.register("d1", "c1").unwrap();
         drop(pending);
         assert_eq!(router.stats().pending, 0);
         assert!(!router.route("d1", br#"{"id": "c1", "status": "ok"}"#));
@@ -296,12 +305,12 @@ mod tests {
 
     #[test]
     fn the_table_is_bounded() {
-        let router = Arc::new(ReplyRouter::default());
+        let router = ReplyRouter::default();
         let held: Vec<_> = (0..MAX_PENDING_REPLIES)
-            .map(|i| router.expect("d", &i.to_string()).unwrap())
+            .map(|i| router.register("d", &i.to_string()).unwrap())
             .collect();
-        assert!(router.expect("d", "one more").is_err());
+        assert!(router.register("d", "one more").is_err());
         drop(held);
-        assert!(router.expect("d", "one more").is_ok());
+        assert!(router.register("d", "one more").is_ok());
     }
 }

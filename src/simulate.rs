@@ -17,10 +17,8 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
-use crate::{
-    config::{ConfigError, SimulateArgs},
-    shutdown::Shutdown,
-};
+use crate::{cli::SimulateArgs, config::ConfigError};
+use tokio_util::sync::CancellationToken;
 
 /// How a device answers commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,8 +28,8 @@ enum Replies {
     Never,
 }
 
-/// Runs the devices until `shutdown` fires.
-pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<(), ConfigError> {
+/// Runs the devices until `shutdown` is cancelled.
+pub async fn run(args: SimulateArgs, shutdown: CancellationToken) -> Result<(), ConfigError> {
     let readings = args.topics.readings()?;
     let commands = args.topics.commands()?;
     let replies = args.topics.replies()?;
@@ -109,13 +107,13 @@ fn reading_ticker(start_in: Duration, period: Duration) -> tokio::time::Interval
 }
 
 impl Device {
-    async fn run(mut self, options: MqttOptions, mut shutdown: Shutdown) {
+    async fn run(mut self, options: MqttOptions, shutdown: CancellationToken) {
         let (client, mut eventloop) = AsyncClient::new(options, 64);
         let mut ticker = reading_ticker(self.phase, self.interval);
         let mut step: u64 = 0;
         loop {
             tokio::select! {
-                _ = shutdown.recv() => break,
+                _ = shutdown.cancelled() => break,
                 _ = ticker.tick() => {
                     step += 1;
                     let payload = self.reading(step);
@@ -150,7 +148,7 @@ impl Device {
                         warn!(device = self.device_id, %error, "MQTT connection failed; retrying in 1 s");
                         tokio::select! {
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                            _ = shutdown.recv() => break,
+                            _ = shutdown.cancelled() => break,
                         }
                     }
                 }

@@ -85,16 +85,10 @@ pub fn validate_topic_filter(filter: &str) -> Result<(), TopicError> {
         )));
     }
     check_topic_text(filter)?;
-    let levels: Vec<&str> = filter.split('/').collect();
-    for (i, level) in levels.iter().enumerate() {
-        if level.contains('#') && (*level != "#" || i + 1 != levels.len()) {
-            return Err(TopicError(
-                "'#' must stand alone in the last topic level".into(),
-            ));
-        }
-        if level.contains('+') && *level != "+" {
-            return Err(TopicError("'+' must stand alone in its topic level".into()));
-        }
+    if !rumqttc::valid_filter(filter) {
+        return Err(TopicError(
+            "'+' and '#' must each fill a whole topic level, and '#' must be the last level".into(),
+        ));
     }
     Ok(())
 }
@@ -102,6 +96,10 @@ pub fn validate_topic_filter(filter: &str) -> Result<(), TopicError> {
 /// Whether `topic` (a topic name, no wildcards) matches `filter` (a valid
 /// topic filter). Topics starting with `$` are not matched by a leading
 /// wildcard, as in MQTT.
+///
+/// Not `rumqttc::matches`: that one never matches a `$` topic, not even by
+/// a filter that names it (`$SYS/#`), while brokers deliver those, and
+/// ListReadings must select what the broker sent.
 ///
 /// ```
 /// use devicehub::topic::topic_matches;

@@ -342,7 +342,7 @@ async fn a_stream_of_commands_gets_one_response_per_request() {
         request(5, Some(command("dev1", "FAIL", Some(15_000)))),
     ];
     // More than one stream's in-flight limit: flow control, not refusal.
-    let many = 2 * devicehub::grpc::MAX_COMMANDS_IN_FLIGHT as u64;
+    let many = 2 * devicehub::MAX_COMMANDS_IN_FLIGHT as u64;
     for n in 0..many {
         let device = format!("dev{}", n % 50);
         let command = with_params(command(&device, "SET", Some(15_000)), json!({"n": n}));

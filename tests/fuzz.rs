@@ -5,28 +5,19 @@
 
 mod common;
 
-use common::*;
+use common::{rng::Rng, *};
 use devicehub::proto::{
     send_command_request::Payload, ListReadingsRequest, SendCommandRequest, WatchReadingsRequest,
 };
 use tonic::Code;
 
-/// splitmix64.
-struct Rng(u64);
+/// Random request fields for the fuzz test, on top of the shared [`Rng`].
+trait Fuzz {
+    fn string(&mut self) -> String;
+    fn timestamp(&mut self) -> Option<prost_types::Timestamp>;
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
+impl Fuzz for Rng {
     /// A string from pieces that matter to topics, ids and tokens.
     fn string(&mut self) -> String {
         const PIECES: &[&str] = &[
@@ -54,14 +45,7 @@ impl Rng {
             "\u{10ffff}",
         ];
         let len = self.below(8);
-        (0..len)
-            .map(|_| PIECES[self.below(PIECES.len() as u64) as usize])
-            .collect()
-    }
-
-    fn bytes(&mut self, max: u64) -> Vec<u8> {
-        let len = self.below(max);
-        (0..len).map(|_| self.next() as u8).collect()
+        (0..len).map(|_| *self.pick(PIECES)).collect()
     }
 
     fn timestamp(&mut self) -> Option<prost_types::Timestamp> {

@@ -107,42 +107,50 @@ pub fn put_reading_field(field: u32, reading: &Reading, out: &mut Vec<u8>) {
     wrap(out, start, field);
 }
 
+// devicehub.v1.Reading's fields (see the proto).
+const READING_SEQ: u32 = 1;
+const READING_DEVICE_ID: u32 = 2;
+const READING_TOPIC: u32 = 3;
+const READING_RECEIVED_AT: u32 = 4;
+const READING_PAYLOAD: u32 = 5;
+const READING_JSON: u32 = 6;
+const READING_QOS: u32 = 7;
+const READING_RETAINED: u32 = 8;
+// google.protobuf.Timestamp's fields.
+const TIMESTAMP_SECONDS: u32 = 1;
+const TIMESTAMP_NANOS: u32 = 2;
+/// `devicehub.v1.ListReadingsResponse.next_page_token`.
+pub const LIST_NEXT_PAGE_TOKEN: u32 = 2;
+
 /// Appends a `devicehub.v1.Reading`. Like prost, fields holding their
 /// default value are left out.
 fn put_reading(reading: &Reading, out: &mut Vec<u8>) {
-    if reading.seq != 0 {
-        encode_key(1, WireType::Varint, out);
-        encode_varint(reading.seq, out);
-    }
-    put_str(2, reading.device_id(), out);
-    put_str(3, reading.topic(), out);
-    // google.protobuf.Timestamp received_at = 4, always present.
+    put_varint(READING_SEQ, reading.seq, out);
+    put_str(READING_DEVICE_ID, reading.device_id(), out);
+    put_str(READING_TOPIC, reading.topic(), out);
+    // Always present, even at the epoch.
     let time = prost_types::Timestamp::from(reading.received_at);
     let start = out.len();
-    if time.seconds != 0 {
-        encode_key(1, WireType::Varint, out);
-        encode_varint(time.seconds as u64, out);
-    }
-    if time.nanos != 0 {
-        encode_key(2, WireType::Varint, out);
-        encode_varint(time.nanos as u64, out);
-    }
-    wrap(out, start, 4);
+    put_varint(TIMESTAMP_SECONDS, time.seconds as u64, out);
+    put_varint(TIMESTAMP_NANOS, time.nanos as u64, out);
+    wrap(out, start, READING_RECEIVED_AT);
     if !reading.payload.is_empty() {
-        put_bytes(5, &reading.payload, out);
+        put_bytes(READING_PAYLOAD, &reading.payload, out);
     }
-    // google.protobuf.Value json = 6, when the payload is JSON.
+    // Present when the payload is JSON.
     let start = out.len();
     if put_json_value(&reading.payload, out) {
-        wrap(out, start, 6);
+        wrap(out, start, READING_JSON);
     }
-    if reading.qos != 0 {
-        encode_key(7, WireType::Varint, out);
-        encode_varint(u64::from(reading.qos), out);
-    }
-    if reading.retained {
-        encode_key(8, WireType::Varint, out);
-        encode_varint(1, out);
+    put_varint(READING_QOS, u64::from(reading.qos), out);
+    put_varint(READING_RETAINED, u64::from(reading.retained), out);
+}
+
+/// Appends field `field` as a varint, unless it is 0.
+fn put_varint(field: u32, value: u64, out: &mut Vec<u8>) {
+    if value != 0 {
+        encode_key(field, WireType::Varint, out);
+        encode_varint(value, out);
     }
 }
 
@@ -325,10 +333,13 @@ impl<'de> Visitor<'de> for KeySeed<'_> {
 mod tests {
     use super::*;
     use crate::{
-        buffer::{BufferLimits, ListQuery, NewReading, ReadingBuffer},
+        buffer::{ListQuery, NewReading, ReadingBuffer},
+        config::BufferLimits,
+        grpc::encoded,
         proto::{
             self, watch_readings_response::Event, ListReadingsResponse, WatchReadingsResponse,
         },
+        test_rng::Rng,
     };
     use prost_types::{value::Kind, Value};
     use std::time::{Duration, SystemTime};
@@ -343,7 +354,7 @@ mod tests {
             payload: reading.payload.clone(),
             json: serde_json::from_slice::<serde_json::Value>(&reading.payload)
                 .ok()
-                .map(super::super::json_to_value),
+                .map(crate::grpc::convert::json_to_value),
             qos: u32::from(reading.qos),
             retained: reading.retained,
         }
@@ -430,6 +441,175 @@ mod tests {
         let page = ListReadingsResponse::decode(&list[..]).unwrap();
         let want: Vec<proto::Reading> = readings.iter().map(expected).collect();
         assert_eq!(page.readings, want);
+    }
+
+    /// Appends a random JSON document as text: every kind of value, nested,
+    /// with escapes, non-ASCII text, duplicate keys, extreme numbers and odd
+    /// spacing.
+    fn random_json(rng: &mut Rng, depth: u32, out: &mut String) {
+        fn space(rng: &mut Rng, out: &mut String) {
+            for _ in 0..rng.below(3) {
+                out.push(*rng.pick(&[' ', '\n', '\t', '\r']));
+            }
+        }
+        fn string(rng: &mut Rng, pieces: &[&str], out: &mut String) {
+            out.push('"');
+            for _ in 0..rng.below(6) {
+                out.push_str(rng.pick::<&str>(pieces));
+            }
+            out.push('"');
+        }
+        const TEXT: &[&str] = &[
+            "a",
+            "é",
+            "\\n",
+            "\\\"",
+            "\\\\",
+            "\\u00e9",
+            "\\ud83d\\ude00",
+            "\u{1F600}",
+            "\\/",
+            " ",
+            "\\u0000",
+            "\u{7f}",
+        ];
+        // Few distinct keys, so objects often repeat one.
+        const KEYS: &[&str] = &["a", "b", "é", ""];
+        space(rng, out);
+        match rng.below(if depth == 0 { 5 } else { 7 }) {
+            0 => out.push_str("null"),
+            1 => out.push_str(rng.pick::<&str>(&["true", "false"])),
+            2 => {
+                let number = match rng.below(6) {
+                    0 => (rng.next() as i64).to_string(),
+                    1 => rng.next().to_string(),
+                    2 => Some(f64::from_bits(rng.next()))
+                        .filter(|f| f.is_finite())
+                        .map_or("0.5".into(), |f| format!("{f:e}")),
+                    // Some of these overflow f64: the document is then not JSON.
+                    3 => format!(
+                        "{}e{}",
+                        rng.below(2000) as i64 - 1000,
+                        rng.below(700) as i64 - 350
+                    ),
+                    4 => "-0.0".into(),
+                    _ => format!("{}.{:03}", rng.below(100), rng.below(1000)),
+                };
+                out.push_str(&number);
+            }
+            3 | 4 => string(rng, TEXT, out),
+            5 => {
+                out.push('[');
+                for i in 0..rng.below(5) {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    random_json(rng, depth - 1, out);
+                }
+                space(rng, out);
+                out.push(']');
+            }
+            _ => {
+                out.push('{');
+                for i in 0..rng.below(5) {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    space(rng, out);
+                    string(rng, KEYS, out);
+                    space(rng, out);
+                    out.push(':');
+                    random_json(rng, depth - 1, out);
+                }
+                space(rng, out);
+                out.push('}');
+            }
+        }
+        space(rng, out);
+    }
+
+    /// Thousands of random readings (JSON documents, broken JSON, random
+    /// bytes; random ids, topics, QoS, flags and times): each must decode to
+    /// exactly the message prost would have built, alone (WatchReadings) and
+    /// concatenated (ListReadings).
+    #[test]
+    fn random_readings_decode_to_what_prost_would_have_encoded() {
+        for seed in 0..8 {
+            let mut rng = Rng(seed);
+            let mut buffer = ReadingBuffer::new(
+                BufferLimits {
+                    max_readings: 1000,
+                    max_bytes: 64 << 20,
+                },
+                1 + rng.below(1 << 40),
+            );
+            let mut json_readings = 0;
+            for _ in 0..1000 {
+                let payload = match rng.below(8) {
+                    0 => rng.bytes(64),
+                    1 => {
+                        // Broken JSON: a document cut short.
+                        let mut text = String::new();
+                        random_json(&mut rng, 4, &mut text);
+                        let mut bytes = text.into_bytes();
+                        bytes.truncate(rng.below(bytes.len() as u64 + 1) as usize);
+                        bytes
+                    }
+                    _ => {
+                        let (mut text, depth) = (String::new(), 1 + rng.below(5) as u32);
+                        random_json(&mut rng, depth, &mut text);
+                        text.into_bytes()
+                    }
+                };
+                json_readings +=
+                    usize::from(serde_json::from_slice::<serde_json::Value>(&payload).is_ok());
+                let device = format!("d{}", rng.below(50));
+                let topic = format!(
+                    "devices/{device}/{}",
+                    rng.pick(&["readings", "replies", "é"])
+                );
+                let (device, topic) = match rng.below(10) {
+                    0 => ("", "elsewhere"),
+                    _ => (device.as_str(), topic.as_str()),
+                };
+                buffer.push(NewReading {
+                    device_id: device,
+                    topic,
+                    payload: &payload,
+                    qos: rng.below(3) as u8,
+                    retained: rng.below(2) == 0,
+                    received_at: SystemTime::UNIX_EPOCH
+                        + Duration::new(rng.below(1 << 34), rng.below(1_000_000_000) as u32),
+                });
+            }
+            // Most documents are JSON, some are not: both paths are covered.
+            assert!((500..1000).contains(&json_readings), "{json_readings}");
+
+            let readings = buffer
+                .list(&ListQuery {
+                    limit: 1000,
+                    oldest_first: true,
+                    ..Default::default()
+                })
+                .unwrap()
+                .readings;
+            assert_eq!(readings.len(), 1000);
+            let mut list = Vec::new();
+            for reading in &readings {
+                let start = list.len();
+                put_reading_field(encoded::READING_FIELD, reading, &mut list);
+                let decoded = WatchReadingsResponse::decode(&list[start..]).unwrap();
+                assert_eq!(
+                    decoded.event,
+                    Some(Event::Reading(expected(reading))),
+                    "seed {seed}: {:?}",
+                    String::from_utf8_lossy(&reading.payload)
+                );
+            }
+            let page = ListReadingsResponse::decode(&list[..]).unwrap();
+            let want: Vec<proto::Reading> = readings.iter().map(expected).collect();
+            assert_eq!(page.readings, want, "seed {seed}");
+        }
     }
 
     #[test]

@@ -3,6 +3,9 @@
 //! the generated tonic client. Waits are on conditions, never fixed sleeps.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod rng;
+pub mod tempdir;
+
 use std::{
     future::Future,
     io::Write,
@@ -15,13 +18,14 @@ use std::{
 
 use clap::Parser;
 use devicehub::{
-    config::{BrokerUrl, Cli},
+    cli::Cli,
+    config::BrokerUrl,
     proto::{device_hub_client::DeviceHubClient, Reading},
-    shutdown::{self, ShutdownTrigger},
     Config, SERVICE_NAME,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::transport::Channel;
 use tonic_health::pb::{
     health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
@@ -99,7 +103,9 @@ pub fn config(broker: &BrokerUrl, args: &[&str]) -> Config {
 /// The real service, in-process, on an ephemeral gRPC port.
 pub struct TestService {
     pub addr: SocketAddr,
-    trigger: ShutdownTrigger,
+    /// Cancels the service's shutdown token when dropped: a test that
+    /// fails half-way still stops its service.
+    shutdown: DropGuard,
     task: JoinHandle<Result<(), devicehub::Error>>,
 }
 
@@ -107,11 +113,11 @@ impl TestService {
     pub async fn start(config: Config) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (trigger, shutdown) = shutdown::channel();
-        let task = tokio::spawn(devicehub::run(config, listener, shutdown));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(devicehub::run(config, listener, shutdown.clone()));
         Self {
             addr,
-            trigger,
+            shutdown: shutdown.drop_guard(),
             task,
         }
     }
@@ -159,9 +165,9 @@ impl TestService {
         .await
     }
 
-    /// Fires shutdown and waits for `run` to return.
+    /// Cancels the shutdown token and waits for `run` to return.
     pub async fn stop(self) {
-        self.trigger.fire();
+        drop(self.shutdown);
         let result = within("the service to stop", self.task).await;
         result
             .expect("service task")
@@ -390,32 +396,6 @@ pub fn which(name: &str) -> Option<PathBuf> {
         .chain(["/usr/sbin".into(), "/sbin".into()])
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
-}
-
-/// A temporary directory removed when dropped; enough for config files.
-pub mod tempdir {
-    use std::path::{Path, PathBuf};
-
-    pub struct TempDir(PathBuf);
-
-    impl TempDir {
-        pub fn new(prefix: &str) -> Self {
-            let unique = uuid::Uuid::now_v7().simple().to_string();
-            let path = std::env::temp_dir().join(format!("devicehub-test-{prefix}-{unique}"));
-            std::fs::create_dir_all(&path).unwrap();
-            Self(path)
-        }
-
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 /// Every buffered reading, oldest first, of `device_id` (empty: all),

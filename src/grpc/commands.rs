@@ -1,0 +1,262 @@
+//! SendCommand and StreamCommands: a command validated, published through the
+//! shared MQTT client, acknowledged by the broker and, when asked, answered
+//! by the device.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use rumqttc::QoS;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+use tracing::info;
+use uuid::Uuid;
+
+use super::{
+    convert::{device_id_field, envelope, reply_timeout, reply_to_proto, struct_to_json},
+    error::ApiError,
+    Shared,
+};
+use crate::proto::{
+    send_command_request::Payload, SendCommandRequest, SendCommandResponse, StreamCommandsRequest,
+    StreamCommandsResponse,
+};
+
+/// Largest command payload (envelope or raw), in bytes.
+const MAX_COMMAND_PAYLOAD_BYTES: usize = 256 << 10;
+/// Longest command name, in bytes.
+const MAX_COMMAND_BYTES: usize = 256;
+/// Longest `reply_timeout` accepted.
+pub(super) const MAX_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Commands in flight per StreamCommands stream.
+pub const MAX_COMMANDS_IN_FLIGHT: usize = 256;
+
+/// A validated command, ready to publish.
+struct Command {
+    id: String,
+    device_id: String,
+    name: String,
+    topic: String,
+    payload: Bytes,
+    qos: QoS,
+    reply_timeout: Option<Duration>,
+}
+
+/// Serves one SendCommand call (or one command of a StreamCommands stream).
+pub(super) async fn send(
+    shared: &Shared,
+    req: SendCommandRequest,
+) -> Result<SendCommandResponse, ApiError> {
+    let command = validate(shared, req)?;
+    // Registered before publishing: a device may answer before the
+    // broker's acknowledgement reaches us.
+    let mut pending = command
+        .reply_timeout
+        .map(|_| shared.replies.register(&command.device_id, &command.id))
+        .transpose()?;
+
+    shared
+        .publisher
+        .publish(command.topic.clone(), command.payload, command.qos)
+        .await?;
+    info!(
+        command_id = command.id,
+        device_id = command.device_id,
+        command = command.name,
+        topic = command.topic,
+        qos = ?command.qos,
+        "command published"
+    );
+
+    let mut response = SendCommandResponse {
+        command_id: command.id,
+        topic: command.topic,
+        reply: None,
+    };
+    let (Some(timeout), Some(pending)) = (command.reply_timeout, pending.as_mut()) else {
+        return Ok(response);
+    };
+    // The call's own deadline (grpc-timeout) is enforced by tonic, which
+    // drops this future; dropping `pending` unregisters the wait.
+    match tokio::time::timeout(timeout, pending.wait()).await {
+        Ok(Some(reply)) => {
+            response.reply = Some(reply_to_proto(reply));
+            Ok(response)
+        }
+        Ok(None) => Err(ApiError::Internal("reply waiter dropped".into())),
+        Err(_) => Err(ApiError::NoReply {
+            device_id: command.device_id,
+            command_id: response.command_id,
+            timeout,
+        }),
+    }
+}
+
+/// Checks every field of a SendCommand request and builds what is published.
+fn validate(shared: &Shared, req: SendCommandRequest) -> Result<Command, ApiError> {
+    let device_id = device_id_field(&req.device_id)?;
+    if let Some(fixed) = shared.commands_topic.fixed_device_id() {
+        if device_id != fixed {
+            return Err(ApiError::invalid(
+                "device_id",
+                format!(
+                    "the command topic {} serves only device {fixed:?}",
+                    shared.commands_topic
+                ),
+            ));
+        }
+    }
+    if req.command.is_empty() {
+        return Err(ApiError::invalid("command", "must not be empty"));
+    }
+    if req.command.len() > MAX_COMMAND_BYTES {
+        return Err(ApiError::invalid(
+            "command",
+            format!(
+                "is {} bytes long; the limit is {MAX_COMMAND_BYTES}",
+                req.command.len()
+            ),
+        ));
+    }
+    let qos = match req.qos.unwrap_or(1) {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        2 => QoS::ExactlyOnce,
+        other => {
+            return Err(ApiError::invalid(
+                "qos",
+                format!("must be 0, 1 or 2, not {other}"),
+            ))
+        }
+    };
+
+    let id = Uuid::now_v7().to_string();
+    let (payload, field) = match req.payload {
+        Some(Payload::RawPayload(raw)) => (raw, "raw_payload"),
+        Some(Payload::Params(params)) => {
+            let params =
+                struct_to_json(&params).map_err(|reason| ApiError::invalid("params", reason))?;
+            (envelope(&id, &req.command, Some(params))?, "params")
+        }
+        None => (envelope(&id, &req.command, None)?, "command"),
+    };
+    if payload.len() > MAX_COMMAND_PAYLOAD_BYTES {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "the published payload would be {} bytes; the limit is {MAX_COMMAND_PAYLOAD_BYTES}",
+                payload.len()
+            ),
+        ));
+    }
+    Ok(Command {
+        topic: shared.commands_topic.topic_for(&device_id),
+        reply_timeout: req.reply_timeout.map(reply_timeout).transpose()?,
+        id,
+        device_id,
+        name: req.command,
+        payload,
+        qos,
+    })
+}
+
+/// Starts serving one StreamCommands call; see [`serve_stream`].
+pub(super) fn stream(
+    shared: Arc<Shared>,
+    requests: Streaming<StreamCommandsRequest>,
+) -> ReceiverStream<Result<StreamCommandsResponse, Status>> {
+    let (tx, rx) = mpsc::channel(MAX_COMMANDS_IN_FLIGHT);
+    tokio::spawn(serve_stream(shared, requests, tx));
+    ReceiverStream::new(rx)
+}
+
+/// The task behind a StreamCommands stream: reads requests while fewer than
+/// [`MAX_COMMANDS_IN_FLIGHT`] are in flight, runs them concurrently as
+/// SendCommand, and sends each outcome as it completes.
+async fn serve_stream(
+    shared: Arc<Shared>,
+    mut requests: Streaming<StreamCommandsRequest>,
+    tx: mpsc::Sender<Result<StreamCommandsResponse, Status>>,
+) {
+    let mut in_flight = FuturesUnordered::new();
+    let mut request_ids = HashSet::new();
+    let mut reading = true;
+    while reading || !in_flight.is_empty() {
+        let response = tokio::select! {
+            // Outcomes first: they make room for more requests.
+            biased;
+            Some(response) = in_flight.next() => {
+                let response: StreamCommandsResponse = response;
+                request_ids.remove(&response.request_id);
+                response
+            }
+            request = requests.message(),
+                if reading && in_flight.len() < MAX_COMMANDS_IN_FLIGHT =>
+            {
+                let request = match request {
+                    Ok(Some(request)) => request,
+                    Ok(None) => {
+                        reading = false;
+                        continue;
+                    }
+                    // The client's side broke (or sent an oversized
+                    // message): report it and abandon the stream.
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let id = request.request_id;
+                let error = match request.command {
+                    None => ApiError::invalid("command", "is required"),
+                    Some(_) if request_ids.contains(&id) => ApiError::invalid(
+                        "request_id",
+                        format!("{id} is already in flight on this stream"),
+                    ),
+                    Some(command) => {
+                        request_ids.insert(id);
+                        let shared = shared.clone();
+                        in_flight.push(async move {
+                            command_response(id, send(&shared, command).await)
+                        });
+                        continue;
+                    }
+                };
+                command_response(id, Err(error))
+            }
+            _ = tx.closed() => return, // the client went away
+            _ = shared.shutdown.cancelled() => {
+                let _ = tx.send(Err(ApiError::CommandsShutDown.into())).await;
+                return;
+            }
+        };
+        if tx.send(Ok(response)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A StreamCommands response: the outcome SendCommand would have returned,
+/// its status turned into a code and message in the one usual place.
+fn command_response(
+    request_id: u64,
+    outcome: Result<SendCommandResponse, ApiError>,
+) -> StreamCommandsResponse {
+    match outcome {
+        Ok(response) => StreamCommandsResponse {
+            request_id,
+            response: Some(response),
+            ..Default::default()
+        },
+        Err(error) => {
+            let status = Status::from(error);
+            StreamCommandsResponse {
+                request_id,
+                status_code: status.code() as i32,
+                status_message: status.message().to_owned(),
+                response: None,
+            }
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Conversions between proto messages and the service's own types, with the
+//! validation the well-known types need (prost would silently normalize
+//! out-of-range timestamps and durations).
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use prost_types::{value::Kind, ListValue, Struct, Timestamp, Value};
+
+use super::{commands::MAX_REPLY_TIMEOUT, error::ApiError};
+use crate::{
+    buffer::ReadingFilter,
+    proto,
+    replies::DeviceReply,
+    topic::{literal_level, validate_device_id, validate_topic_filter},
+};
+
+/// The buffer filter for a request's `device_id` and `topic_filter`.
+///
+/// A topic filter that names one device at `device_level`, the level where
+/// every subscribed topic carries the device id (`devices/d7/#`), also
+/// selects by device, so the buffer uses its device index instead of a
+/// scan; the result is the same.
+pub(super) fn reading_filter(
+    device_id: &str,
+    topic_filter: &str,
+    device_level: Option<usize>,
+) -> Result<ReadingFilter, ApiError> {
+    let device_id = match device_id {
+        "" => None,
+        id => Some(device_id_field(id)?),
+    };
+    let topic_filter = match topic_filter {
+        "" => None,
+        filter => {
+            validate_topic_filter(filter)
+                .map_err(|e| ApiError::invalid("topic_filter", e.to_string()))?;
+            Some(filter.to_owned())
+        }
+    };
+    let device_id = device_id.or_else(|| {
+        let device = literal_level(topic_filter.as_deref()?, device_level?)?;
+        validate_device_id(device)
+            .is_ok()
+            .then(|| device.to_owned())
+    });
+    Ok(ReadingFilter {
+        device_id,
+        topic_filter,
+    })
+}
+
+/// A request's `device_id`, validated as one topic level.
+pub(super) fn device_id_field(id: &str) -> Result<String, ApiError> {
+    validate_device_id(id).map_err(|e| ApiError::invalid("device_id", e.to_string()))?;
+    Ok(id.to_owned())
+}
+
+/// A timestamp as the well-known type defines it: nanos in 0..1e9, and a
+/// year from 1 to 9999. (prost would silently normalize other values.)
+pub(super) fn optional_time(
+    field: &'static str,
+    time: Option<Timestamp>,
+) -> Result<Option<SystemTime>, ApiError> {
+    const MIN_SECONDS: i64 = -62_135_596_800; // 0001-01-01T00:00:00Z
+    const MAX_SECONDS: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    let Some(time) = time else { return Ok(None) };
+    if !(0..1_000_000_000).contains(&time.nanos)
+        || !(MIN_SECONDS..=MAX_SECONDS).contains(&time.seconds)
+    {
+        return Err(ApiError::invalid(
+            field,
+            "is not a valid timestamp (nanos must be 0 to 999999999, the year 1 to 9999)",
+        ));
+    }
+    SystemTime::try_from(time)
+        .map(Some)
+        .map_err(|e| ApiError::invalid(field, format!("is not a valid timestamp: {e}")))
+}
+
+/// A `reply_timeout` as the well-known Duration defines it (nanos below one
+/// second, no mixed signs; prost would silently normalize), positive and at
+/// most [`MAX_REPLY_TIMEOUT`].
+pub(super) fn reply_timeout(
+    timeout: prost_types::Duration,
+) -> Result<std::time::Duration, ApiError> {
+    let valid = timeout.seconds >= 0 && (0..1_000_000_000).contains(&timeout.nanos);
+    valid
+        .then(|| std::time::Duration::new(timeout.seconds as u64, timeout.nanos as u32))
+        .filter(|t| !t.is_zero() && *t <= MAX_REPLY_TIMEOUT)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "reply_timeout",
+                format!("must be more than 0 s and at most {MAX_REPLY_TIMEOUT:?}"),
+            )
+        })
+}
+
+pub(super) fn reply_to_proto(reply: DeviceReply) -> proto::CommandReply {
+    let status = match reply.ok {
+        true => proto::CommandStatus::Ok,
+        false => proto::CommandStatus::Error,
+    };
+    proto::CommandReply {
+        status: status.into(),
+        result: reply.result.map(json_to_value),
+        message: reply.message,
+        received_at: Some(Timestamp::from(reply.received_at)),
+    }
+}
+
+/// The JSON envelope published for a command.
+pub(super) fn envelope(
+    command_id: &str,
+    command: &str,
+    params: Option<serde_json::Map<String, serde_json::Value>>,
+) -> Result<Bytes, ApiError> {
+    let mut envelope = serde_json::Map::new();
+    envelope.insert("id".into(), command_id.into());
+    envelope.insert("command".into(), command.into());
+    if let Some(params) = params {
+        envelope.insert("params".into(), params.into());
+    }
+    serde_json::to_vec(&envelope)
+        .map(Bytes::from)
+        .map_err(|e| ApiError::Internal(format!("encoding a command envelope: {e}")))
+}
+
+pub(super) fn json_to_value(json: serde_json::Value) -> Value {
+    let kind = match json {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        // protobuf's Value holds numbers as f64, like JSON in JavaScript.
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(items) => Kind::ListValue(ListValue {
+            values: items.into_iter().map(json_to_value).collect(),
+        }),
+        serde_json::Value::Object(map) => Kind::StructValue(Struct {
+            fields: map
+                .into_iter()
+                .map(|(k, v)| (k, json_to_value(v)))
+                .collect(),
+        }),
+    };
+    Value { kind: Some(kind) }
+}
+
+pub(super) fn struct_to_json(
+    s: &Struct,
+) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    s.fields
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), value_to_json(v)?)))
+        .collect()
+}
+
+fn value_to_json(value: &Value) -> Result<serde_json::Value, String> {
+    Ok(match &value.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => (*b).into(),
+        // Whole numbers stay whole (`3`, not `3.0`) where f64 holds them exactly.
+        Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 => {
+            (*n as i64).into()
+        }
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n)
+            .map(serde_json::Value::Number)
+            .ok_or_else(|| format!("holds the number {n}, which JSON cannot represent"))?,
+        Some(Kind::StringValue(s)) => s.clone().into(),
+        Some(Kind::ListValue(list)) => list
+            .values
+            .iter()
+            .map(value_to_json)
+            .collect::<Result<Vec<_>, _>>()?
+            .into(),
+        Some(Kind::StructValue(s)) => struct_to_json(s)?.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_round_trip_and_non_finite_numbers_are_refused() {
+        let params = struct_to_json(&Struct {
+            fields: [(
+                "speed".to_owned(),
+                Value {
+                    kind: Some(Kind::NumberValue(3.0)),
+                },
+            )]
+            .into(),
+        })
+        .unwrap();
+        assert_eq!(
+            serde_json::Value::Object(params),
+            serde_json::json!({"speed": 3})
+        );
+        let nan = Struct {
+            fields: [(
+                "x".to_owned(),
+                Value {
+                    kind: Some(Kind::NumberValue(f64::NAN)),
+                },
+            )]
+            .into(),
+        };
+        assert!(struct_to_json(&nan).is_err());
+    }
+
+    #[test]
+    fn the_envelope_carries_id_command_and_params() {
+        let params = serde_json::json!({"on": true}).as_object().cloned();
+        let bytes = envelope("id-1", "TURN_ON_FAN", params).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"id": "id-1", "command": "TURN_ON_FAN", "params": {"on": true}})
+        );
+    }
+}

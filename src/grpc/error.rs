@@ -1,0 +1,77 @@
+//! [`ApiError`]: everything a call can fail with, and the one place where it
+//! becomes a [`Status`]. Internal details go to the log, never to the client.
+
+use tonic::Status;
+use tracing::error;
+
+use crate::{mqtt::PublishError, replies::TooManyPending};
+
+/// Everything a call can fail with. Turned into a [`Status`] in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    #[error("{0}")]
+    Publish(#[from] PublishError),
+    #[error("page_token: the readings it points at (sequence numbers {missed_from} to {missed_to}) have been evicted from the buffer; list again without a page_token")]
+    PageEvicted { missed_from: u64, missed_to: u64 },
+    #[error("this watcher fell behind: readings with sequence numbers {missed_from} to {missed_to} were evicted from the buffer before they were sent; the last sequence number sent is {last_sent}")]
+    WatcherFellBehind {
+        missed_from: u64,
+        missed_to: u64,
+        last_sent: u64,
+    },
+    #[error("after_seq: readings after sequence number {after_seq} are no longer buffered; the oldest buffered is {oldest} (set gap_policy GAP_POLICY_NOTIFY to continue from there)")]
+    CursorTooOld { after_seq: u64, oldest: u64 },
+    #[error("the service already serves its maximum of {0} watchers")]
+    TooManyWatchers(usize),
+    #[error("the service is shutting down; resume after sequence number {resume_after}")]
+    ShuttingDown { resume_after: u64 },
+    #[error("the service is shutting down; commands without a response may or may not have been published")]
+    CommandsShutDown,
+    #[error(transparent)]
+    TooManyPending(#[from] TooManyPending),
+    #[error("device {device_id:?} did not reply to command {command_id} within {timeout:?}")]
+    NoReply {
+        device_id: String,
+        command_id: String,
+        timeout: std::time::Duration,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub(super) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Status {
+        let message = error.to_string();
+        match error {
+            ApiError::InvalidArgument { .. } => Status::invalid_argument(message),
+            ApiError::Publish(PublishError::QueueFull) => Status::resource_exhausted(message),
+            ApiError::Publish(_) => Status::unavailable(message),
+            ApiError::PageEvicted { .. } => Status::out_of_range(message),
+            ApiError::WatcherFellBehind { .. } => Status::data_loss(message),
+            ApiError::CursorTooOld { .. } => Status::out_of_range(message),
+            ApiError::TooManyWatchers(_) | ApiError::TooManyPending(_) => {
+                Status::resource_exhausted(message)
+            }
+            ApiError::NoReply { .. } => Status::deadline_exceeded(message),
+            ApiError::ShuttingDown { .. } | ApiError::CommandsShutDown => {
+                Status::unavailable(message)
+            }
+            ApiError::Internal(_) => {
+                // Details go to the log, never to the client.
+                error!(%message, "internal error");
+                Status::internal("internal error; see the service log")
+            }
+        }
+    }
+}

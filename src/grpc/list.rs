@@ -1,0 +1,105 @@
+//! ListReadings: a page of buffered readings, newest or oldest first, with
+//! filters and an opaque page token.
+
+use super::{
+    convert::{optional_time, reading_filter},
+    error::ApiError,
+    page_token, wire, Encoded, EncodedListReadingsResponse, Shared,
+};
+use crate::{
+    buffer::{CursorError, ListQuery},
+    proto::ListReadingsRequest,
+};
+
+/// Page size when the request leaves it at 0.
+const DEFAULT_PAGE_SIZE: usize = 100;
+/// Largest page size accepted.
+const MAX_PAGE_SIZE: usize = 1000;
+/// A page stops growing at about this many encoded bytes, so it stays under
+/// gRPC's usual 4 MiB message limit on the client; at least one reading is
+/// always returned.
+const MAX_PAGE_BYTES: usize = 3 << 20;
+
+/// Serves one ListReadings call.
+pub(super) fn list(
+    shared: &Shared,
+    req: ListReadingsRequest,
+) -> Result<EncodedListReadingsResponse, ApiError> {
+    let query_hash = page_token::query_hash(&req);
+    let query = list_query(shared, req, query_hash)?;
+    let page = shared.hub.list(&query).map_err(|e| match e {
+        CursorError::Evicted {
+            missed_from,
+            missed_to,
+        } => ApiError::PageEvicted {
+            missed_from,
+            missed_to,
+        },
+        CursorError::Future(_) => ApiError::invalid("page_token", "was not issued by this service"),
+    })?;
+
+    // Keep the response under the client's message size limit; at least
+    // one reading is always sent.
+    let encoded = shared.encoded.encode(&page.readings);
+    let mut bytes = 0;
+    let fits = encoded
+        .iter()
+        .position(|e| {
+            bytes += e.len();
+            bytes > MAX_PAGE_BYTES
+        })
+        .filter(|&i| i > 0)
+        .unwrap_or(encoded.len());
+    let next_cursor = page.readings.get(fits).map(|r| r.seq).or(page.next_cursor);
+    let mut response = Vec::with_capacity(bytes.min(MAX_PAGE_BYTES) + 64);
+    for reading in &encoded[..fits] {
+        response.extend_from_slice(reading);
+    }
+    if let Some(cursor) = next_cursor {
+        let token = page_token::encode(cursor, query_hash);
+        wire::put_str(wire::LIST_NEXT_PAGE_TOKEN, &token, &mut response);
+    }
+    Ok(Encoded::from_bytes(response.into()))
+}
+
+/// The buffer query a request asks for, validated field by field.
+fn list_query(
+    shared: &Shared,
+    req: ListReadingsRequest,
+    query_hash: u64,
+) -> Result<ListQuery, ApiError> {
+    let filter = reading_filter(&req.device_id, &req.topic_filter, shared.device_level)?;
+    let start = optional_time("start_time", req.start_time)?;
+    let end = optional_time("end_time", req.end_time)?;
+    if let (Some(start), Some(end)) = (start, end) {
+        if start >= end {
+            return Err(ApiError::invalid(
+                "end_time",
+                "must be later than start_time",
+            ));
+        }
+    }
+    let limit = match req.page_size {
+        0 => DEFAULT_PAGE_SIZE,
+        n if n < 0 => return Err(ApiError::invalid("page_size", "must not be negative")),
+        n if n as usize > MAX_PAGE_SIZE => {
+            return Err(ApiError::invalid(
+                "page_size",
+                format!("is {n}; the maximum is {MAX_PAGE_SIZE}"),
+            ))
+        }
+        n => n as usize,
+    };
+    let cursor = match req.page_token.as_str() {
+        "" => None,
+        token => Some(page_token::decode(token, query_hash)?),
+    };
+    Ok(ListQuery {
+        filter,
+        start,
+        end,
+        limit,
+        cursor,
+        oldest_first: req.oldest_first,
+    })
+}

@@ -1,0 +1,142 @@
+//! The gRPC side: the `DeviceHub` service. It reads through the
+//! [`ReadingHub`] and publishes through the [`CommandPublisher`]; nothing
+//! below it knows about gRPC.
+//!
+//! - `mod.rs`: [`DeviceHubService`] and its trait impl, one line per RPC;
+//! - `list.rs`, `watch.rs`, `commands.rs`: the handlers, one file per RPC family;
+//! - `convert.rs`: proto ↔ domain conversions and the validation they need;
+//! - `page_token.rs`: ListReadings' opaque page tokens;
+//! - `error.rs`: [`ApiError`](error::ApiError), turned into a `Status` in one place;
+//! - `wire.rs`, `encoded.rs`: readings written straight to protobuf wire
+//!   format and shared by every response that carries them (see BENCHMARKS.md).
+
+mod commands;
+mod convert;
+mod encoded;
+mod error;
+mod list;
+mod page_token;
+mod watch;
+mod wire;
+
+use std::sync::Arc;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+pub use commands::MAX_COMMANDS_IN_FLIGHT;
+pub use wire::Encoded;
+
+use crate::{
+    config::MqttConfig,
+    hub::ReadingHub,
+    mqtt::CommandPublisher,
+    proto::{
+        self, device_hub_server::DeviceHub, ListReadingsRequest, SendCommandRequest,
+        SendCommandResponse, StreamCommandsRequest, StreamCommandsResponse, WatchReadingsRequest,
+    },
+    replies::ReplyRouter,
+    topic::TopicTemplate,
+};
+use encoded::EncodedReadings;
+
+/// What the server sends for WatchReadings and ListReadings: the messages,
+/// encoded from readings without building them (see build.rs).
+pub type EncodedWatchReadingsResponse = Encoded<proto::WatchReadingsResponse>;
+pub type EncodedListReadingsResponse = Encoded<proto::ListReadingsResponse>;
+
+/// The `DeviceHub` service. A cheap handle: tonic and every stream's task
+/// share one [`Shared`].
+#[derive(Clone)]
+pub struct DeviceHubService {
+    shared: Arc<Shared>,
+}
+
+/// What the handlers share. No lock of its own: the hub, the reply router
+/// and the encoded window each guard their own state.
+struct Shared {
+    hub: ReadingHub,
+    publisher: CommandPublisher,
+    replies: ReplyRouter,
+    commands_topic: TopicTemplate,
+    /// The topic level that holds the device id in every subscribed topic
+    /// (readings and replies), if there is one.
+    device_level: Option<usize>,
+    /// The newest readings' WatchReadings messages, shared by all streams.
+    encoded: EncodedReadings,
+    shutdown: CancellationToken,
+}
+
+impl DeviceHubService {
+    pub(crate) fn new(
+        hub: ReadingHub,
+        publisher: CommandPublisher,
+        replies: ReplyRouter,
+        topics: &MqttConfig,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let device_level = match (
+            topics.readings_topic.placeholder_level(),
+            topics.replies_topic.placeholder_level(),
+        ) {
+            (Some(readings), Some(replies)) if readings == replies => Some(readings),
+            _ => None,
+        };
+        let shared = Shared {
+            hub,
+            publisher,
+            replies,
+            commands_topic: topics.commands_topic.clone(),
+            device_level,
+            encoded: EncodedReadings::default(),
+            shutdown,
+        };
+        Self {
+            shared: Arc::new(shared),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl DeviceHub for DeviceHubService {
+    async fn send_command(
+        &self,
+        request: Request<SendCommandRequest>,
+    ) -> Result<Response<SendCommandResponse>, Status> {
+        let response = commands::send(&self.shared, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn list_readings(
+        &self,
+        request: Request<ListReadingsRequest>,
+    ) -> Result<Response<EncodedListReadingsResponse>, Status> {
+        Ok(Response::new(list::list(
+            &self.shared,
+            request.into_inner(),
+        )?))
+    }
+
+    type WatchReadingsStream = watch::WatchStream;
+
+    async fn watch_readings(
+        &self,
+        request: Request<WatchReadingsRequest>,
+    ) -> Result<Response<watch::WatchStream>, Status> {
+        Ok(Response::new(watch::watch(
+            &self.shared,
+            request.into_inner(),
+        )?))
+    }
+
+    type StreamCommandsStream = ReceiverStream<Result<StreamCommandsResponse, Status>>;
+
+    async fn stream_commands(
+        &self,
+        request: Request<Streaming<StreamCommandsRequest>>,
+    ) -> Result<Response<Self::StreamCommandsStream>, Status> {
+        let responses = commands::stream(self.shared.clone(), request.into_inner());
+        Ok(Response::new(responses))
+    }
+}

@@ -1,0 +1,240 @@
+//! The event loop task: drives the shared client, reconnects with backoff,
+//! subscribes on every ConnAck, hands incoming readings to the store and
+//! replies to the [`ReplyRouter`], and keeps the [`LinkState`] current.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, Outgoing, Packet, QoS, SubscribeFilter,
+    SubscribeReasonCode,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, trace, warn};
+
+use super::{publish::PublishError, LinkState, Shared};
+use crate::{
+    buffer::NewReading, config::MqttConfig, replies::ReplyRouter, store::ReadingStore,
+    topic::TopicTemplate,
+};
+
+/// Reconnect backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How long a clean MQTT disconnect may take at shutdown.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the event loop task owns.
+pub(super) struct Driver {
+    client: AsyncClient,
+    shared: Arc<Shared>,
+    store: Arc<dyn ReadingStore>,
+    replies: ReplyRouter,
+    readings_topic: TopicTemplate,
+    readings_subscription: String,
+    replies_topic: TopicTemplate,
+    subscribe_qos: QoS,
+    clean_session: bool,
+    broker: String,
+}
+
+impl Driver {
+    pub(super) fn new(
+        config: &MqttConfig,
+        client: AsyncClient,
+        shared: Arc<Shared>,
+        store: Arc<dyn ReadingStore>,
+        replies: ReplyRouter,
+    ) -> Self {
+        Self {
+            client,
+            shared,
+            store,
+            replies,
+            readings_topic: config.readings_topic.clone(),
+            readings_subscription: config.readings_subscription.clone(),
+            replies_topic: config.replies_topic.clone(),
+            subscribe_qos: config.subscribe_qos,
+            clean_session: !config.persistent_session,
+            broker: format!("{}:{}", config.host, config.port),
+        }
+    }
+
+    pub(super) async fn run(self, mut eventloop: EventLoop, shutdown: CancellationToken) {
+        let mut backoff = BACKOFF_MIN;
+        let mut batch = Vec::new();
+        loop {
+            let event = tokio::select! {
+                event = eventloop.poll() => event,
+                _ = shutdown.cancelled() => break,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    // rumqttc decodes up to ten packets per read and hands
+                    // them out one by one; the publishes queued right behind
+                    // this one are stored with it, under one lock and one
+                    // wake-up of the watchers. (Popping them is what `poll`
+                    // would do next, without I/O.) The acknowledgements
+                    // rumqttc sent for them in between need nothing from us.
+                    batch.push(publish);
+                    while let Some(
+                        Event::Incoming(Packet::Publish(_))
+                        | Event::Outgoing(Outgoing::PubAck(_) | Outgoing::PubRec(_)),
+                    ) = eventloop.state.events.front()
+                    {
+                        if let Some(Event::Incoming(Packet::Publish(publish))) =
+                            eventloop.state.events.pop_front()
+                        {
+                            batch.push(publish);
+                        }
+                    }
+                    self.ingest(&batch);
+                    batch.clear();
+                }
+                Ok(event) => {
+                    if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
+                        backoff = BACKOFF_MIN;
+                    }
+                    self.handle(event);
+                }
+                Err(error) => {
+                    self.connection_lost(&mut eventloop, &error);
+                    warn!(broker = %self.broker, %error, retry_in = ?backoff, "MQTT connection failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+        self.disconnect(&mut eventloop).await;
+    }
+
+    /// Handles an event other than an incoming publish (see `run`).
+    fn handle(&self, event: Event) {
+        match event {
+            Event::Incoming(Packet::ConnAck(connack)) => {
+                info!(broker = %self.broker, session_present = connack.session_present, "MQTT connected");
+                let mut tracker = self.shared.tracker();
+                if !connack.session_present {
+                    // rumqttc has just discarded everything it had pending.
+                    tracker.fail_all(PublishError::ConnectionLost);
+                }
+                self.shared.state.send_replace(LinkState::Connected);
+                drop(tracker);
+                let filters = self
+                    .subscriptions()
+                    .map(|f| SubscribeFilter::new(f.to_owned(), self.subscribe_qos));
+                if let Err(error) = self.client.try_subscribe_many(filters) {
+                    warn!(%error, "could not queue the readings and replies subscriptions");
+                }
+            }
+            Event::Incoming(Packet::SubAck(suback)) => {
+                let filters: Vec<&str> = self.subscriptions().collect();
+                let codes = &suback.return_codes;
+                let granted = codes.len() == filters.len()
+                    && codes
+                        .iter()
+                        .all(|c| matches!(c, SubscribeReasonCode::Success(_)));
+                if granted {
+                    info!(?filters, ?codes, "subscribed to readings and replies");
+                    self.shared.state.send_replace(LinkState::Ready);
+                } else {
+                    warn!(?filters, ?codes, "the broker refused a subscription");
+                }
+            }
+            Event::Incoming(Packet::PubAck(ack)) => self.shared.tracker().on_acked(ack.pkid),
+            Event::Incoming(Packet::PubComp(comp)) => self.shared.tracker().on_acked(comp.pkid),
+            Event::Outgoing(Outgoing::Publish(pkid)) => self.shared.tracker().on_sent(pkid),
+            Event::Outgoing(Outgoing::AwaitAck(pkid)) => self.shared.tracker().on_collision(pkid),
+            other => trace!(event = ?other, "MQTT event"),
+        }
+    }
+
+    /// The filters subscribed to: readings and command replies.
+    fn subscriptions(&self) -> impl Iterator<Item = &str> {
+        [
+            self.readings_subscription.as_str(),
+            self.replies_topic.subscription_filter(),
+        ]
+        .into_iter()
+    }
+
+    /// Stores publishes received together (and routes the replies among
+    /// them), parsing topics before taking the buffer's lock.
+    fn ingest(&self, batch: &[rumqttc::Publish]) {
+        // One read, one time: they arrived together.
+        let received_at = SystemTime::now();
+        let readings: Vec<NewReading<'_>> = batch
+            .iter()
+            .map(|publish| {
+                // Replies are buffered like readings, and routed to a waiting
+                // SendCommand call if there is one.
+                let device_id = match self.replies_topic.device_id_of(&publish.topic) {
+                    Some(device_id) => {
+                        self.replies.route(device_id, &publish.payload);
+                        Some(device_id)
+                    }
+                    None => self.readings_topic.device_id_of(&publish.topic),
+                };
+                if device_id.is_none() {
+                    debug!(
+                        topic = publish.topic,
+                        "message on a topic outside the readings and replies templates"
+                    );
+                }
+                NewReading {
+                    device_id: device_id.unwrap_or(""),
+                    topic: &publish.topic,
+                    payload: &publish.payload,
+                    qos: publish.qos as u8,
+                    retained: publish.retain,
+                    received_at,
+                }
+            })
+            .collect();
+        let last_seq = self.store.append(&readings);
+        trace!(last_seq, count = batch.len(), "readings stored");
+    }
+
+    fn connection_lost(&self, eventloop: &mut EventLoop, error: &ConnectionError) {
+        let mut tracker = self.shared.tracker();
+        let was = self.shared.state.send_replace(LinkState::Down);
+        if was != LinkState::Down {
+            warn!(broker = %self.broker, %error, "MQTT connection lost");
+        }
+        // Publishes queued after rumqttc's own clean-up are moved to its
+        // pending list too, so none slips out unmatched after the reconnect.
+        eventloop.clean();
+        if self.clean_session {
+            tracker.fail_all(PublishError::ConnectionLost);
+        }
+    }
+
+    /// Sends DISCONNECT and drives the loop until it is written, bounded.
+    async fn disconnect(&self, eventloop: &mut EventLoop) {
+        let connected = *self.shared.state.borrow() != LinkState::Down;
+        self.shared.state.send_replace(LinkState::Down);
+        if connected && self.client.try_disconnect().is_ok() {
+            let flushed = tokio::time::timeout(DISCONNECT_TIMEOUT, async {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                        Ok(event) => self.handle(event),
+                    }
+                }
+            })
+            .await;
+            if flushed.is_err() {
+                warn!("MQTT disconnect did not complete in time");
+            } else {
+                info!(broker = %self.broker, "MQTT disconnected");
+            }
+        }
+        self.shared.tracker().fail_all(PublishError::ConnectionLost);
+    }
+}

@@ -1,0 +1,104 @@
+//! The MQTT side: the one shared `rumqttc` client and the task that drives
+//! it. It knows nothing of gRPC: incoming readings go to a
+//! [`ReadingStore`], replies to the [`ReplyRouter`], and commands come in
+//! through [`CommandPublisher`].
+//!
+//! - [`link`]: the event loop task: connection, backoff, subscriptions, ingest;
+//! - [`publish`]: [`CommandPublisher`] and the acknowledgement tracker.
+//!
+//! # The event loop task
+//! rumqttc does nothing unless `EventLoop::poll` is called, and it has no
+//! delay of its own after an error, so the task polls continuously and sleeps
+//! with exponential backoff after each connection error. It subscribes again
+//! on every ConnAck (a clean session forgets subscriptions) with `try_*`
+//! calls: awaiting the client from the task that drives it could deadlock
+//! when the request channel is full.
+//!
+
+mod link;
+mod publish;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rumqttc::{AsyncClient, MqttOptions};
+use tokio::{sync::watch, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+pub use publish::{CommandPublisher, PublishError};
+
+use crate::{config::MqttConfig, replies::ReplyRouter, store::ReadingStore, sync};
+use link::Driver;
+use publish::AckTracker;
+
+/// Capacity of rumqttc's request queue: commands waiting to be written.
+const REQUEST_QUEUE: usize = 1024;
+
+/// The state of the MQTT link, as health checks and commands see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// Not connected (or shutting down).
+    Down,
+    /// Connected; the readings subscription is not confirmed yet.
+    Connected,
+    /// Connected and subscribed: readings flow.
+    Ready,
+}
+
+/// State shared by the event loop task and the publishers. One std mutex
+/// (see [`crate::sync`]), so that "is the link up" and "enqueue the publish"
+/// are one step; it is held for a few statements, never across an `.await`.
+struct Shared {
+    tracker: Mutex<AckTracker>,
+    state: watch::Sender<LinkState>,
+}
+
+impl Shared {
+    fn tracker(&self) -> MutexGuard<'_, AckTracker> {
+        sync::lock(&self.tracker)
+    }
+}
+
+/// The running MQTT link: its publisher and the event loop task.
+pub struct MqttLink {
+    pub publisher: CommandPublisher,
+    /// Ends after a clean disconnect once shutdown has fired.
+    pub task: JoinHandle<()>,
+}
+
+/// Builds rumqttc's options from `config`.
+fn options(config: &MqttConfig) -> MqttOptions {
+    let mut options = MqttOptions::new(&config.client_id, &config.host, config.port);
+    options
+        .set_keep_alive(config.keep_alive)
+        .set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes)
+        .set_clean_session(!config.persistent_session)
+        .set_request_channel_capacity(REQUEST_QUEUE);
+    options
+}
+
+/// Starts the shared client and its event loop task, which hands incoming
+/// readings (and command replies) to `store` and routes replies through
+/// `replies`, until `shutdown` is cancelled.
+pub fn start(
+    config: &MqttConfig,
+    store: Arc<dyn ReadingStore>,
+    replies: ReplyRouter,
+    shutdown: CancellationToken,
+) -> MqttLink {
+    let (client, mut eventloop) = AsyncClient::new(options(config), REQUEST_QUEUE);
+    // Commands and acknowledgements are small writes that must go out at
+    // once, not wait for Nagle's algorithm.
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
+    let shared = Arc::new(Shared {
+        tracker: Mutex::default(),
+        state: watch::channel(LinkState::Down).0,
+    });
+    let driver = Driver::new(config, client.clone(), shared.clone(), store, replies);
+    let task = tokio::spawn(driver.run(eventloop, shutdown));
+    MqttLink {
+        publisher: CommandPublisher::new(client, shared),
+        task,
+    }
+}
