@@ -233,6 +233,7 @@ impl Broker {
             url: BrokerUrl {
                 host: "127.0.0.1".into(),
                 port,
+                tls: false,
             },
             mosquitto: Some(child),
             _dir: Some(dir),
@@ -502,6 +503,7 @@ fn bare_subscriber_process(args: &[String]) {
     let broker = BrokerUrl {
         host: host.clone(),
         port: port.parse().expect("a port"),
+        tls: false,
     };
     let qos = rumqttc::qos(qos.parse().expect("a QoS")).expect("a QoS");
     let runtime = tokio::runtime::Builder::new_multi_thread()

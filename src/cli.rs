@@ -1,13 +1,19 @@
 //! The command line: clap types with a `DEVICEHUB_*` environment fallback for
 //! every flag, and their translation into the library's [`Config`].
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use clap::{Args, Parser, Subcommand};
 use rumqttc::QoS;
 
 use crate::{
-    config::{BrokerUrl, BufferLimits, Config, ConfigError, MqttConfig},
+    config::{BrokerUrl, BufferLimits, Config, ConfigError, Credentials, MqttConfig, Secret},
+    mqtt::{self, ClientIdentity},
     topic::TopicTemplate,
 };
 
@@ -108,6 +114,112 @@ fn publishable(
     Ok(template)
 }
 
+/// The environment variable the broker password may come from. Not a flag:
+/// a flag's value shows in `ps` and shell history.
+pub const MQTT_PASSWORD_ENV: &str = "DEVICEHUB_MQTT_PASSWORD";
+
+/// How devicehub proves itself to the broker and checks the broker: TLS
+/// files and a user name; the password comes from [`MQTT_PASSWORD_ENV`] or
+/// a file, never from a flag's value.
+#[derive(Debug, Clone, Args)]
+pub struct MqttLoginArgs {
+    /// PEM file of the CA certificates that sign the broker's certificate
+    /// (mqtts:// only). Unset: the system's root certificates.
+    #[arg(long, env = "DEVICEHUB_MQTT_CA")]
+    pub mqtt_ca: Option<PathBuf>,
+
+    /// PEM certificate chain devicehub presents to the broker (mqtts://
+    /// only), for brokers that authenticate clients by certificate. Needs
+    /// --mqtt-client-key.
+    #[arg(long, env = "DEVICEHUB_MQTT_CLIENT_CERT")]
+    pub mqtt_client_cert: Option<PathBuf>,
+
+    /// PEM private key of --mqtt-client-cert.
+    #[arg(long, env = "DEVICEHUB_MQTT_CLIENT_KEY")]
+    pub mqtt_client_key: Option<PathBuf>,
+
+    /// User name to log in to the broker with. The password comes from
+    /// the DEVICEHUB_MQTT_PASSWORD environment variable or
+    /// --mqtt-password-file.
+    #[arg(long, env = "DEVICEHUB_MQTT_USERNAME")]
+    pub mqtt_username: Option<String>,
+
+    /// File holding the broker password (one trailing newline is ignored).
+    /// Takes precedence over DEVICEHUB_MQTT_PASSWORD.
+    #[arg(long, env = "DEVICEHUB_MQTT_PASSWORD_FILE")]
+    pub mqtt_password_file: Option<PathBuf>,
+}
+
+impl MqttLoginArgs {
+    /// The TLS client configuration for an `mqtts://` broker, from the files
+    /// given; `None` for plain `mqtt://`, where TLS flags are refused.
+    fn tls(&self, broker: &BrokerUrl) -> Result<Option<Arc<rustls::ClientConfig>>, ConfigError> {
+        if !broker.tls {
+            let given = [
+                ("--mqtt-ca", &self.mqtt_ca),
+                ("--mqtt-client-cert", &self.mqtt_client_cert),
+                ("--mqtt-client-key", &self.mqtt_client_key),
+            ];
+            return match given.iter().find(|(_, path)| path.is_some()) {
+                Some((flag, _)) => Err(ConfigError::TlsFlagWithoutTls(flag)),
+                None => Ok(None),
+            };
+        }
+        let ca = self
+            .mqtt_ca
+            .as_deref()
+            .map(|path| read("--mqtt-ca", path))
+            .transpose()?;
+        let identity = match (&self.mqtt_client_cert, &self.mqtt_client_key) {
+            (Some(cert), Some(key)) => Some((
+                read("--mqtt-client-cert", cert)?,
+                read("--mqtt-client-key", key)?,
+            )),
+            (None, None) => None,
+            _ => return Err(ConfigError::HalfClientIdentity),
+        };
+        let identity = identity.as_ref().map(|(cert, key)| ClientIdentity {
+            cert_chain_pem: cert,
+            key_pem: key,
+        });
+        Ok(Some(mqtt::client_config(ca.as_deref(), identity)?))
+    }
+
+    /// The broker login, if a user name is given.
+    fn credentials(&self) -> Result<Option<Credentials>, ConfigError> {
+        let password = match &self.mqtt_password_file {
+            Some(path) => {
+                let text = read("--mqtt-password-file", path)?;
+                let text = String::from_utf8(text).map_err(|_| ConfigError::ReadFile {
+                    flag: "--mqtt-password-file",
+                    path: path.clone(),
+                    source: std::io::Error::other("not UTF-8 text"),
+                })?;
+                let line = text.strip_suffix('\n').unwrap_or(&text);
+                Some(Secret::new(line.strip_suffix('\r').unwrap_or(line)))
+            }
+            None => std::env::var(MQTT_PASSWORD_ENV).ok().map(Secret::new),
+        };
+        match (&self.mqtt_username, password) {
+            (Some(username), password) => Ok(Some(Credentials {
+                username: username.clone(),
+                password: password.unwrap_or_else(|| Secret::new("")),
+            })),
+            (None, Some(_)) => Err(ConfigError::PasswordWithoutUsername),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// The contents of the file `path` that `flag` names.
+fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|source| ConfigError::ReadFile {
+        flag,
+        path: path.to_owned(),
+        source,
+    })
+}
+
 /// Options of `devicehub serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -159,6 +271,9 @@ pub struct ServeArgs {
     #[arg(long, env = "DEVICEHUB_MQTT_MAX_PACKET_BYTES", default_value_t = 16 << 20,
           value_parser = clap::value_parser!(u64).range(1 << 20..=256 << 20))]
     pub mqtt_max_packet_bytes: u64,
+
+    #[command(flatten)]
+    pub mqtt_login: MqttLoginArgs,
 
     #[command(flatten)]
     pub topics: TopicArgs,
@@ -213,6 +328,8 @@ impl ServeArgs {
                 readings_topic,
                 commands_topic: self.topics.commands()?,
                 replies_topic: self.topics.replies()?,
+                tls: self.mqtt_login.tls(broker)?,
+                credentials: self.mqtt_login.credentials()?,
             },
             buffer: BufferLimits {
                 max_readings: usize::try_from(self.buffer_max_readings).unwrap_or(usize::MAX),

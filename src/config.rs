@@ -2,7 +2,7 @@
 //! command line (`crate::cli`) builds it; tests and programs that embed the
 //! library may build it themselves.
 
-use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
+use std::{fmt, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
 
 use rumqttc::QoS;
 
@@ -40,6 +40,40 @@ pub struct MqttConfig {
     pub readings_subscription: String,
     pub commands_topic: TopicTemplate,
     pub replies_topic: TopicTemplate,
+    /// TLS to the broker (an `mqtts://` URL): what to trust and what to
+    /// present. `None`: plain TCP.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// User name and password to log in with, if the broker asks for them.
+    pub credentials: Option<Credentials>,
+}
+
+/// A broker login. The password is a [`Secret`].
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub username: String,
+    pub password: Secret,
+}
+
+/// A secret value (a password): its `Debug` and `Display` print a
+/// placeholder, so it cannot end up in a log line or an error by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 /// How much the buffer keeps before it evicts the oldest readings.
@@ -49,11 +83,14 @@ pub struct BufferLimits {
     pub max_bytes: usize,
 }
 
-/// An MQTT broker address: `mqtt://host[:port]` (or `tcp://`).
+/// An MQTT broker address: `mqtt://host[:port]` (or `tcp://`), port 1883 by
+/// default; `mqtts://host[:port]` (or `ssl://`) for TLS, port 8883 by default.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
     pub host: String,
     pub port: u16,
+    /// `mqtts://`: TLS to the broker.
+    pub tls: bool,
 }
 
 impl BrokerUrl {
@@ -61,16 +98,18 @@ impl BrokerUrl {
         Self {
             host: addr.ip().to_string(),
             port: addr.port(),
+            tls: false,
         }
     }
 }
 
 impl fmt::Display for BrokerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
         if self.host.contains(':') {
-            write!(f, "mqtt://[{}]:{}", self.host, self.port)
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
         } else {
-            write!(f, "mqtt://{}:{}", self.host, self.port)
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
         }
     }
 }
@@ -79,13 +118,20 @@ impl FromStr for BrokerUrl {
     type Err = String;
 
     fn from_str(url: &str) -> Result<Self, String> {
-        let rest = url
-            .strip_prefix("mqtt://")
-            .or_else(|| url.strip_prefix("tcp://"))
-            .ok_or_else(|| format!("{url:?} must start with mqtt:// (TLS is not supported yet)"))?;
+        let schemes = [
+            ("mqtt://", false),
+            ("tcp://", false),
+            ("mqtts://", true),
+            ("ssl://", true),
+        ];
+        let (rest, tls) = schemes
+            .iter()
+            .find_map(|(scheme, tls)| Some((url.strip_prefix(scheme)?, *tls)))
+            .ok_or_else(|| format!("{url:?} must start with mqtt:// or mqtts://"))?;
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         if rest.contains('@') {
-            return Err("credentials in the broker URL are not supported yet".into());
+            // Never echo the URL here: it may hold a password.
+            return Err("the broker URL must not hold credentials: use --mqtt-username and DEVICEHUB_MQTT_PASSWORD or --mqtt-password-file".into());
         }
         if rest.contains('/') || rest.contains('?') {
             return Err(format!("{url:?} must be mqtt://host[:port] with no path"));
@@ -105,6 +151,7 @@ impl FromStr for BrokerUrl {
             return Err(format!("{url:?} has no host"));
         }
         let port = match port {
+            None if tls => 8883,
             None => 1883,
             Some(p) => p
                 .parse()
@@ -113,6 +160,7 @@ impl FromStr for BrokerUrl {
         Ok(Self {
             host: host.to_owned(),
             port,
+            tls,
         })
     }
 }
@@ -130,6 +178,22 @@ pub enum ConfigError {
     EmptyClientId,
     #[error("--mqtt-persistent-session needs a stable --mqtt-client-id")]
     PersistentWithoutId,
+    #[error("{flag} {path}: {source}")]
+    ReadFile {
+        flag: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} needs an mqtts:// --mqtt-url")]
+    TlsFlagWithoutTls(&'static str),
+    #[error("--mqtt-client-cert and --mqtt-client-key go together")]
+    HalfClientIdentity,
+    #[error(
+        "a broker password (DEVICEHUB_MQTT_PASSWORD or --mqtt-password-file) needs --mqtt-username"
+    )]
+    PasswordWithoutUsername,
+    #[error("{0}")]
+    Tls(#[from] crate::mqtt::TlsError),
     #[error("--mqtt-persistent-session works with --mqtt-subscribe-qos 0 or 1, not 2 (the MQTT client library loses QoS 2 state across reconnects)")]
     PersistentQos2,
 }
@@ -145,7 +209,8 @@ mod tests {
             url("mqtt://localhost").unwrap(),
             BrokerUrl {
                 host: "localhost".into(),
-                port: 1883
+                port: 1883,
+                tls: false,
             }
         );
         assert_eq!(url("tcp://10.0.0.1:1884/").unwrap().port, 1884);
@@ -153,12 +218,13 @@ mod tests {
             url("mqtt://[::1]:1885").unwrap(),
             BrokerUrl {
                 host: "::1".into(),
-                port: 1885
+                port: 1885,
+                tls: false,
             }
         );
         for bad in [
             "localhost:1883",
-            "mqtts://h",
+            "http://h",
             "mqtt://",
             "mqtt://h:x",
             "mqtt://u:p@h",
@@ -170,5 +236,10 @@ mod tests {
             url("mqtt://[::1]:1885").unwrap().to_string(),
             "mqtt://[::1]:1885"
         );
+        let tls = url("mqtts://broker.example").unwrap();
+        assert!(tls.tls && tls.port == 8883);
+        assert_eq!(url("ssl://h:9000").unwrap().to_string(), "mqtts://h:9000");
+        let error = url("mqtt://user:hunter2@h").unwrap_err();
+        assert!(!error.contains("hunter2"), "{error}");
     }
 }

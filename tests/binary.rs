@@ -14,7 +14,7 @@ use devicehub::{
 };
 use tokio::{
     io::{AsyncBufReadExt, BufReader, Lines},
-    process::{Child, ChildStderr, ChildStdout, Command},
+    process::{Child, ChildStdout, Command},
 };
 
 const BINARY: &str = env!("CARGO_BIN_EXE_devicehub");
@@ -30,31 +30,6 @@ async fn terminate(child: &mut Child) -> ExitStatus {
     within("the process to exit after SIGTERM", child.wait())
         .await
         .unwrap()
-}
-
-/// Reads log lines until one contains `marker`, and returns the address
-/// logged after `field=` on it.
-async fn logged_addr(
-    lines: &mut Lines<BufReader<ChildStderr>>,
-    marker: &str,
-    field: &str,
-) -> String {
-    loop {
-        let line = within(marker, lines.next_line())
-            .await
-            .unwrap()
-            .expect("log ended");
-        if line.contains(marker) {
-            let at = line
-                .find(field)
-                .unwrap_or_else(|| panic!("{field} in {line}"));
-            return line[at + field.len()..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .to_owned();
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,8 +8,8 @@ use std::{
 };
 
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Outgoing, Packet, QoS, SubscribeFilter,
-    SubscribeReasonCode,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, Outgoing, Packet, QoS,
+    SubscribeFilter, SubscribeReasonCode,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
@@ -102,7 +102,14 @@ impl Driver {
                 }
                 Err(error) => {
                     self.connection_lost(&mut eventloop, &error);
-                    warn!(broker = %self.broker, %error, retry_in = ?backoff, "MQTT connection failed");
+                    match refusal(&error) {
+                        Some(reason) => {
+                            warn!(broker = %self.broker, %error, retry_in = ?backoff, "MQTT connection failed: {reason}")
+                        }
+                        None => {
+                            warn!(broker = %self.broker, %error, retry_in = ?backoff, "MQTT connection failed")
+                        }
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.cancelled() => break,
@@ -237,4 +244,41 @@ impl Driver {
         }
         self.shared.tracker().fail_all(PublishError::ConnectionLost);
     }
+}
+
+/// In words, why the broker would not have us, when that is the reason a
+/// connection failed: a refused login or a failed TLS handshake are
+/// configuration to fix, not a network hiccup, and the log must say so.
+fn refusal(error: &ConnectionError) -> Option<&'static str> {
+    let tls = "TLS with the broker failed (its certificate is not trusted or names another host, or it refused ours)";
+    match error {
+        ConnectionError::ConnectionRefused(
+            ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized,
+        ) => Some("the broker refused the login (wrong user name or password, or not authorized)"),
+        ConnectionError::ConnectionRefused(ConnectReturnCode::BadClientId) => {
+            Some("the broker refused the client id")
+        }
+        ConnectionError::Tls(_) => Some(tls),
+        // rustls reports handshake failures through the socket's I/O error,
+        // and under TLS 1.3 a broker refuses a client certificate only after
+        // the handshake: that alert arrives wrapped in rumqttc's state and
+        // decoding errors. Look down the whole chain.
+        _ if caused_by_tls(error) => Some(tls),
+        _ => None,
+    }
+}
+
+/// Whether a rustls error is anywhere in `error`'s chain of sources.
+fn caused_by_tls(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        let io_inner = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref);
+        if error.is::<rustls::Error>() || io_inner.is_some_and(|e| e.is::<rustls::Error>()) {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }

@@ -4,7 +4,8 @@
 //! through [`CommandPublisher`].
 //!
 //! - [`link`]: the event loop task: connection, backoff, subscriptions, ingest;
-//! - [`publish`]: [`CommandPublisher`] and the acknowledgement tracker.
+//! - [`publish`]: [`CommandPublisher`] and the acknowledgement tracker;
+//! - [`tls`]: the TLS client configuration for `mqtts://` brokers.
 //!
 //! # The event loop task
 //! rumqttc does nothing unless `EventLoop::poll` is called, and it has no
@@ -17,14 +18,16 @@
 
 mod link;
 mod publish;
+mod tls;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rumqttc::{AsyncClient, MqttOptions};
+use rumqttc::{AsyncClient, MqttOptions, TlsConfiguration, Transport};
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 pub use publish::{CommandPublisher, PublishError};
+pub use tls::{client_config, ClientIdentity, TlsError};
 
 use crate::{config::MqttConfig, replies::ReplyRouter, store::ReadingStore, sync};
 use link::Driver;
@@ -73,6 +76,14 @@ fn options(config: &MqttConfig) -> MqttOptions {
         .set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes)
         .set_clean_session(!config.persistent_session)
         .set_request_channel_capacity(REQUEST_QUEUE);
+    if let Some(tls) = &config.tls {
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            tls.clone(),
+        )));
+    }
+    if let Some(login) = &config.credentials {
+        options.set_credentials(&login.username, login.password.expose());
+    }
     options
 }
 

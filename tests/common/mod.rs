@@ -4,11 +4,11 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod rng;
+pub mod secure;
 pub mod tempdir;
 
 use std::{
     future::Future,
-    io::Write,
     net::{SocketAddr, TcpListener as StdListener},
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -200,9 +200,14 @@ impl TestDevice {
         clean_session: bool,
     ) -> Self {
         let mut options = MqttOptions::new(client_id, &broker.host, broker.port);
-        options
-            .set_max_packet_size(4 << 20, 4 << 20)
-            .set_clean_session(clean_session);
+        options.set_clean_session(clean_session);
+        Self::connect_options(options, subscribe).await
+    }
+
+    /// Connects with `options` (TLS, a login...), subscribes to `subscribe`
+    /// (if given) and returns once the broker confirmed both.
+    pub async fn connect_options(mut options: MqttOptions, subscribe: Option<&str>) -> Self {
+        options.set_max_packet_size(4 << 20, 4 << 20);
         let (client, mut eventloop) = AsyncClient::new(options, 1000);
         let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
         let (received_tx, received) = mpsc::unbounded_channel();
@@ -280,39 +285,42 @@ impl Mosquitto {
     /// Starts Mosquitto on `port`, saving sessions and queued messages in
     /// `persistence` (when given) at a graceful stop.
     pub fn start_with(port: u16, persistence: Option<&std::path::Path>) -> Self {
-        let binary = which("mosquitto").expect(
-            "mosquitto is not installed: the tests need it (apt-get install -y mosquitto, or run scripts/test.sh)",
+        let mut conf = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n"
         );
-        let dir = tempdir::TempDir::new("mosquitto");
-        let conf = dir.path().join("mosquitto.conf");
-        let mut file = std::fs::File::create(&conf).unwrap();
-        writeln!(
-            file,
-            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n\
-             log_dest stderr\nlog_type all\nconnection_messages true"
-        )
-        .unwrap();
         match persistence {
             Some(dir) => {
                 // Started as root, mosquitto drops to its own user, which
                 // must be able to write its state here.
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-                writeln!(
-                    file,
-                    "persistence true\npersistence_location {}/",
+                conf += &format!(
+                    "persistence true\npersistence_location {}/\n",
                     dir.display()
-                )
-                .unwrap();
+                );
             }
-            None => writeln!(file, "persistence false").unwrap(),
+            None => conf += "persistence false\n",
         }
+        Self::start_config(tempdir::TempDir::new("mosquitto"), &conf, port, false)
+    }
+
+    /// Starts Mosquitto with the configuration `conf` (logging added) in
+    /// `dir`, its working directory, so relative paths in `conf` name files
+    /// there; waits until it listens on `port`.
+    pub fn start_config(dir: tempdir::TempDir, conf: &str, port: u16, tls: bool) -> Self {
+        let binary = which("mosquitto").expect(
+            "mosquitto is not installed: the tests need it (apt-get install -y mosquitto, or run scripts/test.sh)",
+        );
+        let path = dir.path().join("mosquitto.conf");
+        let logging = "log_dest stderr\nlog_type all\nconnection_messages true\n";
+        std::fs::write(&path, format!("{conf}\n{logging}")).unwrap();
         // The log goes to stderr, into a file the test opened: no permission
         // games with the user Mosquitto drops to.
         let log = std::fs::File::create(dir.path().join(MOSQUITTO_LOG)).unwrap();
         let child = Command::new(binary)
             .arg("-c")
-            .arg(&conf)
+            .arg(&path)
+            .current_dir(dir.path())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -321,6 +329,7 @@ impl Mosquitto {
             url: BrokerUrl {
                 host: "127.0.0.1".into(),
                 port,
+                tls,
             },
             child,
             dir,
@@ -330,11 +339,17 @@ impl Mosquitto {
         while std::net::TcpStream::connect(addr).is_err() {
             assert!(
                 std::time::Instant::now() < deadline,
-                "mosquitto did not listen on {addr}"
+                "mosquitto did not listen on {addr}:\n{}",
+                mosquitto.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
         mosquitto
+    }
+
+    /// Mosquitto's working directory (its config, log and other files).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// What Mosquitto has logged so far.
@@ -725,5 +740,30 @@ impl Drop for Responder {
     fn drop(&mut self) {
         self.task.abort();
         let _ = &self.device;
+    }
+}
+
+/// Reads log lines until one contains `marker`, and returns the address
+/// logged after `field=` on it.
+pub async fn logged_addr(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+    marker: &str,
+    field: &str,
+) -> String {
+    loop {
+        let line = within(marker, lines.next_line())
+            .await
+            .unwrap()
+            .expect("log ended");
+        if line.contains(marker) {
+            let at = line
+                .find(field)
+                .unwrap_or_else(|| panic!("{field} in {line}"));
+            return line[at + field.len()..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_owned();
+        }
     }
 }
