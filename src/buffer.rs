@@ -40,7 +40,7 @@ use std::{
 
 use bytes::Bytes;
 
-use crate::{config::BufferLimits, topic::topic_matches};
+use crate::{config::BufferLimits, scope::DeviceSet, topic::topic_matches};
 
 mod arena;
 
@@ -115,11 +115,15 @@ pub const READING_OVERHEAD_BYTES: usize = std::mem::size_of::<Slot>() + 8;
 pub struct ReadingFilter {
     pub device_id: Option<String>,
     pub topic_filter: Option<String>,
+    /// The devices the reader may see (its token's read scope): readings of
+    /// other devices are skipped as if they did not match.
+    pub devices: DeviceSet,
 }
 
 impl ReadingFilter {
     fn matches_source(&self, device_id: &str, topic: &str) -> bool {
         self.device_id.as_deref().is_none_or(|d| device_id == d)
+            && self.devices.allows(device_id)
             && self
                 .topic_filter
                 .as_deref()
@@ -646,6 +650,7 @@ mod tests {
                 filter: ReadingFilter {
                     device_id: Some("b".into()),
                     topic_filter: None,
+                    ..Default::default()
                 },
                 oldest_first: true,
                 ..query(3)
@@ -659,6 +664,7 @@ mod tests {
                 filter: ReadingFilter {
                     device_id: None,
                     topic_filter: Some("devices/c/#".into()),
+                    ..Default::default()
                 },
                 ..query(2)
             })
@@ -680,6 +686,7 @@ mod tests {
                 filter: ReadingFilter {
                     device_id: Some("a".into()),
                     topic_filter: Some("devices/+/readings".into()),
+                    ..Default::default()
                 },
                 start: Some(at(10)),
                 end: Some(at(20)),
@@ -691,6 +698,7 @@ mod tests {
         let unknown = ReadingFilter {
             device_id: Some("zzz".into()),
             topic_filter: None,
+            ..Default::default()
         };
         let none = buf.list(&ListQuery {
             filter: unknown,
@@ -745,6 +753,7 @@ mod tests {
         let only_a = ReadingFilter {
             device_id: Some("a".into()),
             topic_filter: None,
+            ..Default::default()
         };
         let (batch, cursor) = buf.scan_after(start, 2, &only_a).unwrap();
         assert_eq!(batch.iter().map(|r| r.seq).collect::<Vec<_>>(), [FIRST]);
@@ -841,6 +850,7 @@ mod tests {
                         2 => Some(format!("devices/d{}/readings", rng.below(5))),
                         _ => None,
                     },
+                    ..Default::default()
                 };
                 let start = (rng.below(3) == 0).then(|| at(clock.saturating_sub(rng.below(30))));
                 let end = (rng.below(3) == 0).then(|| at(clock.saturating_sub(rng.below(30)) + 1));

@@ -12,7 +12,10 @@ use clap::{Args, Parser, Subcommand};
 use rumqttc::QoS;
 
 use crate::{
-    config::{BrokerUrl, BufferLimits, Config, ConfigError, Credentials, MqttConfig, Secret},
+    config::{
+        AuthConfig, BrokerUrl, BufferLimits, Config, ConfigError, Credentials, GrpcTls, MqttConfig,
+        Secret,
+    },
     mqtt::{self, ClientIdentity},
     topic::TopicTemplate,
 };
@@ -33,7 +36,7 @@ pub struct Cli {
 pub enum Command {
     /// Serve the gRPC API (the default). Without --mqtt-url, starts an
     /// embedded MQTT broker and uses it.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     #[cfg(feature = "simulator")]
     /// Run simulated devices that publish temperature/humidity readings and
     /// print the commands they receive.
@@ -293,9 +296,106 @@ pub struct ServeArgs {
     #[arg(long, env = "DEVICEHUB_MAX_WATCHERS", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_watchers: u32,
+
+    #[command(flatten)]
+    pub grpc_security: GrpcSecurityArgs,
+}
+
+/// TLS and caller authentication on the gRPC port, and the opt-in to run
+/// without them beyond loopback.
+#[derive(Debug, Clone, Args)]
+pub struct GrpcSecurityArgs {
+    /// PEM certificate chain the gRPC port presents (TLS). Re-read when the
+    /// file changes. Needs --tls-key.
+    #[arg(long, env = "DEVICEHUB_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert. Re-read when the file changes.
+    #[arg(long, env = "DEVICEHUB_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates: every gRPC client must present a certificate
+    /// signed by one of them (mutual TLS). Needs --tls-cert.
+    #[arg(long, env = "DEVICEHUB_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// PEM public key(s) that sign callers' JWTs (RSA, EC P-256/P-384,
+    /// Ed25519); repeat the flag, or put several keys in one file, to
+    /// rotate. With it, DeviceHub calls need `authorization: Bearer <JWT>`.
+    #[arg(long, env = "DEVICEHUB_AUTH_JWT_KEY", value_delimiter = ',')]
+    pub auth_jwt_key: Vec<PathBuf>,
+
+    /// Required `iss` claim of callers' tokens.
+    #[arg(long, env = "DEVICEHUB_AUTH_JWT_ISSUER", requires = "auth_jwt_key")]
+    pub auth_jwt_issuer: Option<String>,
+
+    /// Required `aud` claim of callers' tokens.
+    #[arg(long, env = "DEVICEHUB_AUTH_JWT_AUDIENCE", requires = "auth_jwt_key")]
+    pub auth_jwt_audience: Option<String>,
+
+    /// Allow listening beyond loopback without TLS and auth on the gRPC
+    /// port, and the embedded broker (no TLS, no passwords) beyond loopback
+    /// at all. Without it such a configuration refuses to start.
+    #[arg(long, env = "DEVICEHUB_ALLOW_INSECURE", default_value_t = false)]
+    pub allow_insecure: bool,
+}
+
+impl GrpcSecurityArgs {
+    fn tls(&self) -> Result<Option<GrpcTls>, ConfigError> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_client_ca) {
+            (Some(cert), Some(key), client_ca) => Ok(Some(GrpcTls {
+                cert_chain: cert.clone(),
+                key: key.clone(),
+                client_ca: client_ca.clone(),
+            })),
+            (None, None, None) => Ok(None),
+            _ => Err(ConfigError::HalfServerTls),
+        }
+    }
+
+    fn auth(&self) -> Result<Option<AuthConfig>, ConfigError> {
+        if self.auth_jwt_key.is_empty() {
+            return Ok(None);
+        }
+        let public_keys_pem = self
+            .auth_jwt_key
+            .iter()
+            .map(|path| read("--auth-jwt-key", path))
+            .collect::<Result<_, _>>()?;
+        Ok(Some(AuthConfig {
+            public_keys_pem,
+            issuer: self.auth_jwt_issuer.clone(),
+            audience: self.auth_jwt_audience.clone(),
+        }))
+    }
 }
 
 impl ServeArgs {
+    /// Refuses to listen beyond loopback without protection, unless
+    /// --allow-insecure: the gRPC port without both TLS and auth, and the
+    /// embedded broker (which has neither) at all.
+    pub fn check_exposure(&self) -> Result<(), ConfigError> {
+        let security = &self.grpc_security;
+        if security.allow_insecure {
+            return Ok(());
+        }
+        let protected = security.tls_cert.is_some() && !security.auth_jwt_key.is_empty();
+        if !self.grpc_addr.ip().is_loopback() && !protected {
+            return Err(ConfigError::Insecure(format!(
+                "--grpc-addr {} is beyond loopback without TLS and auth: set --tls-cert, --tls-key and --auth-jwt-key, or --allow-insecure to accept the risk",
+                self.grpc_addr
+            )));
+        }
+        #[cfg(feature = "embedded-broker")]
+        if self.mqtt_url.is_none() && !self.embedded_mqtt_addr.ip().is_loopback() {
+            return Err(ConfigError::Insecure(format!(
+                "--embedded-mqtt-addr {} is beyond loopback, and the embedded broker has no TLS or passwords: use a real broker (--mqtt-url), or --allow-insecure to accept the risk",
+                self.embedded_mqtt_addr
+            )));
+        }
+        Ok(())
+    }
+
     /// The library configuration, connecting to `broker` (the --mqtt-url, or
     /// the embedded broker's address).
     pub fn config(&self, broker: &BrokerUrl) -> Result<Config, ConfigError> {
@@ -336,6 +436,8 @@ impl ServeArgs {
                 max_bytes: usize::try_from(self.buffer_max_bytes).unwrap_or(usize::MAX),
             },
             max_watchers: self.max_watchers as usize,
+            grpc_tls: self.grpc_security.tls()?,
+            auth: self.grpc_security.auth()?,
         })
     }
 }

@@ -2,7 +2,7 @@
 //! command line (`crate::cli`) builds it; tests and programs that embed the
 //! library may build it themselves.
 
-use std::{fmt, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 
 use rumqttc::QoS;
 
@@ -15,6 +15,30 @@ pub struct Config {
     pub buffer: BufferLimits,
     /// Most WatchReadings streams open at once.
     pub max_watchers: usize,
+    /// TLS on the gRPC port. `None`: plaintext.
+    pub grpc_tls: Option<GrpcTls>,
+    /// Bearer-token auth on the DeviceHub service. `None`: anyone may call.
+    pub auth: Option<AuthConfig>,
+}
+
+/// TLS on the gRPC port: PEM files, read at startup and again whenever they
+/// change (certificate rotation without a restart).
+#[derive(Debug, Clone)]
+pub struct GrpcTls {
+    pub cert_chain: PathBuf,
+    pub key: PathBuf,
+    /// With it, every client must present a certificate signed by one of
+    /// these CAs (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// JWT verification: the public keys (PEM, several per file allowed) and
+/// the claims to insist on.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub public_keys_pem: Vec<Vec<u8>>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
 }
 
 /// Where and how to connect to the broker.
@@ -194,6 +218,10 @@ pub enum ConfigError {
     PasswordWithoutUsername,
     #[error("{0}")]
     Tls(#[from] crate::mqtt::TlsError),
+    #[error("--tls-cert and --tls-key go together; --tls-client-ca needs them")]
+    HalfServerTls,
+    #[error("{0}")]
+    Insecure(String),
     #[error("--mqtt-persistent-session works with --mqtt-subscribe-qos 0 or 1, not 2 (the MQTT client library loses QoS 2 state across reconnects)")]
     PersistentQos2,
 }

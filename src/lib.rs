@@ -16,8 +16,11 @@
 //! - `buffer` (+ `buffer/arena.rs`): the bounded in-memory readings, no async;
 //! - `hub`: the shared buffer, the watchers' wake-ups and counters;
 //! - `replies`: pairs device replies with the calls waiting for them;
-//! - `grpc/`: the `DeviceHub` service, a file per RPC family, conversions,
-//!   page tokens, the one error → `Status` mapping, wire encoding;
+//! - `grpc/`: the `DeviceHub` service, a file per RPC family, auth (the
+//!   token interceptor and scope checks), conversions, page tokens, the one
+//!   error → `Status` mapping, wire encoding;
+//! - `listener`: accepting gRPC connections, TLS with certificate reload;
+//! - `scope`: device-id patterns a token's scopes grant;
 //! - `health`: the gRPC health statuses (the MQTT link, shutdown);
 //! - `sync`: the lock helpers shared by the above;
 //! - `broker` (feature `embedded-broker`): the embedded rumqttd;
@@ -31,8 +34,10 @@ pub mod config;
 mod grpc;
 mod health;
 mod hub;
+mod listener;
 mod mqtt;
 mod replies;
+mod scope;
 #[cfg(feature = "simulator")]
 pub mod simulate;
 mod store;
@@ -62,9 +67,8 @@ use std::{
 };
 
 use tokio::net::TcpListener;
-use tokio_stream::{wrappers::TcpListenerStream, StreamExt};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::{service::interceptor::InterceptedService, transport::Server};
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
@@ -74,8 +78,9 @@ pub use grpc::MAX_COMMANDS_IN_FLIGHT;
 use crate::{
     cli::ServeArgs,
     config::{BrokerUrl, ConfigError},
-    grpc::DeviceHubService,
+    grpc::{Authenticator, DeviceHubService},
     hub::ReadingHub,
+    listener::ServerTls,
     proto::device_hub_server::DeviceHubServer,
     replies::ReplyRouter,
 };
@@ -102,6 +107,10 @@ pub enum Error {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Auth(#[from] grpc::KeyError),
+    #[error("gRPC TLS: {0}")]
+    ServerTls(#[from] listener::ServerTlsError),
 }
 
 /// The gRPC service name health checks report on.
@@ -110,6 +119,7 @@ pub const SERVICE_NAME: &str = "devicehub.v1.DeviceHub";
 /// Starts the embedded broker when no `--mqtt-url` is given, binds the gRPC
 /// address and runs the service until `shutdown` is cancelled.
 pub async fn serve(args: &ServeArgs, shutdown: CancellationToken) -> Result<(), Error> {
+    args.check_exposure()?;
     let broker = match &args.mqtt_url {
         Some(url) => url.clone(),
         None => embedded_broker(args).await?,
@@ -179,6 +189,8 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
+    let authenticator = Authenticator::new(config.auth.as_ref())?;
+    let tls = config.grpc_tls.as_ref().map(ServerTls::load).transpose()?;
     let service = DeviceHubService::new(
         hub,
         link.publisher.clone(),
@@ -187,14 +199,29 @@ pub async fn run(
         shutdown.clone(),
     );
     let addr = listener.local_addr()?;
-    info!(%addr, broker = %format!("{}:{}", config.mqtt.host, config.mqtt.port), "gRPC listening");
+    info!(
+        %addr,
+        broker = %format!("{}:{}", config.mqtt.host, config.mqtt.port),
+        tls = tls.is_some(),
+        auth = config.auth.is_some(),
+        "gRPC listening"
+    );
+    // Auth in front of the DeviceHub service only: health and reflection
+    // stay open for probes and grpcurl.
+    let devicehub = InterceptedService::new(
+        DeviceHubServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES),
+        move |request| authenticator.intercept(request),
+    );
 
     let served = Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(DeviceHubServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .serve_with_incoming_shutdown(incoming(listener), health::stopping(health, shutdown))
+        .add_service(devicehub)
+        .serve_with_incoming_shutdown(
+            listener::incoming(listener, tls, shutdown.clone()),
+            health::stopping(health, shutdown),
+        )
         .await;
 
     stop_mqtt.cancel();
@@ -204,21 +231,6 @@ pub async fn run(
     served?;
     info!("stopped");
     Ok(())
-}
-
-/// The accepted connections of `listener`, with Nagle's algorithm off: tonic
-/// sets TCP_NODELAY only on listeners it binds itself, and without it small
-/// responses wait for the peer's delayed ACK (tens of milliseconds).
-fn incoming(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    TcpListenerStream::new(listener).map(|stream| {
-        let stream = stream?;
-        if let Err(error) = stream.set_nodelay(true) {
-            warn!(%error, "cannot set TCP_NODELAY on a gRPC connection");
-        }
-        Ok(stream)
-    })
 }
 
 /// Logs the buffer and watcher counters every [`STATS_INTERVAL`] and once at

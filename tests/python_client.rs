@@ -222,3 +222,108 @@ async fn the_python_client_lists_watches_and_sends_commands() {
     drop(client_rs);
     service.stop().await;
 }
+
+/// The Python client over TLS with a token (`--ca`, `--token` or
+/// DEVICEHUB_TOKEN): it sees only what the token's scopes allow, and
+/// without a token it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_uses_tls_and_a_token() {
+    use common::{secure::Pki, tokens::Signer};
+    let stubs = tempdir::TempDir::new("pystubs-tls");
+    generate_stubs(stubs.path()).await;
+    let broker = embedded_broker();
+    let (pki, signer) = (Pki::new("python test CA"), Signer::es256());
+    let dir = tempdir::TempDir::new("python-tls");
+    let server = pki.server();
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let (cert, key) = (file("s.crt", &server.cert), file("s.key", &server.key));
+    let (ca, jwt_key) = (
+        file("ca.crt", &pki.ca_cert),
+        file("jwt.pem", &signer.public_pem),
+    );
+    let args = [
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--auth-jwt-key",
+        &jwt_key,
+    ];
+    let service = TestService::start(config(&broker, &args)).await;
+    let target = format!("localhost:{}", service.addr.port());
+    // Subscribed before the device publishes (the embedded broker keeps
+    // nothing for later subscribers).
+    let channel = eventually("a TLS connection", || async {
+        common::secure::grpc_tls_channel(service.addr, &pki.ca_cert, None)
+            .await
+            .ok()
+    })
+    .await;
+    common::secure::wait_serving(&channel).await;
+    let device = TestDevice::connect(
+        &broker,
+        "device-python-tls",
+        Some("devices/sensor-1/commands"),
+    )
+    .await;
+    device
+        .publish("devices/sensor-1/readings", r#"{"t": 1}"#)
+        .await;
+    device
+        .publish("devices/secret-1/readings", r#"{"t": 2}"#)
+        .await;
+
+    let token = signer.token("python", "readings:read:sensor-* commands:send");
+    let devices = eventually("the Python client to list sensor-1 over TLS", || {
+        let (stubs, target, ca, token) = (stubs.path(), &target, &ca, &token);
+        async move {
+            let output = client(stubs, target, &["--ca", ca, "--token", token, "list"])
+                .output()
+                .await
+                .unwrap();
+            let devices: Vec<Value> = json_lines(&output)
+                .iter()
+                .map(|r| r["deviceId"].clone())
+                .collect();
+            (!devices.is_empty()).then_some(devices)
+        }
+    })
+    .await;
+    assert_eq!(
+        devices,
+        [Value::from("sensor-1")],
+        "secret-1 is outside the scope"
+    );
+
+    let sent = client(
+        stubs.path(),
+        &target,
+        &[
+            "--ca",
+            &ca,
+            "send",
+            "--device-id",
+            "sensor-1",
+            "--command",
+            "PING",
+        ],
+    )
+    .env("DEVICEHUB_TOKEN", &token)
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(json_lines(&sent).len(), 1);
+
+    let refused = client(stubs.path(), &target, &["--ca", &ca, "list"])
+        .env_remove("DEVICEHUB_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("UNAUTHENTICATED"));
+    service.stop().await;
+}

@@ -18,6 +18,14 @@ Then:
                    '{"device_id": "sim-2", "command": "TURN_OFF_FAN"}' |
         python3 examples/python/devicehub_client.py send-many
 
+With TLS and a token (the service started with --tls-cert and --auth-jwt-key):
+
+    DEVICEHUB_TOKEN="$(cat token.jwt)" python3 examples/python/devicehub_client.py \
+        --target localhost:50051 --ca ca.crt list
+
+--token (or DEVICEHUB_TOKEN) is sent as `authorization: Bearer <token>`;
+without --ca it is only sent to a loopback target.
+
 Every reading or response is printed as one JSON line (protobuf's JSON
 mapping). A gRPC error is printed to stderr with its status code, and the exit
 status is 1. The stubs directory defaults to examples/python/gen; set
@@ -116,10 +124,30 @@ def send_many(stub, args):
         emit(outcome)
 
 
+def open_channel(args):
+    """A channel to --target: TLS with --ca, the token as call credentials."""
+    if args.ca:
+        with open(args.ca, "rb") as ca:
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca.read())
+    elif args.token:
+        # gRPC sends call credentials only over a protected channel; a local
+        # connection counts as one.
+        credentials = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
+    else:
+        return grpc.insecure_channel(args.target)
+    if args.token:
+        credentials = grpc.composite_channel_credentials(
+            credentials, grpc.access_token_call_credentials(args.token)
+        )
+    return grpc.secure_channel(args.target, credentials)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--target", default=os.environ.get("DEVICEHUB_GRPC_ADDR", "127.0.0.1:50051"))
     parser.add_argument("--timeout", type=float, default=10.0, help="deadline of unary calls, seconds")
+    parser.add_argument("--ca", help="PEM file of the CA that signs the service's certificate: use TLS")
+    parser.add_argument("--token", default=os.environ.get("DEVICEHUB_TOKEN"), help="JWT to send (or DEVICEHUB_TOKEN)")
     sub = parser.add_subparsers(dest="action", required=True)
 
     for name in ("list", "watch"):
@@ -144,7 +172,7 @@ def main():
         "send": send_command,
         "send-many": send_many,
     }
-    with grpc.insecure_channel(args.target) as channel:
+    with open_channel(args) as channel:
         stub = devicehub_pb2_grpc.DeviceHubStub(channel)
         try:
             actions[args.action](stub, args)

@@ -14,6 +14,7 @@ use tracing::info;
 use uuid::Uuid;
 
 use super::{
+    auth::Caller,
     convert::{device_id_field, envelope, reply_timeout, reply_to_proto, struct_to_json},
     error::ApiError,
     Shared,
@@ -46,9 +47,11 @@ struct Command {
 /// Serves one SendCommand call (or one command of a StreamCommands stream).
 pub(super) async fn send(
     shared: &Shared,
+    caller: &Caller,
     req: SendCommandRequest,
 ) -> Result<SendCommandResponse, ApiError> {
     let command = validate(shared, req)?;
+    caller.may_send(&command.device_id)?;
     // Registered before publishing: a device may answer before the
     // broker's acknowledgement reaches us.
     let mut pending = command
@@ -61,6 +64,7 @@ pub(super) async fn send(
         .publish(command.topic.clone(), command.payload, command.qos)
         .await?;
     info!(
+        caller = caller.subject,
         command_id = command.id,
         device_id = command.device_id,
         command = command.name,
@@ -164,10 +168,11 @@ fn validate(shared: &Shared, req: SendCommandRequest) -> Result<Command, ApiErro
 /// Starts serving one StreamCommands call; see [`serve_stream`].
 pub(super) fn stream(
     shared: Arc<Shared>,
+    caller: Caller,
     requests: Streaming<StreamCommandsRequest>,
 ) -> ReceiverStream<Result<StreamCommandsResponse, Status>> {
     let (tx, rx) = mpsc::channel(MAX_COMMANDS_IN_FLIGHT);
-    tokio::spawn(serve_stream(shared, requests, tx));
+    tokio::spawn(serve_stream(shared, Arc::new(caller), requests, tx));
     ReceiverStream::new(rx)
 }
 
@@ -176,6 +181,7 @@ pub(super) fn stream(
 /// SendCommand, and sends each outcome as it completes.
 async fn serve_stream(
     shared: Arc<Shared>,
+    caller: Arc<Caller>,
     mut requests: Streaming<StreamCommandsRequest>,
     tx: mpsc::Sender<Result<StreamCommandsResponse, Status>>,
 ) {
@@ -216,9 +222,9 @@ async fn serve_stream(
                     ),
                     Some(command) => {
                         request_ids.insert(id);
-                        let shared = shared.clone();
+                        let (shared, caller) = (shared.clone(), caller.clone());
                         in_flight.push(async move {
-                            command_response(id, send(&shared, command).await)
+                            command_response(id, send(&shared, &caller, command).await)
                         });
                         continue;
                     }

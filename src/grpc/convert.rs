@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use prost_types::{value::Kind, ListValue, Struct, Timestamp, Value};
 
-use super::{commands::MAX_REPLY_TIMEOUT, error::ApiError};
+use super::{auth::Caller, commands::MAX_REPLY_TIMEOUT, error::ApiError};
 use crate::{
     buffer::ReadingFilter,
     proto,
@@ -21,7 +21,11 @@ use crate::{
 /// every subscribed topic carries the device id (`devices/d7/#`), also
 /// selects by device, so the buffer uses its device index instead of a
 /// scan; the result is the same.
+///
+/// The caller's read scope is checked against a named device, and narrows
+/// everything else: readings of devices outside it are never returned.
 pub(super) fn reading_filter(
+    caller: &Caller,
     device_id: &str,
     topic_filter: &str,
     device_level: Option<usize>,
@@ -30,6 +34,7 @@ pub(super) fn reading_filter(
         "" => None,
         id => Some(device_id_field(id)?),
     };
+    caller.may_read(device_id.as_deref().unwrap_or(""))?;
     let topic_filter = match topic_filter {
         "" => None,
         filter => {
@@ -47,6 +52,7 @@ pub(super) fn reading_filter(
     Ok(ReadingFilter {
         device_id,
         topic_filter,
+        devices: caller.read.clone(),
     })
 }
 

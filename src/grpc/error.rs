@@ -37,6 +37,10 @@ pub enum ApiError {
         command_id: String,
         timeout: std::time::Duration,
     },
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -64,6 +68,8 @@ impl From<ApiError> for Status {
                 Status::resource_exhausted(message)
             }
             ApiError::NoReply { .. } => Status::deadline_exceeded(message),
+            ApiError::Unauthenticated(_) => Status::unauthenticated(message),
+            ApiError::PermissionDenied(_) => Status::permission_denied(message),
             ApiError::ShuttingDown { .. } | ApiError::CommandsShutDown => {
                 Status::unavailable(message)
             }

@@ -2,6 +2,7 @@
 //! filters and an opaque page token.
 
 use super::{
+    auth::Caller,
     convert::{optional_time, reading_filter},
     error::ApiError,
     page_token, wire, Encoded, EncodedListReadingsResponse, Shared,
@@ -23,10 +24,11 @@ const MAX_PAGE_BYTES: usize = 3 << 20;
 /// Serves one ListReadings call.
 pub(super) fn list(
     shared: &Shared,
+    caller: &Caller,
     req: ListReadingsRequest,
 ) -> Result<EncodedListReadingsResponse, ApiError> {
     let query_hash = page_token::query_hash(&req);
-    let query = list_query(shared, req, query_hash)?;
+    let query = list_query(shared, caller, req, query_hash)?;
     let page = shared.hub.list(&query).map_err(|e| match e {
         CursorError::Evicted {
             missed_from,
@@ -65,10 +67,16 @@ pub(super) fn list(
 /// The buffer query a request asks for, validated field by field.
 fn list_query(
     shared: &Shared,
+    caller: &Caller,
     req: ListReadingsRequest,
     query_hash: u64,
 ) -> Result<ListQuery, ApiError> {
-    let filter = reading_filter(&req.device_id, &req.topic_filter, shared.device_level)?;
+    let filter = reading_filter(
+        caller,
+        &req.device_id,
+        &req.topic_filter,
+        shared.device_level,
+    )?;
     let start = optional_time("start_time", req.start_time)?;
     let end = optional_time("end_time", req.end_time)?;
     if let (Some(start), Some(end)) = (start, end) {

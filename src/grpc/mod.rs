@@ -6,10 +6,12 @@
 //! - `list.rs`, `watch.rs`, `commands.rs`: the handlers, one file per RPC family;
 //! - `convert.rs`: proto ↔ domain conversions and the validation they need;
 //! - `page_token.rs`: ListReadings' opaque page tokens;
+//! - `auth.rs`: the bearer-token interceptor and the scope checks by device;
 //! - `error.rs`: [`ApiError`](error::ApiError), turned into a `Status` in one place;
 //! - `wire.rs`, `encoded.rs`: readings written straight to protobuf wire
 //!   format and shared by every response that carries them (see BENCHMARKS.md).
 
+mod auth;
 mod commands;
 mod convert;
 mod encoded;
@@ -25,6 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+pub use auth::{Authenticator, KeyError};
 pub use commands::MAX_COMMANDS_IN_FLIGHT;
 pub use wire::Encoded;
 
@@ -39,6 +42,7 @@ use crate::{
     replies::ReplyRouter,
     topic::TopicTemplate,
 };
+use auth::Caller;
 use encoded::EncodedReadings;
 
 /// What the server sends for WatchReadings and ListReadings: the messages,
@@ -104,7 +108,8 @@ impl DeviceHub for DeviceHubService {
         &self,
         request: Request<SendCommandRequest>,
     ) -> Result<Response<SendCommandResponse>, Status> {
-        let response = commands::send(&self.shared, request.into_inner()).await?;
+        let caller = Caller::of(&request)?;
+        let response = commands::send(&self.shared, &caller, request.into_inner()).await?;
         Ok(Response::new(response))
     }
 
@@ -112,10 +117,9 @@ impl DeviceHub for DeviceHubService {
         &self,
         request: Request<ListReadingsRequest>,
     ) -> Result<Response<EncodedListReadingsResponse>, Status> {
-        Ok(Response::new(list::list(
-            &self.shared,
-            request.into_inner(),
-        )?))
+        let caller = Caller::of(&request)?;
+        let response = list::list(&self.shared, &caller, request.into_inner())?;
+        Ok(Response::new(response))
     }
 
     type WatchReadingsStream = watch::WatchStream;
@@ -124,10 +128,9 @@ impl DeviceHub for DeviceHubService {
         &self,
         request: Request<WatchReadingsRequest>,
     ) -> Result<Response<watch::WatchStream>, Status> {
-        Ok(Response::new(watch::watch(
-            &self.shared,
-            request.into_inner(),
-        )?))
+        let caller = Caller::of(&request)?;
+        let response = watch::watch(&self.shared, &caller, request.into_inner())?;
+        Ok(Response::new(response))
     }
 
     type StreamCommandsStream = ReceiverStream<Result<StreamCommandsResponse, Status>>;
@@ -136,7 +139,8 @@ impl DeviceHub for DeviceHubService {
         &self,
         request: Request<Streaming<StreamCommandsRequest>>,
     ) -> Result<Response<Self::StreamCommandsStream>, Status> {
-        let responses = commands::stream(self.shared.clone(), request.into_inner());
+        let caller = Caller::of(&request)?;
+        let responses = commands::stream(self.shared.clone(), caller, request.into_inner());
         Ok(Response::new(responses))
     }
 }

@@ -19,7 +19,8 @@ use tonic::Status;
 use tracing::warn;
 
 use super::{
-    convert::reading_filter, error::ApiError, Encoded, EncodedWatchReadingsResponse, Shared,
+    auth::Caller, convert::reading_filter, error::ApiError, Encoded, EncodedWatchReadingsResponse,
+    Shared,
 };
 use crate::{
     buffer::CursorError,
@@ -34,9 +35,15 @@ const WATCH_QUEUE_BATCHES: usize = 2;
 /// Starts serving one WatchReadings call.
 pub(super) fn watch(
     shared: &Arc<Shared>,
+    caller: &Caller,
     req: WatchReadingsRequest,
 ) -> Result<WatchStream, ApiError> {
-    let filter = reading_filter(&req.device_id, &req.topic_filter, shared.device_level)?;
+    let filter = reading_filter(
+        caller,
+        &req.device_id,
+        &req.topic_filter,
+        shared.device_level,
+    )?;
     let notify_gaps = match GapPolicy::try_from(req.gap_policy) {
         Ok(GapPolicy::Unspecified | GapPolicy::Fail) => false,
         Ok(GapPolicy::Notify) => true,

@@ -6,6 +6,7 @@
 pub mod rng;
 pub mod secure;
 pub mod tempdir;
+pub mod tokens;
 
 use std::{
     future::Future,

@@ -176,3 +176,43 @@ pub fn client_tls(ca_pem: &[u8]) -> Arc<rustls::ClientConfig> {
         .with_no_client_auth();
     Arc::new(config)
 }
+
+/// A gRPC channel over TLS to the service at `addr`, trusting `ca` (PEM)
+/// for the name `localhost`, presenting `identity` when given.
+pub async fn grpc_tls_channel(
+    addr: std::net::SocketAddr,
+    ca: &str,
+    identity: Option<&Issued>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    if let Some(identity) = identity {
+        tls = tls.identity(Identity::from_pem(&identity.cert, &identity.key));
+    }
+    Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await
+}
+
+/// Waits until the service behind `channel` reports SERVING (health needs
+/// no token).
+pub async fn wait_serving(channel: &tonic::transport::Channel) {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    super::eventually("health SERVING over TLS", || {
+        let mut health = HealthClient::new(channel.clone());
+        async move {
+            let request = HealthCheckRequest {
+                service: devicehub::SERVICE_NAME.into(),
+            };
+            let status = health.check(request).await.ok()?.into_inner().status();
+            (status == ServingStatus::Serving).then_some(())
+        }
+    })
+    .await;
+}

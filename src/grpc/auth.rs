@@ -1,0 +1,334 @@
+//! Who may call what. An interceptor in front of the `DeviceHub` service
+//! turns the `authorization: Bearer <JWT>` metadata into a [`Caller`]
+//! (subject and scopes); the handlers check the scopes by device. The
+//! health and reflection services are not behind it: probes and grpcurl's
+//! `list`/`describe` stay open.
+//!
+//! Tokens are verified with a maintained crate (jsonwebtoken) against the
+//! public keys given with `--auth-jwt-key` (RS256/384/512, PS256/384/512,
+//! ES256/384, EdDSA; a key only verifies its own algorithm family, and
+//! shared-secret HS* tokens are never accepted). `exp` is required;
+//! `iss` and `aud` are checked when configured. Error messages say what is
+//! wrong with a token and never echo it.
+//!
+//! Scopes, in the space-separated `scope` claim: `readings:read`
+//! (ListReadings, WatchReadings) and `commands:send` (SendCommand,
+//! StreamCommands), each optionally narrowed to devices with a suffix:
+//! `readings:read:greenhouse-*`, `commands:send:pump-7` (`*` matches any run
+//! of characters). Without auth configured every caller may do everything.
+
+use std::sync::Arc;
+
+use jsonwebtoken::{decode, decode_header, errors::ErrorKind, Algorithm, DecodingKey, Validation};
+use tonic::{metadata::MetadataMap, Request, Status};
+
+use super::error::ApiError;
+use crate::{config::AuthConfig, scope::DeviceSet};
+
+/// The read scope, and its prefix for a narrowed one.
+const READ_SCOPE: &str = "readings:read";
+/// The send scope, and its prefix for a narrowed one.
+const SEND_SCOPE: &str = "commands:send";
+/// Clock skew tolerated on `exp` and `nbf`, in seconds.
+const LEEWAY_SECS: u64 = 5;
+
+/// Who is calling and what they may do.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The token's `sub` (empty without auth).
+    pub subject: String,
+    /// Devices whose readings the caller may see.
+    pub read: DeviceSet,
+    /// Devices the caller may command.
+    pub send: DeviceSet,
+}
+
+impl Caller {
+    /// Anyone, when auth is not configured: every scope.
+    fn anyone() -> Self {
+        Self {
+            subject: String::new(),
+            read: DeviceSet::All,
+            send: DeviceSet::All,
+        }
+    }
+
+    /// The caller the interceptor attached to `request`.
+    pub fn of<T>(request: &Request<T>) -> Result<Caller, ApiError> {
+        request
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| ApiError::Internal("no caller on an intercepted request".into()))
+    }
+
+    /// Checks the read scope: any at all, and for `device_id` when one is named.
+    pub fn may_read(&self, device_id: &str) -> Result<(), ApiError> {
+        check(&self.read, READ_SCOPE, device_id)
+    }
+
+    /// Checks the send scope for `device_id`.
+    pub fn may_send(&self, device_id: &str) -> Result<(), ApiError> {
+        check(&self.send, SEND_SCOPE, device_id)
+    }
+}
+
+fn check(set: &DeviceSet, scope: &str, device_id: &str) -> Result<(), ApiError> {
+    if set.is_empty() {
+        return Err(ApiError::PermissionDenied(format!(
+            "this call needs the scope {scope} (or {scope}:<devices>)"
+        )));
+    }
+    if !device_id.is_empty() && !set.allows(device_id) {
+        return Err(ApiError::PermissionDenied(format!(
+            "device {device_id:?} is outside this token's {scope} scope"
+        )));
+    }
+    Ok(())
+}
+
+/// One verification key and the algorithm family it verifies.
+struct Key {
+    key: DecodingKey,
+    algorithms: &'static [Algorithm],
+}
+
+/// Verifies tokens; cheap to clone into tonic's interceptor.
+#[derive(Clone)]
+pub struct Authenticator {
+    keys: Option<Arc<Keys>>,
+}
+
+struct Keys {
+    keys: Vec<Key>,
+    issuer: Option<String>,
+    audience: Option<String>,
+}
+
+/// Why the configured keys could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("--auth-jwt-key: {0}")]
+pub struct KeyError(String);
+
+impl Authenticator {
+    /// From the configuration: `None` lets every call through as [`Caller::anyone`].
+    pub fn new(config: Option<&AuthConfig>) -> Result<Self, KeyError> {
+        let Some(config) = config else {
+            return Ok(Self { keys: None });
+        };
+        let mut keys = Vec::new();
+        for pem in &config.public_keys_pem {
+            for block in pem_blocks(pem) {
+                keys.push(public_key(block)?);
+            }
+        }
+        if keys.is_empty() {
+            return Err(KeyError("no PEM public key found".into()));
+        }
+        let keys = Keys {
+            keys,
+            issuer: config.issuer.clone(),
+            audience: config.audience.clone(),
+        };
+        Ok(Self {
+            keys: Some(Arc::new(keys)),
+        })
+    }
+
+    /// The interceptor: attaches the [`Caller`] or refuses the call.
+    pub fn intercept(&self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let caller = match &self.keys {
+            None => Caller::anyone(),
+            Some(keys) => keys.caller(request.metadata())?,
+        };
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+}
+
+impl Keys {
+    fn caller(&self, metadata: &MetadataMap) -> Result<Caller, ApiError> {
+        let unauthenticated = |why: &str| ApiError::Unauthenticated(why.to_owned());
+        let value = metadata
+            .get("authorization")
+            .ok_or_else(|| unauthenticated("missing `authorization: Bearer <token>` metadata"))?;
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| unauthenticated("the authorization metadata is not `Bearer <token>`"))?;
+        let header = decode_header(token).map_err(|_| unauthenticated("the token is malformed"))?;
+        let mut last = ErrorKind::InvalidAlgorithm;
+        for key in self
+            .keys
+            .iter()
+            .filter(|k| k.algorithms.contains(&header.alg))
+        {
+            match decode::<Claims>(token, &key.key, &self.validation(header.alg)) {
+                Ok(data) => return Ok(data.claims.into_caller()),
+                Err(error) => match error.into_kind() {
+                    ErrorKind::InvalidSignature => last = ErrorKind::InvalidSignature,
+                    other => return Err(unauthenticated(&why(&other))),
+                },
+            }
+        }
+        Err(match last {
+            ErrorKind::InvalidSignature => {
+                unauthenticated("the token's signature does not verify against any configured key")
+            }
+            _ => ApiError::Unauthenticated(format!(
+                "the token's algorithm {:?} matches no configured key",
+                header.alg
+            )),
+        })
+    }
+
+    fn validation(&self, algorithm: Algorithm) -> Validation {
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = LEEWAY_SECS;
+        validation.set_required_spec_claims(&["exp"]);
+        match &self.audience {
+            Some(audience) => validation.set_audience(&[audience]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(issuer) = &self.issuer {
+            validation.set_issuer(&[issuer]);
+        }
+        validation
+    }
+}
+
+/// What is wrong with a token, for the client.
+fn why(kind: &ErrorKind) -> String {
+    match kind {
+        ErrorKind::ExpiredSignature => "the token has expired".into(),
+        ErrorKind::ImmatureSignature => "the token is not valid yet (nbf)".into(),
+        ErrorKind::InvalidIssuer => "the token's issuer (iss) is not accepted".into(),
+        ErrorKind::InvalidAudience => "the token's audience (aud) is not accepted".into(),
+        ErrorKind::MissingRequiredClaim(claim) => format!("the token has no {claim} claim"),
+        ErrorKind::InvalidClaimFormat(claim) => format!("the token's {claim} claim is malformed"),
+        _ => "the token is malformed".into(),
+    }
+}
+
+/// The claims devicehub reads; `exp`, `iss`, `aud` are checked by the crate.
+#[derive(serde::Deserialize)]
+struct Claims {
+    #[serde(default)]
+    sub: String,
+    #[serde(default)]
+    scope: String,
+}
+
+impl Claims {
+    fn into_caller(self) -> Caller {
+        Caller {
+            read: device_set(&self.scope, READ_SCOPE),
+            send: device_set(&self.scope, SEND_SCOPE),
+            subject: self.sub,
+        }
+    }
+}
+
+/// The devices `scopes` grant for `name`: all for the bare scope, the union
+/// of the patterns of its narrowed forms (`name:pattern`), else none.
+fn device_set(scopes: &str, name: &str) -> DeviceSet {
+    let mut patterns = Vec::new();
+    for scope in scopes.split_whitespace() {
+        if scope == name {
+            return DeviceSet::All;
+        }
+        if let Some(pattern) = scope.strip_prefix(name).and_then(|r| r.strip_prefix(':')) {
+            patterns.push(pattern.to_owned());
+        }
+    }
+    DeviceSet::Patterns(patterns.into())
+}
+
+/// The PEM blocks of a file that may hold several keys.
+fn pem_blocks(text: &[u8]) -> Vec<&[u8]> {
+    const END: &[u8] = b"-----END ";
+    let mut blocks = Vec::new();
+    let mut rest = text;
+    while let Some(start) = find(rest, b"-----BEGIN ") {
+        let Some(end) = find(&rest[start..], END) else {
+            break;
+        };
+        let after_end = start + end + END.len();
+        // The end line's own closing dashes.
+        let close = find(&rest[after_end..], b"-----").map_or(rest.len(), |i| after_end + i + 5);
+        blocks.push(&rest[start..close]);
+        rest = &rest[close..];
+    }
+    blocks
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A public key of any supported kind, with the algorithms it verifies.
+fn public_key(pem: &[u8]) -> Result<Key, KeyError> {
+    const RSA: &[Algorithm] = &[
+        Algorithm::RS256,
+        Algorithm::RS384,
+        Algorithm::RS512,
+        Algorithm::PS256,
+        Algorithm::PS384,
+        Algorithm::PS512,
+    ];
+    const EC: &[Algorithm] = &[Algorithm::ES256, Algorithm::ES384];
+    const ED: &[Algorithm] = &[Algorithm::EdDSA];
+    let key = |key: DecodingKey, algorithms| Key { key, algorithms };
+    DecodingKey::from_rsa_pem(pem)
+        .map(|k| key(k, RSA))
+        .or_else(|_| DecodingKey::from_ec_pem(pem).map(|k| key(k, EC)))
+        .or_else(|_| DecodingKey::from_ed_pem(pem).map(|k| key(k, ED)))
+        .map_err(|_| {
+            KeyError("a PEM block is not an RSA, EC (P-256/P-384) or Ed25519 public key".into())
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_narrow_by_device() {
+        let scopes = "openid readings:read:greenhouse-* commands:send:pump-7 other";
+        let caller = Claims {
+            sub: "svc".into(),
+            scope: scopes.into(),
+        }
+        .into_caller();
+        assert!(caller.may_read("greenhouse-3").is_ok());
+        assert!(
+            caller.may_read("").is_ok(),
+            "a list with no device is narrowed, not refused"
+        );
+        assert!(caller.may_read("pump-7").is_err());
+        assert!(caller.may_send("pump-7").is_ok());
+        assert!(caller.may_send("pump-8").is_err());
+        let none = Claims {
+            sub: String::new(),
+            scope: "readings:reader commands:sending".into(),
+        }
+        .into_caller();
+        assert!(none.may_read("").is_err() && none.may_send("x").is_err());
+        assert_eq!(device_set("readings:read x", READ_SCOPE), DeviceSet::All);
+    }
+
+    #[test]
+    fn pem_files_split_into_blocks() {
+        let two = b"junk\n-----BEGIN PUBLIC KEY-----\nAAA\n-----END PUBLIC KEY-----\n\n-----BEGIN PUBLIC KEY-----\nBBB\n-----END PUBLIC KEY-----\n";
+        let blocks = pem_blocks(two);
+        assert_eq!(blocks.len(), 2);
+        assert!(blocks[0].starts_with(b"-----BEGIN") && blocks[0].ends_with(b"KEY-----"));
+        assert!(blocks[1].windows(3).any(|w| w == b"BBB"));
+    }
+}
