@@ -275,6 +275,8 @@ impl Service {
                 "4000000000",
                 "--max-watchers",
                 "5000",
+                "--max-watchers-per-client",
+                "5000",
             ])
             .args(extra)
             // The harness reads the startup lines logged at info; pass a

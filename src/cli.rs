@@ -297,6 +297,17 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_watchers: u32,
 
+    /// Most WatchReadings streams one client keeps open at once: per token
+    /// subject with auth, else per connection. More get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DEVICEHUB_MAX_WATCHERS_PER_CLIENT", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_watchers_per_client: u32,
+
+    /// Seconds shutdown (SIGTERM) waits for calls and streams to end before
+    /// it closes the remaining connections and exits.
+    #[arg(long, env = "DEVICEHUB_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
+    pub shutdown_timeout_secs: u64,
+
     #[command(flatten)]
     pub grpc_security: GrpcSecurityArgs,
 }
@@ -436,6 +447,8 @@ impl ServeArgs {
                 max_bytes: usize::try_from(self.buffer_max_bytes).unwrap_or(usize::MAX),
             },
             max_watchers: self.max_watchers as usize,
+            max_watchers_per_client: self.max_watchers_per_client as usize,
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             grpc_tls: self.grpc_security.tls()?,
             auth: self.grpc_security.auth()?,
         })

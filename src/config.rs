@@ -15,6 +15,11 @@ pub struct Config {
     pub buffer: BufferLimits,
     /// Most WatchReadings streams open at once.
     pub max_watchers: usize,
+    /// Most WatchReadings streams one client (a token subject, or a
+    /// connection without auth) keeps open at once.
+    pub max_watchers_per_client: usize,
+    /// How long shutdown waits for calls to end before closing connections.
+    pub shutdown_timeout: Duration,
     /// TLS on the gRPC port. `None`: plaintext.
     pub grpc_tls: Option<GrpcTls>,
     /// Bearer-token auth on the DeviceHub service. `None`: anyone may call.

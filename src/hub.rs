@@ -7,9 +7,12 @@
 //! store the readings of one network read or to copy out at most one batch
 //! of readings, never across an `.await`, JSON decoding or gRPC encoding.
 
-use std::sync::{
-    atomic::{AtomicU64, AtomicUsize, Ordering},
-    Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard,
+    },
 };
 
 use tokio::sync::watch;
@@ -33,6 +36,10 @@ pub enum SubscribeError {
     Future { after: u64, newest: u64 },
     #[error("the service already serves its maximum of {0} watchers")]
     TooManyWatchers(usize),
+    #[error(
+        "this client already has its maximum of {0} watchers open (--max-watchers-per-client)"
+    )]
+    TooManyForClient(usize),
 }
 
 /// Counters for operators: see [`ReadingHub::stats`].
@@ -62,12 +69,23 @@ struct Shared {
     next_seq: watch::Sender<u64>,
     max_watchers: usize,
     watchers: AtomicUsize,
+    max_watchers_per_client: usize,
+    /// Open watchers per client (token subject or connection). An entry
+    /// exists only while its count is above 0, so the map holds at most
+    /// `max_watchers` entries. A std mutex, taken once per watch opened or
+    /// closed.
+    per_client: Mutex<HashMap<Arc<str>, usize>>,
     watcher_gaps: AtomicU64,
     watcher_missed_readings: AtomicU64,
 }
 
 impl ReadingHub {
-    pub fn new(limits: BufferLimits, first_seq: u64, max_watchers: usize) -> Self {
+    pub fn new(
+        limits: BufferLimits,
+        first_seq: u64,
+        max_watchers: usize,
+        max_watchers_per_client: usize,
+    ) -> Self {
         let buffer = ReadingBuffer::new(limits, first_seq);
         let (next_seq, _) = watch::channel(buffer.next_seq());
         let shared = Shared {
@@ -75,6 +93,8 @@ impl ReadingHub {
             next_seq,
             max_watchers,
             watchers: AtomicUsize::new(0),
+            max_watchers_per_client,
+            per_client: Mutex::default(),
             watcher_gaps: AtomicU64::new(0),
             watcher_missed_readings: AtomicU64::new(0),
         };
@@ -121,10 +141,14 @@ impl ReadingHub {
     /// number above `after`: `None` means from now on, `Some(0)` everything
     /// buffered. A cursor older than the buffer is accepted; the watcher's
     /// first [`ReadingWatcher::next_batch`] then reports the gap.
+    ///
+    /// `client` names who opens it (a token subject, or a connection), for
+    /// the per-client limit.
     pub fn subscribe(
         &self,
         filter: ReadingFilter,
         after: Option<u64>,
+        client: Arc<str>,
     ) -> Result<ReadingWatcher, SubscribeError> {
         let shared = &self.shared;
         let open = shared.watchers.fetch_add(1, Ordering::Relaxed);
@@ -134,10 +158,22 @@ impl ReadingHub {
             wake: shared.next_seq.subscribe(),
             cursor: 0,
             filter,
+            client: None,
         };
         if open >= shared.max_watchers {
             return Err(SubscribeError::TooManyWatchers(shared.max_watchers));
         }
+        {
+            let mut per_client = sync::lock(&shared.per_client);
+            let count = per_client.entry(client.clone()).or_insert(0);
+            if *count >= shared.max_watchers_per_client {
+                return Err(SubscribeError::TooManyForClient(
+                    shared.max_watchers_per_client,
+                ));
+            }
+            *count += 1;
+        }
+        watcher.client = Some(client);
         // The wake signal was taken first: a push from now on is seen by
         // `next_batch`, which compares the cursor with the latest value.
         let stats = self.read().stats();
@@ -159,6 +195,8 @@ impl ReadingHub {
 /// A cursor that follows the buffer. See [`ReadingHub::subscribe`].
 pub struct ReadingWatcher {
     hub: ReadingHub,
+    /// The client it counts against, once counted.
+    client: Option<Arc<str>>,
     wake: watch::Receiver<u64>,
     /// The last sequence number looked at.
     cursor: u64,
@@ -224,5 +262,14 @@ impl ReadingWatcher {
 impl Drop for ReadingWatcher {
     fn drop(&mut self) {
         self.hub.shared.watchers.fetch_sub(1, Ordering::Relaxed);
+        if let Some(client) = &self.client {
+            let mut per_client = sync::lock(&self.hub.shared.per_client);
+            if let Some(count) = per_client.get_mut(client) {
+                *count -= 1;
+                if *count == 0 {
+                    per_client.remove(client);
+                }
+            }
+        }
     }
 }

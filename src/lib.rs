@@ -87,6 +87,21 @@ use crate::{
 
 /// Largest request message the service accepts. Commands are at most 256 KiB.
 const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// HTTP/2 streams (calls) open at once on one connection; more wait.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+/// Streams a client may open and reset before the server handles them (the
+/// "rapid reset" flood, CVE-2023-44487) before the connection is closed.
+const MAX_PENDING_RESETS: usize = 20;
+/// Streams the server may reset for a client's errors before it closes
+/// the connection.
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+/// Request metadata per call. Explicit rather than hyper's implicit 16 KiB,
+/// which answers HTTP 431 to tokens carrying many scopes or claims.
+const MAX_HEADER_LIST_BYTES: u32 = 64 << 10;
+/// HTTP/2 pings on idle connections, and how long an answer may take before
+/// the connection is considered dead and closed.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -156,7 +171,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let hub = ReadingHub::new(config.buffer, first_seq(), config.max_watchers);
+    let hub = ReadingHub::new(
+        config.buffer,
+        first_seq(),
+        config.max_watchers,
+        config.max_watchers_per_client,
+    );
     // The MQTT link stops after the gRPC server, so calls in progress can
     // still publish while streams drain; and also if this future is dropped.
     let stop_mqtt = CancellationToken::new();
@@ -213,16 +233,36 @@ pub async fn run(
         move |request| authenticator.intercept(request),
     );
 
-    let served = Server::builder()
+    let server = Server::builder()
+        // What tonic and hyper leave open to a hostile or broken client.
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(devicehub)
         .serve_with_incoming_shutdown(
             listener::incoming(listener, tls, shutdown.clone()),
-            health::stopping(health, shutdown),
-        )
-        .await;
+            health::stopping(health, shutdown.clone()),
+        );
+    // Shutdown waits for calls to end, but not for ever: a call waiting a
+    // minute for a device's reply, or a client that stopped reading, would
+    // keep the process alive after SIGTERM.
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(config.shutdown_timeout).await;
+    };
+    let served = tokio::select! {
+        served = server => served,
+        () = deadline => {
+            warn!(timeout = ?config.shutdown_timeout, "calls still open at the shutdown deadline; closing their connections");
+            Ok(())
+        }
+    };
 
     stop_mqtt.cancel();
     if let Err(error) = link.task.await {

@@ -40,6 +40,9 @@ const MAX_HANDSHAKES: usize = 256;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the certificate files are checked for changes.
 pub const CERT_POLL_INTERVAL: Duration = Duration::from_secs(2);
+/// TCP keepalive: idle time before the first probe, and between probes.
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Accepted connections waiting for tonic.
 const ACCEPTED_QUEUE: usize = 64;
 
@@ -260,6 +263,14 @@ async fn accept(
         // Without it small responses wait for the peer's delayed ACK.
         if let Err(error) = stream.set_nodelay(true) {
             warn!(%error, "cannot set TCP_NODELAY on a gRPC connection");
+        }
+        // A peer that vanished without a FIN (power loss, a dropped NAT
+        // entry) is found and its connection closed.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(TCP_KEEPALIVE_IDLE)
+            .with_interval(TCP_KEEPALIVE_INTERVAL);
+        if let Err(error) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+            warn!(%error, "cannot set TCP keepalive on a gRPC connection");
         }
         let info = stream.connect_info();
         let Some(tls) = &tls else {

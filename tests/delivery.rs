@@ -285,7 +285,14 @@ async fn a_slow_watcher_gets_gaps_while_fast_watchers_and_ingestion_get_everythi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_watcher_limit_is_resource_exhausted_and_slots_come_back() {
     let broker = embedded_broker();
-    let service = TestService::start_ready(config(&broker, &["--max-watchers", "1000"])).await;
+    // One connection opens them all: the per-client limit is out of the way.
+    let args = [
+        "--max-watchers",
+        "1000",
+        "--max-watchers-per-client",
+        "1000",
+    ];
+    let service = TestService::start_ready(config(&broker, &args)).await;
     let mut client = service.client().await;
 
     // Many watchers open and close, concurrently, several times over.

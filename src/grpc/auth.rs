@@ -62,6 +62,16 @@ impl Caller {
             .ok_or_else(|| ApiError::Internal("no caller on an intercepted request".into()))
     }
 
+    /// Who the per-client limits count against: the token's subject when
+    /// there is one (all its connections together), else the connection.
+    pub fn client_key(&self, peer: Option<std::net::SocketAddr>) -> Arc<str> {
+        match (self.subject.as_str(), peer) {
+            ("", Some(peer)) => format!("peer {peer}").into(),
+            ("", None) => "peer unknown".into(),
+            (subject, _) => format!("sub {subject}").into(),
+        }
+    }
+
     /// Checks the read scope: any at all, and for `device_id` when one is named.
     pub fn may_read(&self, device_id: &str) -> Result<(), ApiError> {
         check(&self.read, READ_SCOPE, device_id)

@@ -38,6 +38,8 @@ pub enum ApiError {
         timeout: std::time::Duration,
     },
     #[error("{0}")]
+    TooManyForClient(String),
+    #[error("{0}")]
     Unauthenticated(String),
     #[error("{0}")]
     PermissionDenied(String),
@@ -64,9 +66,9 @@ impl From<ApiError> for Status {
             ApiError::PageEvicted { .. } => Status::out_of_range(message),
             ApiError::WatcherFellBehind { .. } => Status::data_loss(message),
             ApiError::CursorTooOld { .. } => Status::out_of_range(message),
-            ApiError::TooManyWatchers(_) | ApiError::TooManyPending(_) => {
-                Status::resource_exhausted(message)
-            }
+            ApiError::TooManyWatchers(_)
+            | ApiError::TooManyForClient(_)
+            | ApiError::TooManyPending(_) => Status::resource_exhausted(message),
             ApiError::NoReply { .. } => Status::deadline_exceeded(message),
             ApiError::Unauthenticated(_) => Status::unauthenticated(message),
             ApiError::PermissionDenied(_) => Status::permission_denied(message),

@@ -129,7 +129,8 @@ impl DeviceHub for DeviceHubService {
         request: Request<WatchReadingsRequest>,
     ) -> Result<Response<watch::WatchStream>, Status> {
         let caller = Caller::of(&request)?;
-        let response = watch::watch(&self.shared, &caller, request.into_inner())?;
+        let peer = request.remote_addr();
+        let response = watch::watch(&self.shared, &caller, peer, request.into_inner())?;
         Ok(Response::new(response))
     }
 

@@ -8,6 +8,7 @@
 
 use std::{
     future::Future,
+    net::SocketAddr,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -36,6 +37,7 @@ const WATCH_QUEUE_BATCHES: usize = 2;
 pub(super) fn watch(
     shared: &Arc<Shared>,
     caller: &Caller,
+    peer: Option<SocketAddr>,
     req: WatchReadingsRequest,
 ) -> Result<WatchStream, ApiError> {
     let filter = reading_filter(
@@ -56,10 +58,11 @@ pub(super) fn watch(
     };
     let watcher = shared
         .hub
-        .subscribe(filter, req.after_seq)
+        .subscribe(filter, req.after_seq, caller.client_key(peer))
         .map_err(|e| match e {
             SubscribeError::Future { .. } => ApiError::invalid("after_seq", e.to_string()),
             SubscribeError::TooManyWatchers(max) => ApiError::TooManyWatchers(max),
+            SubscribeError::TooManyForClient(_) => ApiError::TooManyForClient(e.to_string()),
         })?;
     // A stale resume cursor fails the call itself, before any message,
     // unless the client asked to be told about gaps in-band.
