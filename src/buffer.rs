@@ -144,6 +144,9 @@ pub struct ListQuery {
     /// Continue at this sequence number (inclusive), from a previous page.
     pub cursor: Option<u64>,
     pub oldest_first: bool,
+    /// Stop before the payloads copied out pass this many bytes (the page
+    /// still holds at least one reading). `None`: no byte bound.
+    pub max_bytes: Option<usize>,
 }
 
 /// One page: the readings, and the cursor of the next page if there is one.
@@ -333,6 +336,7 @@ impl ReadingBuffer {
         &self,
         after: u64,
         max_scan: usize,
+        max_bytes: usize,
         filter: &ReadingFilter,
     ) -> Result<(Vec<Reading>, u64), CursorError> {
         if after >= self.next_seq() {
@@ -346,15 +350,22 @@ impl ReadingBuffer {
         }
         let start = (after + 1 - self.first_seq) as usize;
         let end = self.readings.len().min(start.saturating_add(max_scan));
-        let first = self.first_seq + start as u64;
-        let batch = self
-            .readings
-            .range(start..end)
-            .enumerate()
-            .filter(|(_, slot)| filter.matches_source(&slot.source.device_id, &slot.source.topic))
-            .map(|(i, slot)| self.reading(first + i as u64, slot))
-            .collect();
-        Ok((batch, self.first_seq + end as u64 - 1))
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        let mut cursor = after;
+        for (i, slot) in self.readings.range(start..end).enumerate() {
+            let seq = self.first_seq + (start + i) as u64;
+            if filter.matches_source(&slot.source.device_id, &slot.source.topic) {
+                let len = slot.payload.len();
+                if !batch.is_empty() && bytes + len > max_bytes {
+                    break; // this one starts the next batch
+                }
+                bytes += len;
+                batch.push(self.reading(seq, slot));
+            }
+            cursor = seq;
+        }
+        Ok((batch, cursor))
     }
 
     /// One page of readings for `query`. Never scans more than it has to:
@@ -400,6 +411,8 @@ impl ReadingBuffer {
         let limit = query.limit.max(1);
         let mut page = Vec::with_capacity(limit.min(1024));
         let mut next_cursor = None;
+        let max_bytes = query.max_bytes.unwrap_or(usize::MAX);
+        let mut bytes = 0;
         let mut take = |(seq, slot): (u64, &Slot)| -> bool {
             if !query
                 .filter
@@ -407,10 +420,12 @@ impl ReadingBuffer {
             {
                 return true;
             }
-            if page.len() == limit {
+            let len = slot.payload.len();
+            if page.len() == limit || (!page.is_empty() && bytes + len > max_bytes) {
                 next_cursor = Some(seq);
                 return false;
             }
+            bytes += len;
             page.push(self.reading(seq, slot));
             true
         };
@@ -738,12 +753,48 @@ mod tests {
     }
 
     #[test]
+    fn pages_and_batches_stop_at_their_byte_budget() {
+        let mut buf = buffer(100, 1 << 20);
+        for i in 0..10 {
+            push(&mut buf, "d", i, &"x".repeat(100));
+        }
+        let page = buf
+            .list(&ListQuery {
+                limit: 100,
+                oldest_first: true,
+                max_bytes: Some(350),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(page.readings.len(), 3);
+        assert_eq!(page.next_cursor, Some(FIRST + 3));
+        // A single reading over the budget still comes, alone.
+        let one = buf
+            .list(&ListQuery {
+                limit: 100,
+                max_bytes: Some(10),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(one.readings.len(), 1);
+        let everything = ReadingFilter::default();
+        let (batch, cursor) = buf.scan_after(FIRST - 1, 100, 250, &everything).unwrap();
+        assert_eq!((batch.len(), cursor), (2, FIRST + 1));
+        let (batch, _) = buf.scan_after(cursor, 100, 1, &everything).unwrap();
+        assert_eq!(seqs_of(&batch), [FIRST + 2]);
+    }
+
+    fn seqs_of(readings: &[Reading]) -> Vec<u64> {
+        readings.iter().map(|r| r.seq).collect()
+    }
+
+    #[test]
     fn scan_after_reads_forward_and_reports_gaps() {
         let mut buf = buffer(5, usize::MAX);
         let everything = ReadingFilter::default();
         let start = buf.stats().next_seq - 1;
         assert_eq!(
-            buf.scan_after(start, 10, &everything).unwrap(),
+            buf.scan_after(start, 10, usize::MAX, &everything).unwrap(),
             (vec![], start)
         );
 
@@ -755,10 +806,10 @@ mod tests {
             topic_filter: None,
             ..Default::default()
         };
-        let (batch, cursor) = buf.scan_after(start, 2, &only_a).unwrap();
+        let (batch, cursor) = buf.scan_after(start, 2, usize::MAX, &only_a).unwrap();
         assert_eq!(batch.iter().map(|r| r.seq).collect::<Vec<_>>(), [FIRST]);
         assert_eq!(cursor, FIRST + 1);
-        let (batch, cursor) = buf.scan_after(cursor, 10, &only_a).unwrap();
+        let (batch, cursor) = buf.scan_after(cursor, 10, usize::MAX, &only_a).unwrap();
         assert_eq!(batch.iter().map(|r| r.seq).collect::<Vec<_>>(), [FIRST + 2]);
         assert_eq!(cursor, FIRST + 2);
 
@@ -766,14 +817,16 @@ mod tests {
             push(&mut buf, "a", i, "x");
         }
         assert_eq!(
-            buf.scan_after(cursor, 10, &everything).unwrap_err(),
+            buf.scan_after(cursor, 10, usize::MAX, &everything)
+                .unwrap_err(),
             CursorError::Evicted {
                 missed_from: FIRST + 3,
                 missed_to: FIRST + 4
             }
         );
         assert_eq!(
-            buf.scan_after(FIRST + 50, 10, &everything).unwrap_err(),
+            buf.scan_after(FIRST + 50, 10, usize::MAX, &everything)
+                .unwrap_err(),
             CursorError::Future(FIRST + 50)
         );
     }
@@ -876,6 +929,9 @@ mod tests {
                         limit,
                         cursor,
                         oldest_first,
+                        // Sometimes a byte budget too: pages get shorter,
+                        // never lose or repeat a reading.
+                        max_bytes: limit.is_multiple_of(3).then_some(150),
                     };
                     let page = buf.list(&query).unwrap();
                     assert!(page.readings.len() <= limit);
@@ -894,7 +950,9 @@ mod tests {
                 let everything = ReadingFilter::default();
                 let after =
                     buf.stats().first_seq.saturating_sub(1) + rng.below(model.len() as u64 + 1);
-                let (batch, _) = buf.scan_after(after, usize::MAX, &everything).unwrap();
+                let (batch, _) = buf
+                    .scan_after(after, usize::MAX, usize::MAX, &everything)
+                    .unwrap();
                 let expect: Vec<u64> = model.iter().map(|r| r.seq).filter(|s| *s > after).collect();
                 assert_eq!(
                     batch.iter().map(|r| r.seq).collect::<Vec<_>>(),

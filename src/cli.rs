@@ -117,6 +117,10 @@ fn publishable(
     Ok(template)
 }
 
+/// The largest `--max-reading-bytes`: 4 MiB less room for the topic (up to
+/// 64 KiB) and the rest of the message.
+const MAX_READING_BYTES_LIMIT: u64 = (4 << 20) - (128 << 10);
+
 /// The environment variable the broker password may come from. Not a flag:
 /// a flag's value shows in `ps` and shell history.
 pub const MQTT_PASSWORD_ENV: &str = "DEVICEHUB_MQTT_PASSWORD";
@@ -274,6 +278,13 @@ pub struct ServeArgs {
     #[arg(long, env = "DEVICEHUB_MQTT_MAX_PACKET_BYTES", default_value_t = 16 << 20,
           value_parser = clap::value_parser!(u64).range(1 << 20..=256 << 20))]
     pub mqtt_max_packet_bytes: u64,
+
+    /// Largest reading payload stored, in bytes (at most 3.875 MiB, so a
+    /// reading always fits in one gRPC message under clients' default 4 MiB
+    /// limit). Larger ones are counted, logged and dropped.
+    #[arg(long, env = "DEVICEHUB_MAX_READING_BYTES", default_value_t = 1 << 20,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_READING_BYTES_LIMIT))]
+    pub max_reading_bytes: u64,
 
     #[command(flatten)]
     pub mqtt_login: MqttLoginArgs,
@@ -434,6 +445,7 @@ impl ServeArgs {
                 keep_alive: Duration::from_secs(self.mqtt_keep_alive_secs),
                 subscribe_qos,
                 max_packet_bytes: self.mqtt_max_packet_bytes as usize,
+                max_reading_bytes: self.max_reading_bytes as usize,
                 persistent_session: self.mqtt_persistent_session,
                 readings_subscription: readings_topic.subscription_filter().to_owned(),
                 readings_topic,

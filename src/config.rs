@@ -57,6 +57,9 @@ pub struct MqttConfig {
     pub subscribe_qos: QoS,
     /// Largest MQTT packet accepted or sent, in bytes.
     pub max_packet_bytes: usize,
+    /// Largest reading payload stored, in bytes; larger ones are counted and
+    /// dropped, so that every reading fits one gRPC message.
+    pub max_reading_bytes: usize,
     /// Keep the broker session (and queued QoS 1/2 readings) across
     /// reconnects and restarts: clean session off.
     pub persistent_session: bool,

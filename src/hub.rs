@@ -28,6 +28,9 @@ use crate::{
 
 /// How many buffered readings a watcher looks at per lock acquisition.
 const WATCH_SCAN_BATCH: usize = 512;
+/// And how many bytes of payload one batch copies out at most (a batch
+/// holds at least one reading): what a stalled watcher can hold per batch.
+pub const WATCH_BATCH_BYTES: usize = 1 << 20;
 
 /// Why a watcher could not be created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -220,10 +223,12 @@ impl ReadingWatcher {
             // after the read wakes the `changed()` below.
             let next_seq = *self.wake.borrow_and_update();
             if self.cursor + 1 < next_seq {
-                let scanned =
-                    self.hub
-                        .read()
-                        .scan_after(self.cursor, WATCH_SCAN_BATCH, &self.filter);
+                let scanned = self.hub.read().scan_after(
+                    self.cursor,
+                    WATCH_SCAN_BATCH,
+                    WATCH_BATCH_BYTES,
+                    &self.filter,
+                );
                 let (batch, cursor) = scanned.inspect_err(|e| self.count_gap(e))?;
                 self.cursor = cursor;
                 if !batch.is_empty() {

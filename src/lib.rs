@@ -22,7 +22,8 @@
 //! - `listener`: accepting gRPC connections, TLS with certificate reload;
 //! - `scope`: device-id patterns a token's scopes grant;
 //! - `health`: the gRPC health statuses (the MQTT link, shutdown);
-//! - `sync`: the lock helpers shared by the above;
+//! - `sync`: the lock helpers shared by the above; `log_limit`: rate-limited,
+//!   truncated log lines for what peers send;
 //! - `broker` (feature `embedded-broker`): the embedded rumqttd;
 //! - `simulate` (feature `simulator`): simulated devices.
 
@@ -35,6 +36,7 @@ mod grpc;
 mod health;
 mod hub;
 mod listener;
+mod log_limit;
 mod mqtt;
 mod replies;
 mod scope;
@@ -198,7 +200,12 @@ pub async fn run(
         link.publisher.link_state(),
         shutdown.clone(),
     ));
-    tokio::spawn(log_stats(hub.clone(), replies.clone(), shutdown.clone()));
+    tokio::spawn(log_stats(
+        hub.clone(),
+        replies.clone(),
+        link.counters.clone(),
+        shutdown.clone(),
+    ));
 
     // Both reflection versions: grpcurl before 1.8.8 only asks v1alpha.
     let reflection = || {
@@ -275,7 +282,12 @@ pub async fn run(
 
 /// Logs the buffer and watcher counters every [`STATS_INTERVAL`] and once at
 /// shutdown, for operators (metrics can come later).
-async fn log_stats(hub: ReadingHub, replies: ReplyRouter, shutdown: CancellationToken) {
+async fn log_stats(
+    hub: ReadingHub,
+    replies: ReplyRouter,
+    ingest: Arc<mqtt::IngestCounters>,
+    shutdown: CancellationToken,
+) {
     let mut interval = tokio::time::interval(STATS_INTERVAL);
     interval.tick().await; // the first tick is immediate
     loop {
@@ -289,6 +301,9 @@ async fn log_stats(hub: ReadingHub, replies: ReplyRouter, shutdown: Cancellation
             buffered = stats.buffer.readings,
             buffered_bytes = stats.buffer.bytes,
             evicted = stats.buffer.evicted,
+            rejected_too_large = ingest
+                .rejected_too_large
+                .load(std::sync::atomic::Ordering::Relaxed),
             next_seq = stats.buffer.next_seq,
             watchers = stats.watchers,
             watcher_gaps = stats.watcher_gaps,

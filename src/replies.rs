@@ -27,7 +27,10 @@ use std::{
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
-use crate::sync;
+use crate::{
+    log_limit::{truncated, LogLimit},
+    sync,
+};
 
 /// Most commands waiting for a reply at once.
 pub const MAX_PENDING_REPLIES: usize = 10_000;
@@ -143,28 +146,42 @@ impl ReplyRouter {
                     return true;
                 }
                 self.shared.late.fetch_add(1, Ordering::Relaxed);
-                warn!(
+                stray(
+                    &LATE_LOG,
                     device_id,
-                    command_id, "reply arrived after its command was given up"
+                    &command_id,
+                    "reply arrived after its command was given up",
                 );
                 false
             }
-            Some((owner, _)) => {
+            Some(_) => {
                 self.shared.unmatched.fetch_add(1, Ordering::Relaxed);
-                warn!(device_id, command_id, owner = %owner, "reply from another device than the command's; ignored");
+                stray(
+                    &UNMATCHED_LOG,
+                    device_id,
+                    &command_id,
+                    "reply from another device than the command's; ignored",
+                );
                 false
             }
             None if table.expired.contains(&command_id) => {
                 self.shared.late.fetch_add(1, Ordering::Relaxed);
-                warn!(
+                stray(
+                    &LATE_LOG,
                     device_id,
-                    command_id, "reply arrived after its command timed out"
+                    &command_id,
+                    "reply arrived after its command timed out",
                 );
                 false
             }
             None => {
                 self.shared.unmatched.fetch_add(1, Ordering::Relaxed);
-                warn!(device_id, command_id, "reply to an unknown command");
+                stray(
+                    &UNMATCHED_LOG,
+                    device_id,
+                    &command_id,
+                    "reply to an unknown command",
+                );
                 false
             }
         }
@@ -204,6 +221,23 @@ impl PendingReply {
 impl Drop for PendingReply {
     fn drop(&mut self) {
         self.router.give_up(&self.command_id);
+    }
+}
+
+/// Late replies, and unmatched ones: what devices send, so rate-limited.
+static LATE_LOG: LogLimit = LogLimit::new();
+static UNMATCHED_LOG: LogLimit = LogLimit::new();
+
+/// Logs a reply nobody takes, if `limit` lets it through; the ids are the
+/// device's text, truncated.
+fn stray(limit: &LogLimit, device_id: &str, command_id: &str, what: &str) {
+    if let Some(left_out) = limit.allow() {
+        warn!(
+            device_id = truncated(device_id),
+            command_id = truncated(command_id),
+            similar_lines_left_out = left_out,
+            "{what}"
+        );
     }
 }
 

@@ -327,3 +327,47 @@ async fn the_python_client_uses_tls_and_a_token() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("UNAUTHENTICATED"));
     service.stop().await;
 }
+
+/// Every reading the service stores decodes with the generated Python
+/// client, whose protobuf stops at 100 nested messages and 4 MiB messages:
+/// JSON past the depth rule or too large as a `Value` is sent raw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_stored_reading_decodes_in_python() {
+    let stubs = tempdir::TempDir::new("pystubs-hostile");
+    generate_stubs(stubs.path()).await;
+    let broker = embedded_broker();
+    let service = TestService::start_ready(config(&broker, &[])).await;
+    let device = TestDevice::connect(&broker, "device-python-hostile", None).await;
+    let nested = |depth: usize| "{\"a\":".repeat(depth) + "1" + &"}".repeat(depth);
+    let payloads = [
+        nested(32),
+        nested(33),
+        nested(120),
+        "[".repeat(40) + &"]".repeat(40),
+        "[".to_owned() + &"0,".repeat(400 << 10) + "0]",
+        r#"{"plain": true}"#.to_owned(),
+    ];
+    for payload in &payloads {
+        device
+            .publish("devices/hostile/readings", payload.clone())
+            .await;
+    }
+    let client_ = service.client().await;
+    list_until("every hostile reading", &client_, Default::default(), |r| {
+        (r.len() == payloads.len()).then_some(())
+    })
+    .await;
+    let output = client(
+        stubs.path(),
+        &service.addr.to_string(),
+        &["list", "--page-size", "1000"],
+    )
+    .output()
+    .await
+    .unwrap();
+    let readings = json_lines(&output);
+    assert_eq!(readings.len(), payloads.len());
+    let has_json: Vec<bool> = readings.iter().map(|r| r.get("json").is_some()).collect();
+    assert_eq!(has_json, [true, false, false, false, false, true]);
+    service.stop().await;
+}

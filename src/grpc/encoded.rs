@@ -26,6 +26,13 @@ use crate::buffer::Reading;
 /// How many of the newest readings' encodings are kept. A stream further
 /// behind than this encodes for itself (and caches nothing).
 const WINDOW: usize = 8192;
+/// And how many bytes of them at most: with large readings the window
+/// shrinks to fewer readings instead of growing (8 192 readings of 1 MiB
+/// would be 8 GiB).
+pub const WINDOW_MAX_BYTES: usize = 64 << 20;
+/// An encoding larger than this is never kept: it would push out hundreds
+/// of others.
+const WINDOW_MAX_ONE: usize = WINDOW_MAX_BYTES / 16;
 
 /// The field number of a reading in both `WatchReadingsResponse` (`reading`)
 /// and `ListReadingsResponse` (`readings`).
@@ -83,6 +90,8 @@ impl EncodedReadings {
 struct Window {
     first_seq: u64,
     slots: VecDeque<Option<Bytes>>,
+    /// Bytes of the encodings held, at most [`WINDOW_MAX_BYTES`].
+    bytes: usize,
 }
 
 impl Window {
@@ -95,25 +104,43 @@ impl Window {
     /// The window only moves forward, so each slot is created and dropped
     /// once: constant work per reading, however the streams interleave.
     fn insert(&mut self, seq: u64, encoded: Bytes) {
-        let Some(mut index) = seq.checked_sub(self.first_seq) else {
+        if encoded.len() > WINDOW_MAX_ONE {
+            return;
+        }
+        let Some(index) = seq.checked_sub(self.first_seq) else {
             return; // older than the window: a stream far behind
         };
         if index >= WINDOW as u64 {
             let drop = index + 1 - WINDOW as u64;
             if drop >= self.slots.len() as u64 {
                 self.slots.clear();
+                self.bytes = 0;
                 self.first_seq = seq;
             } else {
-                self.slots.drain(..drop as usize);
-                self.first_seq += drop;
+                self.pop_front(drop as usize);
             }
-            index = seq - self.first_seq;
         }
-        let index = index as usize; // < WINDOW
+        let index = (seq - self.first_seq) as usize; // < WINDOW
         if index >= self.slots.len() {
             self.slots.resize(index + 1, None);
         }
-        self.slots[index] = Some(encoded);
+        self.bytes += encoded.len();
+        if let Some(old) = self.slots[index].replace(encoded) {
+            self.bytes -= old.len();
+        }
+        // Over the byte bound: the oldest go first. The new one stays, as
+        // it is at most a sixteenth of the bound.
+        while self.bytes > WINDOW_MAX_BYTES {
+            self.pop_front(1);
+        }
+    }
+
+    /// Slides the window forward by `count` slots.
+    fn pop_front(&mut self, count: usize) {
+        for slot in self.slots.drain(..count).flatten() {
+            self.bytes -= slot.len();
+        }
+        self.first_seq += count as u64;
     }
 }
 
@@ -158,5 +185,23 @@ mod tests {
         assert_eq!(window.slots.len(), 1);
         assert_eq!(window.get(farther), Some(bytes(farther)));
         assert_eq!(window.get(far), None);
+        assert_eq!(window.bytes, farther.to_string().len());
+    }
+
+    #[test]
+    fn window_is_bounded_by_bytes() {
+        let mut window = Window::default();
+        let big = Bytes::from(vec![7u8; WINDOW_MAX_ONE]);
+        for seq in 1..=100 {
+            window.insert(seq, big.clone());
+            assert!(window.bytes <= WINDOW_MAX_BYTES);
+        }
+        let kept = WINDOW_MAX_BYTES / WINDOW_MAX_ONE;
+        assert_eq!((1..=100).filter(|s| window.get(*s).is_some()).count(), kept);
+        assert!(window.get(100).is_some() && window.get(100 - kept as u64).is_none());
+        // Larger than a sixteenth of the bound: never kept.
+        window.insert(101, Bytes::from(vec![0u8; WINDOW_MAX_ONE + 1]));
+        assert_eq!(window.get(101), None);
+        assert_eq!(window.bytes, kept * WINDOW_MAX_ONE);
     }
 }

@@ -109,5 +109,8 @@ fn list_query(
         limit,
         cursor,
         oldest_first: req.oldest_first,
+        // Payloads copied out stop at the page's byte budget: a page of 1 000
+        // large readings is never built only to be cut.
+        max_bytes: Some(MAX_PAGE_BYTES),
     })
 }

@@ -125,6 +125,7 @@ pub const LIST_NEXT_PAGE_TOKEN: u32 = 2;
 /// Appends a `devicehub.v1.Reading`. Like prost, fields holding their
 /// default value are left out.
 fn put_reading(reading: &Reading, out: &mut Vec<u8>) {
+    let start_of_reading = out.len();
     put_varint(READING_SEQ, reading.seq, out);
     put_str(READING_DEVICE_ID, reading.device_id(), out);
     put_str(READING_TOPIC, reading.topic(), out);
@@ -137,10 +138,14 @@ fn put_reading(reading: &Reading, out: &mut Vec<u8>) {
     if !reading.payload.is_empty() {
         put_bytes(READING_PAYLOAD, &reading.payload, out);
     }
-    // Present when the payload is JSON.
-    let start = out.len();
+    // Present when the payload is JSON, unless that would make the message
+    // too large for clients (JSON text can grow several times as `Value`).
+    let json = out.len();
     if put_json_value(&reading.payload, out) {
-        wrap(out, start, READING_JSON);
+        wrap(out, json, READING_JSON);
+        if out.len() - start_of_reading > MAX_ENCODED_READING_BYTES {
+            out.truncate(json);
+        }
     }
     put_varint(READING_QOS, u64::from(reading.qos), out);
     put_varint(READING_RETAINED, u64::from(reading.retained), out);
@@ -183,14 +188,28 @@ fn wrap(out: &mut Vec<u8>, start: usize, field: u32) {
     out[start..start + prefix.len()].copy_from_slice(prefix);
 }
 
-/// Appends `payload` as a `google.protobuf.Value` message body if it is JSON,
-/// and returns whether it was. serde_json refuses input nested deeper than
-/// 128 levels and numbers out of `f64` range, so hostile payloads end up
-/// raw-only instead of exhausting the stack.
+/// How many arrays and objects deep a JSON payload may nest and still be
+/// decoded into `Reading.json`. Each level costs two protobuf message levels
+/// (array: ListValue, Value) or three (object: Struct, map entry, Value), on
+/// top of the three around it (response, Reading, Value): 32 object levels
+/// are 99 message levels, inside the 100 that Python's protobuf (and other
+/// clients' defaults) will decode. Deeper payloads are kept raw only.
+pub const MAX_JSON_DEPTH: usize = 32;
+
+/// The largest encoded reading (one `WatchReadingsResponse`, or one entry
+/// of a page): what stays under gRPC clients' default 4 MiB message limit
+/// with room for the message's own framing and a page token. A reading
+/// whose JSON transcoding would go beyond is sent with `json` unset.
+pub const MAX_ENCODED_READING_BYTES: usize = (4 << 20) - (1 << 10);
+
+/// Appends `payload` as a `google.protobuf.Value` message body if it is JSON
+/// nested at most [`MAX_JSON_DEPTH`] deep, and returns whether it was.
+/// serde_json also refuses numbers out of `f64` range, so hostile payloads
+/// end up raw-only instead of exhausting the stack or a client's limits.
 pub fn put_json_value(payload: &[u8], out: &mut Vec<u8>) -> bool {
     let start = out.len();
     let mut parser = serde_json::Deserializer::from_slice(payload);
-    let parsed = ValueSeed(out)
+    let parsed = ValueSeed { out, depth: 0 }
         .deserialize(&mut parser)
         .and_then(|()| parser.end());
     if parsed.is_err() {
@@ -214,7 +233,11 @@ const ENTRY_KEY: u32 = 1;
 const ENTRY_VALUE: u32 = 2;
 
 /// Writes the JSON value being parsed as a `Value` message body.
-struct ValueSeed<'o>(&'o mut Vec<u8>);
+struct ValueSeed<'o> {
+    out: &'o mut Vec<u8>,
+    /// Arrays and objects this value is inside.
+    depth: usize,
+}
 
 impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
     type Value = ();
@@ -224,10 +247,22 @@ impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
     }
 }
 
-impl ValueSeed<'_> {
+impl<'o> ValueSeed<'o> {
     fn number(self, n: f64) {
-        encode_key(NUMBER_VALUE, WireType::SixtyFourBit, self.0);
-        self.0.put_f64_le(n);
+        encode_key(NUMBER_VALUE, WireType::SixtyFourBit, self.out);
+        self.out.put_f64_le(n);
+    }
+
+    /// The seed for a value one array or object further in; an error past
+    /// [`MAX_JSON_DEPTH`].
+    fn nested<E: serde::de::Error>(depth: usize, out: &mut Vec<u8>) -> Result<ValueSeed<'_>, E> {
+        if depth >= MAX_JSON_DEPTH {
+            return Err(E::custom("nested deeper than clients decode"));
+        }
+        Ok(ValueSeed {
+            out,
+            depth: depth + 1,
+        })
     }
 }
 
@@ -239,14 +274,14 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
     }
 
     fn visit_unit<E>(self) -> Result<(), E> {
-        encode_key(NULL_VALUE, WireType::Varint, self.0);
-        encode_varint(0, self.0);
+        encode_key(NULL_VALUE, WireType::Varint, self.out);
+        encode_varint(0, self.out);
         Ok(())
     }
 
     fn visit_bool<E>(self, b: bool) -> Result<(), E> {
-        encode_key(BOOL_VALUE, WireType::Varint, self.0);
-        encode_varint(u64::from(b), self.0);
+        encode_key(BOOL_VALUE, WireType::Varint, self.out);
+        encode_varint(u64::from(b), self.out);
         Ok(())
     }
 
@@ -268,16 +303,19 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
 
     fn visit_str<E>(self, s: &str) -> Result<(), E> {
         // Written even when empty: a oneof member is always present.
-        put_bytes(STRING_VALUE, s.as_bytes(), self.0);
+        put_bytes(STRING_VALUE, s.as_bytes(), self.out);
         Ok(())
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let out = self.0;
+        let (out, depth) = (self.out, self.depth);
         let list = out.len();
         loop {
             let item = out.len();
-            if seq.next_element_seed(ValueSeed(&mut *out))?.is_none() {
+            if seq
+                .next_element_seed(Self::nested(depth, &mut *out)?)?
+                .is_none()
+            {
                 break;
             }
             wrap(out, item, LIST_VALUES);
@@ -287,7 +325,7 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let out = self.0;
+        let (out, depth) = (self.out, self.depth);
         let object = out.len();
         loop {
             let entry = out.len();
@@ -295,7 +333,7 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
                 break;
             }
             let value = out.len();
-            map.next_value_seed(ValueSeed(&mut *out))?;
+            map.next_value_seed(Self::nested(depth, &mut *out)?)?;
             wrap(out, value, ENTRY_VALUE);
             wrap(out, entry, STRUCT_FIELDS);
         }
@@ -610,6 +648,61 @@ mod tests {
             let want: Vec<proto::Reading> = readings.iter().map(expected).collect();
             assert_eq!(page.readings, want, "seed {seed}");
         }
+    }
+
+    #[test]
+    fn json_past_the_depth_rule_or_the_size_cap_stays_raw() {
+        let nested = |depth: usize| "{\"a\":".repeat(depth) + "1" + &"}".repeat(depth);
+        assert!(json_of(nested(MAX_JSON_DEPTH).as_bytes()).is_some());
+        assert!(json_of(nested(MAX_JSON_DEPTH + 1).as_bytes()).is_none());
+        let arrays = |depth: usize| "[".repeat(depth) + &"]".repeat(depth);
+        assert!(json_of(arrays(MAX_JSON_DEPTH).as_bytes()).is_some());
+        assert!(json_of(arrays(MAX_JSON_DEPTH + 1).as_bytes()).is_none());
+
+        // 1 MiB of `[0,0,...]` grows about fivefold as a Value: too large
+        // for one message, so the reading goes out raw, under the cap.
+        let zeros = "[".to_owned() + &"0,".repeat(512 << 10) + "0]";
+        let mut buffer = ReadingBuffer::new(
+            BufferLimits {
+                max_readings: 10,
+                max_bytes: 16 << 20,
+            },
+            1,
+        );
+        for payload in [zeros.as_bytes(), b"[0,0,0]"] {
+            buffer.push(NewReading {
+                device_id: "d",
+                topic: "devices/d/readings",
+                payload,
+                qos: 0,
+                retained: false,
+                received_at: SystemTime::UNIX_EPOCH,
+            });
+        }
+        let readings = buffer
+            .list(&ListQuery {
+                limit: 10,
+                oldest_first: true,
+                ..Default::default()
+            })
+            .unwrap()
+            .readings;
+        let encode = |reading| {
+            let mut out = Vec::new();
+            put_reading_field(encoded::READING_FIELD, reading, &mut out);
+            WatchReadingsResponse::decode(&out[..]).map(|m| (out.len(), m))
+        };
+        let (len, big) = encode(&readings[0]).unwrap();
+        assert!(len <= MAX_ENCODED_READING_BYTES + 8, "{len}");
+        let Some(Event::Reading(big)) = big.event else {
+            panic!("not a reading")
+        };
+        assert!(big.json.is_none() && big.payload.len() == zeros.len());
+        let (_, small) = encode(&readings[1]).unwrap();
+        let Some(Event::Reading(small)) = small.event else {
+            panic!("not a reading")
+        };
+        assert!(small.json.is_some(), "small JSON is still transcoded");
     }
 
     #[test]

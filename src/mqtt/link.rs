@@ -3,7 +3,7 @@
 //! replies to the [`ReplyRouter`], and keeps the [`LinkState`] current.
 
 use std::{
-    sync::Arc,
+    sync::{atomic::Ordering, Arc},
     time::{Duration, SystemTime},
 };
 
@@ -14,9 +14,13 @@ use rumqttc::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
 
-use super::{publish::PublishError, LinkState, Shared};
+use super::{publish::PublishError, IngestCounters, LinkState, Shared};
 use crate::{
-    buffer::NewReading, config::MqttConfig, replies::ReplyRouter, store::ReadingStore,
+    buffer::NewReading,
+    config::MqttConfig,
+    log_limit::{truncated, LogLimit},
+    replies::ReplyRouter,
+    store::ReadingStore,
     topic::TopicTemplate,
 };
 
@@ -39,7 +43,12 @@ pub(super) struct Driver {
     subscribe_qos: QoS,
     clean_session: bool,
     broker: String,
+    max_reading_bytes: usize,
+    counters: Arc<IngestCounters>,
 }
+
+/// Readings over the size limit, rate-limited.
+static TOO_LARGE_LOG: LogLimit = LogLimit::new();
 
 impl Driver {
     pub(super) fn new(
@@ -48,8 +57,11 @@ impl Driver {
         shared: Arc<Shared>,
         store: Arc<dyn ReadingStore>,
         replies: ReplyRouter,
+        counters: Arc<IngestCounters>,
     ) -> Self {
         Self {
+            max_reading_bytes: config.max_reading_bytes,
+            counters,
             client,
             shared,
             store,
@@ -178,6 +190,7 @@ impl Driver {
         let received_at = SystemTime::now();
         let readings: Vec<NewReading<'_>> = batch
             .iter()
+            .filter(|publish| self.fits(publish))
             .map(|publish| {
                 // Replies are buffered like readings, and routed to a waiting
                 // SendCommand call if there is one.
@@ -190,7 +203,7 @@ impl Driver {
                 };
                 if device_id.is_none() {
                     debug!(
-                        topic = publish.topic,
+                        topic = truncated(&publish.topic),
                         "message on a topic outside the readings and replies templates"
                     );
                 }
@@ -206,6 +219,30 @@ impl Driver {
             .collect();
         let last_seq = self.store.append(&readings);
         trace!(last_seq, count = batch.len(), "readings stored");
+    }
+
+    /// Whether `publish` is small enough to keep; counts and logs
+    /// (rate-limited) one that is not. Too large for the buffer's promise
+    /// that every reading fits one gRPC message, it is not stored, and a
+    /// reply that large is not routed either.
+    fn fits(&self, publish: &rumqttc::Publish) -> bool {
+        let bytes = publish.payload.len();
+        if bytes <= self.max_reading_bytes {
+            return true;
+        }
+        self.counters
+            .rejected_too_large
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(left_out) = TOO_LARGE_LOG.allow() {
+            warn!(
+                topic = truncated(&publish.topic),
+                bytes,
+                limit = self.max_reading_bytes,
+                similar_lines_left_out = left_out,
+                "reading larger than --max-reading-bytes; not stored"
+            );
+        }
+        false
     }
 
     fn connection_lost(&self, eventloop: &mut EventLoop, error: &ConnectionError) {

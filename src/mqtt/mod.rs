@@ -20,7 +20,7 @@ mod link;
 mod publish;
 mod tls;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{atomic::AtomicU64, Arc, Mutex, MutexGuard};
 
 use rumqttc::{AsyncClient, MqttOptions, TlsConfiguration, Transport};
 use tokio::{sync::watch, task::JoinHandle};
@@ -61,9 +61,18 @@ impl Shared {
     }
 }
 
+/// What ingest counts, for the stats line (and metrics later): one place.
+#[derive(Debug, Default)]
+pub struct IngestCounters {
+    /// Readings not stored because they were larger than
+    /// `--max-reading-bytes`.
+    pub rejected_too_large: AtomicU64,
+}
+
 /// The running MQTT link: its publisher and the event loop task.
 pub struct MqttLink {
     pub publisher: CommandPublisher,
+    pub counters: Arc<IngestCounters>,
     /// Ends after a clean disconnect once shutdown has fired.
     pub task: JoinHandle<()>,
 }
@@ -106,10 +115,19 @@ pub fn start(
         tracker: Mutex::default(),
         state: watch::channel(LinkState::Down).0,
     });
-    let driver = Driver::new(config, client.clone(), shared.clone(), store, replies);
+    let counters = Arc::new(IngestCounters::default());
+    let driver = Driver::new(
+        config,
+        client.clone(),
+        shared.clone(),
+        store,
+        replies,
+        counters.clone(),
+    );
     let task = tokio::spawn(driver.run(eventloop, shutdown));
     MqttLink {
         publisher: CommandPublisher::new(client, shared),
+        counters,
         task,
     }
 }
