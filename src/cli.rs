@@ -314,6 +314,14 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_watchers_per_client: u32,
 
+    /// Most commands one client has in progress at once (waiting for the
+    /// broker's acknowledgement or the device's reply), over SendCommand and
+    /// StreamCommands together: per token subject with auth, else per
+    /// connection. More get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DEVICEHUB_MAX_COMMANDS_PER_CLIENT", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_commands_per_client: u32,
+
     /// Seconds shutdown (SIGTERM) waits for calls and streams to end before
     /// it closes the remaining connections and exits.
     #[arg(long, env = "DEVICEHUB_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
@@ -460,6 +468,7 @@ impl ServeArgs {
             },
             max_watchers: self.max_watchers as usize,
             max_watchers_per_client: self.max_watchers_per_client as usize,
+            max_commands_per_client: self.max_commands_per_client as usize,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             grpc_tls: self.grpc_security.tls()?,
             auth: self.grpc_security.auth()?,

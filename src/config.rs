@@ -18,6 +18,9 @@ pub struct Config {
     /// Most WatchReadings streams one client (a token subject, or a
     /// connection without auth) keeps open at once.
     pub max_watchers_per_client: usize,
+    /// Most commands one client has in progress (waiting for the broker's
+    /// acknowledgement or the device's reply) at once.
+    pub max_commands_per_client: usize,
     /// How long shutdown waits for calls to end before closing connections.
     pub shutdown_timeout: Duration,
     /// TLS on the gRPC port. `None`: plaintext.

@@ -7,12 +7,9 @@
 //! store the readings of one network read or to copy out at most one batch
 //! of readings, never across an `.await`, JSON decoding or gRPC encoding.
 
-use std::{
-    collections::HashMap,
-    sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard,
-    },
+use std::sync::{
+    atomic::{AtomicU64, AtomicUsize, Ordering},
+    Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
 };
 
 use tokio::sync::watch;
@@ -23,6 +20,7 @@ use crate::{
         ReadingFilter,
     },
     config::BufferLimits,
+    per_client::{PerClient, Permit},
     sync,
 };
 
@@ -72,12 +70,8 @@ struct Shared {
     next_seq: watch::Sender<u64>,
     max_watchers: usize,
     watchers: AtomicUsize,
-    max_watchers_per_client: usize,
-    /// Open watchers per client (token subject or connection). An entry
-    /// exists only while its count is above 0, so the map holds at most
-    /// `max_watchers` entries. A std mutex, taken once per watch opened or
-    /// closed.
-    per_client: Mutex<HashMap<Arc<str>, usize>>,
+    /// Open watchers per client (token subject or connection).
+    per_client: PerClient,
     watcher_gaps: AtomicU64,
     watcher_missed_readings: AtomicU64,
 }
@@ -96,8 +90,7 @@ impl ReadingHub {
             next_seq,
             max_watchers,
             watchers: AtomicUsize::new(0),
-            max_watchers_per_client,
-            per_client: Mutex::default(),
+            per_client: PerClient::new(max_watchers_per_client),
             watcher_gaps: AtomicU64::new(0),
             watcher_missed_readings: AtomicU64::new(0),
         };
@@ -161,22 +154,17 @@ impl ReadingHub {
             wake: shared.next_seq.subscribe(),
             cursor: 0,
             filter,
-            client: None,
+            _client: None,
         };
         if open >= shared.max_watchers {
             return Err(SubscribeError::TooManyWatchers(shared.max_watchers));
         }
-        {
-            let mut per_client = sync::lock(&shared.per_client);
-            let count = per_client.entry(client.clone()).or_insert(0);
-            if *count >= shared.max_watchers_per_client {
-                return Err(SubscribeError::TooManyForClient(
-                    shared.max_watchers_per_client,
-                ));
-            }
-            *count += 1;
-        }
-        watcher.client = Some(client);
+        watcher._client = Some(
+            shared
+                .per_client
+                .acquire(client)
+                .ok_or(SubscribeError::TooManyForClient(shared.per_client.max()))?,
+        );
         // The wake signal was taken first: a push from now on is seen by
         // `next_batch`, which compares the cursor with the latest value.
         let stats = self.read().stats();
@@ -198,8 +186,8 @@ impl ReadingHub {
 /// A cursor that follows the buffer. See [`ReadingHub::subscribe`].
 pub struct ReadingWatcher {
     hub: ReadingHub,
-    /// The client it counts against, once counted.
-    client: Option<Arc<str>>,
+    /// Its place in its client's count, once counted.
+    _client: Option<Permit>,
     wake: watch::Receiver<u64>,
     /// The last sequence number looked at.
     cursor: u64,
@@ -267,14 +255,5 @@ impl ReadingWatcher {
 impl Drop for ReadingWatcher {
     fn drop(&mut self) {
         self.hub.shared.watchers.fetch_sub(1, Ordering::Relaxed);
-        if let Some(client) = &self.client {
-            let mut per_client = sync::lock(&self.hub.shared.per_client);
-            if let Some(count) = per_client.get_mut(client) {
-                *count -= 1;
-                if *count == 0 {
-                    per_client.remove(client);
-                }
-            }
-        }
     }
 }

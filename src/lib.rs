@@ -21,6 +21,7 @@
 //!   error → `Status` mapping, wire encoding;
 //! - `listener`: accepting gRPC connections, TLS with certificate reload;
 //! - `scope`: device-id patterns a token's scopes grant;
+//! - `per_client`: how much one client may hold (watchers, commands);
 //! - `health`: the gRPC health statuses (the MQTT link, shutdown);
 //! - `sync`: the lock helpers shared by the above; `log_limit`: rate-limited,
 //!   truncated log lines for what peers send;
@@ -38,6 +39,7 @@ mod hub;
 mod listener;
 mod log_limit;
 mod mqtt;
+mod per_client;
 mod replies;
 mod scope;
 #[cfg(feature = "simulator")]
@@ -223,6 +225,7 @@ pub async fn run(
         link.publisher.clone(),
         replies,
         &config.mqtt,
+        config.max_commands_per_client,
         shutdown.clone(),
     );
     let addr = listener.local_addr()?;

@@ -371,6 +371,29 @@ async fn mutual_tls_and_certificates_rotated_without_a_restart() {
         }
     }
 
+    // grpcurl with a client certificate gets through; without, it does not.
+    let grpcurl = which("grpcurl").expect("grpcurl (scripts/test.sh installs it)");
+    let ca = write(dir.path(), "server-ca.crt", &pki.ca_cert);
+    let client_cert = write(dir.path(), "client.crt", &identity.cert);
+    let client_key = write(dir.path(), "client.key", &identity.key);
+    let grpcurl_list = |with_cert: bool| {
+        let mut command = std::process::Command::new(&grpcurl);
+        command.args(["-cacert", &ca, "-servername", "localhost"]);
+        if with_cert {
+            command.args(["-cert", &client_cert, "-key", &client_key]);
+        }
+        command
+            .args(["-d", "{}", &service.addr.to_string()])
+            .arg("devicehub.v1.DeviceHub/ListReadings")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(grpcurl_list(true));
+    assert!(!grpcurl_list(false));
+
     // Rotation: the files are replaced by a certificate from another CA;
     // new connections get it, without a restart.
     let next = Pki::new("next server CA");

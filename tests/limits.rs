@@ -266,3 +266,70 @@ async fn memory_stays_bounded_with_large_readings_and_watchers() {
     let _ = serve.start_kill();
     let _ = serve.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_take_every_command_slot() {
+    let broker = embedded_broker();
+    let args = ["--max-commands-per-client", "2"];
+    let service = TestService::start_ready(config(&broker, &args)).await;
+    let mut device =
+        TestDevice::connect(&broker, "device-slow", Some("devices/slow/commands")).await;
+    let waiting = |device_id: &str| SendCommandRequest {
+        device_id: device_id.into(),
+        command: "PING".into(),
+        reply_timeout: Some(Duration::from_secs(30).try_into().unwrap()),
+        ..Default::default()
+    };
+    // Two commands wait for replies that do not come (yet).
+    let greedy = connect(&service).await;
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            let mut greedy = greedy.clone();
+            let request = waiting("slow");
+            tokio::spawn(async move { greedy.send_command(request).await })
+        })
+        .collect();
+    let ids: Vec<String> = {
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            let envelope: serde_json::Value =
+                serde_json::from_slice(&device.next_message().await.payload).unwrap();
+            ids.push(envelope["id"].as_str().unwrap().to_owned());
+        }
+        ids
+    };
+    let status = greedy
+        .clone()
+        .send_command(waiting("slow"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("--max-commands-per-client"),
+        "{status:?}"
+    );
+    // Another connection is not held up.
+    let mut other = connect(&service).await;
+    other
+        .send_command(SendCommandRequest {
+            device_id: "slow".into(),
+            command: "PING".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Replies end the two calls and free their slots.
+    for id in ids {
+        let reply = serde_json::json!({"id": id, "status": "ok"});
+        device
+            .publish("devices/slow/replies", reply.to_string())
+            .await;
+    }
+    for call in calls {
+        within("a replied command", call).await.unwrap().unwrap();
+    }
+    let mut request = waiting("slow");
+    request.reply_timeout = None;
+    greedy.clone().send_command(request).await.unwrap();
+    service.stop().await;
+}

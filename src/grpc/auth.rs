@@ -41,6 +41,9 @@ pub struct Caller {
     pub read: DeviceSet,
     /// Devices the caller may command.
     pub send: DeviceSet,
+    /// Who the per-client limits count against: the token's subject when
+    /// there is one (all its connections together), else the connection.
+    pub client: Arc<str>,
 }
 
 impl Caller {
@@ -50,6 +53,7 @@ impl Caller {
             subject: String::new(),
             read: DeviceSet::All,
             send: DeviceSet::All,
+            client: Arc::from(""),
         }
     }
 
@@ -60,16 +64,6 @@ impl Caller {
             .get::<Caller>()
             .cloned()
             .ok_or_else(|| ApiError::Internal("no caller on an intercepted request".into()))
-    }
-
-    /// Who the per-client limits count against: the token's subject when
-    /// there is one (all its connections together), else the connection.
-    pub fn client_key(&self, peer: Option<std::net::SocketAddr>) -> Arc<str> {
-        match (self.subject.as_str(), peer) {
-            ("", Some(peer)) => format!("peer {peer}").into(),
-            ("", None) => "peer unknown".into(),
-            (subject, _) => format!("sub {subject}").into(),
-        }
     }
 
     /// Checks the read scope: any at all, and for `device_id` when one is named.
@@ -147,9 +141,14 @@ impl Authenticator {
 
     /// The interceptor: attaches the [`Caller`] or refuses the call.
     pub fn intercept(&self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let caller = match &self.keys {
+        let mut caller = match &self.keys {
             None => Caller::anyone(),
             Some(keys) => keys.caller(request.metadata())?,
+        };
+        caller.client = match (caller.subject.as_str(), request.remote_addr()) {
+            ("", Some(peer)) => format!("peer {peer}").into(),
+            ("", None) => "peer unknown".into(),
+            (subject, _) => format!("sub {subject}").into(),
         };
         request.extensions_mut().insert(caller);
         Ok(request)
@@ -241,6 +240,7 @@ impl Claims {
             read: device_set(&self.scope, READ_SCOPE),
             send: device_set(&self.scope, SEND_SCOPE),
             subject: self.sub,
+            client: Arc::from(""),
         }
     }
 }

@@ -52,6 +52,16 @@ pub(super) async fn send(
 ) -> Result<SendCommandResponse, ApiError> {
     let command = validate(shared, req)?;
     caller.may_send(&command.device_id)?;
+    // Held until the command is done: acknowledged, answered or given up.
+    let _permit = shared
+        .commands_per_client
+        .acquire(caller.client.clone())
+        .ok_or_else(|| {
+            ApiError::TooManyForClient(format!(
+                "this client already has its maximum of {} commands in progress (--max-commands-per-client)",
+                shared.commands_per_client.max()
+            ))
+        })?;
     // Registered before publishing: a device may answer before the
     // broker's acknowledgement reaches us.
     let mut pending = command

@@ -35,6 +35,7 @@ use crate::{
     config::MqttConfig,
     hub::ReadingHub,
     mqtt::CommandPublisher,
+    per_client::PerClient,
     proto::{
         self, device_hub_server::DeviceHub, ListReadingsRequest, SendCommandRequest,
         SendCommandResponse, StreamCommandsRequest, StreamCommandsResponse, WatchReadingsRequest,
@@ -69,6 +70,8 @@ struct Shared {
     device_level: Option<usize>,
     /// The newest readings' WatchReadings messages, shared by all streams.
     encoded: EncodedReadings,
+    /// Commands in progress (waiting for the broker or a reply) per client.
+    commands_per_client: PerClient,
     shutdown: CancellationToken,
 }
 
@@ -78,6 +81,7 @@ impl DeviceHubService {
         publisher: CommandPublisher,
         replies: ReplyRouter,
         topics: &MqttConfig,
+        max_commands_per_client: usize,
         shutdown: CancellationToken,
     ) -> Self {
         let device_level = match (
@@ -94,6 +98,7 @@ impl DeviceHubService {
             commands_topic: topics.commands_topic.clone(),
             device_level,
             encoded: EncodedReadings::default(),
+            commands_per_client: PerClient::new(max_commands_per_client),
             shutdown,
         };
         Self {
@@ -129,8 +134,7 @@ impl DeviceHub for DeviceHubService {
         request: Request<WatchReadingsRequest>,
     ) -> Result<Response<watch::WatchStream>, Status> {
         let caller = Caller::of(&request)?;
-        let peer = request.remote_addr();
-        let response = watch::watch(&self.shared, &caller, peer, request.into_inner())?;
+        let response = watch::watch(&self.shared, &caller, request.into_inner())?;
         Ok(Response::new(response))
     }
 

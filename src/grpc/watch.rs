@@ -8,7 +8,6 @@
 
 use std::{
     future::Future,
-    net::SocketAddr,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -37,7 +36,6 @@ const WATCH_QUEUE_BATCHES: usize = 2;
 pub(super) fn watch(
     shared: &Arc<Shared>,
     caller: &Caller,
-    peer: Option<SocketAddr>,
     req: WatchReadingsRequest,
 ) -> Result<WatchStream, ApiError> {
     let filter = reading_filter(
@@ -58,7 +56,7 @@ pub(super) fn watch(
     };
     let watcher = shared
         .hub
-        .subscribe(filter, req.after_seq, caller.client_key(peer))
+        .subscribe(filter, req.after_seq, caller.client.clone())
         .map_err(|e| match e {
             SubscribeError::Future { .. } => ApiError::invalid("after_seq", e.to_string()),
             SubscribeError::TooManyWatchers(max) => ApiError::TooManyWatchers(max),
