@@ -210,6 +210,10 @@ impl TestDevice {
     pub async fn connect_options(mut options: MqttOptions, subscribe: Option<&str>) -> Self {
         options.set_max_packet_size(4 << 20, 4 << 20);
         let (client, mut eventloop) = AsyncClient::new(options, 1000);
+        // Publishes go out at once, as from a device that cares about latency.
+        let mut network = eventloop.network_options();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
         let (received_tx, received) = mpsc::unbounded_channel();
         let subscribe = subscribe.map(str::to_owned);
