@@ -8,7 +8,7 @@
 //! cargo bench --bench devicehub -- --mosquitto   # the same through a Mosquitto process
 //! cargo bench --bench devicehub -- --smoke       # seconds; what `cargo test` runs
 //! cargo bench --bench devicehub -- --only ingest,query   # some scenarios: ingest,
-//!                                                # fanout, latency, query, commands
+//!                                                # fanout, latency, query, commands, secure
 //! ```
 //!
 //! The service runs as its own process (the `devicehub` binary, pointed at
@@ -21,8 +21,15 @@
 //! example the previous commit's release binary) under the same harness, so
 //! two versions can be compared back to back on the same machine.
 
+// Shared with the tests, which use more of them.
+#[allow(dead_code)]
+#[path = "../tests/common/pki.rs"]
+mod pki;
 #[path = "../tests/common/tempdir.rs"]
 mod tempdir;
+#[allow(dead_code)]
+#[path = "../tests/common/tokens.rs"]
+mod tokens;
 
 use std::{
     future::Future,
@@ -165,6 +172,10 @@ async fn run(sizes: Sizes, smoke: bool, mosquitto: bool, only: Option<Vec<String
         commands(&table, &broker.url, sizes).await;
         ran += 1;
     }
+    if wanted("secure") {
+        secured(&table, &broker.url, sizes).await;
+        ran += 1;
+    }
     drop(broker);
     println!("bench: {ran} scenario groups completed");
 }
@@ -254,6 +265,9 @@ impl Drop for Broker {
 struct Service {
     child: Child,
     addr: SocketAddr,
+    /// With TLS and auth: the CA clients trust, and the bearer token every
+    /// call carries; the files the service reads.
+    secured: Option<(String, String, tempdir::TempDir)>,
 }
 
 impl Service {
@@ -320,13 +334,69 @@ impl Service {
         Self {
             child,
             addr: addr.unwrap(),
+            secured: None,
         }
     }
 
-    async fn client(&self) -> DeviceHubClient<Channel> {
-        DeviceHubClient::connect(format!("http://{}", self.addr))
+    /// The service with TLS on its gRPC port and JWT auth (ES256), as an
+    /// operator would run it beyond loopback.
+    async fn start_secured(broker: &BrokerUrl) -> Self {
+        let dir = tempdir::TempDir::new("bench-secure");
+        let (pki, signer) = (pki::Pki::new("bench CA"), tokens::Signer::es256());
+        let server = pki.server();
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let (cert, key) = (file("tls.crt", &server.cert), file("tls.key", &server.key));
+        let jwt_key = file("jwt.pem", &signer.public_pem);
+        let args = [
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--auth-jwt-key",
+            &jwt_key,
+        ];
+        let mut service = Self::start(broker, &args).await;
+        let token = signer.token("bench", "readings:read commands:send");
+        service.secured = Some((pki.ca_cert, token, dir));
+        service
+    }
+
+    async fn channel(&self) -> Channel {
+        let Some((ca, _, _)) = &self.secured else {
+            return Channel::from_shared(format!("http://{}", self.addr))
+                .unwrap()
+                .connect()
+                .await
+                .expect("gRPC channel");
+        };
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .domain_name("localhost");
+        Channel::from_shared(format!("https://{}", self.addr))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
             .await
-            .expect("gRPC client")
+            .expect("gRPC channel over TLS")
+    }
+
+    async fn client(&self) -> DeviceHubClient<Channel> {
+        DeviceHubClient::new(self.channel().await)
+    }
+
+    /// `message` as a request, carrying the token when the service wants one.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some((_, token, _)) = &self.secured {
+            let value = format!("Bearer {token}").parse().unwrap();
+            request.metadata_mut().insert("authorization", value);
+        }
+        request
     }
 
     fn pid(&self) -> u32 {
@@ -798,7 +868,7 @@ async fn watchers(service: &Service, n: usize, epoch: Instant) -> Watchers {
     for i in 0..n {
         let mut client = clients[i / 100].clone();
         let mut stream = client
-            .watch_readings(WatchReadingsRequest::default())
+            .watch_readings(service.request(WatchReadingsRequest::default()))
             .await
             .unwrap()
             .into_inner();
@@ -1124,6 +1194,104 @@ async fn query_and_memory(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
         "device pages of 100; baseline: health checks",
     );
     service.stop().await;
+}
+
+/// Scenario 7, the cost of TLS and auth on the gRPC port: a plaintext
+/// service and a secured one (TLS, a JWT checked on every call) on the same
+/// broker at once, one watcher each on the same readings (latency), then the
+/// same ListReadings calls against both.
+async fn secured(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
+    let plain = Service::start(broker, &[]).await;
+    let secure = Service::start_secured(broker).await;
+    let epoch = Instant::now();
+    let (plain_watch, secure_watch) = (
+        watchers(&plain, 1, epoch).await,
+        watchers(&secure, 1, epoch).await,
+    );
+    publish(
+        broker,
+        1,
+        sizes.latency_readings,
+        100,
+        QoS::AtLeastOnce,
+        Some(sizes.latency_rate),
+        epoch,
+    )
+    .await;
+    for watch in [&plain_watch, &secure_watch] {
+        let delivered = watch.delivered.clone();
+        settle(sizes.latency_readings, Duration::from_secs(2), async || {
+            delivered.load(Ordering::Relaxed)
+        })
+        .await;
+    }
+    let sorted = |w: &Watchers| {
+        let mut v = w.latencies.lock().unwrap().clone();
+        v.sort_unstable();
+        v
+    };
+    let (ours, floor) = (sorted(&secure_watch), sorted(&plain_watch));
+    for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
+        let (a, b) = (percentile(&ours, p) / 1e3, percentile(&floor, p) / 1e3);
+        table.row(
+            &format!("7. TLS + auth: latency {name} (µs)"),
+            a,
+            b,
+            "µs",
+            &format!(
+                "{:+.0} µs; baseline: the plaintext service, same readings",
+                a - b
+            ),
+        );
+    }
+    drop((plain_watch, secure_watch));
+    let queries: [(&str, ListReadingsRequest); 2] = [
+        (
+            "newest page of 100",
+            ListReadingsRequest {
+                page_size: 100,
+                ..Default::default()
+            },
+        ),
+        (
+            "device page of 100",
+            ListReadingsRequest {
+                device_id: "dev-1".into(),
+                page_size: 100,
+                ..Default::default()
+            },
+        ),
+    ];
+    let (plain_client, secure_client) = (plain.client().await, secure.client().await);
+    for (name, request) in &queries {
+        let mut times = Vec::new();
+        for (service, client) in [(&secure, &secure_client), (&plain, &plain_client)] {
+            times.push(
+                time_calls(sizes.query_iterations, || {
+                    let mut client = client.clone();
+                    let request = service.request(request.clone());
+                    async move {
+                        client.list_readings(request).await.unwrap();
+                    }
+                })
+                .await,
+            );
+        }
+        for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
+            table.row(
+                &format!("7. TLS + auth: query {name} {label} (µs)"),
+                percentile(&times[0], p) / 1e3,
+                percentile(&times[1], p) / 1e3,
+                "µs",
+                &format!(
+                    "{} buffered; baseline: the plaintext service",
+                    sizes.latency_readings
+                ),
+            );
+        }
+    }
+    plain.stop().await;
+    secure.stop().await;
 }
 
 /// Builds the i-th request of a query scenario.

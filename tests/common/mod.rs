@@ -3,6 +3,7 @@
 //! the generated tonic client. Waits are on conditions, never fixed sleeps.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod pki;
 pub mod rng;
 pub mod secure;
 pub mod tempdir;

@@ -5,67 +5,10 @@
 
 use std::{path::PathBuf, sync::Arc};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 
+pub use super::pki::{Issued, Pki};
 use super::{closed_port, tempdir::TempDir, which, Mosquitto};
-
-/// A CA and the certificates it signed, as PEM.
-pub struct Pki {
-    pub ca_cert: String,
-    ca: (rcgen::Certificate, KeyPair),
-}
-
-/// A certificate and its key, as PEM.
-pub struct Issued {
-    pub cert: String,
-    pub key: String,
-}
-
-impl Pki {
-    pub fn new(name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        Self {
-            ca_cert: cert.pem(),
-            ca: (cert, key),
-        }
-    }
-
-    /// A server certificate for 127.0.0.1 and localhost.
-    pub fn server(&self) -> Issued {
-        self.issue(
-            "broker",
-            &["127.0.0.1", "localhost"],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        )
-    }
-
-    /// A client certificate whose common name is `name`.
-    pub fn client(&self, name: &str) -> Issued {
-        self.issue(name, &[], ExtendedKeyUsagePurpose::ClientAuth)
-    }
-
-    fn issue(&self, name: &str, hosts: &[&str], usage: ExtendedKeyUsagePurpose) -> Issued {
-        let hosts: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
-        let mut params = CertificateParams::new(hosts).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![usage];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.ca.0, &self.ca.1).unwrap();
-        Issued {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        }
-    }
-}
 
 /// The shipped `deploy/mosquitto/mosquitto.conf`, with its listener on
 /// `port` (127.0.0.1) instead of 8883; nothing else changes.
