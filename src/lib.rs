@@ -175,6 +175,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    // What can fail on bad files fails before anything starts.
+    let authenticator = Authenticator::new(config.auth.as_ref())?;
+    let tls = config.grpc_tls.as_ref().map(ServerTls::load).transpose()?;
     let hub = ReadingHub::new(
         config.buffer,
         first_seq(),
@@ -206,6 +209,7 @@ pub async fn run(
         hub.clone(),
         replies.clone(),
         link.counters.clone(),
+        authenticator.clone(),
         shutdown.clone(),
     ));
 
@@ -218,8 +222,6 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let authenticator = Authenticator::new(config.auth.as_ref())?;
-    let tls = config.grpc_tls.as_ref().map(ServerTls::load).transpose()?;
     let service = DeviceHubService::new(
         hub,
         link.publisher.clone(),
@@ -289,6 +291,7 @@ async fn log_stats(
     hub: ReadingHub,
     replies: ReplyRouter,
     ingest: Arc<mqtt::IngestCounters>,
+    auth: Authenticator,
     shutdown: CancellationToken,
 ) {
     let mut interval = tokio::time::interval(STATS_INTERVAL);
@@ -315,6 +318,7 @@ async fn log_stats(
             replies_matched = replies.matched,
             replies_late = replies.late,
             replies_unmatched = replies.unmatched,
+            token_cache_evictions = auth.cache_evictions(),
             "stats"
         );
         if stopping {

@@ -17,13 +17,19 @@
 //! `readings:read:greenhouse-*`, `commands:send:pump-7` (`*` matches any run
 //! of characters). Without auth configured every caller may do everything.
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
 
 use jsonwebtoken::{decode, decode_header, errors::ErrorKind, Algorithm, DecodingKey, Validation};
 use tonic::{metadata::MetadataMap, Request, Status};
 
 use super::error::ApiError;
-use crate::{config::AuthConfig, scope::DeviceSet};
+use crate::{config::AuthConfig, scope::DeviceSet, sync};
 
 /// The read scope, and its prefix for a narrowed one.
 const READ_SCOPE: &str = "readings:read";
@@ -107,7 +113,26 @@ struct Keys {
     keys: Vec<Key>,
     issuer: Option<String>,
     audience: Option<String>,
+    /// Tokens already verified, so that a client calling many times with
+    /// one token pays for the signature once (ES256 verification is about
+    /// half a millisecond, more than the call; see BENCHMARKS.md). An entry
+    /// is used only until the token's `exp`. A std mutex held for a lookup
+    /// or an insert.
+    verified: Mutex<HashMap<String, Verified>>,
+    /// Entries dropped to make room (the cache was full of live tokens).
+    evictions: AtomicU64,
 }
+
+/// A verified token's caller (without the connection-specific client key)
+/// and its expiry, in seconds since the epoch.
+#[derive(Clone)]
+struct Verified {
+    caller: Caller,
+    exp: u64,
+}
+
+/// Most verified tokens remembered.
+const VERIFIED_CACHE: usize = 1024;
 
 /// Why the configured keys could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -133,10 +158,21 @@ impl Authenticator {
             keys,
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
+            verified: Mutex::default(),
+            evictions: AtomicU64::new(0),
         };
         Ok(Self {
             keys: Some(Arc::new(keys)),
         })
+    }
+
+    /// Verified tokens dropped from the full cache to make room (counted
+    /// for the stats line: a steady count means more live tokens than
+    /// the cache holds, so signatures are checked again).
+    pub fn cache_evictions(&self) -> u64 {
+        self.keys
+            .as_ref()
+            .map_or(0, |k| k.evictions.load(Ordering::Relaxed))
     }
 
     /// The interceptor: attaches the [`Caller`] or refuses the call.
@@ -171,6 +207,37 @@ impl Keys {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| unauthenticated("the authorization metadata is not `Bearer <token>`"))?;
+        let now = now_secs();
+        if let Some(hit) = sync::lock(&self.verified).get(token) {
+            if now < hit.exp {
+                return Ok(hit.caller.clone());
+            }
+        }
+        let verified = self.verify(token)?;
+        let caller = verified.caller.clone();
+        self.remember(token, verified, now);
+        Ok(caller)
+    }
+
+    /// Keeps `verified` for later calls with the same token, within the
+    /// cache's bound: expired entries go first, then any one.
+    fn remember(&self, token: &str, verified: Verified, now: u64) {
+        let mut cache = sync::lock(&self.verified);
+        if cache.len() >= VERIFIED_CACHE {
+            cache.retain(|_, v| now < v.exp);
+        }
+        if cache.len() >= VERIFIED_CACHE {
+            if let Some(any) = cache.keys().next().cloned() {
+                cache.remove(&any);
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        cache.insert(token.to_owned(), verified);
+    }
+
+    /// Checks the token's signature and claims.
+    fn verify(&self, token: &str) -> Result<Verified, ApiError> {
+        let unauthenticated = |why: &str| ApiError::Unauthenticated(why.to_owned());
         let header = decode_header(token).map_err(|_| unauthenticated("the token is malformed"))?;
         let mut last = ErrorKind::InvalidAlgorithm;
         for key in self
@@ -179,7 +246,13 @@ impl Keys {
             .filter(|k| k.algorithms.contains(&header.alg))
         {
             match decode::<Claims>(token, &key.key, &self.validation(header.alg)) {
-                Ok(data) => return Ok(data.claims.into_caller()),
+                Ok(data) => {
+                    let exp = data.claims.exp;
+                    return Ok(Verified {
+                        caller: data.claims.into_caller(),
+                        exp,
+                    });
+                }
                 Err(error) => match error.into_kind() {
                     ErrorKind::InvalidSignature => last = ErrorKind::InvalidSignature,
                     other => return Err(unauthenticated(&why(&other))),
@@ -228,10 +301,19 @@ fn why(kind: &ErrorKind) -> String {
 /// The claims devicehub reads; `exp`, `iss`, `aud` are checked by the crate.
 #[derive(serde::Deserialize)]
 struct Claims {
+    /// Required (the validation insists), so never the default here.
+    #[serde(default)]
+    exp: u64,
     #[serde(default)]
     sub: String,
     #[serde(default)]
     scope: String,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Claims {
@@ -312,6 +394,7 @@ mod tests {
     fn scopes_narrow_by_device() {
         let scopes = "openid readings:read:greenhouse-* commands:send:pump-7 other";
         let caller = Claims {
+            exp: 0,
             sub: "svc".into(),
             scope: scopes.into(),
         }
@@ -325,12 +408,49 @@ mod tests {
         assert!(caller.may_send("pump-7").is_ok());
         assert!(caller.may_send("pump-8").is_err());
         let none = Claims {
+            exp: 0,
             sub: String::new(),
             scope: "readings:reader commands:sending".into(),
         }
         .into_caller();
         assert!(none.may_read("").is_err() && none.may_send("x").is_err());
         assert_eq!(device_set("readings:read x", READ_SCOPE), DeviceSet::All);
+    }
+
+    #[test]
+    fn the_verified_cache_is_bounded_and_forgets_expired_tokens() {
+        let keys = Keys {
+            keys: Vec::new(),
+            issuer: None,
+            audience: None,
+            verified: Mutex::default(),
+            evictions: AtomicU64::new(0),
+        };
+        let verified = |exp| Verified {
+            caller: Caller::anyone(),
+            exp,
+        };
+        let now = 1_000;
+        for i in 0..VERIFIED_CACHE {
+            // Half of them already expired.
+            keys.remember(
+                &format!("t{i}"),
+                verified(if i % 2 == 0 { 10 } else { 5_000 }),
+                now,
+            );
+        }
+        keys.remember("one more", verified(5_000), now);
+        assert_eq!(sync::lock(&keys.verified).len(), VERIFIED_CACHE / 2 + 1);
+        assert_eq!(
+            keys.evictions.load(Ordering::Relaxed),
+            0,
+            "expired ones went first"
+        );
+        for i in 0..VERIFIED_CACHE {
+            keys.remember(&format!("live{i}"), verified(5_000), now);
+        }
+        assert_eq!(sync::lock(&keys.verified).len(), VERIFIED_CACHE);
+        assert!(keys.evictions.load(Ordering::Relaxed) > 0);
     }
 
     #[test]
