@@ -343,22 +343,8 @@ impl Service {
     async fn start_secured(broker: &BrokerUrl) -> Self {
         let dir = tempdir::TempDir::new("bench-secure");
         let (pki, signer) = (pki::Pki::new("bench CA"), tokens::Signer::es256());
-        let server = pki.server();
-        let file = |name: &str, text: &str| {
-            let path = dir.path().join(name);
-            std::fs::write(&path, text).unwrap();
-            path.display().to_string()
-        };
-        let (cert, key) = (file("tls.crt", &server.cert), file("tls.key", &server.key));
-        let jwt_key = file("jwt.pem", &signer.public_pem);
-        let args = [
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &key,
-            "--auth-jwt-key",
-            &jwt_key,
-        ];
+        let args = pki::secured_service_args(dir.path(), &pki.server(), &signer.public_pem);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut service = Self::start(broker, &args).await;
         let token = signer.token("bench", "readings:read commands:send");
         service.secured = Some((pki.ca_cert, token, dir));

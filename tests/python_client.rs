@@ -234,25 +234,11 @@ async fn the_python_client_uses_tls_and_a_token() {
     let broker = embedded_broker();
     let (pki, signer) = (Pki::new("python test CA"), Signer::es256());
     let dir = tempdir::TempDir::new("python-tls");
-    let server = pki.server();
-    let file = |name: &str, text: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path.display().to_string()
-    };
-    let (cert, key) = (file("s.crt", &server.cert), file("s.key", &server.key));
-    let (ca, jwt_key) = (
-        file("ca.crt", &pki.ca_cert),
-        file("jwt.pem", &signer.public_pem),
-    );
-    let args = [
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-        "--auth-jwt-key",
-        &jwt_key,
-    ];
+    let args = common::pki::secured_service_args(dir.path(), &pki.server(), &signer.public_pem);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let ca = dir.path().join("ca.crt");
+    std::fs::write(&ca, &pki.ca_cert).unwrap();
+    let ca = ca.display().to_string();
     let service = TestService::start(config(&broker, &args)).await;
     let target = format!("localhost:{}", service.addr.port());
     // Subscribed before the device publishes (the embedded broker keeps

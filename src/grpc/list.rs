@@ -2,10 +2,8 @@
 //! filters and an opaque page token.
 
 use super::{
-    auth::Caller,
-    convert::{optional_time, reading_filter},
-    error::ApiError,
-    page_token, wire, Encoded, EncodedListReadingsResponse, Shared,
+    auth::Caller, convert::optional_time, error::ApiError, page_token, wire, Encoded,
+    EncodedListReadingsResponse, Shared,
 };
 use crate::{
     buffer::{CursorError, ListQuery},
@@ -71,12 +69,7 @@ fn list_query(
     req: ListReadingsRequest,
     query_hash: u64,
 ) -> Result<ListQuery, ApiError> {
-    let filter = reading_filter(
-        caller,
-        &req.device_id,
-        &req.topic_filter,
-        shared.device_level,
-    )?;
+    let filter = shared.reading_filter(caller, &req.device_id, &req.topic_filter)?;
     let start = optional_time("start_time", req.start_time)?;
     let end = optional_time("end_time", req.end_time)?;
     if let (Some(start), Some(end)) = (start, end) {

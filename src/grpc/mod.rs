@@ -107,6 +107,19 @@ impl DeviceHubService {
     }
 }
 
+impl Shared {
+    /// The buffer filter for a request's `device_id` and `topic_filter`,
+    /// narrowed to what `caller` may read.
+    fn reading_filter(
+        &self,
+        caller: &Caller,
+        device_id: &str,
+        topic_filter: &str,
+    ) -> Result<crate::buffer::ReadingFilter, error::ApiError> {
+        convert::reading_filter(caller, device_id, topic_filter, self.device_level)
+    }
+}
+
 #[tonic::async_trait]
 impl DeviceHub for DeviceHubService {
     async fn send_command(

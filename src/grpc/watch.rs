@@ -18,10 +18,7 @@ use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::Status;
 use tracing::warn;
 
-use super::{
-    auth::Caller, convert::reading_filter, error::ApiError, Encoded, EncodedWatchReadingsResponse,
-    Shared,
-};
+use super::{auth::Caller, error::ApiError, Encoded, EncodedWatchReadingsResponse, Shared};
 use crate::{
     buffer::CursorError,
     hub::{ReadingWatcher, SubscribeError},
@@ -38,12 +35,7 @@ pub(super) fn watch(
     caller: &Caller,
     req: WatchReadingsRequest,
 ) -> Result<WatchStream, ApiError> {
-    let filter = reading_filter(
-        caller,
-        &req.device_id,
-        &req.topic_filter,
-        shared.device_level,
-    )?;
+    let filter = shared.reading_filter(caller, &req.device_id, &req.topic_filter)?;
     let notify_gaps = match GapPolicy::try_from(req.gap_policy) {
         Ok(GapPolicy::Unspecified | GapPolicy::Fail) => false,
         Ok(GapPolicy::Notify) => true,

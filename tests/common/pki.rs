@@ -59,3 +59,26 @@ impl Pki {
         }
     }
 }
+
+/// Writes a server certificate and a JWT verification key into `dir` and
+/// returns the flags that make the service use them: TLS on the gRPC port
+/// and bearer-token auth.
+pub fn secured_service_args(
+    dir: &std::path::Path,
+    server: &Issued,
+    jwt_public_pem: &str,
+) -> Vec<String> {
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    vec![
+        "--tls-cert".into(),
+        file("tls.crt", &server.cert),
+        "--tls-key".into(),
+        file("tls.key", &server.key),
+        "--auth-jwt-key".into(),
+        file("jwt.pem", jwt_public_pem),
+    ]
+}
