@@ -28,8 +28,19 @@ use crate::{
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// Log lines as text, or as one JSON object per line (timestamp,
+    /// level, target, message and the fields) for log collectors.
+    #[arg(long, env = "DEVICEHUB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
     #[command(flatten)]
     pub serve: ServeArgs,
+}
+
+/// How log lines are written (to stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,5 +1,6 @@
-//! The gRPC health service's statuses: [`SERVICE_NAME`] follows the MQTT
-//! link, and everything turns NOT_SERVING when shutdown begins.
+//! The gRPC health service's statuses: [`SERVICE_NAME`] and the overall
+//! status (`""`, what Kubernetes' gRPC probe asks for) follow the MQTT link,
+//! and everything turns NOT_SERVING when shutdown begins.
 
 use tokio_util::sync::CancellationToken;
 use tonic_health::{server::HealthReporter, ServingStatus};
@@ -7,8 +8,10 @@ use tracing::info;
 
 use crate::{mqtt::LinkState, SERVICE_NAME};
 
-/// Keeps the health status of [`SERVICE_NAME`] in step with the MQTT link:
-/// SERVING only while connected and subscribed.
+/// Keeps the health status of [`SERVICE_NAME`] and the overall one in step
+/// with the MQTT link: SERVING only while connected and subscribed. (A
+/// service that cannot reach its broker serves no readings and no commands:
+/// a probe must see that, whichever name it asks for.)
 pub(crate) async fn follow_link(
     health: HealthReporter,
     mut link: tokio::sync::watch::Receiver<LinkState>,
@@ -22,7 +25,9 @@ pub(crate) async fn follow_link(
         if shutdown.is_cancelled() {
             return;
         }
-        health.set_service_status(SERVICE_NAME, status).await;
+        for name in [SERVICE_NAME, ""] {
+            health.set_service_status(name, status).await;
+        }
         tokio::select! {
             changed = link.changed() => if changed.is_err() { return },
             _ = shutdown.cancelled() => return,

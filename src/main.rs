@@ -4,21 +4,31 @@
 use std::io::IsTerminal;
 
 use clap::Parser;
-use devicehub::cli::{Cli, Command};
+use devicehub::cli::{Cli, Command, LogFormat};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("DEVICEHUB_LOG")
                 .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off")),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        // One object per line, the event's fields (message included) at the
+        // top level next to timestamp, level and target, and the fields of
+        // the span it happened in.
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));

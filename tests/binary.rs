@@ -169,3 +169,51 @@ async fn serve_and_simulate_run_until_sigterm() {
     assert!(terminate(&mut simulate).await.success());
     assert!(terminate(&mut serve).await.success());
 }
+
+/// `--log-format json`: every line the service writes is one JSON object
+/// with timestamp, level, target, message and the event's fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_parse_as_json() {
+    let mut serve = Command::new(BINARY)
+        .args([
+            "serve",
+            "--log-format",
+            "json",
+            "--grpc-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--embedded-mqtt-addr", "127.0.0.1:0"])
+        .env("DEVICEHUB_LOG", "info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut log = BufReader::new(serve.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    // Up to the line that says the MQTT link is subscribed.
+    while !seen
+        .iter()
+        .any(|l: &serde_json::Value| l["message"] == "subscribed to readings and replies")
+    {
+        let line = within("a JSON log line", log.next_line())
+            .await
+            .unwrap()
+            .expect("log ended");
+        let object: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        for key in ["timestamp", "level", "target", "message"] {
+            assert!(object.get(key).is_some(), "no {key} in {line}");
+        }
+        seen.push(object);
+    }
+    let listening = seen
+        .iter()
+        .find(|l| l["message"] == "gRPC listening")
+        .unwrap();
+    assert!(listening["addr"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    assert_eq!(listening["level"], "INFO");
+    assert_eq!(terminate(&mut serve).await.code(), Some(0));
+}

@@ -144,7 +144,14 @@ impl TestService {
         .await
     }
 
+    /// The health status of the DeviceHub service.
     pub async fn health(&self) -> ServingStatus {
+        self.health_of(SERVICE_NAME).await
+    }
+
+    /// The health status of `service` (`""`: the server overall, what
+    /// Kubernetes' gRPC probe asks).
+    pub async fn health_of(&self, service: &str) -> ServingStatus {
         let channel = Channel::from_shared(self.url())
             .unwrap()
             .connect()
@@ -153,16 +160,19 @@ impl TestService {
         let mut health = HealthClient::new(channel);
         let response = health
             .check(HealthCheckRequest {
-                service: SERVICE_NAME.into(),
+                service: service.into(),
             })
             .await
             .expect("health check answers");
         response.into_inner().status()
     }
 
+    /// Waits until the DeviceHub service and the server overall both
+    /// report `want`.
     pub async fn wait_for_health(&self, want: ServingStatus) {
         eventually(&format!("health {want:?}"), || async {
-            (self.health().await == want).then_some(())
+            let both = (self.health().await, self.health_of("").await);
+            (both == (want, want)).then_some(())
         })
         .await
     }
