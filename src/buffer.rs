@@ -178,6 +178,8 @@ pub struct BufferStats {
     pub first_seq: u64,
     /// Sequence number the next reading will get.
     pub next_seq: u64,
+    /// When the oldest buffered reading arrived (`None` when empty).
+    pub oldest_received_at: Option<SystemTime>,
 }
 
 struct DeviceIndex {
@@ -229,6 +231,9 @@ impl ReadingBuffer {
             evicted: self.evicted,
             first_seq: self.first_seq,
             next_seq: self.next_seq(),
+            oldest_received_at: self.readings.front().map(|slot| {
+                SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(slot.received_micros)
+            }),
         }
     }
 

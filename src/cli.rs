@@ -333,6 +333,11 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_commands_per_client: u32,
 
+    /// Address to serve Prometheus metrics on (`GET /metrics`). Unset: no
+    /// metrics listener. Port 0 picks a free port (logged).
+    #[arg(long, env = "DEVICEHUB_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
     /// Seconds shutdown (SIGTERM) waits for calls and streams to end before
     /// it closes the remaining connections and exits.
     #[arg(long, env = "DEVICEHUB_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
@@ -481,6 +486,7 @@ impl ServeArgs {
             max_watchers_per_client: self.max_watchers_per_client as usize,
             max_commands_per_client: self.max_commands_per_client as usize,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+            metrics_addr: self.metrics_addr,
             grpc_tls: self.grpc_security.tls()?,
             auth: self.grpc_security.auth()?,
         })

@@ -23,6 +23,8 @@ pub struct Config {
     pub max_commands_per_client: usize,
     /// How long shutdown waits for calls to end before closing connections.
     pub shutdown_timeout: Duration,
+    /// Where `GET /metrics` is served; `None`: nowhere.
+    pub metrics_addr: Option<SocketAddr>,
     /// TLS on the gRPC port. `None`: plaintext.
     pub grpc_tls: Option<GrpcTls>,
     /// Bearer-token auth on the DeviceHub service. `None`: anyone may call.

@@ -21,6 +21,7 @@
 //!   error → `Status` mapping, wire encoding;
 //! - `listener`: accepting gRPC connections, TLS with certificate reload;
 //! - `scope`: device-id patterns a token's scopes grant;
+//! - `metrics`: `GET /metrics`, read from the counters the stats line prints;
 //! - `per_client`: how much one client may hold (watchers, commands);
 //! - `health`: the gRPC health statuses (the MQTT link, shutdown);
 //! - `sync`: the lock helpers shared by the above; `log_limit`: rate-limited,
@@ -38,6 +39,7 @@ mod health;
 mod hub;
 mod listener;
 mod log_limit;
+mod metrics;
 mod mqtt;
 mod per_client;
 mod replies;
@@ -66,7 +68,7 @@ pub mod proto {
 }
 
 use std::{
-    sync::Arc,
+    sync::{atomic::Ordering, Arc},
     time::{Duration, SystemTime},
 };
 
@@ -128,6 +130,8 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Auth(#[from] grpc::KeyError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     #[error("gRPC TLS: {0}")]
     ServerTls(#[from] listener::ServerTlsError),
 }
@@ -205,6 +209,15 @@ pub async fn run(
         link.publisher.link_state(),
         shutdown.clone(),
     ));
+    if let Some(addr) = config.metrics_addr {
+        let sources = metrics::Sources {
+            hub: hub.clone(),
+            replies: replies.clone(),
+            link_counters: link.counters.clone(),
+            link: link.publisher.link_state(),
+        };
+        spawn_metrics(addr, sources, shutdown.clone()).await?;
+    }
     tokio::spawn(log_stats(
         hub.clone(),
         replies.clone(),
@@ -245,14 +258,7 @@ pub async fn run(
         move |request| authenticator.intercept(request),
     );
 
-    let server = Server::builder()
-        // What tonic and hyper leave open to a hostile or broken client.
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
-        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
-        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
-        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+    let server = bounded_server()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -285,6 +291,35 @@ pub async fn run(
     Ok(())
 }
 
+/// The gRPC server with what tonic and hyper leave open to a hostile or
+/// broken client closed.
+fn bounded_server() -> Server {
+    Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+}
+
+/// Binds `addr` and serves `/metrics` there until `shutdown`.
+async fn spawn_metrics(
+    addr: std::net::SocketAddr,
+    sources: metrics::Sources,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(error) = metrics::serve(listener, sources, shutdown).await {
+            warn!(%error, "metrics endpoint stopped");
+        }
+    });
+    Ok(())
+}
+
 /// Logs the buffer and watcher counters every [`STATS_INTERVAL`] and once at
 /// shutdown, for operators (metrics can come later).
 async fn log_stats(
@@ -307,15 +342,17 @@ async fn log_stats(
             buffered = stats.buffer.readings,
             buffered_bytes = stats.buffer.bytes,
             evicted = stats.buffer.evicted,
-            rejected_too_large = ingest
-                .rejected_too_large
-                .load(std::sync::atomic::Ordering::Relaxed),
+            rejected_too_large = ingest.rejected_too_large.load(Ordering::Relaxed),
+            mqtt_connects = ingest.connects.load(Ordering::Relaxed),
+            mqtt_disconnects = ingest.disconnects.load(Ordering::Relaxed),
             next_seq = stats.buffer.next_seq,
             watchers = stats.watchers,
             watcher_gaps = stats.watcher_gaps,
             watcher_missed_readings = stats.watcher_missed_readings,
             commands_awaiting_reply = replies.pending,
-            replies_matched = replies.matched,
+            replies_ok = replies.ok,
+            replies_error = replies.error,
+            replies_timeout = replies.timeouts,
             replies_late = replies.late,
             replies_unmatched = replies.unmatched,
             token_cache_evictions = auth.cache_evictions(),

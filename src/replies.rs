@@ -57,7 +57,11 @@ pub struct TooManyPending;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReplyStats {
     pub pending: usize,
-    pub matched: u64,
+    /// Replies handed to their caller, by the device's status.
+    pub ok: u64,
+    pub error: u64,
+    /// Commands whose caller stopped waiting before a reply came.
+    pub timeouts: u64,
     /// Replies to commands that had timed out or been cancelled.
     pub late: u64,
     /// Replies with an unknown id, another device's id, or not a reply at all.
@@ -84,7 +88,9 @@ pub struct ReplyRouter {
 #[derive(Default)]
 struct Shared {
     table: Mutex<Table>,
-    matched: AtomicU64,
+    ok: AtomicU64,
+    error: AtomicU64,
+    timeouts: AtomicU64,
     late: AtomicU64,
     unmatched: AtomicU64,
 }
@@ -141,8 +147,13 @@ impl ReplyRouter {
                 };
                 drop(table);
                 // The caller may have gone in the meantime; then it is late.
+                let outcome = if reply.ok {
+                    &self.shared.ok
+                } else {
+                    &self.shared.error
+                };
                 if waiter.send(reply).is_ok() {
-                    self.shared.matched.fetch_add(1, Ordering::Relaxed);
+                    outcome.fetch_add(1, Ordering::Relaxed);
                     return true;
                 }
                 self.shared.late.fetch_add(1, Ordering::Relaxed);
@@ -190,7 +201,9 @@ impl ReplyRouter {
     pub fn stats(&self) -> ReplyStats {
         ReplyStats {
             pending: self.table().pending.len(),
-            matched: self.shared.matched.load(Ordering::Relaxed),
+            ok: self.shared.ok.load(Ordering::Relaxed),
+            error: self.shared.error.load(Ordering::Relaxed),
+            timeouts: self.shared.timeouts.load(Ordering::Relaxed),
             late: self.shared.late.load(Ordering::Relaxed),
             unmatched: self.shared.unmatched.load(Ordering::Relaxed),
         }
@@ -201,6 +214,7 @@ impl ReplyRouter {
         if table.pending.remove(command_id).is_none() {
             return; // answered
         }
+        self.shared.timeouts.fetch_add(1, Ordering::Relaxed);
         if table.expired_order.len() == EXPIRED_MEMORY {
             if let Some(oldest) = table.expired_order.pop_front() {
                 table.expired.remove(&oldest);
@@ -322,7 +336,7 @@ mod tests {
         drop(pending);
         let stats = router.stats();
         assert_eq!(
-            (stats.pending, stats.matched, stats.unmatched, stats.late),
+            (stats.pending, stats.ok, stats.unmatched, stats.late),
             (0, 1, 2, 0)
         );
     }

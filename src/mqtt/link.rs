@@ -137,6 +137,7 @@ impl Driver {
     fn handle(&self, event: Event) {
         match event {
             Event::Incoming(Packet::ConnAck(connack)) => {
+                self.counters.connects.fetch_add(1, Ordering::Relaxed);
                 info!(broker = %self.broker, session_present = connack.session_present, "MQTT connected");
                 let mut tracker = self.shared.tracker();
                 if !connack.session_present {
@@ -249,6 +250,7 @@ impl Driver {
         let mut tracker = self.shared.tracker();
         let was = self.shared.state.send_replace(LinkState::Down);
         if was != LinkState::Down {
+            self.counters.disconnects.fetch_add(1, Ordering::Relaxed);
             warn!(broker = %self.broker, %error, "MQTT connection lost");
         }
         // Publishes queued after rumqttc's own clean-up are moved to its

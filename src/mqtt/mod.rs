@@ -61,12 +61,16 @@ impl Shared {
     }
 }
 
-/// What ingest counts, for the stats line (and metrics later): one place.
+/// What the link counts, read by the stats line and `/metrics` alike.
 #[derive(Debug, Default)]
 pub struct IngestCounters {
     /// Readings not stored because they were larger than
     /// `--max-reading-bytes`.
     pub rejected_too_large: AtomicU64,
+    /// Connections the broker accepted (CONNACK).
+    pub connects: AtomicU64,
+    /// Connections lost after they were up.
+    pub disconnects: AtomicU64,
 }
 
 /// The running MQTT link: its publisher and the event loop task.
