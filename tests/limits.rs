@@ -152,7 +152,7 @@ fn rss(pid: u32) -> u64 {
 }
 
 /// The binary, a watcher that keeps up (every reading it gets is encoded
-/// and shared through the window), one that has stopped reading, and 200
+/// and shared through the window), one that has stopped reading, and 300
 /// readings of 1 MB: the process's memory stays within the bounds the
 /// README's worst-case formula gives for them, where the window alone used
 /// to grow by every reading (8 192 of them, bounded by count only).
@@ -210,7 +210,7 @@ async fn memory_stays_bounded_with_large_readings_and_watchers() {
         .await
         .unwrap()
         .into_inner();
-    let count: u64 = 200;
+    let count: u64 = 300;
     let reading = tokio::spawn(async move {
         use devicehub::proto::watch_readings_response::Event;
         loop {
@@ -248,10 +248,11 @@ async fn memory_stays_bounded_with_large_readings_and_watchers() {
     // The README's formula for this run: --buffer-max-bytes (64) + the
     // encoded window (64) + 2 watchers × 8 × 1 MiB (16) + 10 MQTT packets
     // of 1 MB (10) = 154 MiB, and the allocator's share (glibc keeps freed
-    // megabyte blocks in its arenas; 184 MiB were measured). Without the
-    // window's byte bound and the batches' byte budget this run grew by
-    // 375 MiB.
-    let bound = 220 * MIB;
+    // megabyte blocks in per-thread arenas; 184-224 MiB were measured over
+    // runs of 200 readings, and it does not grow with more). Without the
+    // window's byte bound and the batches' byte budget the process grew
+    // with every reading: 375 MiB for 200 of them.
+    let bound = 280 * MIB;
     assert!(
         grown <= bound,
         "grew by {} MiB, bound {} MiB",
