@@ -190,11 +190,10 @@ async fn json_logs_parse_as_json() {
         .unwrap();
     let mut log = BufReader::new(serve.stderr.take().unwrap()).lines();
     let mut seen = Vec::new();
-    // Up to the line that says the MQTT link is subscribed.
-    while !seen
-        .iter()
-        .any(|l: &serde_json::Value| l["message"] == "subscribed to readings and replies")
-    {
+    // Up to the lines that say it listens and is subscribed, in either order.
+    let logged =
+        |seen: &[serde_json::Value], message: &str| seen.iter().any(|l| l["message"] == message);
+    while !logged(&seen, "gRPC listening") || !logged(&seen, "subscribed to readings and replies") {
         let line = within("a JSON log line", log.next_line())
             .await
             .unwrap()
