@@ -34,20 +34,16 @@ async fn terminate(child: &mut Child) -> ExitStatus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_and_simulate_run_until_sigterm() {
-    let mut serve = Command::new(BINARY)
-        .args([
+    let (mut serve, mut log) = spawn_devicehub(
+        &[
             "serve",
             "--grpc-addr",
             "127.0.0.1:0",
             "--embedded-mqtt-addr",
             "127.0.0.1:0",
-        ])
-        .env("DEVICEHUB_LOG", "info")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut log = BufReader::new(serve.stderr.take().unwrap()).lines();
+        ],
+        &[],
+    );
     let broker = logged_addr(&mut log, "embedded MQTT broker listening", "addr=").await;
     let grpc = logged_addr(&mut log, "gRPC listening", "addr=").await;
     // Keep draining the log so the service never blocks on a full pipe.
@@ -174,21 +170,15 @@ async fn serve_and_simulate_run_until_sigterm() {
 /// with timestamp, level, target, message and the event's fields.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_parse_as_json() {
-    let mut serve = Command::new(BINARY)
-        .args([
-            "serve",
-            "--log-format",
-            "json",
-            "--grpc-addr",
-            "127.0.0.1:0",
-        ])
-        .args(["--embedded-mqtt-addr", "127.0.0.1:0"])
-        .env("DEVICEHUB_LOG", "info")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut log = BufReader::new(serve.stderr.take().unwrap()).lines();
+    let args = [
+        "serve",
+        "--log-format",
+        "json",
+        "--grpc-addr",
+        "127.0.0.1:0",
+    ];
+    let args = [&args[..], &["--embedded-mqtt-addr", "127.0.0.1:0"]].concat();
+    let (mut serve, mut log) = spawn_devicehub(&args, &[]);
     let mut seen = Vec::new();
     // Up to the lines that say it listens and is subscribed, in either order.
     let logged =

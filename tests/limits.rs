@@ -158,20 +158,19 @@ fn rss(pid: u32) -> u64 {
 /// to grow by every reading (8 192 of them, bounded by count only).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_bounded_with_large_readings_and_watchers() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
     const MIB: u64 = 1 << 20;
     let broker = embedded_broker();
-    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_devicehub"))
-        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--mqtt-url"])
-        .arg(broker.to_string())
-        .args(["--buffer-max-bytes", &(64 * MIB).to_string()])
-        .env("DEVICEHUB_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (broker_url, buffer) = (broker.to_string(), (64 * MIB).to_string());
+    let args = [
+        "serve",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--mqtt-url",
+        &broker_url,
+    ];
+    let args = [&args[..], &["--buffer-max-bytes", &buffer]].concat();
+    let (mut serve, mut log) = spawn_devicehub(&args, &[]);
     let pid = serve.id().unwrap();
-    let mut log = BufReader::new(serve.stderr.take().unwrap()).lines();
     let addr = logged_addr(&mut log, "gRPC listening", "addr=").await;
     tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
     let channel = eventually("the service", || {

@@ -9,10 +9,7 @@ use std::{process::Stdio, time::Duration};
 
 use common::*;
 use devicehub::proto::{device_hub_client::DeviceHubClient, SendCommandRequest};
-use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-    process::Command,
-};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The body of `GET /metrics` at `addr`.
 async fn scrape(addr: &str) -> String {
@@ -45,26 +42,21 @@ async fn wait_for(addr: &str, name: &str, want: f64) -> String {
 async fn metrics_follow_what_happens_and_pass_promtool() {
     let mosquitto = Mosquitto::start();
     let port = mosquitto.url.port;
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_devicehub"))
-        .args([
+    let url = mosquitto.url.to_string();
+    let (mut serve, mut log) = spawn_devicehub(
+        &[
             "serve",
             "--grpc-addr",
             "127.0.0.1:0",
             "--metrics-addr",
             "127.0.0.1:0",
-        ])
-        .args([
             "--mqtt-url",
-            &mosquitto.url.to_string(),
+            &url,
             "--max-reading-bytes",
             "100",
-        ])
-        .env("DEVICEHUB_LOG", "info")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut log = BufReader::new(serve.stderr.take().unwrap()).lines();
+        ],
+        &[],
+    );
     let (mut grpc, mut metrics) = (None, None);
     while grpc.is_none() || metrics.is_none() {
         let line = within("the listening lines", log.next_line())

@@ -6,14 +6,10 @@
 
 mod common;
 
-use std::{process::Stdio, time::Duration};
+use std::time::Duration;
 
 use common::{secure::*, tempdir::TempDir, *};
 use devicehub::proto::{ListReadingsRequest, SendCommandRequest};
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::Command,
-};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 const SERVICE_PASSWORD: &str = "service-secret-3141";
@@ -143,17 +139,12 @@ async fn binary_fails_to_log_in(
     password: &str,
     expect: &str,
 ) {
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_devicehub"))
-        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--mqtt-url"])
-        .arg(broker.broker.url.to_string())
-        .args(args)
-        .env("DEVICEHUB_LOG", "info")
-        .env("DEVICEHUB_MQTT_PASSWORD", password)
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut log = BufReader::new(serve.stderr.take().unwrap()).lines();
+    let url = broker.broker.url.to_string();
+    let serve_args = ["serve", "--grpc-addr", "127.0.0.1:0", "--mqtt-url", &url];
+    let (mut serve, mut log) = spawn_devicehub(
+        &[&serve_args[..], args].concat(),
+        &[("DEVICEHUB_MQTT_PASSWORD", password)],
+    );
     let grpc = logged_addr(&mut log, "gRPC listening", "addr=").await;
     // Two lines saying so: the first attempt and a retry after the backoff.
     let mut seen = Vec::new();

@@ -761,11 +761,7 @@ impl Drop for Responder {
 
 /// Reads log lines until one contains `marker`, and returns the address
 /// logged after `field=` on it.
-pub async fn logged_addr(
-    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
-    marker: &str,
-    field: &str,
-) -> String {
+pub async fn logged_addr(lines: &mut ServiceLog, marker: &str, field: &str) -> String {
     loop {
         let line = within(marker, lines.next_line())
             .await
@@ -782,4 +778,23 @@ pub async fn logged_addr(
                 .to_owned();
         }
     }
+}
+
+/// The service's log, line by line, as the `devicehub` binary writes it.
+pub type ServiceLog = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>;
+
+/// Starts the `devicehub` binary with `args` (logging at info to a pipe, and
+/// `env` set), killed when dropped; returns it and its log.
+pub fn spawn_devicehub(args: &[&str], env: &[(&str, &str)]) -> (tokio::process::Child, ServiceLog) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_devicehub"))
+        .args(args)
+        .env("DEVICEHUB_LOG", "info")
+        .envs(env.iter().copied())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the devicehub binary starts");
+    let log = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    (child, log)
 }
