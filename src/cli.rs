@@ -32,6 +32,12 @@ pub struct Cli {
     /// level, target, message and the fields) for log collectors.
     #[arg(long, env = "DEVICEHUB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+    /// OTLP/gRPC endpoint to export traces to, e.g. http://127.0.0.1:4317
+    /// (an OpenTelemetry Collector, Jaeger, Tempo). Unset: no traces.
+    /// OTEL_SERVICE_NAME and the other OTEL_* variables of the exporter
+    /// apply.
+    #[arg(long, env = "DEVICEHUB_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
     #[command(flatten)]
     pub serve: ServeArgs,
 }

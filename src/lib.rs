@@ -21,7 +21,9 @@
 //!   error → `Status` mapping, wire encoding;
 //! - `listener`: accepting gRPC connections, TLS with certificate reload;
 //! - `scope`: device-id patterns a token's scopes grant;
-//! - `metrics`: `GET /metrics`, read from the counters the stats line prints;
+//! - `telemetry/`: `GET /metrics` (read from the counters the stats line
+//!   prints), each call's span, log line and `grpc_server_*` metrics, the
+//!   log format and OTLP trace export;
 //! - `per_client`: how much one client may hold (watchers, commands);
 //! - `health`: the gRPC health statuses (the MQTT link, shutdown);
 //! - `sync`: the lock helpers shared by the above; `log_limit`: rate-limited,
@@ -39,7 +41,6 @@ mod health;
 mod hub;
 mod listener;
 mod log_limit;
-mod metrics;
 mod mqtt;
 mod per_client;
 mod replies;
@@ -48,6 +49,7 @@ mod scope;
 pub mod simulate;
 mod store;
 mod sync;
+pub mod telemetry;
 pub mod topic;
 
 #[cfg(test)]
@@ -89,6 +91,10 @@ use crate::{
     listener::ServerTls,
     proto::device_hub_server::DeviceHubServer,
     replies::ReplyRouter,
+    telemetry::{
+        calls::{CallLayer, GrpcMetrics},
+        metrics,
+    },
 };
 
 /// Largest request message the service accepts. Commands are at most 256 KiB.
@@ -209,6 +215,21 @@ pub async fn run(
         link.publisher.link_state(),
         shutdown.clone(),
     ));
+    // The grpc_server_* metrics exist only with a /metrics endpoint.
+    let registry = prometheus::Registry::new();
+    let grpc_metrics = match config.metrics_addr {
+        Some(_) => Some(GrpcMetrics::register(&registry)?),
+        None => None,
+    };
+    let calls = CallLayer::new(
+        &[
+            proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ],
+        grpc_metrics.as_ref(),
+    );
     if let Some(addr) = config.metrics_addr {
         let sources = metrics::Sources {
             hub: hub.clone(),
@@ -216,7 +237,7 @@ pub async fn run(
             link_counters: link.counters.clone(),
             link: link.publisher.link_state(),
         };
-        spawn_metrics(addr, sources, shutdown.clone()).await?;
+        spawn_metrics(addr, registry, sources, shutdown.clone()).await?;
     }
     tokio::spawn(log_stats(
         hub.clone(),
@@ -259,6 +280,7 @@ pub async fn run(
     );
 
     let server = bounded_server()
+        .layer(calls)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -306,6 +328,7 @@ fn bounded_server() -> Server {
 /// Binds `addr` and serves `/metrics` there until `shutdown`.
 async fn spawn_metrics(
     addr: std::net::SocketAddr,
+    registry: prometheus::Registry,
     sources: metrics::Sources,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
@@ -313,7 +336,7 @@ async fn spawn_metrics(
         .await
         .map_err(|source| Error::Bind { addr, source })?;
     tokio::spawn(async move {
-        if let Err(error) = metrics::serve(listener, sources, shutdown).await {
+        if let Err(error) = metrics::serve(listener, registry, sources, shutdown).await {
             warn!(%error, "metrics endpoint stopped");
         }
     });

@@ -1,45 +1,31 @@
-//! The `devicehub` binary: parse the command line, set up logging, run the
-//! library until SIGINT/SIGTERM.
-
-use std::io::IsTerminal;
+//! The `devicehub` binary: parse the command line, set up logging and
+//! tracing, run the library until SIGINT/SIGTERM.
 
 use clap::Parser;
-use devicehub::cli::{Cli, Command, LogFormat};
+use devicehub::cli::{Cli, Command};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("DEVICEHUB_LOG")
-                .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off")),
-        )
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
-        // One object per line, the event's fields (message included) at the
-        // top level next to timestamp, level and target, and the fields of
-        // the span it happened in.
-        LogFormat::Json => logs
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
-    }
+    let telemetry = devicehub::telemetry::init(cli.log_format, cli.otlp_endpoint.as_deref())?;
 
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
 
-    match cli.command {
+    let result = match cli.command {
         #[cfg(feature = "simulator")]
-        Some(Command::Simulate(args)) => devicehub::simulate::run(args, shutdown).await?,
-        Some(Command::Serve(args)) => devicehub::serve(&args, shutdown).await?,
-        None => devicehub::serve(&cli.serve, shutdown).await?,
-    }
-    Ok(())
+        Some(Command::Simulate(args)) => devicehub::simulate::run(args, shutdown)
+            .await
+            .map_err(anyhow::Error::from),
+        Some(Command::Serve(args)) => devicehub::serve(&args, shutdown).await.map_err(Into::into),
+        None => devicehub::serve(&cli.serve, shutdown)
+            .await
+            .map_err(Into::into),
+    };
+    // The last spans, also those of a failed start.
+    telemetry.shutdown();
+    result
 }
 
 /// Cancels `shutdown` on SIGINT (Ctrl-C) or SIGTERM.

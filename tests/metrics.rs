@@ -1,13 +1,15 @@
 //! `GET /metrics` from the running binary: the counters move with what the
 //! test does (readings published and rejected, a broker stopped and
-//! started, a command that times out), and `promtool check metrics`
-//! accepts the output.
+//! started, commands answered, failed, late and timed out, a slow watcher
+//! that loses readings, calls failing with known codes), and `promtool
+//! check metrics` accepts the output.
 
 mod common;
 
 use std::{process::Stdio, time::Duration};
 
 use common::*;
+use devicehub::config::BrokerUrl;
 use devicehub::proto::{device_hub_client::DeviceHubClient, SendCommandRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -38,25 +40,62 @@ async fn wait_for(addr: &str, name: &str, want: f64) -> String {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_follow_what_happens_and_pass_promtool() {
-    let mosquitto = Mosquitto::start();
-    let port = mosquitto.url.port;
-    let url = mosquitto.url.to_string();
-    let (mut serve, mut log) = spawn_devicehub(
-        &[
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--mqtt-url",
-            &url,
-            "--max-reading-bytes",
-            "100",
-        ],
-        &[],
+/// The value of the sample `name` that has all of `labels`, in whatever
+/// order the labels are written.
+fn labelled(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?.strip_prefix('{')?;
+        let (set, value) = rest.split_once("} ")?;
+        let pairs: Vec<&str> = set.split(',').collect();
+        labels
+            .iter()
+            .all(|(k, v)| pairs.contains(&format!("{k}=\"{v}\"").as_str()))
+            .then(|| value.parse().ok())?
+    })
+}
+
+/// What promtool, Prometheus' own linter, makes of `text`.
+fn promtool_check(text: &str) {
+    let promtool = which("promtool")
+        .expect("promtool (Debian package prometheus; scripts/test.sh installs it)");
+    let mut check = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = check.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Starts the binary against `broker` with a metrics listener; returns it
+/// with its gRPC and metrics addresses.
+async fn start(broker: &BrokerUrl, extra: &[&str]) -> (tokio::process::Child, String, String) {
+    let url = broker.to_string();
+    let mut args = vec![
+        "serve",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--mqtt-url",
+        &url,
+    ];
+    args.extend_from_slice(extra);
+    let (serve, mut log) = spawn_devicehub(&args, &[]);
     let (mut grpc, mut metrics) = (None, None);
     while grpc.is_none() || metrics.is_none() {
         let line = within("the listening lines", log.next_line())
@@ -75,9 +114,17 @@ async fn metrics_follow_what_happens_and_pass_promtool() {
         }
     }
     tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
-    let (grpc, metrics) = (grpc.unwrap(), metrics.unwrap());
-
+    let metrics = metrics.unwrap();
     wait_for(&metrics, "devicehub_mqtt_up", 1.0).await;
+    (serve, grpc.unwrap(), metrics)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_what_happens_and_pass_promtool() {
+    let mosquitto = Mosquitto::start();
+    let port = mosquitto.url.port;
+    let (mut serve, grpc, metrics) = start(&mosquitto.url, &["--max-reading-bytes", "100"]).await;
+
     let device = TestDevice::connect(&mosquitto.url, "device-metrics", None).await;
     for i in 0..5 {
         device.publish("devices/m1/readings", format!("{i}")).await;
@@ -130,30 +177,270 @@ async fn metrics_follow_what_happens_and_pass_promtool() {
     wait_for(&metrics, "devicehub_mqtt_up", 1.0).await;
     let text = wait_for(&metrics, "devicehub_mqtt_connects_total", 2.0).await;
 
-    // What promtool, Prometheus' own linter, makes of it.
-    let promtool = which("promtool")
-        .expect("promtool (Debian package prometheus; scripts/test.sh installs it)");
-    let mut check = std::process::Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    check
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let output = check.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "promtool: {}{}\n{text}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    promtool_check(&text);
+    let _ = serve.start_kill();
+    let _ = serve.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_replies_and_a_slow_watcher_move_the_counters() {
+    use devicehub::proto::{
+        watch_readings_response::Event, GapPolicy, ListReadingsRequest, StreamCommandsRequest,
+        WatchReadingsRequest,
+    };
+    use serde_json::json;
+    use std::sync::Arc;
+    use tokio_stream::StreamExt;
+
+    let mosquitto = Mosquitto::start();
+    let (mut serve, grpc, metrics) = start(&mosquitto.url, &["--buffer-max-readings", "100"]).await;
+    let mut client = eventually("a gRPC client", || {
+        let url = format!("http://{grpc}");
+        async move { DeviceHubClient::connect(url).await.ok() }
+    })
+    .await;
+
+    // Devices: "ok" answers ok, "bad" answers an error, "late" answers
+    // after the caller gave up.
+    let policy: ReplyPolicy = Arc::new(|device: &str, envelope: &serde_json::Value| {
+        let id = envelope["id"].clone();
+        match device {
+            "ok" => Some((Duration::ZERO, json!({"id": id, "status": "ok"}))),
+            "bad" => Some((
+                Duration::ZERO,
+                json!({"id": id, "status": "error", "message": "no"}),
+            )),
+            "late" => Some((
+                Duration::from_millis(600),
+                json!({"id": id, "status": "ok"}),
+            )),
+            _ => None,
+        }
+    });
+    let _devices = Responder::start(&mosquitto.url, "responder-metrics", policy).await;
+    let command = |device: &str| SendCommandRequest {
+        device_id: device.into(),
+        command: "PING".into(),
+        reply_timeout: Some(Duration::from_millis(200).try_into().unwrap()),
+        ..Default::default()
+    };
+    for device in ["ok", "bad"] {
+        client.send_command(command(device)).await.unwrap();
+    }
+    let status = client.send_command(command("late")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+    let text = wait_for(
+        &metrics,
+        "devicehub_command_replies_total{outcome=\"late\"}",
+        1.0,
+    )
+    .await;
+    for (outcome, want) in [("ok", 1.0), ("error", 1.0), ("timeout", 1.0)] {
+        let got = labelled(
+            &text,
+            "devicehub_command_replies_total",
+            &[("outcome", outcome)],
+        );
+        assert_eq!(got, Some(want), "{outcome}");
+    }
+    let send = [
+        ("grpc_service", "devicehub.v1.DeviceHub"),
+        ("grpc_method", "SendCommand"),
+        ("grpc_type", "unary"),
+    ];
+    let with = |extra: (&'static str, &'static str)| {
+        let mut labels = send.to_vec();
+        labels.push(extra);
+        labels
+    };
+    assert_eq!(
+        labelled(&text, "grpc_server_started_total", &send),
+        Some(3.0)
     );
+    assert_eq!(
+        labelled(
+            &text,
+            "grpc_server_handled_total",
+            &with(("grpc_code", "OK"))
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        labelled(
+            &text,
+            "grpc_server_handled_total",
+            &with(("grpc_code", "DeadlineExceeded"))
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        labelled(&text, "grpc_server_handling_seconds_count", &send),
+        Some(3.0)
+    );
+    assert_eq!(
+        labelled(&text, "grpc_server_msg_sent_total", &send),
+        Some(2.0)
+    );
+    assert_eq!(
+        labelled(&text, "grpc_server_msg_received_total", &send),
+        Some(3.0)
+    );
+
+    // Calls failing with the client's fault, and a method nobody serves
+    // (counted under "unknown", whatever its path says).
+    let status = client
+        .list_readings(ListReadingsRequest {
+            page_size: -1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = tonic::client::Grpc::new(channel);
+    raw.ready().await.unwrap();
+    let status = raw
+        .unary::<_, ListReadingsRequest, _>(
+            tonic::Request::new(ListReadingsRequest::default()),
+            "/devicehub.v1.DeviceHub/NoSuchMethod".parse().unwrap(),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+    // StreamCommands: three requests in, three responses out, then OK.
+    let fire_and_forget = SendCommandRequest {
+        reply_timeout: None,
+        ..command("ok")
+    };
+    let requests = tokio_stream::iter((1..=3).map(move |request_id| StreamCommandsRequest {
+        request_id,
+        command: Some(fire_and_forget.clone()),
+    }));
+    let responses: Vec<_> = client
+        .stream_commands(requests)
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    assert_eq!(responses.len(), 3);
+    assert!(responses.iter().all(Result::is_ok));
+    let stream = [
+        ("grpc_method", "StreamCommands"),
+        ("grpc_type", "bidi_stream"),
+    ];
+    let text = eventually("the StreamCommands call counted", || async {
+        let text = scrape(&metrics).await;
+        let mut ended = stream.to_vec();
+        ended.push(("grpc_code", "OK"));
+        (labelled(&text, "grpc_server_handled_total", &ended) == Some(1.0)).then_some(text)
+    })
+    .await;
+    for (name, labels, want) in [
+        (
+            "grpc_server_handled_total",
+            vec![
+                ("grpc_method", "ListReadings"),
+                ("grpc_code", "InvalidArgument"),
+            ],
+            1.0,
+        ),
+        (
+            "grpc_server_handled_total",
+            vec![
+                ("grpc_service", "unknown"),
+                ("grpc_method", "unknown"),
+                ("grpc_code", "Unimplemented"),
+            ],
+            1.0,
+        ),
+        ("grpc_server_msg_received_total", stream.to_vec(), 3.0),
+        ("grpc_server_msg_sent_total", stream.to_vec(), 3.0),
+    ] {
+        assert_eq!(
+            labelled(&text, name, &labels),
+            Some(want),
+            "{name} {labels:?}"
+        );
+    }
+
+    // A watcher that does not read while 20 000 readings pass through a
+    // buffer of 100: it loses readings, and is told exactly which.
+    let mut watch = client
+        .watch_readings(WatchReadingsRequest {
+            device_id: "w1".into(),
+            gap_policy: GapPolicy::Notify as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let device = TestDevice::connect(&mosquitto.url, "device-w1", None).await;
+    const N: u64 = 20_000;
+    publish_indices(&device, "devices/w1/readings", 0..N)
+        .await
+        .unwrap();
+    // (Replies are buffered like readings: a few more.)
+    eventually("the readings stored", || async {
+        let text = scrape(&metrics).await;
+        (sample(&text, "devicehub_readings_received_total")? >= N as f64).then_some(())
+    })
+    .await;
+    let (mut messages, mut gaps, mut missed) = (0u64, 0u64, 0u64);
+    loop {
+        let message = within("the watcher's next message", watch.next())
+            .await
+            .expect("stream open")
+            .expect("no error with GAP_POLICY_NOTIFY");
+        messages += 1;
+        match message.event {
+            Some(Event::Gap(gap)) => {
+                gaps += 1;
+                missed += gap.last_seq - gap.first_seq + 1;
+            }
+            Some(Event::Reading(reading)) if reading.payload == (N - 1).to_string().as_bytes() => {
+                break
+            }
+            _ => {}
+        }
+    }
+    assert!(gaps > 0, "the watcher lost readings");
+    let text = wait_for(
+        &metrics,
+        "devicehub_watch_missed_readings_total",
+        missed as f64,
+    )
+    .await;
+    assert_eq!(
+        sample(&text, "devicehub_watch_gaps_total"),
+        Some(gaps as f64)
+    );
+    assert!(sample(&text, "devicehub_readings_evicted_total").unwrap() >= (N - 100) as f64);
+    let watching = [
+        ("grpc_method", "WatchReadings"),
+        ("grpc_type", "server_stream"),
+    ];
+    assert_eq!(
+        labelled(&text, "grpc_server_msg_sent_total", &watching),
+        Some(messages as f64),
+        "every message the watcher received, counted once"
+    );
+    assert_eq!(sample(&text, "devicehub_watchers"), Some(1.0));
+    drop(watch);
+    let text = wait_for(&metrics, "devicehub_watchers", 0.0).await;
+    let mut cancelled = watching.to_vec();
+    cancelled.push(("grpc_code", "Canceled"));
+    assert_eq!(
+        labelled(&text, "grpc_server_handled_total", &cancelled),
+        Some(1.0)
+    );
+    promtool_check(&text);
+
     let _ = serve.start_kill();
     let _ = serve.wait().await;
 }

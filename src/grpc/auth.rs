@@ -181,6 +181,10 @@ impl Authenticator {
             None => Caller::anyone(),
             Some(keys) => keys.caller(request.metadata())?,
         };
+        if !caller.subject.is_empty() {
+            // Joins the call's span (telemetry/calls.rs), entered here.
+            tracing::Span::current().record("caller", caller.subject.as_str());
+        }
         caller.client = match (caller.subject.as_str(), request.remote_addr()) {
             ("", Some(peer)) => format!("peer {peer}").into(),
             ("", None) => "peer unknown".into(),

@@ -10,7 +10,7 @@ use rumqttc::QoS;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
-use tracing::info;
+use tracing::{info, info_span, Instrument};
 use uuid::Uuid;
 
 use super::{
@@ -23,6 +23,7 @@ use crate::proto::{
     send_command_request::Payload, SendCommandRequest, SendCommandResponse, StreamCommandsRequest,
     StreamCommandsResponse,
 };
+use crate::telemetry::traces::traceparent;
 
 /// Largest command payload (envelope or raw), in bytes.
 const MAX_COMMAND_PAYLOAD_BYTES: usize = 256 << 10;
@@ -50,7 +51,9 @@ pub(super) async fn send(
     caller: &Caller,
     req: SendCommandRequest,
 ) -> Result<SendCommandResponse, ApiError> {
-    let command = validate(shared, req)?;
+    // The envelope carries the trace context of this call (or, in a
+    // StreamCommands stream, of this command's span).
+    let command = validate(shared, req, traceparent())?;
     caller.may_send(&command.device_id)?;
     // Held until the command is done: acknowledged, answered or given up.
     let _permit = shared
@@ -72,9 +75,15 @@ pub(super) async fn send(
     shared
         .publisher
         .publish(command.topic.clone(), command.payload, command.qos)
+        .instrument(info_span!(
+            "mqtt publish",
+            otel.kind = "producer",
+            messaging.system = "mqtt",
+            messaging.destination.name = command.topic,
+            messaging.message.id = command.id,
+        ))
         .await?;
     info!(
-        caller = caller.subject,
         command_id = command.id,
         device_id = command.device_id,
         command = command.name,
@@ -93,7 +102,15 @@ pub(super) async fn send(
     };
     // The call's own deadline (grpc-timeout) is enforced by tonic, which
     // drops this future; dropping `pending` unregisters the wait.
-    match tokio::time::timeout(timeout, pending.wait()).await {
+    let wait = tokio::time::timeout(timeout, pending.wait());
+    match wait
+        .instrument(info_span!(
+            "reply wait",
+            command_id = response.command_id,
+            timeout_ms = timeout.as_millis() as u64
+        ))
+        .await
+    {
         Ok(Some(reply)) => {
             response.reply = Some(reply_to_proto(reply));
             Ok(response)
@@ -108,7 +125,11 @@ pub(super) async fn send(
 }
 
 /// Checks every field of a SendCommand request and builds what is published.
-fn validate(shared: &Shared, req: SendCommandRequest) -> Result<Command, ApiError> {
+fn validate(
+    shared: &Shared,
+    req: SendCommandRequest,
+    traceparent: Option<String>,
+) -> Result<Command, ApiError> {
     let device_id = device_id_field(&req.device_id)?;
     if let Some(fixed) = shared.commands_topic.fixed_device_id() {
         if device_id != fixed {
@@ -151,9 +172,12 @@ fn validate(shared: &Shared, req: SendCommandRequest) -> Result<Command, ApiErro
         Some(Payload::Params(params)) => {
             let params =
                 struct_to_json(&params).map_err(|reason| ApiError::invalid("params", reason))?;
-            (envelope(&id, &req.command, Some(params))?, "params")
+            (
+                envelope(&id, &req.command, Some(params), traceparent)?,
+                "params",
+            )
         }
-        None => (envelope(&id, &req.command, None)?, "command"),
+        None => (envelope(&id, &req.command, None, traceparent)?, "command"),
     };
     if payload.len() > MAX_COMMAND_PAYLOAD_BYTES {
         return Err(ApiError::invalid(
@@ -182,7 +206,7 @@ pub(super) fn stream(
     requests: Streaming<StreamCommandsRequest>,
 ) -> ReceiverStream<Result<StreamCommandsResponse, Status>> {
     let (tx, rx) = mpsc::channel(MAX_COMMANDS_IN_FLIGHT);
-    tokio::spawn(serve_stream(shared, Arc::new(caller), requests, tx));
+    tokio::spawn(serve_stream(shared, Arc::new(caller), requests, tx).in_current_span());
     ReceiverStream::new(rx)
 }
 
@@ -233,9 +257,12 @@ async fn serve_stream(
                     Some(command) => {
                         request_ids.insert(id);
                         let (shared, caller) = (shared.clone(), caller.clone());
-                        in_flight.push(async move {
-                            command_response(id, send(&shared, &caller, command).await)
-                        });
+                        in_flight.push(
+                            async move {
+                                command_response(id, send(&shared, &caller, command).await)
+                            }
+                            .instrument(info_span!("command", request_id = id)),
+                        );
                         continue;
                     }
                 };

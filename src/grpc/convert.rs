@@ -120,12 +120,16 @@ pub(super) fn envelope(
     command_id: &str,
     command: &str,
     params: Option<serde_json::Map<String, serde_json::Value>>,
+    traceparent: Option<String>,
 ) -> Result<Bytes, ApiError> {
     let mut envelope = serde_json::Map::new();
     envelope.insert("id".into(), command_id.into());
     envelope.insert("command".into(), command.into());
     if let Some(params) = params {
         envelope.insert("params".into(), params.into());
+    }
+    if let Some(traceparent) = traceparent {
+        envelope.insert("traceparent".into(), traceparent.into());
     }
     serde_json::to_vec(&envelope)
         .map(Bytes::from)
@@ -218,7 +222,7 @@ mod tests {
     #[test]
     fn the_envelope_carries_id_command_and_params() {
         let params = serde_json::json!({"on": true}).as_object().cloned();
-        let bytes = envelope("id-1", "TURN_ON_FAN", params).unwrap();
+        let bytes = envelope("id-1", "TURN_ON_FAN", params, None).unwrap();
         let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(
             json,

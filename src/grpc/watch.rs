@@ -16,7 +16,7 @@ use std::{
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::Status;
-use tracing::warn;
+use tracing::{warn, Instrument};
 
 use super::{auth::Caller, error::ApiError, Encoded, EncodedWatchReadingsResponse, Shared};
 use crate::{
@@ -65,7 +65,7 @@ pub(super) fn watch(
     }
     let start_cursor = watcher.cursor();
     let (tx, rx) = mpsc::channel(WATCH_QUEUE_BATCHES);
-    tokio::spawn(produce(shared.clone(), watcher, notify_gaps, tx));
+    tokio::spawn(produce(shared.clone(), watcher, notify_gaps, tx).in_current_span());
     Ok(WatchStream {
         batches: ReceiverStream::new(rx),
         batch: Vec::new().into_iter(),

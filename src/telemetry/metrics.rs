@@ -5,7 +5,9 @@
 //! router's, the MQTT link's), so the two can never disagree, and counting
 //! costs the ingest and delivery paths nothing beyond what they already
 //! did. The registry and the exposition format are the `prometheus` crate's;
-//! process metrics come from its process collector.
+//! process metrics come from its process collector. The `grpc_server_*`
+//! metrics are the one exception: counted per call by `calls.rs` into the
+//! same registry, because no other counter sees calls.
 
 use std::{
     convert::Infallible,
@@ -83,8 +85,7 @@ fn counter_vec(
 }
 
 impl Metrics {
-    fn new(sources: Sources) -> prometheus::Result<Self> {
-        let r = Registry::new();
+    fn new(r: Registry, sources: Sources) -> prometheus::Result<Self> {
         r.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
@@ -166,10 +167,11 @@ impl Metrics {
 /// Serves `GET /metrics` on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
+    registry: Registry,
     sources: Sources,
     shutdown: CancellationToken,
 ) -> prometheus::Result<()> {
-    let metrics = Arc::new(Metrics::new(sources)?);
+    let metrics = Arc::new(Metrics::new(registry, sources)?);
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "metrics listening");
     }

@@ -1,0 +1,685 @@
+//! Every gRPC call, whatever the service: one `rpc` span, one log line when
+//! it ends, and the `grpc_server_*` metrics of the grpc-ecosystem convention
+//! (go-grpc-prometheus and its successors), so the usual dashboards work.
+//!
+//! A tower layer in front of tonic's router, not an interceptor: it has to
+//! see the end of a call, which for a stream is the end of the response
+//! body (its trailers), long after the handler returned. A call ends with
+//! the `grpc-status` of the trailers (or of the headers of a trailers-only
+//! error response); a body dropped before that is a call the client
+//! cancelled, or DEADLINE_EXCEEDED when its `grpc-timeout` had passed.
+//!
+//! The span carries the method, the peer and, once the token interceptor
+//! ran, the caller's subject (`caller`); a W3C `traceparent` in the request
+//! makes it a child of the caller's span (see `traces.rs`). The end line is
+//! at `info` for the codes that mean the server failed (those gRPC maps to
+//! HTTP 5xx: UNKNOWN, INTERNAL, UNIMPLEMENTED, UNAVAILABLE,
+//! DEADLINE_EXCEEDED, DATA_LOSS) and at `debug` for every other call.
+//!
+//! Labels are bounded: methods come from the served services' descriptors,
+//! and every other path is counted as `grpc_service="unknown"`. Messages are
+//! counted by reading the five-byte gRPC frame headers as the bodies pass,
+//! added to the shared counters once per HTTP/2 data frame, not per
+//! message; with metrics off nothing is counted.
+
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::{Buf, Bytes};
+use http::{HeaderMap, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prost::Message as _;
+use tonic::{transport::server::TcpConnectInfo, Code};
+use tracing::{field::Empty, Span};
+
+use super::traces;
+
+/// How a method streams, as the `grpc_type` label says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Unary,
+    ClientStream,
+    ServerStream,
+    BidiStream,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Unary => "unary",
+            Kind::ClientStream => "client_stream",
+            Kind::ServerStream => "server_stream",
+            Kind::BidiStream => "bidi_stream",
+        }
+    }
+}
+
+/// Every status code, in the order of their numbers.
+const CODES: [Code; 17] = [
+    Code::Ok,
+    Code::Cancelled,
+    Code::Unknown,
+    Code::InvalidArgument,
+    Code::DeadlineExceeded,
+    Code::NotFound,
+    Code::AlreadyExists,
+    Code::PermissionDenied,
+    Code::ResourceExhausted,
+    Code::FailedPrecondition,
+    Code::Aborted,
+    Code::OutOfRange,
+    Code::Unimplemented,
+    Code::Internal,
+    Code::Unavailable,
+    Code::DataLoss,
+    Code::Unauthenticated,
+];
+
+/// The label value of a code, as grpc-go spells it.
+fn code_label(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Canceled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
+/// The codes that say the server failed rather than the request (the ones
+/// gRPC's HTTP mapping turns into 5xx).
+fn server_failed(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unknown
+            | Code::Internal
+            | Code::Unimplemented
+            | Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::DataLoss
+    )
+}
+
+/// The `grpc_server_*` metrics, registered in the `/metrics` registry.
+pub struct GrpcMetrics {
+    started: IntCounterVec,
+    handled: IntCounterVec,
+    handling: prometheus::HistogramVec,
+    sent: IntCounterVec,
+    received: IntCounterVec,
+}
+
+impl GrpcMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        const LABELS: [&str; 3] = ["grpc_type", "grpc_service", "grpc_method"];
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(vec.clone()))?;
+            Ok::<_, prometheus::Error>(vec)
+        };
+        let handling = prometheus::HistogramVec::new(
+            HistogramOpts::new(
+                "grpc_server_handling_seconds",
+                "Time from the start of a call to its status, streams included.",
+            ),
+            &LABELS,
+        )?;
+        registry.register(Box::new(handling.clone()))?;
+        Ok(Self {
+            started: counter("grpc_server_started_total", "Calls started.", &LABELS)?,
+            handled: counter(
+                "grpc_server_handled_total",
+                "Calls ended, by status code.",
+                &["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+            )?,
+            handling,
+            sent: counter(
+                "grpc_server_msg_sent_total",
+                "Response messages sent.",
+                &LABELS,
+            )?,
+            received: counter(
+                "grpc_server_msg_received_total",
+                "Request messages received.",
+                &LABELS,
+            )?,
+        })
+    }
+}
+
+/// One method's metrics with their labels already resolved, so a call
+/// never looks a label set up.
+struct MethodMetrics {
+    started: IntCounter,
+    handled: Vec<IntCounter>,
+    handling: Histogram,
+    sent: IntCounter,
+    received: IntCounter,
+}
+
+/// A method the server knows: its names for the span and the labels.
+struct Method {
+    service: String,
+    name: String,
+    metrics: Option<MethodMetrics>,
+}
+
+impl Method {
+    fn new(service: &str, name: &str, kind: Kind, metrics: Option<&GrpcMetrics>) -> Self {
+        let metrics = metrics.map(|m| {
+            let labels = [kind.label(), service, name];
+            MethodMetrics {
+                started: m.started.with_label_values(&labels),
+                handled: CODES
+                    .iter()
+                    .map(|&code| {
+                        m.handled.with_label_values(&[
+                            kind.label(),
+                            service,
+                            name,
+                            code_label(code),
+                        ])
+                    })
+                    .collect(),
+                handling: m.handling.with_label_values(&labels),
+                sent: m.sent.with_label_values(&labels),
+                received: m.received.with_label_values(&labels),
+            }
+        });
+        Self {
+            service: service.to_owned(),
+            name: name.to_owned(),
+            metrics,
+        }
+    }
+}
+
+/// The layer tonic's server is built with.
+#[derive(Clone)]
+pub struct CallLayer {
+    methods: Arc<Methods>,
+}
+
+struct Methods {
+    /// By request path, `/package.Service/Method`.
+    known: HashMap<String, Arc<Method>>,
+    /// Every other path.
+    unknown: Arc<Method>,
+}
+
+impl CallLayer {
+    /// Knows the methods of every service in `descriptor_sets` (encoded
+    /// `FileDescriptorSet`s); counts into `metrics` when given.
+    pub fn new(descriptor_sets: &[&[u8]], metrics: Option<&GrpcMetrics>) -> Self {
+        let mut known = HashMap::new();
+        for set in descriptor_sets {
+            // The sets are compiled in; one that does not decode is a build
+            // problem, and its methods are then counted as unknown.
+            let Ok(set) = prost_types::FileDescriptorSet::decode(*set) else {
+                tracing::error!("a compiled-in descriptor set does not decode");
+                continue;
+            };
+            for file in &set.file {
+                for service in &file.service {
+                    let service_name = match file.package() {
+                        "" => service.name().to_owned(),
+                        package => format!("{package}.{}", service.name()),
+                    };
+                    for method in &service.method {
+                        let kind = match (method.client_streaming(), method.server_streaming()) {
+                            (false, false) => Kind::Unary,
+                            (true, false) => Kind::ClientStream,
+                            (false, true) => Kind::ServerStream,
+                            (true, true) => Kind::BidiStream,
+                        };
+                        let path = format!("/{service_name}/{}", method.name());
+                        known.entry(path).or_insert_with(|| {
+                            Arc::new(Method::new(&service_name, method.name(), kind, metrics))
+                        });
+                    }
+                }
+            }
+        }
+        let unknown = Arc::new(Method::new("unknown", "unknown", Kind::Unary, metrics));
+        Self {
+            methods: Arc::new(Methods { known, unknown }),
+        }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for CallLayer {
+    type Service = CallService<S>;
+
+    fn layer(&self, inner: S) -> CallService<S> {
+        CallService {
+            inner,
+            methods: self.methods.clone(),
+        }
+    }
+}
+
+/// The service [`CallLayer`] wraps around tonic's router.
+#[derive(Clone)]
+pub struct CallService<S> {
+    inner: S,
+    methods: Arc<Methods>,
+}
+
+impl<S, ReqBody, ResBody> tower_service::Service<Request<ReqBody>> for CallService<S>
+where
+    S: tower_service::Service<Request<tonic::body::Body>, Response = Response<ResBody>>,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<tonic::codegen::StdError>,
+{
+    type Response = Response<CallBody<ResBody>>;
+    type Error = S::Error;
+    type Future = CallFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let method = self
+            .methods
+            .known
+            .get(request.uri().path())
+            .unwrap_or(&self.methods.unknown)
+            .clone();
+        let peer = request
+            .extensions()
+            .get::<TcpConnectInfo>()
+            .and_then(TcpConnectInfo::remote_addr);
+        let span = tracing::info_span!(
+            "rpc",
+            otel.name = %request.uri().path().trim_start_matches('/'),
+            otel.kind = "server",
+            otel.status_code = Empty,
+            rpc.system = "grpc",
+            rpc.service = %method.service,
+            rpc.method = %method.name,
+            peer = peer.map(tracing::field::display),
+            caller = Empty,
+            rpc.grpc.status_code = Empty,
+        );
+        traces::continue_trace(&span, request.headers());
+        let call = Call {
+            deadline: grpc_timeout(request.headers()),
+            start: Instant::now(),
+            span,
+            method,
+        };
+        let request = match &call.method.metrics {
+            Some(metrics) => {
+                metrics.started.inc();
+                let counter = metrics.received.clone();
+                request.map(|body| {
+                    tonic::body::Body::new(Counted {
+                        inner: body,
+                        frames: FrameCounter::default(),
+                        counter: Some(counter),
+                        call: None,
+                    })
+                })
+            }
+            None => request.map(tonic::body::Body::new),
+        };
+        // Entered while the service is called: the token interceptor runs
+        // here, and records the caller into the current span.
+        let inner = call.span.in_scope(|| self.inner.call(request));
+        CallFuture {
+            inner,
+            call: Some(call),
+        }
+    }
+}
+
+/// One call in progress: ends exactly once, when its status is known or
+/// when what carries it is dropped.
+struct Call {
+    method: Arc<Method>,
+    span: Span,
+    start: Instant,
+    /// The client's `grpc-timeout`, if it sent one.
+    deadline: Option<Duration>,
+}
+
+impl Call {
+    fn end(self, code: Code) {
+        let elapsed = self.start.elapsed();
+        if let Some(metrics) = &self.method.metrics {
+            metrics.handled[code as usize].inc();
+            metrics.handling.observe(elapsed.as_secs_f64());
+        }
+        self.span.record("rpc.grpc.status_code", code as i32);
+        let failed = server_failed(code);
+        if failed {
+            self.span.record("otel.status_code", "ERROR");
+        }
+        let _entered = self.span.enter();
+        let duration_ms = elapsed.as_secs_f64() * 1e3;
+        if failed {
+            tracing::info!(code = code_label(code), duration_ms, "call failed");
+        } else {
+            tracing::debug!(code = code_label(code), duration_ms, "call ended");
+        }
+    }
+
+    /// Ends a call whose status never came: the client went away, or its
+    /// deadline passed and tonic dropped the call.
+    fn abandon(self) {
+        let code = match self.deadline {
+            Some(deadline) if self.start.elapsed() >= deadline => Code::DeadlineExceeded,
+            _ => Code::Cancelled,
+        };
+        self.end(code);
+    }
+}
+
+/// `grpc-timeout`: an integer of at most 8 digits and a unit.
+fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The status in `headers` (trailers, or a trailers-only response's headers).
+fn status_in(headers: &HeaderMap) -> Option<Code> {
+    let value = headers.get("grpc-status")?;
+    Some(
+        value
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<i32>().ok())
+            .map_or(Code::Unknown, Code::from_i32),
+    )
+}
+
+pin_project_lite::pin_project! {
+    /// The response future: the call ends here if the handler answered
+    /// with a trailers-only status, or if the future is dropped.
+    pub struct CallFuture<F> {
+        #[pin]
+        inner: F,
+        call: Option<Call>,
+    }
+
+    impl<F> PinnedDrop for CallFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(call) = this.project().call.take() {
+                call.abandon();
+            }
+        }
+    }
+}
+
+impl<F, B, E> std::future::Future for CallFuture<F>
+where
+    F: std::future::Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<CallBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = {
+            let _entered = this.call.as_ref().map(|call| call.span.enter());
+            std::task::ready!(this.inner.poll(cx))
+        };
+        let Some(call) = this.call.take() else {
+            // Polled after completion: tonic never does.
+            return Poll::Pending;
+        };
+        let response = match result {
+            Ok(response) => response,
+            Err(error) => {
+                call.end(Code::Unknown);
+                return Poll::Ready(Err(error));
+            }
+        };
+        // A trailers-only response: the status is in the headers.
+        let (call, counter) = match status_in(response.headers()) {
+            Some(code) => {
+                call.end(code);
+                (None, None)
+            }
+            None => {
+                let counter = call.method.metrics.as_ref().map(|m| m.sent.clone());
+                (Some(call), counter)
+            }
+        };
+        Poll::Ready(Ok(response.map(|inner| Counted {
+            inner,
+            frames: FrameCounter::default(),
+            counter,
+            call,
+        })))
+    }
+}
+
+/// The response body as the server sends it.
+pub type CallBody<B> = Counted<B>;
+
+pin_project_lite::pin_project! {
+    /// A body whose gRPC messages are counted, and for a response, whose
+    /// trailers end the call.
+    pub struct Counted<B> {
+        #[pin]
+        inner: B,
+        frames: FrameCounter,
+        counter: Option<IntCounter>,
+        call: Option<Call>,
+    }
+
+    impl<B> PinnedDrop for Counted<B> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(call) = this.project().call.take() {
+                call.abandon();
+            }
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = std::task::ready!(this.inner.poll_frame(cx));
+        match &polled {
+            Some(Ok(frame)) => {
+                if let (Some(data), Some(counter)) = (frame.data_ref(), this.counter.as_ref()) {
+                    let messages = this.frames.count(data.chunk());
+                    if messages > 0 {
+                        counter.inc_by(messages);
+                    }
+                }
+                if let Some(trailers) = frame.trailers_ref() {
+                    if let Some(call) = this.call.take() {
+                        call.end(status_in(trailers).unwrap_or(Code::Unknown));
+                    }
+                }
+            }
+            Some(Err(_)) => {
+                if let Some(call) = this.call.take() {
+                    call.end(Code::Internal);
+                }
+            }
+            // A response body that ends without trailers ends no call
+            // (gRPC always sends them); a request body's `call` is None.
+            None => {
+                if let Some(call) = this.call.take() {
+                    call.end(Code::Unknown);
+                }
+            }
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Finds gRPC messages in a byte stream: each is a flag byte, a 4-byte
+/// big-endian length and that many bytes, split across frames anyhow.
+#[derive(Default)]
+struct FrameCounter {
+    /// Bytes of the current message's payload still to skip.
+    remaining: u64,
+    /// Header bytes seen of the next message (0 to 4).
+    header: [u8; 5],
+    header_len: usize,
+}
+
+impl FrameCounter {
+    /// Counts the messages whose header ends in `data`.
+    fn count(&mut self, mut data: &[u8]) -> u64 {
+        let mut messages = 0;
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let skip = data.len().min(self.remaining as usize);
+                self.remaining -= skip as u64;
+                data = &data[skip..];
+                continue;
+            }
+            let take = data.len().min(5 - self.header_len);
+            self.header[self.header_len..self.header_len + take].copy_from_slice(&data[..take]);
+            self.header_len += take;
+            data = &data[take..];
+            if self.header_len == 5 {
+                let [_, a, b, c, d] = self.header;
+                self.remaining = u64::from(u32::from_be_bytes([a, b, c, d]));
+                self.header_len = 0;
+                messages += 1;
+            }
+        }
+        messages
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(payloads: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for p in payloads {
+            out.push(0);
+            out.extend_from_slice(&(p.len() as u32).to_be_bytes());
+            out.extend_from_slice(p);
+        }
+        out
+    }
+
+    #[test]
+    fn counts_messages_split_anywhere() {
+        let bytes = framed(&[b"", b"hello", &[7; 300], b"x"]);
+        for split in 1..bytes.len() {
+            let mut counter = FrameCounter::default();
+            let n: u64 = bytes.chunks(split).map(|c| counter.count(c)).sum();
+            assert_eq!(n, 4, "chunks of {split}");
+            assert_eq!((counter.remaining, counter.header_len), (0, 0));
+        }
+    }
+
+    #[test]
+    fn reads_grpc_timeout() {
+        let mut h = HeaderMap::new();
+        for (v, d) in [
+            ("5S", Some(Duration::from_secs(5))),
+            ("250m", Some(Duration::from_millis(250))),
+            ("2H", Some(Duration::from_secs(7200))),
+            ("", None),
+            ("S", None),
+            ("10x", None),
+        ] {
+            h.insert("grpc-timeout", v.parse().unwrap());
+            assert_eq!(grpc_timeout(&h), d, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn labels_every_method_from_the_descriptors() {
+        let registry = Registry::new();
+        let metrics = GrpcMetrics::register(&registry).unwrap();
+        let layer = CallLayer::new(
+            &[
+                crate::proto::FILE_DESCRIPTOR_SET,
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+            ],
+            Some(&metrics),
+        );
+        assert!(layer
+            .methods
+            .known
+            .contains_key("/devicehub.v1.DeviceHub/ListReadings"));
+        assert!(!layer.methods.known.contains_key("/nope/Nope"));
+        // Every method's series exist from the start, at zero.
+        let started: Vec<(String, String)> = registry
+            .gather()
+            .iter()
+            .filter(|family| family.name() == "grpc_server_started_total")
+            .flat_map(|family| family.get_metric().iter())
+            .map(|metric| {
+                let label = |name: &str| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_owned())
+                        .unwrap_or_default()
+                };
+                (label("grpc_method"), label("grpc_type"))
+            })
+            .collect();
+        for (method, kind) in [
+            ("SendCommand", "unary"),
+            ("ListReadings", "unary"),
+            ("WatchReadings", "server_stream"),
+            ("StreamCommands", "bidi_stream"),
+            ("Check", "unary"),
+            ("Watch", "server_stream"),
+            ("unknown", "unary"),
+        ] {
+            assert!(
+                started.contains(&(method.to_owned(), kind.to_owned())),
+                "{method} {kind} in {started:?}"
+            );
+        }
+    }
+}
