@@ -204,5 +204,49 @@ async fn json_logs_parse_as_json() {
         .unwrap()
         .starts_with("127.0.0.1:"));
     assert_eq!(listening["level"], "INFO");
+
+    // A call the server fails (no device answers in time): one line at
+    // info, with the call's span (method, peer) and its code and duration.
+    let addr = listening["addr"].as_str().unwrap();
+    let mut client = eventually("a gRPC client", || {
+        let url = format!("http://{addr}");
+        async move { DeviceHubClient::connect(url).await.ok() }
+    })
+    .await;
+    let status = client
+        .send_command(SendCommandRequest {
+            device_id: "nobody".into(),
+            command: "PING".into(),
+            reply_timeout: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 100_000_000,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+    let failed = loop {
+        let line = within("the call's log line", log.next_line())
+            .await
+            .unwrap()
+            .expect("log ended");
+        let object: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if object["message"] == "call failed" {
+            break object;
+        }
+    };
+    assert_eq!(failed["level"], "INFO");
+    assert_eq!(failed["code"], "DeadlineExceeded");
+    assert!(failed["duration_ms"].as_f64().unwrap() >= 100.0, "{failed}");
+    let span = &failed["span"];
+    assert_eq!(span["name"], "rpc", "{failed}");
+    assert_eq!(span["rpc.service"], "devicehub.v1.DeviceHub", "{failed}");
+    assert_eq!(span["rpc.method"], "SendCommand", "{failed}");
+    assert!(
+        span["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{failed}"
+    );
     assert_eq!(terminate(&mut serve).await.code(), Some(0));
 }
