@@ -440,7 +440,56 @@ async fn calls_replies_and_a_slow_watcher_move_the_counters() {
         Some(1.0)
     );
     promtool_check(&text);
+    alert_rules_name_what_is_served(&text);
 
     let _ = serve.start_kill();
     let _ = serve.wait().await;
+}
+
+/// Every devicehub_* and grpc_server_* metric the shipped alert rules use
+/// is one the service serves (a renamed metric would silence an alert).
+fn alert_rules_name_what_is_served(text: &str) {
+    let rules = std::fs::read_to_string(deploy("alerts.yml")).unwrap();
+    let mut used: Vec<&str> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("devicehub_") || w.starts_with("grpc_server_"))
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    assert!(used.len() >= 5, "{used:?}");
+    for name in used {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{"))),
+            "alerts.yml uses {name}, which /metrics does not serve"
+        );
+    }
+}
+
+fn deploy(file: &str) -> String {
+    format!("{}/deploy/prometheus/{file}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The shipped Prometheus configuration and alert rules: valid, and the
+/// alerts fire when they should (alerts.test.yml).
+#[test]
+fn prometheus_config_and_alert_rules_pass_promtool() {
+    let promtool = which("promtool")
+        .expect("promtool (Debian package prometheus; scripts/test.sh installs it)");
+    for args in [
+        ["check", "config", &deploy("prometheus.yml")],
+        ["check", "rules", &deploy("alerts.yml")],
+        ["test", "rules", &deploy("alerts.test.yml")],
+    ] {
+        let output = std::process::Command::new(&promtool)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 }
