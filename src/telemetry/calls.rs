@@ -375,7 +375,8 @@ impl Call {
             self.span.record("otel.status_code", "ERROR");
         }
         let _entered = self.span.enter();
-        let duration_ms = elapsed.as_secs_f64() * 1e3;
+        // Whole microseconds: 104.142, not 104.14287399999999.
+        let duration_ms = elapsed.as_micros() as f64 / 1e3;
         if failed {
             tracing::info!(code = code_label(code), duration_ms, "call failed");
         } else {
