@@ -43,6 +43,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".devicehub.v1.ListReadingsResponse",
             "crate::grpc::EncodedListReadingsResponse",
         )
+        .extern_path(
+            ".devicehub.v1.ListDevicesResponse",
+            "crate::grpc::EncodedListDevicesResponse",
+        )
+        .extern_path(
+            ".devicehub.v1.GetDeviceResponse",
+            "crate::grpc::EncodedGetDeviceResponse",
+        )
         .compile_fds(fds)?;
     Ok(())
 }

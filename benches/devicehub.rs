@@ -8,7 +8,7 @@
 //! cargo bench --bench devicehub -- --mosquitto   # the same through a Mosquitto process
 //! cargo bench --bench devicehub -- --smoke       # seconds; what `cargo test` runs
 //! cargo bench --bench devicehub -- --only ingest,query   # some scenarios: ingest,
-//!                                                # fanout, latency, query, commands, secure
+//!                             # fanout, latency, query, commands, secure, metrics, devices
 //! ```
 //!
 //! The service runs as its own process (the `devicehub` binary, pointed at
@@ -70,6 +70,8 @@ struct Sizes {
     query_devices: u64,
     query_iterations: usize,
     command_secs: f64,
+    /// Devices (one reading each) for the device list scenario.
+    devices: u64,
 }
 
 const FULL: Sizes = Sizes {
@@ -83,6 +85,7 @@ const FULL: Sizes = Sizes {
     query_devices: 10_000,
     query_iterations: 300,
     command_secs: 3.0,
+    devices: 100_000,
 };
 
 const SMOKE: Sizes = Sizes {
@@ -96,6 +99,7 @@ const SMOKE: Sizes = Sizes {
     query_devices: 100,
     query_iterations: 20,
     command_secs: 0.5,
+    devices: 500,
 };
 
 /// Upper bound on any wait, so a broken run ends instead of hanging.
@@ -153,11 +157,11 @@ async fn run(sizes: Sizes, smoke: bool, mosquitto: bool, only: Option<Vec<String
 
     let mut ran = 0;
     if wanted("ingest") {
-        ingest(&table, &broker.url, sizes).await;
+        ingest(&table, &broker.url, sizes, PLAIN).await;
         ran += 1;
     }
     if wanted("fanout") {
-        fan_out(&table, &broker.url, sizes).await;
+        fan_out(&table, &broker.url, sizes, sizes.fanout_watchers, PLAIN).await;
         ran += 1;
     }
     if wanted("latency") {
@@ -174,6 +178,23 @@ async fn run(sizes: Sizes, smoke: bool, mosquitto: bool, only: Option<Vec<String
     }
     if wanted("secure") {
         secured(&table, &broker.url, sizes).await;
+        ran += 1;
+    }
+    if wanted("devices") {
+        device_list(&table, &broker.url, sizes).await;
+        ran += 1;
+    }
+    if wanted("metrics") {
+        // Scenario 8: ingest and fan-out without and with /metrics (scraped
+        // every second, four times as often as Prometheus' usual 15 s),
+        // back to back. Compare the service CPU per reading or delivery.
+        for variant in [PLAIN, SCRAPED] {
+            ingest(&table, &broker.url, sizes, variant).await;
+        }
+        let counts = &sizes.fanout_watchers[sizes.fanout_watchers.len().saturating_sub(2)..];
+        for variant in [PLAIN, SCRAPED] {
+            fan_out(&table, &broker.url, sizes, counts, variant).await;
+        }
         ran += 1;
     }
     drop(broker);
@@ -197,6 +218,45 @@ impl Table {
 }
 
 // ---------------------------------------------------------------- parts
+
+/// How a scenario runs the service: a suffix for its rows and extra flags.
+#[derive(Clone, Copy)]
+struct Variant {
+    label: &'static str,
+    args: &'static [&'static str],
+}
+
+const PLAIN: Variant = Variant {
+    label: "",
+    args: &[],
+};
+
+/// With `/metrics`, which [`Service::start`] then scrapes every second.
+const SCRAPED: Variant = Variant {
+    label: ", /metrics",
+    args: &["--metrics-addr", "127.0.0.1:0"],
+};
+
+/// How often a service with `--metrics-addr` is scraped.
+const SCRAPE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Scrapes `GET /metrics` at `addr` every [`SCRAPE_INTERVAL`], like Prometheus.
+async fn scrape_forever(addr: String) {
+    let mut interval = tokio::time::interval(SCRAPE_INTERVAL);
+    loop {
+        interval.tick().await;
+        let Ok(mut stream) = tokio::net::TcpStream::connect(&addr).await else {
+            continue;
+        };
+        let request = b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n";
+        if stream.write_all(request).await.is_err() {
+            continue;
+        }
+        let mut body = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut body).await;
+        assert!(body.starts_with(b"HTTP/1.1 200"), "a scrape failed");
+    }
+}
 
 /// The broker the run goes through.
 struct Broker {
@@ -265,6 +325,8 @@ impl Drop for Broker {
 struct Service {
     child: Child,
     addr: SocketAddr,
+    /// Scrapes /metrics while the service runs with `--metrics-addr`.
+    scraper: Option<tokio::task::JoinHandle<()>>,
     /// With TLS and auth: the CA clients trust, and the bearer token every
     /// call carries; the files the service reads.
     secured: Option<(String, String, tempdir::TempDir)>,
@@ -307,8 +369,14 @@ impl Service {
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let mut addr = None;
         let mut ready = false;
+        let mut scraper = None;
         bounded("the service to start", async {
             while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("metrics listening") {
+                    let at = line.find("addr=").unwrap() + 5;
+                    let metrics = line[at..].split_whitespace().next().unwrap().to_owned();
+                    scraper = Some(tokio::spawn(scrape_forever(metrics)));
+                }
                 if line.contains("gRPC listening") {
                     let at = line.find("addr=").unwrap() + 5;
                     addr = Some(
@@ -334,6 +402,7 @@ impl Service {
         Self {
             child,
             addr: addr.unwrap(),
+            scraper,
             secured: None,
         }
     }
@@ -406,6 +475,9 @@ impl Service {
     }
 
     async fn stop(mut self) {
+        if let Some(scraper) = self.scraper.take() {
+            scraper.abort();
+        }
         let pid = self.pid().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status().await;
         let _ = bounded("the service to stop", self.child.wait()).await;
@@ -713,16 +785,11 @@ fn cpu_model() -> String {
 /// Scenario 1, ingest: readings/s stored by devicehub vs received by a bare
 /// subscriber on the same broker, both subscribed during the same publish
 /// burst; and loss at QoS 0 and QoS 1.
-async fn ingest(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
+async fn ingest(table: &Table, broker: &BrokerUrl, sizes: Sizes, variant: Variant) {
     for qos in [QoS::AtLeastOnce, QoS::AtMostOnce] {
-        let service = Service::start(
-            broker,
-            &[
-                "--mqtt-subscribe-qos",
-                if qos == QoS::AtMostOnce { "0" } else { "1" },
-            ],
-        )
-        .await;
+        let qos_arg = if qos == QoS::AtMostOnce { "0" } else { "1" };
+        let args = [&["--mqtt-subscribe-qos", qos_arg][..], variant.args].concat();
+        let service = Service::start(broker, &args).await;
         let mut client = service.client().await;
         let epoch = Instant::now();
         let mut bare = BareSubscriberProcess::start(
@@ -779,7 +846,10 @@ async fn ingest(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
             "QoS 1"
         };
         table.row(
-            &format!("1. ingest, {label}, 1000 devices (readings/s)"),
+            &format!(
+                "1. ingest, {label}, 1000 devices{} (readings/s)",
+                variant.label
+            ),
             ours as f64 / ours_secs,
             bare_total as f64 / bare_secs,
             "/s",
@@ -904,9 +974,15 @@ fn cpu_seconds(pid: &str) -> f64 {
 /// Scenario 2, fan-out: N watchers at a fixed offered rate; delivered/s, loss, and
 /// the service's CPU seconds per million deliveries. Baseline: a bare
 /// subscriber's received rate (the offered rate actually achieved).
-async fn fan_out(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
-    let service = Service::start(broker, &[]).await;
-    for &n in sizes.fanout_watchers {
+async fn fan_out(
+    table: &Table,
+    broker: &BrokerUrl,
+    sizes: Sizes,
+    counts: &[usize],
+    variant: Variant,
+) {
+    let service = Service::start(broker, variant.args).await;
+    for &n in counts {
         let epoch = Instant::now();
         let bare = BareSubscriber::start(
             broker,
@@ -944,7 +1020,7 @@ async fn fan_out(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
         let bare_got = bare.count.load(Ordering::Relaxed);
         let bare_secs = (bare.last.lock().unwrap().unwrap_or(start) - start).as_secs_f64();
         table.row(
-            &format!("2. fan-out to {n} watchers (deliveries/s)"),
+            &format!("2. fan-out to {n} watchers{} (deliveries/s)", variant.label),
             got as f64 / secs,
             bare_got as f64 / bare_secs * n as f64,
             "/s",
@@ -1006,6 +1082,85 @@ async fn latency(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
         );
     }
     drop(watchers);
+    service.stop().await;
+}
+
+/// Scenario 9: ListDevices with `sizes.devices` devices known: every page of
+/// 100 in order (following the tokens), and pages by prefix. Baseline: a
+/// health check.
+async fn device_list(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
+    use devicehub::proto::ListDevicesRequest;
+    let service = Service::start(broker, &[]).await;
+    let mut client = service.client().await;
+    let n = sizes.devices;
+    publish(broker, 4, n, n, QoS::AtLeastOnce, None, Instant::now()).await;
+    let deadline = Instant::now() + PATIENCE;
+    while stored_count(&mut client).await < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    settle_cpu(&service).await;
+    let health = HealthClient::new(service.channel().await);
+    let floor = time_calls(sizes.query_iterations, || {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .unwrap();
+        }
+    })
+    .await;
+
+    // Every page, in order.
+    let mut times = Vec::new();
+    let (mut token, mut listed) = (String::new(), 0);
+    loop {
+        let start = Instant::now();
+        let page = client
+            .list_devices(ListDevicesRequest {
+                page_size: 100,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        times.push(start.elapsed().as_nanos() as u64);
+        listed += page.devices.len();
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    times.sort_unstable();
+    let mut by_prefix = Vec::new();
+    for i in 0..sizes.query_iterations {
+        let prefix = format!("dev-{}", (i as u64 * 7919) % 10);
+        let start = Instant::now();
+        client
+            .list_devices(ListDevicesRequest {
+                page_size: 100,
+                device_id_prefix: prefix,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        by_prefix.push(start.elapsed().as_nanos() as u64);
+    }
+    by_prefix.sort_unstable();
+    for (name, times) in [("every page in turn", &times), ("by prefix", &by_prefix)] {
+        for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
+            table.row(
+                &format!("9. devices: page of 100, {name} {label} (µs)"),
+                percentile(times, p) / 1e3,
+                percentile(&floor, p) / 1e3,
+                "µs",
+                &format!("{listed} devices listed of {n}; baseline: a health check"),
+            );
+        }
+    }
     service.stop().await;
 }
 

@@ -15,7 +15,8 @@
 //! - A per-device index keeps each device's sequence numbers in order, so a
 //!   page for one device costs O(log n + page) however large the buffer. It
 //!   also interns the device id and the device's last topic: readings of a
-//!   device share one [`Source`] instead of owning the strings.
+//!   device share one [`Source`] instead of owning the strings. Its entries
+//!   are the device records of the device list (`devices.rs`).
 //! - Topic filters without a device are served by a scan that stops as soon as
 //!   the page is full.
 //! - Sources are `Arc`-shared, so a [`Reading`] handed out by listing or
@@ -32,19 +33,22 @@
 //!   evicted first, and evictions are counted. A single reading larger than the
 //!   byte bound is still kept (alone), never dropped on arrival.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::Arc,
-    time::SystemTime,
-};
+use std::{collections::VecDeque, sync::Arc, time::SystemTime};
 
 use bytes::Bytes;
 
-use crate::{config::BufferLimits, scope::DeviceSet, topic::topic_matches};
+use crate::{
+    config::{BufferLimits, DeviceLimits},
+    scope::DeviceSet,
+    topic::topic_matches,
+};
 
 mod arena;
+mod devices;
 
 use arena::{PayloadArena, PayloadRef};
+pub use devices::{ConnectionStatus, DeviceInfo, DeviceStats, MessageKind};
+use devices::{Devices, NewestReading};
 
 /// Where readings come from: a device and a topic, shared by every stored
 /// reading of that device on that topic.
@@ -90,6 +94,16 @@ pub struct NewReading<'a> {
     pub qos: u8,
     pub retained: bool,
     pub received_at: SystemTime,
+    /// A reading, a reply or a status message, for the device's record.
+    pub kind: MessageKind,
+}
+
+/// A device as the device list shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceEntry {
+    pub info: DeviceInfo,
+    /// Its newest reading, buffered or kept.
+    pub last_reading: Option<Reading>,
 }
 
 impl Reading {
@@ -182,19 +196,13 @@ pub struct BufferStats {
     pub oldest_received_at: Option<SystemTime>,
 }
 
-struct DeviceIndex {
-    seqs: VecDeque<u64>,
-    /// The device's most recent source, reused while its topic stays the same.
-    last_source: Arc<Source>,
-}
-
 /// The bounded store. See the module documentation for the design.
 pub struct ReadingBuffer {
     readings: VecDeque<Slot>,
     payloads: PayloadArena,
     /// Sequence number of `readings[0]`, or of the next reading when empty.
     first_seq: u64,
-    devices: HashMap<Arc<str>, DeviceIndex>,
+    devices: Devices,
     bytes: usize,
     evicted: u64,
     limits: BufferLimits,
@@ -216,12 +224,18 @@ impl ReadingBuffer {
             readings: VecDeque::with_capacity(most),
             payloads: PayloadArena::default(),
             first_seq,
-            devices: HashMap::new(),
+            devices: Devices::new(DeviceLimits::default()),
             bytes: 0,
             evicted: 0,
             limits,
             last_received_micros: 0,
         }
+    }
+
+    /// The same buffer, with these bounds on the device list.
+    pub fn with_device_limits(mut self, limits: DeviceLimits) -> Self {
+        self.devices = Devices::new(limits);
+        self
     }
 
     pub fn stats(&self) -> BufferStats {
@@ -253,31 +267,11 @@ impl ReadingBuffer {
             .max(self.last_received_micros);
         self.last_received_micros = micros;
 
-        let device = match self.devices.get_mut(new.device_id) {
-            Some(device) => device,
-            None => {
-                let source = Arc::new(Source {
-                    device_id: Arc::from(new.device_id),
-                    topic: Arc::from(new.topic),
-                });
-                let index = DeviceIndex {
-                    seqs: VecDeque::new(),
-                    last_source: source.clone(),
-                };
-                self.devices
-                    .entry(source.device_id.clone())
-                    .or_insert(index)
-            }
-        };
-        if *device.last_source.topic != *new.topic {
-            device.last_source = Arc::new(Source {
-                device_id: device.last_source.device_id.clone(),
-                topic: Arc::from(new.topic),
-            });
-        }
-        device.seqs.push_back(seq);
+        let source = self
+            .devices
+            .record(new.device_id, new.topic, seq, micros, new.kind);
         let slot = Slot {
-            source: device.last_source.clone(),
+            source,
             received_micros: micros,
             payload: self.payloads.push(new.payload),
             qos: new.qos,
@@ -296,21 +290,65 @@ impl ReadingBuffer {
             let Some(oldest) = self.readings.pop_front() else {
                 break;
             };
+            let seq = self.first_seq;
             self.first_seq += 1;
             self.evicted += 1;
             self.bytes -= charged_bytes(&oldest);
+            // A device's newest reading outlives its eviction, copied (its
+            // payload is still in the arena until the end of this call).
             let device_id = &oldest.source.device_id;
-            if let Some(device) = self.devices.get_mut(device_id) {
-                device.seqs.pop_front();
-                if device.seqs.is_empty() {
-                    self.devices.remove(device_id);
-                }
-            }
+            let kept = self
+                .devices
+                .is_newest_reading(device_id, seq)
+                .then(|| self.reading(seq, &oldest));
+            self.devices.evicted(device_id, seq, kept);
         }
         match self.readings.front() {
             Some(oldest) => self.payloads.release_before(oldest.payload),
             None => self.payloads.release_all(),
         }
+    }
+
+    /// A listed device.
+    pub fn device(&self, device_id: &str) -> Option<DeviceEntry> {
+        let (info, newest) = self.devices.get(device_id)?;
+        let last_reading = match newest {
+            NewestReading::Buffered(seq) => self.get(seq).map(|slot| self.reading(seq, slot)),
+            NewestReading::Kept(reading) => Some(reading.clone()),
+            NewestReading::None => None,
+        };
+        Some(DeviceEntry { info, last_reading })
+    }
+
+    /// Up to `limit` listed devices whose id starts with `prefix`, after
+    /// `after` when given, that `visible` lets through, in id order; and
+    /// whether more follow.
+    pub fn devices(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        visible: impl Fn(&str) -> bool,
+        limit: usize,
+    ) -> (Vec<DeviceEntry>, bool) {
+        let mut ids = self
+            .devices
+            .ids_from(prefix, after)
+            .filter(|id| visible(id));
+        let page: Vec<DeviceEntry> = ids
+            .by_ref()
+            .take(limit)
+            .filter_map(|id| self.device(id))
+            .collect();
+        (page, ids.next().is_some())
+    }
+
+    /// A device's connection status (unknown for a device never heard from).
+    pub fn device_status(&self, device_id: &str) -> ConnectionStatus {
+        self.devices.status(device_id)
+    }
+
+    pub fn device_stats(&self) -> DeviceStats {
+        self.devices.stats()
     }
 
     /// A stored slot as the reading handed out, with a copy of its payload.
@@ -437,12 +475,12 @@ impl ReadingBuffer {
 
         match query.filter.device_id.as_deref() {
             Some(device_id) => {
-                let Some(device) = self.devices.get(device_id) else {
+                let Some(device_seqs) = self.devices.seqs(device_id) else {
                     return Ok(ListPage::default());
                 };
-                let from = device.seqs.partition_point(|s| *s < lo);
-                let to = device.seqs.partition_point(|s| *s < hi);
-                let seqs = device.seqs.range(from..to);
+                let from = device_seqs.partition_point(|s| *s < lo);
+                let to = device_seqs.partition_point(|s| *s < hi);
+                let seqs = device_seqs.range(from..to);
                 let slots = seqs.filter_map(|s| Some((*s, self.get(*s)?)));
                 if query.oldest_first {
                     slots.take_while(|r| take(*r)).for_each(drop);
@@ -501,6 +539,7 @@ mod tests {
     fn push(buf: &mut ReadingBuffer, device: &str, secs: u64, payload: &str) -> u64 {
         let topic = format!("devices/{device}/readings");
         buf.push(NewReading {
+            kind: crate::buffer::MessageKind::Reading,
             device_id: device,
             topic: &topic,
             payload: payload.as_bytes(),
@@ -577,13 +616,145 @@ mod tests {
     }
 
     #[test]
-    fn device_index_is_dropped_with_the_devices_last_reading() {
-        let mut buf = buffer(2, usize::MAX);
+    fn device_index_is_dropped_with_the_last_reading_of_an_unlisted_device() {
+        let mut buf = buffer(2, usize::MAX).with_device_limits(DeviceLimits {
+            max_devices: 1,
+            max_kept_bytes: 1 << 20,
+        });
         push(&mut buf, "a", 1, "1");
         push(&mut buf, "b", 2, "2");
         push(&mut buf, "b", 3, "3");
-        assert!(!buf.devices.contains_key("a"));
-        assert_eq!(buf.devices["b"].seqs.len(), 2);
+        // "a" is listed: known after its reading left the buffer.
+        assert!(buf.devices.indexed("a"));
+        assert_eq!(buf.devices.seqs("a").map(VecDeque::len), Some(0));
+        push(&mut buf, "c", 4, "4");
+        push(&mut buf, "d", 5, "5");
+        push(&mut buf, "d", 6, "6");
+        // "c" was over the limit: indexed only while it had a reading.
+        assert!(!buf.devices.indexed("c"));
+        assert_eq!(buf.devices.seqs("d").map(VecDeque::len), Some(2));
+        assert_eq!(buf.device_stats().not_listed, 3);
+    }
+
+    fn push_kind(
+        buf: &mut ReadingBuffer,
+        device: &str,
+        secs: u64,
+        kind: MessageKind,
+        payload: &str,
+    ) {
+        let topic = format!("devices/{device}/other");
+        buf.push(NewReading {
+            kind,
+            device_id: device,
+            topic: &topic,
+            payload: payload.as_bytes(),
+            qos: 1,
+            retained: true,
+            received_at: at(secs),
+        });
+    }
+
+    #[test]
+    fn devices_keep_their_newest_reading_status_and_times() {
+        let mut buf = buffer(3, usize::MAX).with_device_limits(DeviceLimits {
+            max_devices: 10,
+            max_kept_bytes: 5,
+        });
+        push(&mut buf, "a", 1, "a-1");
+        push_kind(
+            &mut buf,
+            "a",
+            2,
+            MessageKind::Status(Some(ConnectionStatus::Online)),
+            "online",
+        );
+        push(&mut buf, "b", 3, "b-1");
+        let a = buf.device("a").unwrap();
+        assert_eq!(a.last_reading.as_ref().unwrap().payload, "a-1");
+        assert_eq!(
+            (a.info.first_seen_micros, a.info.last_seen_micros),
+            (1_000_000, 2_000_000)
+        );
+        assert_eq!(
+            (a.info.status, a.info.status_changed_micros),
+            (ConnectionStatus::Online, 2_000_000)
+        );
+        assert_eq!(a.info.buffered, 2);
+
+        // a's reading is evicted: kept (3 bytes of a 5-byte budget). A reply
+        // or a repeated status does not replace it or move the status time.
+        push_kind(&mut buf, "a", 4, MessageKind::Reply, "{}");
+        push_kind(
+            &mut buf,
+            "a",
+            5,
+            MessageKind::Status(Some(ConnectionStatus::Online)),
+            "online",
+        );
+        let a = buf.device("a").unwrap();
+        assert_eq!(a.last_reading.as_ref().unwrap().payload, "a-1");
+        assert_eq!(a.last_reading.as_ref().unwrap().seq, FIRST);
+        assert_eq!(a.info.status_changed_micros, 2_000_000);
+        assert_eq!(a.info.last_seen_micros, 5_000_000);
+        assert_eq!(buf.device_stats().kept_bytes, 3);
+
+        // b's reading is evicted too: 3 more bytes do not fit the budget.
+        push_kind(
+            &mut buf,
+            "a",
+            6,
+            MessageKind::Status(Some(ConnectionStatus::Offline)),
+            "offline",
+        );
+        let b = buf.device("b").unwrap();
+        assert_eq!((b.last_reading, b.info.buffered), (None, 0));
+        assert_eq!(buf.device_stats().kept_dropped, 1);
+        let a = buf.device("a").unwrap();
+        assert_eq!(
+            (a.info.status, a.info.status_changed_micros),
+            (ConnectionStatus::Offline, 6_000_000)
+        );
+        assert_eq!(buf.device_status("a"), ConnectionStatus::Offline);
+        assert_eq!(buf.device_status("nobody"), ConnectionStatus::Unknown);
+
+        // A new reading replaces the kept copy and frees its budget.
+        push(&mut buf, "a", 7, "a-2");
+        assert_eq!(
+            buf.device("a").unwrap().last_reading.unwrap().payload,
+            "a-2"
+        );
+        assert_eq!(buf.device_stats().kept_bytes, 0);
+        assert!(buf.device("").is_none() && buf.device("c").is_none());
+    }
+
+    #[test]
+    fn devices_page_in_id_order_by_prefix() {
+        let mut buf = buffer(1000, usize::MAX);
+        for id in [
+            "pump-2", "fan-1", "pump-10", "pump-1", "fan-2", "pumpkin", "",
+        ] {
+            push(&mut buf, id, 1, "x");
+        }
+        let ids = |page: &[DeviceEntry]| -> Vec<String> {
+            page.iter().map(|d| d.info.device_id.to_string()).collect()
+        };
+        let (page, more) = buf.devices("pump-", None, |_| true, 2);
+        assert_eq!(
+            (ids(&page), more),
+            (vec!["pump-1".into(), "pump-10".into()], true)
+        );
+        let (page, more) = buf.devices("pump-", Some("pump-10"), |_| true, 2);
+        assert_eq!((ids(&page), more), (vec!["pump-2".into()], false));
+        let (page, _) = buf.devices("", None, |id| id != "fan-2", 10);
+        assert_eq!(
+            ids(&page),
+            ["fan-1", "pump-1", "pump-10", "pump-2", "pumpkin"]
+        );
+        // A cursor before the prefix starts at the prefix.
+        let (page, _) = buf.devices("pump", Some("a"), |_| true, 1);
+        assert_eq!(ids(&page), ["pump-1"]);
+        assert_eq!(buf.device_stats().known, 6);
     }
 
     #[test]
@@ -867,6 +1038,7 @@ mod tests {
                     let salt = rng.below(256);
                     let payload: Vec<u8> = (0..rng.below(200)).map(|j| (salt + j) as u8).collect();
                     let seq = buf.push(NewReading {
+                        kind: crate::buffer::MessageKind::Reading,
                         device_id: &device,
                         topic: &topic,
                         payload: &payload,

@@ -13,8 +13,8 @@ use rumqttc::QoS;
 
 use crate::{
     config::{
-        AuthConfig, BrokerUrl, BufferLimits, Config, ConfigError, Credentials, GrpcTls, MqttConfig,
-        Secret,
+        AuthConfig, BrokerUrl, BufferLimits, Config, ConfigError, Credentials, DeviceLimits,
+        GrpcTls, MqttConfig, Secret,
     },
     mqtt::{self, ClientIdentity},
     topic::TopicTemplate,
@@ -57,7 +57,7 @@ pub enum Command {
     #[cfg(feature = "simulator")]
     /// Run simulated devices that publish temperature/humidity readings and
     /// print the commands they receive.
-    Simulate(SimulateArgs),
+    Simulate(Box<SimulateArgs>),
 }
 
 /// Topic layout, shared by `serve` and `simulate`.
@@ -89,6 +89,17 @@ pub struct TopicArgs {
     )]
     pub replies_topic: String,
 
+    /// Topic devices publish their connection status to, with a
+    /// `{device_id}` level: `online` (retained) when they connect, `offline`
+    /// as their MQTT last will; `{"status": "online"}` is accepted too.
+    /// Status messages are also buffered like readings.
+    #[arg(
+        long,
+        env = "DEVICEHUB_STATUS_TOPIC",
+        default_value = "devices/{device_id}/status"
+    )]
+    pub status_topic: String,
+
     /// Device id for topic templates without `{device_id}`: a single device
     /// on fixed topics, e.g. `--readings-topic poc/device/sensor
     /// --commands-topic poc/device/control --fixed-device-id device`.
@@ -107,6 +118,15 @@ impl TopicArgs {
         publishable(
             "--commands-topic",
             &self.commands_topic,
+            self.fixed_device_id.as_deref(),
+        )
+    }
+
+    /// The status template; devices publish to it, so no wildcards.
+    pub fn status(&self) -> Result<TopicTemplate, ConfigError> {
+        publishable(
+            "--status-topic",
+            &self.status_topic,
             self.fixed_device_id.as_deref(),
         )
     }
@@ -320,6 +340,19 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub buffer_max_bytes: u64,
 
+    /// Most devices ListDevices lists. Messages of further devices are still
+    /// buffered (ListReadings finds them); those devices are counted, not
+    /// listed.
+    #[arg(long, env = "DEVICEHUB_MAX_DEVICES", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_devices: u64,
+
+    /// Most payload bytes kept of devices' newest readings once they are
+    /// evicted from the buffer (so a quiet device still shows what it last
+    /// said). Beyond it, such a device lists no last reading (counted).
+    #[arg(long, env = "DEVICEHUB_DEVICES_MAX_BYTES", default_value_t = 16 << 20)]
+    pub devices_max_bytes: u64,
+
     /// Most WatchReadings streams open at once; more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "DEVICEHUB_MAX_WATCHERS", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -481,12 +514,17 @@ impl ServeArgs {
                 readings_topic,
                 commands_topic: self.topics.commands()?,
                 replies_topic: self.topics.replies()?,
+                status_topic: self.topics.status()?,
                 tls: self.mqtt_login.tls(broker)?,
                 credentials: self.mqtt_login.credentials()?,
             },
             buffer: BufferLimits {
                 max_readings: usize::try_from(self.buffer_max_readings).unwrap_or(usize::MAX),
                 max_bytes: usize::try_from(self.buffer_max_bytes).unwrap_or(usize::MAX),
+            },
+            devices: DeviceLimits {
+                max_devices: usize::try_from(self.max_devices).unwrap_or(usize::MAX),
+                max_kept_bytes: usize::try_from(self.devices_max_bytes).unwrap_or(usize::MAX),
             },
             max_watchers: self.max_watchers as usize,
             max_watchers_per_client: self.max_watchers_per_client as usize,

@@ -13,6 +13,7 @@ use crate::topic::{TopicError, TopicTemplate};
 pub struct Config {
     pub mqtt: MqttConfig,
     pub buffer: BufferLimits,
+    pub devices: DeviceLimits,
     /// Most WatchReadings streams open at once.
     pub max_watchers: usize,
     /// Most WatchReadings streams one client (a token subject, or a
@@ -77,6 +78,8 @@ pub struct MqttConfig {
     pub readings_subscription: String,
     pub commands_topic: TopicTemplate,
     pub replies_topic: TopicTemplate,
+    /// Where devices publish their connection status (online/offline).
+    pub status_topic: TopicTemplate,
     /// TLS to the broker (an `mqtts://` URL): what to trust and what to
     /// present. `None`: plain TCP.
     pub tls: Option<Arc<rustls::ClientConfig>>,
@@ -118,6 +121,25 @@ impl fmt::Debug for Secret {
 pub struct BufferLimits {
     pub max_readings: usize,
     pub max_bytes: usize,
+}
+
+/// Bounds on the device list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceLimits {
+    /// Most devices listed; messages of more are still buffered.
+    pub max_devices: usize,
+    /// Most payload bytes kept of devices' newest readings after their
+    /// eviction from the buffer.
+    pub max_kept_bytes: usize,
+}
+
+impl Default for DeviceLimits {
+    fn default() -> Self {
+        Self {
+            max_devices: 100_000,
+            max_kept_bytes: 16 << 20,
+        }
+    }
 }
 
 /// An MQTT broker address: `mqtt://host[:port]` (or `tcp://`), port 1883 by

@@ -16,10 +16,10 @@ use tokio::sync::watch;
 
 use crate::{
     buffer::{
-        BufferStats, CursorError, ListPage, ListQuery, NewReading, Reading, ReadingBuffer,
-        ReadingFilter,
+        BufferStats, ConnectionStatus, CursorError, DeviceEntry, DeviceStats, ListPage, ListQuery,
+        NewReading, Reading, ReadingBuffer, ReadingFilter,
     },
-    config::BufferLimits,
+    config::{BufferLimits, DeviceLimits},
     per_client::{PerClient, Permit},
     sync,
 };
@@ -47,6 +47,7 @@ pub enum SubscribeError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HubStats {
     pub buffer: BufferStats,
+    pub devices: DeviceStats,
     /// Watchers open now.
     pub watchers: usize,
     /// Times a watcher found that readings it had not read yet were evicted
@@ -79,11 +80,12 @@ struct Shared {
 impl ReadingHub {
     pub fn new(
         limits: BufferLimits,
+        devices: DeviceLimits,
         first_seq: u64,
         max_watchers: usize,
         max_watchers_per_client: usize,
     ) -> Self {
-        let buffer = ReadingBuffer::new(limits, first_seq);
+        let buffer = ReadingBuffer::new(limits, first_seq).with_device_limits(devices);
         let (next_seq, _) = watch::channel(buffer.next_seq());
         let shared = Shared {
             buffer: RwLock::new(buffer),
@@ -124,9 +126,31 @@ impl ReadingHub {
         self.read().list(query)
     }
 
+    /// A listed device.
+    pub fn device(&self, device_id: &str) -> Option<DeviceEntry> {
+        self.read().device(device_id)
+    }
+
+    /// A page of listed devices; see [`ReadingBuffer::devices`].
+    pub fn devices(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        visible: impl Fn(&str) -> bool,
+        limit: usize,
+    ) -> (Vec<DeviceEntry>, bool) {
+        self.read().devices(prefix, after, visible, limit)
+    }
+
+    pub fn device_status(&self, device_id: &str) -> ConnectionStatus {
+        self.read().device_status(device_id)
+    }
+
     pub fn stats(&self) -> HubStats {
+        let buffer = self.read();
         HubStats {
-            buffer: self.read().stats(),
+            buffer: buffer.stats(),
+            devices: buffer.device_stats(),
             watchers: self.shared.watchers.load(Ordering::Relaxed),
             watcher_gaps: self.shared.watcher_gaps.load(Ordering::Relaxed),
             watcher_missed_readings: self.shared.watcher_missed_readings.load(Ordering::Relaxed),

@@ -190,6 +190,7 @@ pub async fn run(
     let tls = config.grpc_tls.as_ref().map(ServerTls::load).transpose()?;
     let hub = ReadingHub::new(
         config.buffer,
+        config.devices,
         first_seq(),
         config.max_watchers,
         config.max_watchers_per_client,
@@ -370,6 +371,10 @@ async fn log_stats(
             mqtt_disconnects = ingest.disconnects.load(Ordering::Relaxed),
             next_seq = stats.buffer.next_seq,
             watchers = stats.watchers,
+            devices = stats.devices.known,
+            devices_not_listed = stats.devices.not_listed,
+            devices_kept_bytes = stats.devices.kept_bytes,
+            devices_last_readings_dropped = stats.devices.kept_dropped,
             watcher_gaps = stats.watcher_gaps,
             watcher_missed_readings = stats.watcher_missed_readings,
             commands_awaiting_reply = replies.pending,

@@ -15,7 +15,7 @@ async fn main() -> anyhow::Result<()> {
 
     let result = match cli.command {
         #[cfg(feature = "simulator")]
-        Some(Command::Simulate(args)) => devicehub::simulate::run(args, shutdown)
+        Some(Command::Simulate(args)) => devicehub::simulate::run(*args, shutdown)
             .await
             .map_err(anyhow::Error::from),
         Some(Command::Serve(args)) => devicehub::serve(&args, shutdown).await.map_err(Into::into),

@@ -10,15 +10,25 @@
 //!
 //! Anything else gets an error reply. `--silent-fraction` and
 //! `--slow-fraction` make some devices never reply or reply late.
+//!
+//! Connection status, as devices in the field report it: each device
+//! publishes `online` (retained) to its status topic when it connects, sets
+//! a retained `offline` as its MQTT last will (the broker publishes it when
+//! the connection breaks, e.g. when the simulator is killed), and publishes
+//! `offline` itself when it stops cleanly.
 
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use crate::{cli::SimulateArgs, config::ConfigError};
 use tokio_util::sync::CancellationToken;
+
+/// Status payloads.
+const ONLINE: &str = "online";
+const OFFLINE: &str = "offline";
 
 /// How a device answers commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +43,7 @@ pub async fn run(args: SimulateArgs, shutdown: CancellationToken) -> Result<(), 
     let readings = args.topics.readings()?;
     let commands = args.topics.commands()?;
     let replies = args.topics.replies()?;
+    let status = args.topics.status()?;
     if readings.has_wildcards() {
         return Err(ConfigError::Wildcards(
             "--readings-topic",
@@ -69,6 +80,7 @@ pub async fn run(args: SimulateArgs, shutdown: CancellationToken) -> Result<(), 
             readings_topic: readings.topic_for(&device_id),
             commands_topic: commands.topic_for(&device_id),
             replies_topic: replies.topic_for(&device_id),
+            status_topic: status.topic_for(&device_id),
             device_id,
             interval: Duration::from_millis(args.interval_ms),
             // Spread the devices' start so their readings do not come in bursts.
@@ -76,11 +88,17 @@ pub async fn run(args: SimulateArgs, shutdown: CancellationToken) -> Result<(), 
             replies: replies_mode,
             fan: false,
         };
-        let options = MqttOptions::new(
+        let mut options = MqttOptions::new(
             format!("devicehub-sim-{}", device.device_id),
             &args.mqtt_url.host,
             args.mqtt_url.port,
         );
+        options.set_last_will(LastWill::new(
+            &device.status_topic,
+            OFFLINE,
+            QoS::AtLeastOnce,
+            true,
+        ));
         tasks.push(tokio::spawn(device.run(options, shutdown.clone())));
     }
     for task in tasks {
@@ -94,6 +112,7 @@ struct Device {
     readings_topic: String,
     commands_topic: String,
     replies_topic: String,
+    status_topic: String,
     interval: Duration,
     phase: Duration,
     replies: Replies,
@@ -127,6 +146,9 @@ impl Device {
                         if let Err(error) = client.try_subscribe(&self.commands_topic, QoS::AtLeastOnce) {
                             warn!(device = self.device_id, %error, "command subscription not queued");
                         }
+                        if let Err(error) = client.try_publish(&self.status_topic, QoS::AtLeastOnce, true, ONLINE) {
+                            warn!(device = self.device_id, %error, "online status not queued");
+                        }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         // The simulator's output for a person: one line per command.
@@ -154,6 +176,8 @@ impl Device {
                 }
             }
         }
+        // A clean disconnect suppresses the last will: say it ourselves.
+        let _ = client.try_publish(&self.status_topic, QoS::AtLeastOnce, true, OFFLINE);
         let _ = client.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             while !matches!(

@@ -183,7 +183,9 @@ async fn json_logs_parse_as_json() {
     // Up to the lines that say it listens and is subscribed, in either order.
     let logged =
         |seen: &[serde_json::Value], message: &str| seen.iter().any(|l| l["message"] == message);
-    while !logged(&seen, "gRPC listening") || !logged(&seen, "subscribed to readings and replies") {
+    while !logged(&seen, "gRPC listening")
+        || !logged(&seen, "subscribed to readings, replies and status")
+    {
         let line = within("a JSON log line", log.next_line())
             .await
             .unwrap()

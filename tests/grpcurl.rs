@@ -73,6 +73,8 @@ async fn grpcurl_lists_describes_and_calls_everything_through_reflection() {
         "ListReadings",
         "WatchReadings",
         "StreamCommands",
+        "ListDevices",
+        "GetDevice",
     ] {
         assert!(
             methods.contains(&format!("devicehub.v1.DeviceHub.{method}")),
@@ -159,6 +161,36 @@ async fn grpcurl_lists_describes_and_calls_everything_through_reflection() {
     .await;
     let listed: Value = serde_json::from_str(&listed).unwrap();
     assert_eq!(listed["readings"][0]["topic"], "devices/d1/readings");
+
+    // The devices, and one of them.
+    let devices = grpcurl(
+        &["-d", r#"{"device_id_prefix": "d"}"#],
+        &addr,
+        &["devicehub.v1.DeviceHub/ListDevices"],
+    )
+    .await;
+    let devices: Value = serde_json::from_str(&devices).unwrap();
+    assert_eq!(devices["devices"][0]["deviceId"], "d1", "{devices}");
+    assert_eq!(devices["devices"][0]["status"], "DEVICE_STATUS_UNKNOWN");
+    assert_eq!(
+        devices["devices"][0]["lastReading"]["json"]["temperature"],
+        21.5
+    );
+    let got = grpcurl(
+        &["-d", r#"{"device_id": "d1"}"#],
+        &addr,
+        &["devicehub.v1.DeviceHub/GetDevice"],
+    )
+    .await;
+    let got: Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(got["device"]["deviceId"], "d1");
+    let missing = grpcurl_error(
+        &["-d", r#"{"device_id": "nobody"}"#],
+        &addr,
+        &["devicehub.v1.DeviceHub/GetDevice"],
+    )
+    .await;
+    assert!(missing.contains("NotFound"), "{missing}");
     assert!(listed["nextPageToken"]
         .as_str()
         .is_some_and(|t| !t.is_empty()));

@@ -107,6 +107,35 @@ async fn the_python_client_lists_watches_and_sends_commands() {
     assert_eq!(is, [Some(0.0), Some(1.0), Some(2.0)]);
     assert!(listed.iter().all(|r| r["deviceId"] == "d1"));
 
+    // devices, paged one at a time: d1 and d2 with their newest readings.
+    device.publish("devices/d2/status", "online").await;
+    eventually("d2 known", || {
+        let mut c = client_rs.clone();
+        async move {
+            let request = devicehub::proto::GetDeviceRequest {
+                device_id: "d2".into(),
+            };
+            c.get_device(request).await.ok()
+        }
+    })
+    .await;
+    let output = within(
+        "python devices",
+        client(stubs.path(), &target, &["devices", "--page-size", "1"]).output(),
+    )
+    .await
+    .unwrap();
+    let devices = json_lines(&output);
+    let ids: Vec<&str> = devices
+        .iter()
+        .filter_map(|d| d["deviceId"].as_str())
+        .collect();
+    assert_eq!(ids, ["d1", "d2"]);
+    assert_eq!(devices[0]["lastReading"]["json"]["i"], 2.0);
+    assert_eq!(devices[0]["status"], "DEVICE_STATUS_UNKNOWN");
+    assert_eq!(devices[1]["status"], "DEVICE_STATUS_ONLINE");
+    assert!(devices[1].get("lastReading").is_none());
+
     // send: the device gets the envelope with the returned id.
     let output = within(
         "python send",

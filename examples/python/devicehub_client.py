@@ -72,6 +72,23 @@ def list_readings(stub, args):
             return
 
 
+def list_devices(stub, args):
+    """Pages through every known device, in id order."""
+    token = ""
+    while True:
+        page = stub.ListDevices(
+            devicehub_pb2.ListDevicesRequest(
+                device_id_prefix=args.prefix, page_size=args.page_size, page_token=token
+            ),
+            timeout=args.timeout,
+        )
+        for device in page.devices:
+            emit(device)
+        token = page.next_page_token
+        if not token:
+            return
+
+
 def watch_readings(stub, args):
     """Streams readings; stops after --count of them (0: never)."""
     call = stub.WatchReadings(
@@ -165,12 +182,17 @@ def main():
 
     sub.add_parser("send-many", help="commands from stdin, one JSON SendCommandRequest a line")
 
+    devices = sub.add_parser("devices", help="every known device with its newest reading and status")
+    devices.add_argument("--prefix", default="", help="only device ids starting with this")
+    devices.add_argument("--page-size", type=int, default=100)
+
     args = parser.parse_args()
     actions = {
         "list": list_readings,
         "watch": watch_readings,
         "send": send_command,
         "send-many": send_many,
+        "devices": list_devices,
     }
     with open_channel(args) as channel:
         stub = devicehub_pb2_grpc.DeviceHubStub(channel)

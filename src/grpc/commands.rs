@@ -17,7 +17,7 @@ use super::{
     auth::Caller,
     convert::{device_id_field, envelope, reply_timeout, reply_to_proto, struct_to_json},
     error::ApiError,
-    Shared,
+    wire, Shared,
 };
 use crate::proto::{
     send_command_request::Payload, SendCommandRequest, SendCommandResponse, StreamCommandsRequest,
@@ -96,6 +96,7 @@ pub(super) async fn send(
         command_id: command.id,
         topic: command.topic,
         reply: None,
+        device_status: wire::device_status(shared.hub.device_status(&command.device_id)) as i32,
     };
     let (Some(timeout), Some(pending)) = (command.reply_timeout, pending.as_mut()) else {
         return Ok(response);

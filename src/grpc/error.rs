@@ -43,6 +43,8 @@ pub enum ApiError {
     Unauthenticated(String),
     #[error("{0}")]
     PermissionDenied(String),
+    #[error("{0}")]
+    NotFound(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -72,6 +74,7 @@ impl From<ApiError> for Status {
             ApiError::NoReply { .. } => Status::deadline_exceeded(message),
             ApiError::Unauthenticated(_) => Status::unauthenticated(message),
             ApiError::PermissionDenied(_) => Status::permission_denied(message),
+            ApiError::NotFound(_) => Status::not_found(message),
             ApiError::ShuttingDown { .. } | ApiError::CommandsShutDown => {
                 Status::unavailable(message)
             }

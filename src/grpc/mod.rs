@@ -3,7 +3,8 @@
 //! below it knows about gRPC.
 //!
 //! - `mod.rs`: [`DeviceHubService`] and its trait impl, one line per RPC;
-//! - `list.rs`, `watch.rs`, `commands.rs`: the handlers, one file per RPC family;
+//! - `list.rs`, `watch.rs`, `commands.rs`, `devices.rs`: the handlers, one
+//!   file per RPC family;
 //! - `convert.rs`: proto ↔ domain conversions and the validation they need;
 //! - `page_token.rs`: ListReadings' opaque page tokens;
 //! - `auth.rs`: the bearer-token interceptor and the scope checks by device;
@@ -14,6 +15,7 @@
 mod auth;
 mod commands;
 mod convert;
+mod devices;
 mod encoded;
 mod error;
 mod list;
@@ -37,8 +39,9 @@ use crate::{
     mqtt::CommandPublisher,
     per_client::PerClient,
     proto::{
-        self, device_hub_server::DeviceHub, ListReadingsRequest, SendCommandRequest,
-        SendCommandResponse, StreamCommandsRequest, StreamCommandsResponse, WatchReadingsRequest,
+        self, device_hub_server::DeviceHub, GetDeviceRequest, ListDevicesRequest,
+        ListReadingsRequest, SendCommandRequest, SendCommandResponse, StreamCommandsRequest,
+        StreamCommandsResponse, WatchReadingsRequest,
     },
     replies::ReplyRouter,
     topic::TopicTemplate,
@@ -50,6 +53,8 @@ use encoded::EncodedReadings;
 /// encoded from readings without building them (see build.rs).
 pub type EncodedWatchReadingsResponse = Encoded<proto::WatchReadingsResponse>;
 pub type EncodedListReadingsResponse = Encoded<proto::ListReadingsResponse>;
+pub type EncodedListDevicesResponse = Encoded<proto::ListDevicesResponse>;
+pub type EncodedGetDeviceResponse = Encoded<proto::GetDeviceResponse>;
 
 /// The `DeviceHub` service. A cheap handle: tonic and every stream's task
 /// share one [`Shared`].
@@ -87,8 +92,13 @@ impl DeviceHubService {
         let device_level = match (
             topics.readings_topic.placeholder_level(),
             topics.replies_topic.placeholder_level(),
+            topics.status_topic.placeholder_level(),
         ) {
-            (Some(readings), Some(replies)) if readings == replies => Some(readings),
+            (Some(readings), Some(replies), Some(status))
+                if readings == replies && replies == status =>
+            {
+                Some(readings)
+            }
             _ => None,
         };
         let shared = Shared {
@@ -160,5 +170,23 @@ impl DeviceHub for DeviceHubService {
         let caller = Caller::of(&request)?;
         let responses = commands::stream(self.shared.clone(), caller, request.into_inner());
         Ok(Response::new(responses))
+    }
+
+    async fn list_devices(
+        &self,
+        request: Request<ListDevicesRequest>,
+    ) -> Result<Response<EncodedListDevicesResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let response = devices::list(&self.shared, &caller, request.into_inner())?;
+        Ok(Response::new(response))
+    }
+
+    async fn get_device(
+        &self,
+        request: Request<GetDeviceRequest>,
+    ) -> Result<Response<EncodedGetDeviceResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let response = devices::get(&self.shared, &caller, request.into_inner())?;
+        Ok(Response::new(response))
     }
 }

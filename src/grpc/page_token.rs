@@ -1,12 +1,80 @@
 //! Page tokens: opaque to clients, validated here. A token is the hex form of
-//! a version byte, the cursor (the sequence number the next page starts at)
-//! and a hash of the request's filters and order, so that a token cannot be
-//! replayed against a different query.
+//! a version byte, a hash of the request's filters and order, so that a
+//! token cannot be replayed against a different query, and the cursor: for
+//! ListReadings the sequence number the next page starts at, for
+//! ListDevices the last device id of the page.
 use super::error::ApiError;
 use crate::proto::ListReadingsRequest;
 
 const VERSION: u8 = 1;
 const LEN: usize = 17;
+/// ListDevices' tokens: version, hash, then the device id's bytes.
+const KEY_VERSION: u8 = 2;
+
+/// A token for a page that continues after `key`.
+pub fn encode_key(key: &str, query_hash: u64) -> String {
+    let mut bytes = vec![KEY_VERSION];
+    bytes.extend_from_slice(&query_hash.to_be_bytes());
+    bytes.extend_from_slice(key.as_bytes());
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The key of a token from [`encode_key`] with the same `query_hash`.
+pub fn decode_key(token: &str, query_hash: u64) -> Result<String, ApiError> {
+    let bytes = hex(token)?;
+    if bytes.len() < 9 || bytes[0] != KEY_VERSION {
+        return Err(malformed());
+    }
+    check_hash(&bytes[1..9], query_hash)?;
+    String::from_utf8(bytes[9..].to_vec()).map_err(|_| malformed())
+}
+
+fn malformed() -> ApiError {
+    ApiError::invalid(
+        "page_token",
+        "is malformed; pass a next_page_token unchanged",
+    )
+}
+
+fn hex(token: &str) -> Result<Vec<u8>, ApiError> {
+    if !token.len().is_multiple_of(2) || !token.is_ascii() {
+        return Err(malformed());
+    }
+    (0..token.len() / 2)
+        .map(|i| u8::from_str_radix(&token[2 * i..2 * i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|_| malformed())
+}
+
+fn check_hash(bytes: &[u8], query_hash: u64) -> Result<(), ApiError> {
+    if bytes != query_hash.to_be_bytes() {
+        return Err(ApiError::invalid(
+            "page_token",
+            "belongs to a request with other filters or another order",
+        ));
+    }
+    Ok(())
+}
+
+/// FNV-1a: a query's hash, stable across restarts and platforms.
+pub struct Fnv(u64);
+
+impl Fnv {
+    pub fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+
+    pub fn eat(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
 
 pub fn encode(cursor: u64, query_hash: u64) -> String {
     let mut bytes = Vec::with_capacity(LEN);
@@ -17,42 +85,20 @@ pub fn encode(cursor: u64, query_hash: u64) -> String {
 }
 
 pub fn decode(token: &str, query_hash: u64) -> Result<u64, ApiError> {
-    let malformed = || {
-        ApiError::invalid(
-            "page_token",
-            "is malformed; pass a next_page_token unchanged",
-        )
-    };
-    if token.len() != LEN * 2 || !token.is_ascii() {
+    let bytes = hex(token)?;
+    if bytes.len() != LEN || bytes[0] != VERSION {
         return Err(malformed());
     }
-    let bytes = (0..LEN)
-        .map(|i| u8::from_str_radix(&token[2 * i..2 * i + 2], 16))
-        .collect::<Result<Vec<u8>, _>>()
-        .map_err(|_| malformed())?;
-    if bytes[0] != VERSION {
-        return Err(malformed());
-    }
-    let word = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap_or_default());
-    if word(9) != query_hash {
-        return Err(ApiError::invalid(
-            "page_token",
-            "belongs to a request with other filters or another order",
-        ));
-    }
-    Ok(word(1))
+    check_hash(&bytes[9..17], query_hash)?;
+    Ok(u64::from_be_bytes(
+        bytes[1..9].try_into().map_err(|_| malformed())?,
+    ))
 }
 
-/// FNV-1a over everything but the page size and token: stable across
-/// restarts and platforms.
+/// The hash of everything but the page size and token.
 pub fn query_hash(req: &ListReadingsRequest) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for b in bytes {
-            hash ^= u64::from(*b);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-    };
+    let mut hash = Fnv::new();
+    let mut eat = |bytes: &[u8]| hash.eat(bytes);
     eat(req.device_id.as_bytes());
     eat(&[0xff]);
     eat(req.topic_filter.as_bytes());
@@ -68,7 +114,7 @@ pub fn query_hash(req: &ListReadingsRequest) -> u64 {
         }
     }
     eat(&[u8::from(req.oldest_first)]);
-    hash
+    hash.finish()
 }
 
 #[cfg(test)]
@@ -88,6 +134,20 @@ mod tests {
         assert!(decode(&encode(42, hash), query_hash(&other)).is_err());
         for forged in ["", "zz", "é", &"0".repeat(34), &encode(1, hash)[..33]] {
             assert!(decode(forged, hash).is_err(), "{forged:?}");
+        }
+    }
+
+    #[test]
+    fn key_tokens_round_trip_and_reject_forgeries() {
+        let token = encode_key("pump-7/ü", 9);
+        assert_eq!(decode_key(&token, 9).unwrap(), "pump-7/ü");
+        assert!(decode_key(&token, 10).is_err());
+        assert!(decode(&token, 9).is_err());
+        assert!(decode_key(&encode(1, 9), 9).is_err());
+        let not_utf8 = format!("02{}ff", "00".repeat(7) + "09");
+        assert!(decode_key(&not_utf8, 9).is_err());
+        for forged in ["", "0", "zz", "é", "02"] {
+            assert!(decode_key(forged, 9).is_err(), "{forged:?}");
         }
     }
 }

@@ -19,7 +19,12 @@ use prost::{
 };
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
-use crate::buffer::Reading;
+use std::time::{Duration, SystemTime};
+
+use crate::{
+    buffer::{ConnectionStatus, DeviceEntry, Reading},
+    proto::DeviceStatus,
+};
 
 /// A message of type `M`, already encoded. The server is generated with these
 /// in place of the responses it builds from readings (see build.rs); clients
@@ -130,11 +135,7 @@ fn put_reading(reading: &Reading, out: &mut Vec<u8>) {
     put_str(READING_DEVICE_ID, reading.device_id(), out);
     put_str(READING_TOPIC, reading.topic(), out);
     // Always present, even at the epoch.
-    let time = prost_types::Timestamp::from(reading.received_at);
-    let start = out.len();
-    put_varint(TIMESTAMP_SECONDS, time.seconds as u64, out);
-    put_varint(TIMESTAMP_NANOS, time.nanos as u64, out);
-    wrap(out, start, READING_RECEIVED_AT);
+    put_time(READING_RECEIVED_AT, reading.received_at, out);
     if !reading.payload.is_empty() {
         put_bytes(READING_PAYLOAD, &reading.payload, out);
     }
@@ -149,6 +150,61 @@ fn put_reading(reading: &Reading, out: &mut Vec<u8>) {
     }
     put_varint(READING_QOS, u64::from(reading.qos), out);
     put_varint(READING_RETAINED, u64::from(reading.retained), out);
+}
+
+/// Appends field `field` as a `google.protobuf.Timestamp` (present even at
+/// the epoch).
+fn put_time(field: u32, time: SystemTime, out: &mut Vec<u8>) {
+    let time = prost_types::Timestamp::from(time);
+    let start = out.len();
+    put_varint(TIMESTAMP_SECONDS, time.seconds as u64, out);
+    put_varint(TIMESTAMP_NANOS, time.nanos as u64, out);
+    wrap(out, start, field);
+}
+
+// devicehub.v1.Device's fields (see the proto).
+const DEVICE_ID: u32 = 1;
+const DEVICE_LAST_READING: u32 = 2;
+const DEVICE_FIRST_SEEN: u32 = 3;
+const DEVICE_LAST_SEEN: u32 = 4;
+const DEVICE_READINGS_BUFFERED: u32 = 5;
+const DEVICE_STATUS: u32 = 6;
+const DEVICE_STATUS_CHANGED_AT: u32 = 7;
+/// `ListDevicesResponse.devices`, `.next_page_token`; `GetDeviceResponse.device`.
+pub const LIST_DEVICES_DEVICES: u32 = 1;
+pub const LIST_DEVICES_NEXT_PAGE_TOKEN: u32 = 2;
+pub const GET_DEVICE_DEVICE: u32 = 1;
+
+/// Appends `device` as field `field` (a `devicehub.v1.Device`).
+pub fn put_device_field(field: u32, device: &DeviceEntry, out: &mut Vec<u8>) {
+    let start = out.len();
+    let info = &device.info;
+    let time = |micros| SystemTime::UNIX_EPOCH + Duration::from_micros(micros);
+    put_str(DEVICE_ID, &info.device_id, out);
+    if let Some(reading) = &device.last_reading {
+        put_reading_field(DEVICE_LAST_READING, reading, out);
+    }
+    put_time(DEVICE_FIRST_SEEN, time(info.first_seen_micros), out);
+    put_time(DEVICE_LAST_SEEN, time(info.last_seen_micros), out);
+    put_varint(DEVICE_READINGS_BUFFERED, info.buffered, out);
+    put_varint(DEVICE_STATUS, device_status(info.status) as u64, out);
+    if info.status_changed_micros != 0 {
+        put_time(
+            DEVICE_STATUS_CHANGED_AT,
+            time(info.status_changed_micros),
+            out,
+        );
+    }
+    wrap(out, start, field);
+}
+
+/// The proto enum of a connection status.
+pub fn device_status(status: ConnectionStatus) -> DeviceStatus {
+    match status {
+        ConnectionStatus::Unknown => DeviceStatus::Unknown,
+        ConnectionStatus::Online => DeviceStatus::Online,
+        ConnectionStatus::Offline => DeviceStatus::Offline,
+    }
 }
 
 /// Appends field `field` as a varint, unless it is 0.
@@ -436,6 +492,7 @@ mod tests {
                 ("dev-1", "devices/dev-1/readings")
             };
             buffer.push(NewReading {
+                kind: crate::buffer::MessageKind::Reading,
                 device_id: device,
                 topic,
                 payload,
@@ -611,6 +668,7 @@ mod tests {
                     _ => (device.as_str(), topic.as_str()),
                 };
                 buffer.push(NewReading {
+                    kind: crate::buffer::MessageKind::Reading,
                     device_id: device,
                     topic,
                     payload: &payload,
@@ -671,6 +729,7 @@ mod tests {
         );
         for payload in [zeros.as_bytes(), b"[0,0,0]"] {
             buffer.push(NewReading {
+                kind: crate::buffer::MessageKind::Reading,
                 device_id: "d",
                 topic: "devices/d/readings",
                 payload,

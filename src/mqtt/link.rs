@@ -16,7 +16,7 @@ use tracing::{debug, info, trace, warn};
 
 use super::{publish::PublishError, IngestCounters, LinkState, Shared};
 use crate::{
-    buffer::NewReading,
+    buffer::{ConnectionStatus, MessageKind, NewReading},
     config::MqttConfig,
     log_limit::{truncated, LogLimit},
     replies::ReplyRouter,
@@ -40,6 +40,7 @@ pub(super) struct Driver {
     readings_topic: TopicTemplate,
     readings_subscription: String,
     replies_topic: TopicTemplate,
+    status_topic: TopicTemplate,
     subscribe_qos: QoS,
     clean_session: bool,
     broker: String,
@@ -69,6 +70,7 @@ impl Driver {
             readings_topic: config.readings_topic.clone(),
             readings_subscription: config.readings_subscription.clone(),
             replies_topic: config.replies_topic.clone(),
+            status_topic: config.status_topic.clone(),
             subscribe_qos: config.subscribe_qos,
             clean_session: !config.persistent_session,
             broker: format!("{}:{}", config.host, config.port),
@@ -150,7 +152,7 @@ impl Driver {
                     .subscriptions()
                     .map(|f| SubscribeFilter::new(f.to_owned(), self.subscribe_qos));
                 if let Err(error) = self.client.try_subscribe_many(filters) {
-                    warn!(%error, "could not queue the readings and replies subscriptions");
+                    warn!(%error, "could not queue the subscriptions");
                 }
             }
             Event::Incoming(Packet::SubAck(suback)) => {
@@ -161,7 +163,11 @@ impl Driver {
                         .iter()
                         .all(|c| matches!(c, SubscribeReasonCode::Success(_)));
                 if granted {
-                    info!(?filters, ?codes, "subscribed to readings and replies");
+                    info!(
+                        ?filters,
+                        ?codes,
+                        "subscribed to readings, replies and status"
+                    );
                     self.shared.state.send_replace(LinkState::Ready);
                 } else {
                     warn!(?filters, ?codes, "the broker refused a subscription");
@@ -175,11 +181,13 @@ impl Driver {
         }
     }
 
-    /// The filters subscribed to: readings and command replies.
+    /// The filters subscribed to: readings, command replies and devices'
+    /// connection status.
     fn subscriptions(&self) -> impl Iterator<Item = &str> {
         [
             self.readings_subscription.as_str(),
             self.replies_topic.subscription_filter(),
+            self.status_topic.subscription_filter(),
         ]
         .into_iter()
     }
@@ -193,22 +201,36 @@ impl Driver {
             .iter()
             .filter(|publish| self.fits(publish))
             .map(|publish| {
-                // Replies are buffered like readings, and routed to a waiting
-                // SendCommand call if there is one.
-                let device_id = match self.replies_topic.device_id_of(&publish.topic) {
-                    Some(device_id) => {
-                        self.replies.route(device_id, &publish.payload);
-                        Some(device_id)
+                // Replies and status messages are buffered like readings;
+                // replies are routed to a waiting SendCommand call if there
+                // is one, status messages set the device's status.
+                let topic = &publish.topic;
+                let (device_id, kind) = if let Some(id) = self.replies_topic.device_id_of(topic) {
+                    self.replies.route(id, &publish.payload);
+                    (Some(id), MessageKind::Reply)
+                } else if let Some(id) = self.status_topic.device_id_of(topic) {
+                    let status = ConnectionStatus::parse(&publish.payload);
+                    if status.is_none() {
+                        debug!(
+                            topic = truncated(topic),
+                            "status message neither online nor offline"
+                        );
                     }
-                    None => self.readings_topic.device_id_of(&publish.topic),
+                    (Some(id), MessageKind::Status(status))
+                } else {
+                    (
+                        self.readings_topic.device_id_of(topic),
+                        MessageKind::Reading,
+                    )
                 };
                 if device_id.is_none() {
                     debug!(
-                        topic = truncated(&publish.topic),
-                        "message on a topic outside the readings and replies templates"
+                        topic = truncated(topic),
+                        "message on a topic outside the readings, replies and status templates"
                     );
                 }
                 NewReading {
+                    kind,
                     device_id: device_id.unwrap_or(""),
                     topic: &publish.topic,
                     payload: &publish.payload,

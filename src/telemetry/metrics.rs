@@ -59,6 +59,10 @@ struct Metrics {
     disconnects: Counter,
     replies: IntCounterVec,
     awaiting_reply: IntGauge,
+    devices: IntGauge,
+    devices_not_listed: Counter,
+    kept_bytes: IntGauge,
+    kept_dropped: Counter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<Counter> {
@@ -109,6 +113,10 @@ impl Metrics {
             disconnects: counter(&r, "devicehub_mqtt_disconnects_total", "Connections to the broker lost.")?,
             replies: counter_vec(&r, "devicehub_command_replies_total", "Command replies by outcome: ok, error, timeout (the caller stopped waiting), late, unmatched.", "outcome")?,
             awaiting_reply: gauge(&r, "devicehub_commands_awaiting_reply", "Commands waiting for a device's reply.")?,
+            devices: gauge(&r, "devicehub_devices", "Devices listed (heard from since the start, up to --max-devices).")?,
+            devices_not_listed: counter(&r, "devicehub_devices_not_listed_total", "New devices not listed because --max-devices were known.")?,
+            kept_bytes: gauge(&r, "devicehub_devices_kept_bytes", "Payload bytes of devices' newest readings kept after eviction (bounded by --devices-max-bytes).")?,
+            kept_dropped: counter(&r, "devicehub_devices_last_readings_dropped_total", "Devices' newest readings not kept after eviction because --devices-max-bytes was full.")?,
             registry: r,
             sources,
         })
@@ -138,6 +146,10 @@ impl Metrics {
             .map_or(0.0, |d| d.as_secs_f64());
         self.oldest_age.set(age);
         self.watchers.set(hub.watchers as i64);
+        self.devices.set(hub.devices.known as i64);
+        set(&self.devices_not_listed, hub.devices.not_listed);
+        self.kept_bytes.set(hub.devices.kept_bytes as i64);
+        set(&self.kept_dropped, hub.devices.kept_dropped);
         set(&self.watch_gaps, hub.watcher_gaps);
         set(&self.watch_missed, hub.watcher_missed_readings);
         self.mqtt_up

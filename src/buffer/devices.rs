@@ -1,0 +1,327 @@
+//! What the buffer knows of each device: the sequence numbers of its
+//! buffered messages (the index a page for one device is served from), and
+//! for the device list when it was first and last heard from, its newest
+//! reading and its connection status.
+//!
+//! One hash lookup per stored message serves both: the entry the index
+//! needs anyway is the device's record. A device stays known after its
+//! messages are evicted, up to `max_devices` known devices; beyond that a
+//! new device's messages are still indexed (ListReadings finds them) but the
+//! device is not listed, and that is counted. The device's newest reading
+//! is read from the buffer while it is there; when it is evicted, its
+//! payload is copied into the record, within a byte budget for all such
+//! copies (`max_kept_bytes`, counted when full).
+//!
+//! Memory per known device: the record (`Device`, 160 bytes on 64-bit
+//! targets, checked by a test), its id once (shared with the index and the
+//! readings), the hash map's and the ordered set's entries for it (about 40
+//! bytes), and a kept reading's payload within the budget: about 250 bytes
+//! plus the id, 25 MiB for 100 000 devices.
+
+use std::{
+    collections::{BTreeSet, HashMap, VecDeque},
+    ops::Bound,
+    sync::Arc,
+};
+
+use super::{Reading, Source};
+use crate::config::DeviceLimits;
+
+/// A device's connection status, from its status messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConnectionStatus {
+    #[default]
+    Unknown,
+    Online,
+    Offline,
+}
+
+impl ConnectionStatus {
+    /// The status a status message's payload states: `online`/`offline`
+    /// (any case, surrounding whitespace ignored), or a JSON object with
+    /// such a `status` (or a JSON string). `None`: not a status.
+    pub fn parse(payload: &[u8]) -> Option<Self> {
+        let word = |text: &str| match text.trim().to_ascii_lowercase().as_str() {
+            "online" => Some(Self::Online),
+            "offline" => Some(Self::Offline),
+            _ => None,
+        };
+        let text = std::str::from_utf8(payload).ok()?;
+        if let Some(status) = word(text) {
+            return Some(status);
+        }
+        match serde_json::from_str::<serde_json::Value>(text).ok()? {
+            serde_json::Value::String(s) => word(&s),
+            serde_json::Value::Object(map) => word(map.get("status")?.as_str()?),
+            _ => None,
+        }
+    }
+}
+
+/// What a stored message is to its device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    /// On the readings topic: becomes the device's newest reading.
+    Reading,
+    /// A command reply.
+    Reply,
+    /// On the status topic, stating this status (`None`: not understood).
+    Status(Option<ConnectionStatus>),
+}
+
+/// One device.
+pub(super) struct Device {
+    /// Sequence numbers of its buffered messages, oldest first.
+    pub seqs: VecDeque<u64>,
+    /// Its most recent source, reused while its topic stays the same.
+    pub last_source: Arc<Source>,
+    /// In the ordered list (else indexed only while it has messages).
+    listed: bool,
+    first_seen_micros: u64,
+    last_seen_micros: u64,
+    /// Sequence number of its newest reading, if it sent one (and it is
+    /// buffered or kept).
+    newest_reading: Option<u64>,
+    /// The newest reading, copied when it was evicted.
+    kept: Option<Reading>,
+    status: ConnectionStatus,
+    status_changed_micros: u64,
+}
+
+/// A device as listed: everything but the newest reading itself, which the
+/// buffer fills in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub device_id: Arc<str>,
+    pub first_seen_micros: u64,
+    pub last_seen_micros: u64,
+    pub buffered: u64,
+    pub status: ConnectionStatus,
+    /// 0 while the status is unknown.
+    pub status_changed_micros: u64,
+}
+
+/// Counters for operators.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// Devices listed.
+    pub known: usize,
+    /// New devices not listed because `max_devices` were known.
+    pub not_listed: u64,
+    /// Payload bytes of newest readings kept after their eviction.
+    pub kept_bytes: usize,
+    /// Newest readings not kept because the budget was full.
+    pub kept_dropped: u64,
+}
+
+/// Every device, by id and in order.
+#[derive(Default)]
+pub(super) struct Devices {
+    by_id: HashMap<Arc<str>, Device>,
+    listed: BTreeSet<Arc<str>>,
+    limits: DeviceLimits,
+    kept_bytes: usize,
+    not_listed: u64,
+    kept_dropped: u64,
+}
+
+impl Devices {
+    pub fn new(limits: DeviceLimits) -> Self {
+        Self {
+            limits,
+            ..Self::default()
+        }
+    }
+
+    /// Records a message of `kind` from `device_id` on `topic`, stored as
+    /// `seq`, and returns the device's source for the stored slot.
+    pub fn record(
+        &mut self,
+        device_id: &str,
+        topic: &str,
+        seq: u64,
+        micros: u64,
+        kind: MessageKind,
+    ) -> Arc<Source> {
+        let device = match self.by_id.get_mut(device_id) {
+            Some(device) => device,
+            None => {
+                let source = Arc::new(Source {
+                    device_id: Arc::from(device_id),
+                    topic: Arc::from(topic),
+                });
+                // Messages on topics outside the templates ("") are indexed,
+                // but "" is not a device.
+                let listed = !device_id.is_empty() && self.listed.len() < self.limits.max_devices;
+                if listed {
+                    self.listed.insert(source.device_id.clone());
+                } else if !device_id.is_empty() {
+                    self.not_listed += 1;
+                }
+                let device = Device {
+                    seqs: VecDeque::new(),
+                    last_source: source.clone(),
+                    listed,
+                    first_seen_micros: micros,
+                    last_seen_micros: micros,
+                    newest_reading: None,
+                    kept: None,
+                    status: ConnectionStatus::Unknown,
+                    status_changed_micros: 0,
+                };
+                self.by_id.entry(source.device_id.clone()).or_insert(device)
+            }
+        };
+        if *device.last_source.topic != *topic {
+            device.last_source = Arc::new(Source {
+                device_id: device.last_source.device_id.clone(),
+                topic: Arc::from(topic),
+            });
+        }
+        device.seqs.push_back(seq);
+        device.last_seen_micros = micros;
+        match kind {
+            MessageKind::Reading => {
+                device.newest_reading = Some(seq);
+                if let Some(kept) = device.kept.take() {
+                    self.kept_bytes -= kept.payload.len();
+                }
+            }
+            MessageKind::Status(Some(status)) if status != device.status => {
+                device.status = status;
+                device.status_changed_micros = micros;
+            }
+            MessageKind::Status(_) | MessageKind::Reply => {}
+        }
+        device.last_source.clone()
+    }
+
+    /// Whether the message `seq` of `device_id`, about to be evicted, is the
+    /// device's newest reading (and should be kept).
+    pub fn is_newest_reading(&self, device_id: &str, seq: u64) -> bool {
+        self.by_id
+            .get(device_id)
+            .is_some_and(|d| d.listed && d.newest_reading == Some(seq))
+    }
+
+    /// Forgets the evicted message `seq`; `kept` is its copy when
+    /// [`Self::is_newest_reading`] said so.
+    pub fn evicted(&mut self, device_id: &str, seq: u64, kept: Option<Reading>) {
+        let Some(device) = self.by_id.get_mut(device_id) else {
+            return;
+        };
+        device.seqs.pop_front();
+        if let Some(reading) = kept {
+            let len = reading.payload.len();
+            if self.kept_bytes + len <= self.limits.max_kept_bytes {
+                self.kept_bytes += len;
+                device.kept = Some(reading);
+            } else {
+                self.kept_dropped += 1;
+                device.newest_reading = None;
+            }
+        } else if device.newest_reading == Some(seq) {
+            device.newest_reading = None;
+        }
+        if device.seqs.is_empty() && !device.listed {
+            self.by_id.remove(device_id);
+        }
+    }
+
+    /// The buffered sequence numbers of `device_id`.
+    pub fn seqs(&self, device_id: &str) -> Option<&VecDeque<u64>> {
+        self.by_id.get(device_id).map(|d| &d.seqs)
+    }
+
+    pub fn status(&self, device_id: &str) -> ConnectionStatus {
+        self.by_id
+            .get(device_id)
+            .map_or(ConnectionStatus::Unknown, |d| d.status)
+    }
+
+    /// A listed device, with where its newest reading is: buffered (its
+    /// sequence number) or kept (the copy).
+    pub fn get(&self, device_id: &str) -> Option<(DeviceInfo, NewestReading<'_>)> {
+        let device = self.by_id.get(device_id).filter(|d| d.listed)?;
+        let newest = match (&device.kept, device.newest_reading) {
+            (Some(kept), _) => NewestReading::Kept(kept),
+            (None, Some(seq)) => NewestReading::Buffered(seq),
+            (None, None) => NewestReading::None,
+        };
+        let info = DeviceInfo {
+            device_id: device.last_source.device_id.clone(),
+            first_seen_micros: device.first_seen_micros,
+            last_seen_micros: device.last_seen_micros,
+            buffered: device.seqs.len() as u64,
+            status: device.status,
+            status_changed_micros: device.status_changed_micros,
+        };
+        Some((info, newest))
+    }
+
+    /// Listed device ids from `prefix` on, after `after` (exclusive) when
+    /// given, in order.
+    pub fn ids_from<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = &'a Arc<str>> + 'a {
+        let start = match after {
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
+        };
+        self.listed
+            .range::<str, _>((start, Bound::Unbounded))
+            .take_while(move |id| id.starts_with(prefix))
+    }
+
+    pub fn stats(&self) -> DeviceStats {
+        DeviceStats {
+            known: self.listed.len(),
+            not_listed: self.not_listed,
+            kept_bytes: self.kept_bytes,
+            kept_dropped: self.kept_dropped,
+        }
+    }
+
+    #[cfg(test)]
+    pub fn indexed(&self, device_id: &str) -> bool {
+        self.by_id.contains_key(device_id)
+    }
+}
+
+/// Where a device's newest reading is.
+pub(super) enum NewestReading<'a> {
+    Buffered(u64),
+    Kept(&'a Reading),
+    None,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_record_is_as_large_as_documented() {
+        #[cfg(target_pointer_width = "64")]
+        assert_eq!(std::mem::size_of::<Device>(), 160);
+    }
+
+    #[test]
+    fn parses_status_payloads() {
+        use ConnectionStatus::*;
+        for (payload, want) in [
+            (&b"online"[..], Some(Online)),
+            (b" OFFLINE\n", Some(Offline)),
+            (br#"{"status": "Online", "since": 3}"#, Some(Online)),
+            (br#""offline""#, Some(Offline)),
+            (b"", None),
+            (b"gone", None),
+            (br#"{"state": "online"}"#, None),
+            (br#"{"status": 1}"#, None),
+            (&[0xff, 0xfe], None),
+        ] {
+            assert_eq!(ConnectionStatus::parse(payload), want, "{payload:?}");
+        }
+    }
+}
