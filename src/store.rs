@@ -12,6 +12,13 @@
 //! then are the readings pushed into the hub's memory window and
 //! acknowledged to the broker. The hub then follows the store's committed
 //! order, which is what lets several instances share one database.
+//!
+//! The device list (`buffer/devices.rs`) is kept in memory beside the
+//! buffer today: what each device last said, when it was first and last
+//! heard from, its connection status. A durable store persists those
+//! records with each committed batch (one upsert per device in the batch,
+//! not a scan of history) and loads them at startup, so the list survives
+//! restarts; the memory records stay the read path.
 
 use crate::{buffer::NewReading, hub::ReadingHub};
 

@@ -9,8 +9,9 @@ use std::{path::Path, process::Stdio};
 
 use common::{secure::*, tempdir::TempDir, tokens::*, *};
 use devicehub::proto::{
-    device_hub_client::DeviceHubClient, watch_readings_response::Event, ListReadingsRequest,
-    SendCommandRequest, StreamCommandsRequest, WatchReadingsRequest,
+    device_hub_client::DeviceHubClient, watch_readings_response::Event, GetDeviceRequest,
+    ListDevicesRequest, ListReadingsRequest, SendCommandRequest, StreamCommandsRequest,
+    WatchReadingsRequest,
 };
 use serde_json::json;
 use tokio_stream::StreamExt;
@@ -214,6 +215,25 @@ async fn tokens_and_scopes_decide_who_sees_and_commands_what() {
     let status = greenhouses.list_readings(list("pump-7")).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
     assert!(status.message().contains("readings:read"), "{status:?}");
+    // The device list is narrowed the same way.
+    let listed = greenhouses
+        .list_devices(ListDevicesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = listed
+        .devices
+        .iter()
+        .map(|d| d.device_id.as_str())
+        .collect();
+    assert_eq!(ids, ["greenhouse-1", "greenhouse-2"]);
+    let status = greenhouses
+        .get_device(GetDeviceRequest {
+            device_id: "pump-7".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     let status = greenhouses
         .send_command(command("greenhouse-1"))
         .await

@@ -23,7 +23,7 @@ use crate::proto::{
     send_command_request::Payload, SendCommandRequest, SendCommandResponse, StreamCommandsRequest,
     StreamCommandsResponse,
 };
-use crate::telemetry::traces::traceparent;
+use crate::telemetry::traces::{traced, traceparent};
 
 /// Largest command payload (envelope or raw), in bytes.
 const MAX_COMMAND_PAYLOAD_BYTES: usize = 256 << 10;
@@ -75,13 +75,15 @@ pub(super) async fn send(
     shared
         .publisher
         .publish(command.topic.clone(), command.payload, command.qos)
-        .instrument(info_span!(
-            "mqtt publish",
-            otel.kind = "producer",
-            messaging.system = "mqtt",
-            messaging.destination.name = command.topic,
-            messaging.message.id = command.id,
-        ))
+        .instrument(traced(|| {
+            info_span!(
+                "mqtt publish",
+                otel.kind = "producer",
+                messaging.system = "mqtt",
+                messaging.destination.name = command.topic,
+                messaging.message.id = command.id,
+            )
+        }))
         .await?;
     info!(
         command_id = command.id,
@@ -105,11 +107,13 @@ pub(super) async fn send(
     // drops this future; dropping `pending` unregisters the wait.
     let wait = tokio::time::timeout(timeout, pending.wait());
     match wait
-        .instrument(info_span!(
-            "reply wait",
-            command_id = response.command_id,
-            timeout_ms = timeout.as_millis() as u64
-        ))
+        .instrument(traced(|| {
+            info_span!(
+                "reply wait",
+                command_id = response.command_id,
+                timeout_ms = timeout.as_millis() as u64
+            )
+        }))
         .await
     {
         Ok(Some(reply)) => {
@@ -262,7 +266,7 @@ async fn serve_stream(
                             async move {
                                 command_response(id, send(&shared, &caller, command).await)
                             }
-                            .instrument(info_span!("command", request_id = id)),
+                            .instrument(traced(|| info_span!("command", request_id = id))),
                         );
                         continue;
                     }

@@ -7,14 +7,7 @@ use super::{
 };
 use crate::{proto::GetDeviceRequest, proto::ListDevicesRequest, topic::MAX_DEVICE_ID_BYTES};
 
-/// Page size when the request leaves it at 0.
-const DEFAULT_PAGE_SIZE: usize = 100;
-/// Largest page size accepted.
-const MAX_PAGE_SIZE: usize = 1000;
-/// A page stops growing at about this many encoded bytes (devices carry
-/// their newest reading), under gRPC clients' usual 4 MiB message limit; at
-/// least one device is always returned.
-const MAX_PAGE_BYTES: usize = 3 << 20;
+use page_token::MAX_PAGE_BYTES;
 
 /// Serves one ListDevices call.
 pub(super) fn list(
@@ -23,16 +16,7 @@ pub(super) fn list(
     req: ListDevicesRequest,
 ) -> Result<EncodedListDevicesResponse, ApiError> {
     caller.may_read("")?;
-    let limit = match req.page_size {
-        0 => DEFAULT_PAGE_SIZE,
-        n if n < 0 || n as usize > MAX_PAGE_SIZE => {
-            return Err(ApiError::invalid(
-                "page_size",
-                format!("must be between 0 and {MAX_PAGE_SIZE}, not {n}"),
-            ))
-        }
-        n => n as usize,
-    };
+    let limit = page_token::page_size(req.page_size)?;
     if req.device_id_prefix.len() > MAX_DEVICE_ID_BYTES {
         return Err(ApiError::invalid(
             "device_id_prefix",
@@ -91,3 +75,4 @@ pub(super) fn get(
     wire::put_device_field(wire::GET_DEVICE_DEVICE, &device, &mut out);
     Ok(Encoded::from_bytes(out.into()))
 }
+

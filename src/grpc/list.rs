@@ -10,14 +10,7 @@ use crate::{
     proto::ListReadingsRequest,
 };
 
-/// Page size when the request leaves it at 0.
-const DEFAULT_PAGE_SIZE: usize = 100;
-/// Largest page size accepted.
-const MAX_PAGE_SIZE: usize = 1000;
-/// A page stops growing at about this many encoded bytes, so it stays under
-/// gRPC's usual 4 MiB message limit on the client; at least one reading is
-/// always returned.
-const MAX_PAGE_BYTES: usize = 3 << 20;
+use page_token::MAX_PAGE_BYTES;
 
 /// Serves one ListReadings call.
 pub(super) fn list(
@@ -80,17 +73,7 @@ fn list_query(
             ));
         }
     }
-    let limit = match req.page_size {
-        0 => DEFAULT_PAGE_SIZE,
-        n if n < 0 => return Err(ApiError::invalid("page_size", "must not be negative")),
-        n if n as usize > MAX_PAGE_SIZE => {
-            return Err(ApiError::invalid(
-                "page_size",
-                format!("is {n}; the maximum is {MAX_PAGE_SIZE}"),
-            ))
-        }
-        n => n as usize,
-    };
+    let limit = page_token::page_size(req.page_size)?;
     let cursor = match req.page_token.as_str() {
         "" => None,
         token => Some(page_token::decode(token, query_hash)?),

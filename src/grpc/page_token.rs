@@ -1,10 +1,33 @@
-//! Page tokens: opaque to clients, validated here. A token is the hex form of
+//! Paging (AIP-158): page sizes, and page tokens, opaque to clients and
+//! validated here. A token is the hex form of
 //! a version byte, a hash of the request's filters and order, so that a
 //! token cannot be replayed against a different query, and the cursor: for
 //! ListReadings the sequence number the next page starts at, for
 //! ListDevices the last device id of the page.
 use super::error::ApiError;
 use crate::proto::ListReadingsRequest;
+
+/// Page size when a request leaves it at 0.
+const DEFAULT_PAGE_SIZE: usize = 100;
+/// Largest page size accepted.
+pub const MAX_PAGE_SIZE: usize = 1000;
+/// A page stops growing at about this many encoded bytes, so it stays under
+/// gRPC's usual 4 MiB message limit on the client; at least one item is
+/// always returned.
+pub const MAX_PAGE_BYTES: usize = 3 << 20;
+
+/// A request's `page_size`: 0 means the default, at most [`MAX_PAGE_SIZE`].
+pub fn page_size(n: i32) -> Result<usize, ApiError> {
+    match n {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n if n < 0 => Err(ApiError::invalid("page_size", "must not be negative")),
+        n if n as usize > MAX_PAGE_SIZE => Err(ApiError::invalid(
+            "page_size",
+            format!("is {n}; the maximum is {MAX_PAGE_SIZE}"),
+        )),
+        n => Ok(n as usize),
+    }
+}
 
 const VERSION: u8 = 1;
 const LEN: usize = 17;

@@ -122,6 +122,17 @@ fn exporter(endpoint: &str) -> Result<SdkTracerProvider, TelemetryError> {
         .build())
 }
 
+/// The span `make` builds when spans are exported, else none: spans below a
+/// call's (per command, per publish) exist for traces only, and cost a few
+/// microseconds each that a log without them does not need.
+pub fn traced(make: impl FnOnce() -> Span) -> Span {
+    if EXPORTING.load(Ordering::Relaxed) {
+        make()
+    } else {
+        Span::none()
+    }
+}
+
 /// Makes `span` a child of the caller's span when the request carries a
 /// valid W3C `traceparent` (and `tracestate`).
 pub fn continue_trace(span: &Span, headers: &HeaderMap) {
