@@ -75,4 +75,3 @@ pub(super) fn get(
     wire::put_device_field(wire::GET_DEVICE_DEVICE, &device, &mut out);
     Ok(Encoded::from_bytes(out.into()))
 }
-
