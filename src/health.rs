@@ -1,12 +1,90 @@
 //! The gRPC health service's statuses: [`SERVICE_NAME`] and the overall
 //! status (`""`, what Kubernetes' gRPC probe asks for) follow the MQTT link,
-//! and everything turns NOT_SERVING when shutdown begins.
+//! and everything turns NOT_SERVING when shutdown begins. And [`probe`], the
+//! client side: `devicehub health`, a container's healthcheck.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
 
 use tokio_util::sync::CancellationToken;
-use tonic_health::{server::HealthReporter, ServingStatus};
+use tonic::{
+    transport::{Certificate, ClientTlsConfig, Endpoint},
+    Status,
+};
+use tonic_health::{
+    pb::{health_check_response, health_client::HealthClient, HealthCheckRequest},
+    server::HealthReporter,
+    ServingStatus,
+};
 use tracing::info;
 
-use crate::{mqtt::LinkState, SERVICE_NAME};
+use crate::{cli::HealthArgs, mqtt::LinkState, SERVICE_NAME};
+
+/// Why `devicehub health` got no status.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("{path}: {source}")]
+    Ca {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot reach {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: tonic::transport::Error,
+    },
+    #[error("health check of {addr}: {0}", .status.message())]
+    Check { addr: SocketAddr, status: Status },
+    #[error("no answer from {0} in time")]
+    Timeout(SocketAddr),
+}
+
+/// Asks the health service at `args.grpc_addr` for the status of
+/// `args.service`.
+pub async fn probe(args: &HealthArgs) -> Result<health_check_response::ServingStatus, ProbeError> {
+    let mut addr = args.grpc_addr;
+    // A service bound to every interface answers on loopback.
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let connect = |source| ProbeError::Connect { addr, source };
+    let mut endpoint = match &args.tls_ca {
+        None => Endpoint::from_shared(format!("http://{addr}")).map_err(connect)?,
+        Some(path) => {
+            let ca = std::fs::read(path).map_err(|source| ProbeError::Ca {
+                path: path.clone(),
+                source,
+            })?;
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name(&args.tls_server_name);
+            Endpoint::from_shared(format!("https://{addr}"))
+                .and_then(|e| e.tls_config(tls))
+                .map_err(connect)?
+        }
+    };
+    endpoint = endpoint.connect_timeout(timeout).timeout(timeout);
+    let call = async {
+        let channel = endpoint.connect().await.map_err(connect)?;
+        let request = HealthCheckRequest {
+            service: args.service.clone(),
+        };
+        let response = HealthClient::new(channel)
+            .check(request)
+            .await
+            .map_err(|status| ProbeError::Check { addr, status })?;
+        Ok(response.into_inner().status())
+    };
+    tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| ProbeError::Timeout(addr))?
+}
 
 /// Keeps the health status of [`SERVICE_NAME`] and the overall one in step
 /// with the MQTT link: SERVING only while connected and subscribed. (A

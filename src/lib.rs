@@ -37,7 +37,7 @@ mod buffer;
 pub mod cli;
 pub mod config;
 mod grpc;
-mod health;
+pub mod health;
 mod hub;
 mod listener;
 mod log_limit;

@@ -4,6 +4,7 @@
 use clap::Parser;
 use devicehub::cli::{Cli, Command};
 use tokio_util::sync::CancellationToken;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -19,6 +20,20 @@ async fn main() -> anyhow::Result<()> {
             .await
             .map_err(anyhow::Error::from),
         Some(Command::Serve(args)) => devicehub::serve(&args, shutdown).await.map_err(Into::into),
+        Some(Command::Health(args)) => {
+            let status = devicehub::health::probe(&args).await;
+            telemetry.shutdown();
+            match status? {
+                ServingStatus::Serving => {
+                    println!("SERVING");
+                    return Ok(());
+                }
+                other => {
+                    println!("{}", other.as_str_name());
+                    std::process::exit(1);
+                }
+            }
+        }
         None => devicehub::serve(&cli.serve, shutdown)
             .await
             .map_err(Into::into),

@@ -252,3 +252,45 @@ async fn json_logs_parse_as_json() {
     );
     assert_eq!(terminate(&mut serve).await.code(), Some(0));
 }
+
+/// `devicehub health`: exit 0 and SERVING while the service is up, 1 with a
+/// reason when nothing answers (a container healthcheck with no other tool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_subcommand_answers_for_a_running_service() {
+    let args = [
+        "serve",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--embedded-mqtt-addr",
+        "127.0.0.1:0",
+    ];
+    let (mut serve, mut log) = spawn_devicehub(&args, &[]);
+    let addr = logged_addr(&mut log, "gRPC listening", "addr=").await;
+    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+    let health = |addr: String| async move {
+        Command::new(env!("CARGO_BIN_EXE_devicehub"))
+            .args(["health", "--grpc-addr", &addr])
+            .env_remove("DEVICEHUB_GRPC_ADDR")
+            .output()
+            .await
+            .unwrap()
+    };
+    let output = eventually("health SERVING", || {
+        let addr = addr.clone();
+        async move {
+            let output = health(addr).await;
+            output.status.success().then_some(output)
+        }
+    })
+    .await;
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "SERVING");
+    // 0.0.0.0 means this host.
+    let port = addr.rsplit(':').next().unwrap();
+    assert!(health(format!("0.0.0.0:{port}")).await.status.success());
+    assert_eq!(terminate(&mut serve).await.code(), Some(0));
+
+    let output = health(addr.clone()).await;
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&format!("cannot reach {addr}")), "{stderr}");
+}
