@@ -11,7 +11,11 @@
 #     container's healthcheck and `devicehub health` say SERVING, a reading
 #     from a device reaches ListReadings, the service runs as the non-root
 #     user, and SIGTERM (docker stop) ends it with exit code 0 within the
-#     shutdown deadline.
+#     shutdown deadline;
+#  5. brings up the compose demo (deploy/compose.yaml: Mosquitto with the
+#     shipped configuration, from Debian's package in an image built the
+#     same way; devicehub; the simulator), checks that the simulator's
+#     readings arrive and a command round trip succeeds, and takes it down.
 # Called by scripts/test.sh; DEVICEHUB_SKIP_DOCKER=1 skips it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,8 +42,13 @@ export DOCKER_BUILDKIT=1
 work=$(mktemp -d /tmp/devicehub-docker.XXXXXX)
 started_dockerd=""
 containers=()
+compose_project=""
 cleanup() {
   for c in "${containers[@]}"; do $DOCKER rm -f "$c" >/dev/null 2>&1 || true; done
+  if [ -n "$compose_project" ]; then
+    compose down -v --remove-orphans >/dev/null 2>&1 || true
+  fi
+  if [ -n "${made_secrets:-}" ]; then rm -rf "$secrets_dir"; fi
   if [ -n "$started_dockerd" ]; then
     step "stopping the dockerd this script started"
     local pid
@@ -70,15 +79,22 @@ if ! $DOCKER info >/dev/null 2>&1; then
   wait_for 150 "dockerd to answer" $DOCKER info || { cat "$work/dockerd.log" >&2; exit 1; }
 fi
 
-BASE=devicehub-test/base:bookworm
-if ! $DOCKER image inspect "$BASE" >/dev/null 2>&1; then
-  step "building $BASE with debootstrap (minbase bookworm from deb.debian.org)"
-  as_root debootstrap --variant=minbase bookworm "$work/rootfs" http://deb.debian.org/debian >"$work/debootstrap.log" 2>&1 \
+# An image from debootstrap (minbase bookworm, plus the packages given),
+# built once and kept under its tag.
+debootstrap_image() {
+  local tag=$1 include=${2:-}
+  if $DOCKER image inspect "$tag" >/dev/null 2>&1; then return; fi
+  step "building $tag with debootstrap (minbase bookworm${include:+ + $include} from deb.debian.org)"
+  local root="$work/rootfs"
+  as_root debootstrap --variant=minbase ${include:+--include="$include"} bookworm "$root" \
+    http://deb.debian.org/debian >"$work/debootstrap.log" 2>&1 \
     || { tail -20 "$work/debootstrap.log" >&2; fail "debootstrap"; }
-  as_root rm -rf "$work/rootfs/var/cache/apt/archives/"*.deb "$work/rootfs/var/lib/apt/lists/"*
-  as_root tar -C "$work/rootfs" -c . | $DOCKER import - "$BASE" >/dev/null
-  as_root rm -rf "$work/rootfs"
-fi
+  as_root rm -rf "$root/var/cache/apt/archives/"*.deb "$root/var/lib/apt/lists/"*
+  as_root tar -C "$root" -c . | $DOCKER import - "$tag" >/dev/null
+  as_root rm -rf "$root"
+}
+BASE=devicehub-test/base:bookworm
+debootstrap_image "$BASE"
 
 step "building the release binary and the runtime image"
 cargo build --release --locked --quiet
@@ -130,5 +146,35 @@ code=$($DOCKER inspect -f '{{.State.ExitCode}}' "$name")
 [ "$code" = 0 ] || { $DOCKER logs "$name" >&2; fail "exit code $code after SIGTERM"; }
 [ "$took" -le 10 ] || fail "stopping took ${took}s, more than the 5 s deadline allows"
 $DOCKER logs "$name" 2>&1 | grep -q '"message":"stopped"' || fail "no clean stop in the log"
+
+step "the compose demo: Mosquitto (shipped config), devicehub, the simulator"
+# Mosquitto from Debian's package, standing in for eclipse-mosquitto:2.
+MOSQUITTO=devicehub-test/mosquitto:bookworm
+debootstrap_image "$MOSQUITTO" mosquitto
+secrets_dir=deploy/demo-secrets
+made_secrets=""
+if [ ! -e "$secrets_dir" ]; then
+  bash deploy/compose-secrets.sh "$secrets_dir" >/dev/null
+  made_secrets=yes
+fi
+DEMO_PORT=$(free_port)
+compose_project=devicehub-test-$$
+compose() {
+  DEVICEHUB_IMAGE="$IMAGE" MOSQUITTO_IMAGE="$MOSQUITTO" DEVICEHUB_GRPC_PORT="$DEMO_PORT" \
+    docker-compose -p "$compose_project" -f deploy/compose.yaml "$@"
+}
+compose up -d >"$work/compose.log" 2>&1 || { cat "$work/compose.log" >&2; fail "compose up"; }
+demo=127.0.0.1:$DEMO_PORT
+sim_reading() {
+  grpcurl -plaintext -d '{"device_id": "sim-1", "page_size": 1}' "$demo" \
+    devicehub.v1.DeviceHub/ListReadings | grep -q '"temperature"'
+}
+wait_for 300 "a simulated reading through the demo" sim_reading \
+  || { compose logs >&2; exit 1; }
+reply=$(grpcurl -plaintext -d '{"device_id": "sim-2", "command": "PING", "reply_timeout": "5s"}' \
+  "$demo" devicehub.v1.DeviceHub/SendCommand)
+echo "$reply" | grep -q COMMAND_STATUS_OK || { compose logs >&2; fail "command round trip: $reply"; }
+compose down -v --remove-orphans >/dev/null 2>&1
+compose_project=""
 
 step "passed"

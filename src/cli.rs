@@ -226,7 +226,10 @@ pub struct MqttLoginArgs {
 impl MqttLoginArgs {
     /// The TLS client configuration for an `mqtts://` broker, from the files
     /// given; `None` for plain `mqtt://`, where TLS flags are refused.
-    fn tls(&self, broker: &BrokerUrl) -> Result<Option<Arc<rustls::ClientConfig>>, ConfigError> {
+    pub(crate) fn tls(
+        &self,
+        broker: &BrokerUrl,
+    ) -> Result<Option<Arc<rustls::ClientConfig>>, ConfigError> {
         if !broker.tls {
             let given = [
                 ("--mqtt-ca", &self.mqtt_ca),
@@ -259,7 +262,7 @@ impl MqttLoginArgs {
     }
 
     /// The broker login, if a user name is given.
-    fn credentials(&self) -> Result<Option<Credentials>, ConfigError> {
+    pub(crate) fn credentials(&self) -> Result<Option<Credentials>, ConfigError> {
         let password = match &self.mqtt_password_file {
             Some(path) => {
                 let text = read("--mqtt-password-file", path)?;
@@ -570,13 +573,21 @@ impl ServeArgs {
 /// Options of `devicehub simulate`.
 #[derive(Debug, Clone, Args)]
 pub struct SimulateArgs {
-    /// MQTT broker the devices connect to, as mqtt://host[:port].
+    /// MQTT broker the devices connect to, as mqtt://host[:port] (or
+    /// mqtts:// for TLS).
     #[arg(
         long,
         env = "DEVICEHUB_MQTT_URL",
         default_value = "mqtt://127.0.0.1:1883"
     )]
     pub mqtt_url: BrokerUrl,
+
+    /// TLS and login of every device; in --mqtt-username, `{device_id}`
+    /// stands for each device's id (brokers that give every device an
+    /// account, like the shipped Mosquitto configuration, want
+    /// `--mqtt-username '{device_id}'`).
+    #[command(flatten)]
+    pub login: MqttLoginArgs,
 
     /// Number of simulated devices.
     #[arg(long, env = "DEVICEHUB_SIM_DEVICES", default_value_t = 3,

@@ -358,3 +358,60 @@ async fn readings_stay_prompt_after_a_burst_through_the_shipped_config() {
     );
     service.stop().await;
 }
+
+/// `devicehub simulate` through the shipped broker: each device logs in
+/// with its own account (`--mqtt-username '{device_id}'`), so the ACL lets
+/// it publish its readings, status and replies and read its commands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_logs_in_as_each_device_through_the_shipped_broker() {
+    use devicehub::proto::{DeviceStatus, GetDeviceRequest};
+    const DEVICE_PASSWORD: &str = "sim-secret";
+    let pki = Pki::new("devicehub test CA");
+    let accounts = [
+        ("devicehub", SERVICE_PASSWORD),
+        ("sim-1", DEVICE_PASSWORD),
+        ("sim-2", DEVICE_PASSWORD),
+    ];
+    let secure = SecureMosquitto::start(&pki, &accounts);
+    let dir = TempDir::new("secure-sim");
+    let args = login_args(&secure, &dir, SERVICE_PASSWORD);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let service = TestService::start_ready(config(&secure.broker.url, &args)).await;
+    let mut client = service.client().await;
+
+    let url = secure.broker.url.to_string();
+    let ca = secure.ca_file.display().to_string();
+    let mut simulator = tokio::process::Command::new(env!("CARGO_BIN_EXE_devicehub"))
+        .args(["simulate", "--mqtt-url", &url, "--mqtt-ca", &ca])
+        .args(["--mqtt-username", "{device_id}", "--devices", "2"])
+        .args(["--interval-ms", "200"])
+        .env("DEVICEHUB_MQTT_PASSWORD", DEVICE_PASSWORD)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    for id in ["sim-1", "sim-2"] {
+        eventually(&format!("{id} online with a reading"), || {
+            let mut client = client.clone();
+            async move {
+                let request = GetDeviceRequest {
+                    device_id: id.into(),
+                };
+                let device = client.get_device(request).await.ok()?.into_inner().device?;
+                (device.status() == DeviceStatus::Online && device.last_reading.is_some())
+                    .then_some(())
+            }
+        })
+        .await;
+    }
+    let response = client
+        .send_command(command("sim-2", Some(Duration::from_secs(5))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response.reply.is_some(), "sim-2 answered through the ACL");
+    simulator.start_kill().unwrap();
+    let _ = simulator.wait().await;
+    service.stop().await;
+}

@@ -29,7 +29,12 @@ use tokio_util::sync::CancellationToken;
 pub use publish::{CommandPublisher, PublishError};
 pub use tls::{client_config, ClientIdentity, TlsError};
 
-use crate::{config::MqttConfig, replies::ReplyRouter, store::ReadingStore, sync};
+use crate::{
+    config::{Credentials, MqttConfig},
+    replies::ReplyRouter,
+    store::ReadingStore,
+    sync,
+};
 use link::Driver;
 use publish::AckTracker;
 
@@ -89,15 +94,28 @@ fn options(config: &MqttConfig) -> MqttOptions {
         .set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes)
         .set_clean_session(!config.persistent_session)
         .set_request_channel_capacity(REQUEST_QUEUE);
-    if let Some(tls) = &config.tls {
+    log_in(
+        &mut options,
+        config.tls.as_ref(),
+        config.credentials.as_ref(),
+    );
+    options
+}
+
+/// Sets TLS (for an `mqtts://` broker) and the login on `options`.
+pub fn log_in(
+    options: &mut MqttOptions,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    credentials: Option<&Credentials>,
+) {
+    if let Some(tls) = tls {
         options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             tls.clone(),
         )));
     }
-    if let Some(login) = &config.credentials {
+    if let Some(login) = credentials {
         options.set_credentials(&login.username, login.password.expose());
     }
-    options
 }
 
 /// Starts the shared client and its event loop task, which hands incoming
