@@ -133,6 +133,22 @@ async fn tokens_and_scopes_decide_who_sees_and_commands_what() {
     let channel = tls_channel(&service, &pki.ca_cert, None).await.unwrap();
     wait_serving(&channel).await; // health needs no token
 
+    // `devicehub health` (the container healthcheck) over TLS, trusting the
+    // CA; without it, it cannot get an answer.
+    let ca = write(dir.path(), "ca.crt", &pki.ca_cert);
+    let addr = service.addr.to_string();
+    let probe = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_devicehub"))
+            .args(["health", "--grpc-addr", &addr])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let output = probe(&["--tls-ca", &ca]);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "SERVING");
+    assert_eq!(probe(&[]).status.code(), Some(1));
+
     let device = TestDevice::connect(&broker, "device-scopes", None).await;
     for id in ["greenhouse-1", "greenhouse-2", "pump-7"] {
         device.publish(&format!("devices/{id}/readings"), id).await;
