@@ -46,6 +46,11 @@ if [ ! -x "$BUF" ]; then
   echo "== installing @bufbuild/buf (npm)"
   npm install --prefix target/tools --silent --no-audit --no-fund @bufbuild/buf@1.75.0
 fi
+# The Node client (examples/node) and its generated code.
+echo "== npm ci (examples/node), buf generate"
+(cd examples/node && npm ci --silent --no-audit --no-fund)
+"$BUF" generate
+(cd examples/node && npx tsc -p .)
 echo "== buf lint, format, breaking"
 "$BUF" lint
 "$BUF" format --diff --exit-code
