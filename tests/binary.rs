@@ -12,6 +12,7 @@ use devicehub::{
         device_hub_client::DeviceHubClient, CommandStatus, ListReadingsRequest, SendCommandRequest,
     },
 };
+use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt, BufReader, Lines},
     process::{Child, ChildStdout, Command},
@@ -293,4 +294,91 @@ async fn the_health_subcommand_answers_for_a_running_service() {
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains(&format!("cannot reach {addr}")), "{stderr}");
+}
+
+/// With auth, the caller's identity (the token's subject) joins the call's
+/// span, so the log line of a failed call names who made it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_calls_log_line_names_the_caller() {
+    let dir = tempdir::TempDir::new("caller-log");
+    let signer = tokens::Signer::es256();
+    let key = dir.path().join("key.pem");
+    std::fs::write(&key, &signer.public_pem).unwrap();
+    let key = key.display().to_string();
+    let args = [
+        "serve",
+        "--log-format",
+        "json",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--embedded-mqtt-addr",
+        "127.0.0.1:0",
+        "--auth-jwt-key",
+        &key,
+    ];
+    let (mut serve, mut log) = spawn_devicehub(&args, &[]);
+    let addr = loop {
+        let line = within("the listening line", log.next_line())
+            .await
+            .unwrap()
+            .expect("log ended");
+        let object: Value = serde_json::from_str(&line).unwrap();
+        if object["message"] == "gRPC listening" {
+            break object["addr"].as_str().unwrap().to_owned();
+        }
+    };
+    let channel = eventually("a gRPC channel", || {
+        let url = format!("http://{addr}");
+        async move {
+            tonic::transport::Channel::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+                .ok()
+        }
+    })
+    .await;
+    let mut request = tonic::Request::new(SendCommandRequest {
+        device_id: "nobody".into(),
+        command: "PING".into(),
+        reply_timeout: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 100_000_000,
+        }),
+        ..Default::default()
+    });
+    let token = signer.token("alice", "commands:send");
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let status = eventually("the command to time out (the link up)", || {
+        let mut client = DeviceHubClient::new(channel.clone());
+        let request = tonic::Request::from_parts(
+            request.metadata().clone(),
+            Default::default(),
+            request.get_ref().clone(),
+        );
+        async move {
+            let status = client.send_command(request).await.unwrap_err();
+            (status.code() == tonic::Code::DeadlineExceeded).then_some(status)
+        }
+    })
+    .await;
+    assert!(!status.message().contains(&token));
+    let failed = loop {
+        let line = within("the call's log line", log.next_line())
+            .await
+            .unwrap()
+            .expect("log ended");
+        let object: Value = serde_json::from_str(&line).unwrap();
+        if object["message"] == "call failed" && object["code"] == "DeadlineExceeded" {
+            break object;
+        }
+    };
+    assert_eq!(failed["span"]["caller"], "alice", "{failed}");
+    assert!(
+        !failed.to_string().contains(&token),
+        "the token is never logged"
+    );
+    assert_eq!(terminate(&mut serve).await.code(), Some(0));
 }
