@@ -404,6 +404,12 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_commands_per_client: u32,
 
+    /// Web origins (scheme://host[:port], comma-separated) whose pages may
+    /// call the service with gRPC-Web from a browser (CORS). Unset: no
+    /// cross-origin calls. The gRPC port always speaks gRPC-Web too.
+    #[arg(long, env = "DEVICEHUB_CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub cors_allowed_origins: Vec<String>,
+
     /// Address to serve Prometheus metrics on (`GET /metrics`). Unset: no
     /// metrics listener. Port 0 picks a free port (logged).
     #[arg(long, env = "DEVICEHUB_METRICS_ADDR")]
@@ -563,6 +569,7 @@ impl ServeArgs {
             max_commands_per_client: self.max_commands_per_client as usize,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             metrics_addr: self.metrics_addr,
+            cors_allowed_origins: cors_origins(&self.cors_allowed_origins)?,
             grpc_tls: self.grpc_security.tls()?,
             auth: self.grpc_security.auth()?,
         })
@@ -629,6 +636,27 @@ fn fraction(text: &str) -> Result<f64, String> {
         Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
         _ => Err(format!("{text:?} is not a fraction from 0 to 1")),
     }
+}
+
+/// `--cors-allowed-origins`, each checked to be an origin (a browser sends
+/// exactly `scheme://host[:port]`, so anything else would never match).
+fn cors_origins(origins: &[String]) -> Result<Vec<String>, ConfigError> {
+    origins
+        .iter()
+        .map(|origin| {
+            let origin = origin.trim();
+            let valid = (origin.starts_with("http://") || origin.starts_with("https://"))
+                && origin.splitn(4, '/').nth(3).is_none()
+                && !origin.ends_with('/')
+                && origin.is_ascii()
+                && http::HeaderValue::from_str(origin).is_ok();
+            if valid {
+                Ok(origin.to_owned())
+            } else {
+                Err(ConfigError::CorsOrigin(origin.to_owned()))
+            }
+        })
+        .collect()
 }
 
 fn default_client_id() -> String {

@@ -26,6 +26,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Where `GET /metrics` is served; `None`: nowhere.
     pub metrics_addr: Option<SocketAddr>,
+    /// Origins whose pages may call with gRPC-Web (CORS); empty: none.
+    pub cors_allowed_origins: Vec<String>,
     /// TLS on the gRPC port. `None`: plaintext.
     pub grpc_tls: Option<GrpcTls>,
     /// Bearer-token auth on the DeviceHub service. `None`: anyone may call.
@@ -228,6 +230,8 @@ impl FromStr for BrokerUrl {
 pub enum ConfigError {
     #[error("{0}: {1}")]
     Topic(&'static str, TopicError),
+    #[error("--cors-allowed-origins: {0:?} is not an origin (scheme://host[:port], no path)")]
+    CorsOrigin(String),
     #[error("{0}: {1:?} must not contain '+' or '#'")]
     Wildcards(&'static str, String),
     #[cfg(not(feature = "embedded-broker"))]

@@ -20,6 +20,7 @@
 //!   token interceptor and scope checks), conversions, page tokens, the one
 //!   error → `Status` mapping, wire encoding;
 //! - `listener`: accepting gRPC connections, TLS with certificate reload;
+//! - `web`: gRPC-Web and CORS for browsers;
 //! - `scope`: device-id patterns a token's scopes grant;
 //! - `telemetry/`: `GET /metrics` (read from the counters the stats line
 //!   prints), each call's span, log line and `grpc_server_*` metrics, the
@@ -51,6 +52,7 @@ mod store;
 mod sync;
 pub mod telemetry;
 pub mod topic;
+mod web;
 
 #[cfg(test)]
 #[path = "../tests/common/rng.rs"]
@@ -280,7 +282,12 @@ pub async fn run(
         move |request| authenticator.intercept(request),
     );
 
+    // Outermost first: CORS answers preflights, gRPC-Web is translated to
+    // gRPC, then every call is observed as gRPC.
     let server = bounded_server()
+        .accept_http1(true)
+        .layer(web::cors(&config.cors_allowed_origins))
+        .layer(tonic_web::GrpcWebLayer::new())
         .layer(calls)
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -217,8 +217,9 @@ fn server_config(files: &GrpcTls) -> Result<Arc<ServerConfig>, ServerTlsError> {
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_single_cert(chain, key)?;
-    // gRPC is HTTP/2; clients that negotiate ALPN (grpcurl, grpc-go) need it.
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // gRPC is HTTP/2; clients that negotiate ALPN (grpcurl, grpc-go) need
+    // it. gRPC-Web from browsers may come over HTTP/1.1 too.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 

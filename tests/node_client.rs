@@ -1,7 +1,8 @@
 //! The contract from Node.js: the TypeScript client in examples/node (code
 //! generated from the proto by `buf generate`, Connect over real gRPC)
 //! against the real server: list, send, and a watch whose connection is cut
-//! and which resumes with `after_seq`, getting every reading exactly once.
+//! and which resumes with `after_seq`, getting every reading exactly once;
+//! list and send also over gRPC-Web, the protocol browsers speak.
 //! scripts/test.sh installs the client (`npm ci`) and generates its code.
 
 mod common;
@@ -224,6 +225,23 @@ async fn the_node_client_lists_sends_and_resumes_a_cut_watch() {
         .collect();
     assert!(listed_seqs.ends_with(&seqs), "{listed_seqs:?} {seqs:?}");
 
+    // The same over gRPC-Web (what a browser speaks): same page, same order.
+    let output = within(
+        "node list over gRPC-Web",
+        client(
+            &target,
+            &["list", "--transport", "grpc-web", "--device-id", "n1"],
+        )
+        .output(),
+    )
+    .await
+    .unwrap();
+    let web_seqs: Vec<u64> = json_lines(&output)
+        .iter()
+        .map(|r| r["seq"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(web_seqs, listed_seqs);
+
     // send: a round trip with a device that answers, and a refused id.
     let policy: ReplyPolicy = Arc::new(|_device: &str, envelope: &Value| {
         Some((
@@ -255,6 +273,27 @@ async fn the_node_client_lists_sends_and_resumes_a_cut_watch() {
     let sent = &json_lines(&output)[0];
     assert_eq!(sent["reply"]["status"], "COMMAND_STATUS_OK", "{sent}");
     assert_eq!(sent["reply"]["result"]["got"]["ms"], 500.0);
+    let output = client(
+        &target,
+        &[
+            "send",
+            "--transport",
+            "grpc-web",
+            "--device-id",
+            "n1",
+            "--command",
+            "PING",
+            "--reply-timeout-ms",
+            "5000",
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(
+        json_lines(&output)[0]["reply"]["status"],
+        "COMMAND_STATUS_OK"
+    );
     let output = client(&target, &["send", "--device-id", "a/b", "--command", "X"])
         .output()
         .await

@@ -8,7 +8,9 @@
 //   npx tsx src/client.ts send --device-id sim-1 --command PING [--params '{"ms": 500}'] [--reply-timeout-ms 5000]
 //
 // Options: --target host:port (DEVICEHUB_GRPC_ADDR, default 127.0.0.1:50051),
-// --token JWT (DEVICEHUB_TOKEN). Output: one JSON object a line.
+// --token JWT (DEVICEHUB_TOKEN), --transport grpc|grpc-web (gRPC-Web is what
+// a browser speaks; the same client code runs over either). Output: one JSON
+// object a line.
 //
 // `watch` never loses a reading silently: it remembers the `seq` of the last
 // reading it printed and, when the connection drops, reconnects with
@@ -18,6 +20,7 @@
 import { toJson, type JsonObject } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
+import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import {
   DeviceHub,
   GapPolicy,
@@ -60,7 +63,11 @@ async function main(): Promise<void> {
     if (token) req.header.set("authorization", `Bearer ${token}`);
     return next(req);
   };
-  const transport = createGrpcTransport({ baseUrl: `http://${target}`, interceptors: [bearer] });
+  const options = { baseUrl: `http://${target}`, interceptors: [bearer] };
+  const transport =
+    option(args, "--transport", "grpc") === "grpc-web"
+      ? createGrpcWebTransport(options) // fetch, HTTP/1.1, as in a browser
+      : createGrpcTransport(options);
   const client = createClient(DeviceHub, transport);
   const deviceId = option(args, "--device-id", "")!;
 
