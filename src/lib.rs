@@ -13,7 +13,8 @@
 //! - `mqtt/`: the shared MQTT client: the event loop and ingest (`link.rs`),
 //!   commands and broker acknowledgements (`publish.rs`);
 //! - `store`: the boundary ingest writes through (memory today);
-//! - `buffer` (+ `buffer/arena.rs`): the bounded in-memory readings, no async;
+//! - `buffer` (+ `buffer/arena.rs`, `buffer/devices.rs`): the bounded
+//!   in-memory readings and what is known of each device, no async;
 //! - `hub`: the shared buffer, the watchers' wake-ups and counters;
 //! - `replies`: pairs device replies with the calls waiting for them;
 //! - `grpc/`: the `DeviceHub` service, a file per RPC family, auth (the
@@ -26,7 +27,8 @@
 //!   prints), each call's span, log line and `grpc_server_*` metrics, the
 //!   log format and OTLP trace export;
 //! - `per_client`: how much one client may hold (watchers, commands);
-//! - `health`: the gRPC health statuses (the MQTT link, shutdown);
+//! - `health`: the gRPC health statuses (the MQTT link, shutdown), and the
+//!   `devicehub health` probe;
 //! - `sync`: the lock helpers shared by the above; `log_limit`: rate-limited,
 //!   truncated log lines for what peers send;
 //! - `broker` (feature `embedded-broker`): the embedded rumqttd;
