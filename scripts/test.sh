@@ -39,12 +39,12 @@ command -v grpcurl >/dev/null || { echo "grpcurl is still not on PATH after inst
 
 # The proto is a public API: lint, formatting, and no breaking change
 # against the previous commit (buf, from the npm package @bufbuild/buf).
+if ! command -v npm >/dev/null; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm
+fi
 BUF=target/tools/node_modules/.bin/buf
 if [ ! -x "$BUF" ]; then
-  if ! command -v npm >/dev/null; then
-    as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm
-  fi
   echo "== installing @bufbuild/buf (npm)"
   npm install --prefix target/tools --silent --no-audit --no-fund @bufbuild/buf@1.75.0
 fi
