@@ -6,7 +6,8 @@
 //! what the binary needs (the embedded broker, binding).
 //!
 //! Where things live:
-//! - `cli`: the command line (clap, `DEVICEHUB_*` variables) → [`Config`];
+//! - `cli/`: the command line (clap, `DEVICEHUB_*` variables) → [`Config`],
+//!   a file per subcommand and per shared group of flags;
 //! - `config`: the library's configuration, plain data;
 //! - `topic`: device ids, topic filters and templates, checked against what
 //!   MQTT brokers refuse;

@@ -1,0 +1,323 @@
+//! `devicehub serve`: its options, the exposure check, and their
+//! translation into the library's [`Config`].
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Args;
+use rumqttc::QoS;
+
+use super::{login::read, *};
+use crate::config::{
+    AuthConfig, BrokerUrl, BufferLimits, Config, ConfigError, DeviceLimits, GrpcTls, MqttConfig,
+};
+
+/// The largest `--max-reading-bytes`: 4 MiB less room for the topic (up to
+/// 64 KiB) and the rest of the message.
+const MAX_READING_BYTES_LIMIT: u64 = (4 << 20) - (128 << 10);
+
+/// Options of `devicehub serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address the gRPC server listens on. Port 0 picks a free port (logged).
+    #[arg(long, env = "DEVICEHUB_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// MQTT broker to use, as mqtt://host[:port] (port 1883 by default).
+    /// Unset: start an embedded broker on --embedded-mqtt-addr.
+    #[arg(long, env = "DEVICEHUB_MQTT_URL")]
+    pub mqtt_url: Option<BrokerUrl>,
+
+    #[cfg(feature = "embedded-broker")]
+    /// Address of the embedded broker, used when --mqtt-url is unset. Port 0
+    /// picks a free port (logged).
+    #[arg(
+        long,
+        env = "DEVICEHUB_EMBEDDED_MQTT_ADDR",
+        default_value = "127.0.0.1:1883"
+    )]
+    pub embedded_mqtt_addr: SocketAddr,
+
+    /// MQTT client id. Default: `devicehub-` and a random suffix. Set a
+    /// stable one with --mqtt-persistent-session.
+    #[arg(long, env = "DEVICEHUB_MQTT_CLIENT_ID")]
+    pub mqtt_client_id: Option<String>,
+
+    /// Keep the broker session across reconnects and restarts (clean session
+    /// off): the broker queues QoS 1/2 readings while devicehub is away.
+    /// Needs a stable --mqtt-client-id.
+    #[arg(
+        long,
+        env = "DEVICEHUB_MQTT_PERSISTENT_SESSION",
+        default_value_t = false
+    )]
+    pub mqtt_persistent_session: bool,
+
+    /// MQTT keep-alive interval in seconds (at least 1; 0 disables it).
+    #[arg(long, env = "DEVICEHUB_MQTT_KEEP_ALIVE_SECS", default_value_t = 30)]
+    pub mqtt_keep_alive_secs: u64,
+
+    /// QoS of the readings subscription: 0, 1 or 2.
+    #[arg(long, env = "DEVICEHUB_MQTT_SUBSCRIBE_QOS", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub mqtt_subscribe_qos: u8,
+
+    /// Largest MQTT packet devicehub sends or accepts, in bytes (at least
+    /// 1 MiB). Also the embedded broker's payload limit.
+    #[arg(long, env = "DEVICEHUB_MQTT_MAX_PACKET_BYTES", default_value_t = 16 << 20,
+          value_parser = clap::value_parser!(u64).range(1 << 20..=256 << 20))]
+    pub mqtt_max_packet_bytes: u64,
+
+    /// Largest reading payload stored, in bytes (at most 3.875 MiB, so a
+    /// reading always fits in one gRPC message under clients' default 4 MiB
+    /// limit). Larger ones are counted, logged and dropped.
+    #[arg(long, env = "DEVICEHUB_MAX_READING_BYTES", default_value_t = 1 << 20,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_READING_BYTES_LIMIT))]
+    pub max_reading_bytes: u64,
+
+    #[command(flatten)]
+    pub mqtt_login: MqttLoginArgs,
+
+    #[command(flatten)]
+    pub topics: TopicArgs,
+
+    /// Most readings kept in memory; the oldest are evicted first.
+    #[arg(long, env = "DEVICEHUB_BUFFER_MAX_READINGS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub buffer_max_readings: u64,
+
+    /// Most bytes of readings kept in memory (payload, topic, device id and
+    /// a fixed overhead per reading); the oldest are evicted first.
+    #[arg(long, env = "DEVICEHUB_BUFFER_MAX_BYTES", default_value_t = 64 << 20,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub buffer_max_bytes: u64,
+
+    /// Most devices ListDevices lists. Messages of further devices are still
+    /// buffered (ListReadings finds them); those devices are counted, not
+    /// listed.
+    #[arg(long, env = "DEVICEHUB_MAX_DEVICES", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_devices: u64,
+
+    /// Most payload bytes kept of devices' newest readings once they are
+    /// evicted from the buffer (so a quiet device still shows what it last
+    /// said). Beyond it, such a device lists no last reading (counted).
+    #[arg(long, env = "DEVICEHUB_DEVICES_MAX_BYTES", default_value_t = 16 << 20)]
+    pub devices_max_bytes: u64,
+
+    /// Most WatchReadings streams open at once; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DEVICEHUB_MAX_WATCHERS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_watchers: u32,
+
+    /// Most WatchReadings streams one client keeps open at once: per token
+    /// subject with auth, else per connection. More get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DEVICEHUB_MAX_WATCHERS_PER_CLIENT", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_watchers_per_client: u32,
+
+    /// Most commands one client has in progress at once (waiting for the
+    /// broker's acknowledgement or the device's reply), over SendCommand and
+    /// StreamCommands together: per token subject with auth, else per
+    /// connection. More get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DEVICEHUB_MAX_COMMANDS_PER_CLIENT", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_commands_per_client: u32,
+
+    /// Web origins (scheme://host[:port], comma-separated) whose pages may
+    /// call the service with gRPC-Web from a browser (CORS). Unset: no
+    /// cross-origin calls. The gRPC port always speaks gRPC-Web too.
+    #[arg(long, env = "DEVICEHUB_CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub cors_allowed_origins: Vec<String>,
+
+    /// Address to serve Prometheus metrics on (`GET /metrics`). Unset: no
+    /// metrics listener. Port 0 picks a free port (logged).
+    #[arg(long, env = "DEVICEHUB_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// Seconds shutdown (SIGTERM) waits for calls and streams to end before
+    /// it closes the remaining connections and exits.
+    #[arg(long, env = "DEVICEHUB_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
+    pub shutdown_timeout_secs: u64,
+
+    #[command(flatten)]
+    pub grpc_security: GrpcSecurityArgs,
+}
+
+/// TLS and caller authentication on the gRPC port, and the opt-in to run
+/// without them beyond loopback.
+#[derive(Debug, Clone, Args)]
+pub struct GrpcSecurityArgs {
+    /// PEM certificate chain the gRPC port presents (TLS). Re-read when the
+    /// file changes. Needs --tls-key.
+    #[arg(long, env = "DEVICEHUB_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert. Re-read when the file changes.
+    #[arg(long, env = "DEVICEHUB_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates: every gRPC client must present a certificate
+    /// signed by one of them (mutual TLS). Needs --tls-cert.
+    #[arg(long, env = "DEVICEHUB_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// PEM public key(s) that sign callers' JWTs (RSA, EC P-256/P-384,
+    /// Ed25519); repeat the flag, or put several keys in one file, to
+    /// rotate. With it, DeviceHub calls need `authorization: Bearer <JWT>`.
+    #[arg(long, env = "DEVICEHUB_AUTH_JWT_KEY", value_delimiter = ',')]
+    pub auth_jwt_key: Vec<PathBuf>,
+
+    /// Required `iss` claim of callers' tokens.
+    #[arg(long, env = "DEVICEHUB_AUTH_JWT_ISSUER", requires = "auth_jwt_key")]
+    pub auth_jwt_issuer: Option<String>,
+
+    /// Required `aud` claim of callers' tokens.
+    #[arg(long, env = "DEVICEHUB_AUTH_JWT_AUDIENCE", requires = "auth_jwt_key")]
+    pub auth_jwt_audience: Option<String>,
+
+    /// Allow listening beyond loopback without TLS and auth on the gRPC
+    /// port, and the embedded broker (no TLS, no passwords) beyond loopback
+    /// at all. Without it such a configuration refuses to start.
+    #[arg(long, env = "DEVICEHUB_ALLOW_INSECURE", default_value_t = false)]
+    pub allow_insecure: bool,
+}
+
+impl GrpcSecurityArgs {
+    fn tls(&self) -> Result<Option<GrpcTls>, ConfigError> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_client_ca) {
+            (Some(cert), Some(key), client_ca) => Ok(Some(GrpcTls {
+                cert_chain: cert.clone(),
+                key: key.clone(),
+                client_ca: client_ca.clone(),
+            })),
+            (None, None, None) => Ok(None),
+            _ => Err(ConfigError::HalfServerTls),
+        }
+    }
+
+    fn auth(&self) -> Result<Option<AuthConfig>, ConfigError> {
+        if self.auth_jwt_key.is_empty() {
+            return Ok(None);
+        }
+        let public_keys_pem = self
+            .auth_jwt_key
+            .iter()
+            .map(|path| read("--auth-jwt-key", path))
+            .collect::<Result<_, _>>()?;
+        Ok(Some(AuthConfig {
+            public_keys_pem,
+            issuer: self.auth_jwt_issuer.clone(),
+            audience: self.auth_jwt_audience.clone(),
+        }))
+    }
+}
+
+impl ServeArgs {
+    /// Refuses to listen beyond loopback without protection, unless
+    /// --allow-insecure: the gRPC port without both TLS and auth, and the
+    /// embedded broker (which has neither) at all.
+    pub fn check_exposure(&self) -> Result<(), ConfigError> {
+        let security = &self.grpc_security;
+        if security.allow_insecure {
+            return Ok(());
+        }
+        let protected = security.tls_cert.is_some() && !security.auth_jwt_key.is_empty();
+        if !self.grpc_addr.ip().is_loopback() && !protected {
+            return Err(ConfigError::Insecure(format!(
+                "--grpc-addr {} is beyond loopback without TLS and auth: set --tls-cert, --tls-key and --auth-jwt-key, or --allow-insecure to accept the risk",
+                self.grpc_addr
+            )));
+        }
+        #[cfg(feature = "embedded-broker")]
+        if self.mqtt_url.is_none() && !self.embedded_mqtt_addr.ip().is_loopback() {
+            return Err(ConfigError::Insecure(format!(
+                "--embedded-mqtt-addr {} is beyond loopback, and the embedded broker has no TLS or passwords: use a real broker (--mqtt-url), or --allow-insecure to accept the risk",
+                self.embedded_mqtt_addr
+            )));
+        }
+        Ok(())
+    }
+
+    /// The library configuration, connecting to `broker` (the --mqtt-url, or
+    /// the embedded broker's address).
+    pub fn config(&self, broker: &BrokerUrl) -> Result<Config, ConfigError> {
+        let client_id = match &self.mqtt_client_id {
+            Some(id) if id.is_empty() => return Err(ConfigError::EmptyClientId),
+            Some(id) => id.clone(),
+            None if self.mqtt_persistent_session => return Err(ConfigError::PersistentWithoutId),
+            None => default_client_id(),
+        };
+        let subscribe_qos = match self.mqtt_subscribe_qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            // rumqttc forgets incoming QoS 2 state on reconnect, then treats
+            // the broker's resent PUBREL as a protocol error and reconnects
+            // forever (bytebeamio/rumqtt#664).
+            _ if self.mqtt_persistent_session => return Err(ConfigError::PersistentQos2),
+            _ => QoS::ExactlyOnce,
+        };
+        let readings_topic = self.topics.readings()?;
+        Ok(Config {
+            mqtt: MqttConfig {
+                host: broker.host.clone(),
+                port: broker.port,
+                client_id,
+                keep_alive: Duration::from_secs(self.mqtt_keep_alive_secs),
+                subscribe_qos,
+                max_packet_bytes: self.mqtt_max_packet_bytes as usize,
+                max_reading_bytes: self.max_reading_bytes as usize,
+                persistent_session: self.mqtt_persistent_session,
+                readings_subscription: readings_topic.subscription_filter().to_owned(),
+                readings_topic,
+                commands_topic: self.topics.commands()?,
+                replies_topic: self.topics.replies()?,
+                status_topic: self.topics.status()?,
+                tls: self.mqtt_login.tls(broker)?,
+                credentials: self.mqtt_login.credentials()?,
+            },
+            buffer: BufferLimits {
+                max_readings: usize::try_from(self.buffer_max_readings).unwrap_or(usize::MAX),
+                max_bytes: usize::try_from(self.buffer_max_bytes).unwrap_or(usize::MAX),
+            },
+            devices: DeviceLimits {
+                max_devices: usize::try_from(self.max_devices).unwrap_or(usize::MAX),
+                max_kept_bytes: usize::try_from(self.devices_max_bytes).unwrap_or(usize::MAX),
+            },
+            max_watchers: self.max_watchers as usize,
+            max_watchers_per_client: self.max_watchers_per_client as usize,
+            max_commands_per_client: self.max_commands_per_client as usize,
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+            metrics_addr: self.metrics_addr,
+            cors_allowed_origins: cors_origins(&self.cors_allowed_origins)?,
+            grpc_tls: self.grpc_security.tls()?,
+            auth: self.grpc_security.auth()?,
+        })
+    }
+}
+
+/// `--cors-allowed-origins`, each checked to be an origin (a browser sends
+/// exactly `scheme://host[:port]`, so anything else would never match).
+fn cors_origins(origins: &[String]) -> Result<Vec<String>, ConfigError> {
+    origins
+        .iter()
+        .map(|origin| {
+            let origin = origin.trim();
+            let valid = (origin.starts_with("http://") || origin.starts_with("https://"))
+                && origin.splitn(4, '/').nth(3).is_none()
+                && !origin.ends_with('/')
+                && origin.is_ascii()
+                && http::HeaderValue::from_str(origin).is_ok();
+            if valid {
+                Ok(origin.to_owned())
+            } else {
+                Err(ConfigError::CorsOrigin(origin.to_owned()))
+            }
+        })
+        .collect()
+}
+
+fn default_client_id() -> String {
+    // The last 12 hex digits of a UUID v7 are random.
+    let uuid = uuid::Uuid::now_v7().simple().to_string();
+    format!("devicehub-{}", &uuid[20..])
+}
