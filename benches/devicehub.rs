@@ -1085,22 +1085,19 @@ async fn latency(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
     service.stop().await;
 }
 
+/// One health check: the floor of a unary call.
+async fn check_health(mut health: HealthClient<Channel>) {
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    health.check(request).await.unwrap();
+}
+
 /// A health client of `service`, and the sorted times of `n` health checks:
 /// the floor of a unary call.
 async fn health_floor(service: &Service, n: usize) -> (HealthClient<Channel>, Vec<u64>) {
     let health = HealthClient::new(service.channel().await);
-    let floor = time_calls(n, || {
-        let mut health = health.clone();
-        async move {
-            health
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .unwrap();
-        }
-    })
-    .await;
+    let floor = time_calls(n, || check_health(health.clone())).await;
     (health, floor)
 }
 
@@ -1317,15 +1314,7 @@ async fn query_and_memory(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
         })
         .await,
         throughput(8, Duration::from_secs_f64(sizes.command_secs), || {
-            let mut health = health.clone();
-            async move {
-                health
-                    .check(HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                    .unwrap();
-            }
+            check_health(health.clone())
         })
         .await,
     );
@@ -1564,18 +1553,7 @@ async fn commands(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
             .await
             .unwrap(),
     );
-    let grpc_floor = throughput(64, duration, || {
-        let mut health = health.clone();
-        async move {
-            health
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .unwrap();
-        }
-    })
-    .await;
+    let grpc_floor = throughput(64, duration, || check_health(health.clone())).await;
     table.row(
         "6. commands, QoS 1, 64 callers (calls/s)",
         ours,

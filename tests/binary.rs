@@ -167,6 +167,20 @@ async fn serve_and_simulate_run_until_sigterm() {
     assert!(terminate(&mut serve).await.success());
 }
 
+/// A command to a device nobody runs, waiting 100 ms for its reply: a call
+/// the server fails with DEADLINE_EXCEEDED.
+fn unanswered() -> SendCommandRequest {
+    SendCommandRequest {
+        device_id: "nobody".into(),
+        command: "PING".into(),
+        reply_timeout: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 100_000_000,
+        }),
+        ..Default::default()
+    }
+}
+
 /// `--log-format json`: every line the service writes is one JSON object
 /// with timestamp, level, target, message and the event's fields.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,18 +230,7 @@ async fn json_logs_parse_as_json() {
         async move { DeviceHubClient::connect(url).await.ok() }
     })
     .await;
-    let status = client
-        .send_command(SendCommandRequest {
-            device_id: "nobody".into(),
-            command: "PING".into(),
-            reply_timeout: Some(prost_types::Duration {
-                seconds: 0,
-                nanos: 100_000_000,
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let status = client.send_command(unanswered()).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
     let failed = loop {
         let line = within("the call's log line", log.next_line())
@@ -338,15 +341,7 @@ async fn a_failed_calls_log_line_names_the_caller() {
         }
     })
     .await;
-    let mut request = tonic::Request::new(SendCommandRequest {
-        device_id: "nobody".into(),
-        command: "PING".into(),
-        reply_timeout: Some(prost_types::Duration {
-            seconds: 0,
-            nanos: 100_000_000,
-        }),
-        ..Default::default()
-    });
+    let mut request = tonic::Request::new(unanswered());
     let token = signer.token("alice", "commands:send");
     request
         .metadata_mut()

@@ -46,18 +46,6 @@ fn client(target: &str, args: &[&str]) -> Command {
     command
 }
 
-fn json_lines(output: &std::process::Output) -> Vec<Value> {
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
 /// A TCP proxy in front of the service whose connections the test can cut.
 struct Proxy {
     addr: SocketAddr,

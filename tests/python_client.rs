@@ -47,19 +47,6 @@ fn client(stubs: &Path, target: &str, args: &[&str]) -> Command {
     command
 }
 
-/// The JSON lines a successful run of the client printed.
-fn json_lines(output: &std::process::Output) -> Vec<Value> {
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_client_lists_watches_and_sends_commands() {
     let stubs = tempdir::TempDir::new("pystubs");

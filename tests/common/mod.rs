@@ -798,3 +798,17 @@ pub fn spawn_devicehub(args: &[&str], env: &[(&str, &str)]) -> (tokio::process::
     let log = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
     (child, log)
 }
+
+/// The JSON lines a successful run of an example client printed (it failed
+/// the test with its stderr otherwise).
+pub fn json_lines(output: &std::process::Output) -> Vec<serde_json::Value> {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
