@@ -8,7 +8,8 @@
 //! cargo bench --bench devicehub -- --mosquitto   # the same through a Mosquitto process
 //! cargo bench --bench devicehub -- --smoke       # seconds; what `cargo test` runs
 //! cargo bench --bench devicehub -- --only ingest,query   # some scenarios: ingest,
-//!                             # fanout, latency, query, commands, secure, metrics, devices
+//!                             # fanout, latency, query, commands, secure, metrics, devices,
+//!                             # store (needs PostgreSQL's server binaries, as the tests do)
 //! ```
 //!
 //! The service runs as its own process (the `devicehub` binary, pointed at
@@ -25,6 +26,9 @@
 #[allow(dead_code)]
 #[path = "../tests/common/pki.rs"]
 mod pki;
+#[allow(dead_code)]
+#[path = "../tests/common/postgres.rs"]
+mod postgres;
 #[path = "../tests/common/tempdir.rs"]
 mod tempdir;
 #[allow(dead_code)]
@@ -72,6 +76,10 @@ struct Sizes {
     command_secs: f64,
     /// Devices (one reading each) for the device list scenario.
     devices: u64,
+    /// Readings in the table for the store's page and replay scenario.
+    stored_readings: u64,
+    /// Readings replayed from the table (and from memory) per resume.
+    replay_readings: u64,
 }
 
 const FULL: Sizes = Sizes {
@@ -86,6 +94,8 @@ const FULL: Sizes = Sizes {
     query_iterations: 300,
     command_secs: 3.0,
     devices: 100_000,
+    stored_readings: 10_000_000,
+    replay_readings: 1_000_000,
 };
 
 const SMOKE: Sizes = Sizes {
@@ -100,6 +110,8 @@ const SMOKE: Sizes = Sizes {
     query_iterations: 20,
     command_secs: 0.5,
     devices: 500,
+    stored_readings: 20_000,
+    replay_readings: 5_000,
 };
 
 /// Upper bound on any wait, so a broken run ends instead of hanging.
@@ -184,6 +196,10 @@ async fn run(sizes: Sizes, smoke: bool, mosquitto: bool, only: Option<Vec<String
         device_list(&table, &broker.url, sizes).await;
         ran += 1;
     }
+    if wanted("store") {
+        store(&table, &broker.url, sizes).await;
+        ran += 1;
+    }
     if wanted("metrics") {
         // Scenario 8: ingest and fan-out without and with /metrics (scraped
         // every second, four times as often as Prometheus' usual 15 s),
@@ -219,22 +235,26 @@ impl Table {
 
 // ---------------------------------------------------------------- parts
 
-/// How a scenario runs the service: a suffix for its rows and extra flags.
+/// How a scenario runs the service: a suffix for its rows, extra flags, and
+/// the PostgreSQL cluster to store readings in (a fresh database per run).
 #[derive(Clone, Copy)]
-struct Variant {
+struct Variant<'a> {
     label: &'static str,
     args: &'static [&'static str],
+    store: Option<&'a postgres::Postgres>,
 }
 
 const PLAIN: Variant = Variant {
     label: "",
     args: &[],
+    store: None,
 };
 
 /// With `/metrics`, which [`Service::start`] then scrapes every second.
 const SCRAPED: Variant = Variant {
     label: ", /metrics",
     args: &["--metrics-addr", "127.0.0.1:0"],
+    store: None,
 };
 
 /// How often a service with `--metrics-addr` is scraped.
@@ -785,10 +805,26 @@ fn cpu_model() -> String {
 /// Scenario 1, ingest: readings/s stored by devicehub vs received by a bare
 /// subscriber on the same broker, both subscribed during the same publish
 /// burst; and loss at QoS 0 and QoS 1.
-async fn ingest(table: &Table, broker: &BrokerUrl, sizes: Sizes, variant: Variant) {
+/// Returns the rates stored, QoS 1 then QoS 0.
+async fn ingest(table: &Table, broker: &BrokerUrl, sizes: Sizes, variant: Variant<'_>) -> Vec<f64> {
+    let mut rates = Vec::new();
     for qos in [QoS::AtLeastOnce, QoS::AtMostOnce] {
         let qos_arg = if qos == QoS::AtMostOnce { "0" } else { "1" };
-        let args = [&["--mqtt-subscribe-qos", qos_arg][..], variant.args].concat();
+        let mut args = [&["--mqtt-subscribe-qos", qos_arg][..], variant.args].concat();
+        let (store_url, client_id);
+        if let Some(pg) = variant.store {
+            // As in production: a persistent session, so unacknowledged
+            // readings wait in the broker.
+            store_url = pg.create_database(&format!("bench_ingest_qos{}", qos as u8));
+            client_id = format!("devicehub-bench-store-{}", qos as u8);
+            args.extend([
+                "--store-url",
+                &store_url,
+                "--mqtt-client-id",
+                &client_id,
+                "--mqtt-persistent-session",
+            ]);
+        }
         let service = Service::start(broker, &args).await;
         let mut client = service.client().await;
         let epoch = Instant::now();
@@ -866,7 +902,9 @@ async fn ingest(table: &Table, broker: &BrokerUrl, sizes: Sizes, variant: Varian
         let _ = client.list_readings(ListReadingsRequest::default()).await;
         bare.stop().await;
         service.stop().await;
+        rates.push(ours as f64 / ours_secs);
     }
+    rates
 }
 
 /// How many readings the service holds: newest seq - oldest seq + 1
@@ -979,7 +1017,7 @@ async fn fan_out(
     broker: &BrokerUrl,
     sizes: Sizes,
     counts: &[usize],
-    variant: Variant,
+    variant: Variant<'_>,
 ) {
     let service = Service::start(broker, variant.args).await;
     for &n in counts {
@@ -1620,4 +1658,185 @@ async fn stream_commands(
         }
     }
     done as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Scenario 10, the PostgreSQL store (a cluster of its own, PostgreSQL's
+/// default settings: every commit flushed to disk):
+/// - ingest with the store next to memory-only, same broker, back to back;
+/// - pages of 100 from `sizes.stored_readings` readings in the table (none
+///   in memory), newest, by device and by time range; baseline: a health
+///   check;
+/// - a resume replayed from the table next to one replayed from memory.
+async fn store(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
+    let pg = postgres::Postgres::start_with("");
+    let memory = ingest(table, broker, sizes, PLAIN).await;
+    let stored = ingest(
+        table,
+        broker,
+        sizes,
+        Variant {
+            label: ", store",
+            args: &[],
+            store: Some(&pg),
+        },
+    )
+    .await;
+    for ((label, memory), stored) in ["QoS 1", "QoS 0"].iter().zip(memory).zip(stored) {
+        table.row(
+            &format!("10. ingest with the store, {label} (readings/s)"),
+            stored,
+            memory,
+            "/s",
+            "baseline: memory only, the run just before; target ≥ 0.7",
+        );
+    }
+
+    // A table of `stored_readings` readings of up to 10 000 devices (1 000
+    // readings each at least), one a millisecond, written by SQL
+    // (publishing them would take the broker minutes); the service started
+    // after it, so nothing is in memory.
+    let total = sizes.stored_readings;
+    let devices = (total / 1000).clamp(1, 10_000);
+    let url = pg.create_database("bench_pages");
+    let service = Service::start(broker, &["--store-url", &url]).await;
+    service.stop().await; // the migrations ran
+    pg.psql_in(
+        "bench_pages",
+        &format!(
+            "INSERT INTO readings (seq, device_id, topic, payload, qos, retained, received_at, kind) \
+             SELECT s, 'dev-' || (s % {devices}), 'devices/dev-' || (s % {devices}) || '/readings', \
+                    convert_to('{{\"temperature\":21.5,\"humidity\":40,\"i\":' || s || '}}', 'UTF8'), \
+                    1, false, timestamptz '2026-01-01' + s * interval '1 millisecond', 0 \
+             FROM generate_series(1, {total}) s"
+        ),
+    );
+    pg.psql_in(
+        "bench_pages",
+        &format!("UPDATE devicehub_sequence SET next_seq = {}", total + 1),
+    );
+    pg.psql_in("bench_pages", "VACUUM ANALYZE readings");
+    let service = Service::start(broker, &["--store-url", &url]).await;
+    let client = service.client().await;
+    let (_health, floor) = health_floor(&service, sizes.query_iterations).await;
+    let at = move |i: usize| {
+        // At least a minute (60 000 readings) before the table's end, so
+        // each range holds a full page.
+        let ms = 1 + (i as u64 * 7_919_993) % total.saturating_sub(60_000).max(1);
+        prost_types::Timestamp {
+            seconds: 1_767_225_600 + (ms / 1000) as i64,
+            nanos: (ms % 1000) as i32 * 1_000_000,
+        }
+    };
+    let queries: Vec<(&str, MakeQuery)> = vec![
+        (
+            "newest page of 100",
+            Box::new(|_| ListReadingsRequest {
+                page_size: 100,
+                ..Default::default()
+            }),
+        ),
+        (
+            "device page of 100",
+            Box::new(move |i| ListReadingsRequest {
+                device_id: format!("dev-{}", (i as u64 * 7919) % devices),
+                page_size: 100,
+                ..Default::default()
+            }),
+        ),
+        (
+            "time range page of 100",
+            Box::new(move |i| {
+                let start = at(i);
+                let end = prost_types::Timestamp {
+                    seconds: start.seconds + 60,
+                    ..start
+                };
+                ListReadingsRequest {
+                    start_time: Some(start),
+                    end_time: Some(end),
+                    oldest_first: true,
+                    page_size: 100,
+                    ..Default::default()
+                }
+            }),
+        ),
+    ];
+    for (name, make) in &queries {
+        let mut i = 0;
+        let times = time_calls(sizes.query_iterations, || {
+            let mut client = client.clone();
+            i += 1;
+            let request = make(i);
+            async move {
+                let page = client.list_readings(request).await.unwrap().into_inner();
+                assert_eq!(page.readings.len(), 100, "a full page from the table");
+            }
+        })
+        .await;
+        for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
+            table.row(
+                &format!("10. store: {name} {label} (µs)"),
+                percentile(&times, p) / 1e3,
+                percentile(&floor, p) / 1e3,
+                "µs",
+                &format!("{total} in the table ({devices} devices), none in memory; baseline: a health check; target p99 ≤ 10 ms"),
+            );
+        }
+    }
+
+    // Resumes: from the table's oldest reading, and from the oldest of as
+    // many readings published through the broker (in memory).
+    let replay = sizes.replay_readings;
+    publish(
+        broker,
+        4,
+        replay,
+        1000,
+        QoS::AtLeastOnce,
+        None,
+        Instant::now(),
+    )
+    .await;
+    let mut lister = client.clone();
+    let deadline = Instant::now() + PATIENCE;
+    while stored_count(&mut lister).await < total + replay && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    settle_cpu(&service).await;
+    let from_table = replay_rate(&client, 0, replay).await;
+    let from_memory = replay_rate(&client, total, replay).await;
+    table.row(
+        "10. store: resume replay (readings/s)",
+        from_table,
+        from_memory,
+        "/s",
+        &format!("{replay} readings from the table; baseline: {replay} from memory"),
+    );
+    service.stop().await;
+}
+
+/// Readings per second a WatchReadings resumed after `after_seq` delivers,
+/// over its first `n` readings.
+async fn replay_rate(client: &DeviceHubClient<Channel>, after_seq: u64, n: u64) -> f64 {
+    let start = Instant::now();
+    let mut stream = client
+        .clone()
+        .watch_readings(WatchReadingsRequest {
+            after_seq: Some(after_seq),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received = 0;
+    bounded("the replay", async {
+        while received < n {
+            match stream.message().await.unwrap().unwrap().event {
+                Some(WatchEvent::Reading(_)) => received += 1,
+                other => panic!("expected a reading, got {other:?}"),
+            }
+        }
+    })
+    .await;
+    n as f64 / start.elapsed().as_secs_f64()
 }

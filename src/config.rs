@@ -32,6 +32,21 @@ pub struct Config {
     pub grpc_tls: Option<GrpcTls>,
     /// Bearer-token auth on the DeviceHub service. `None`: anyone may call.
     pub auth: Option<AuthConfig>,
+    /// The PostgreSQL store. `None`: readings live in memory only.
+    pub store: Option<StoreConfig>,
+}
+
+/// Where readings are kept beyond memory.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// `postgres://user@host:port/db?sslmode=...`; may hold the password,
+    /// hence a [`Secret`].
+    pub url: Secret,
+    /// Overrides the URL's password.
+    pub password: Option<Secret>,
+    /// Readings older than this are deleted in the background. `None`:
+    /// kept forever.
+    pub retention: Option<Duration>,
 }
 
 /// TLS on the gRPC port: PEM files, read at startup and again whenever they

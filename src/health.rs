@@ -1,5 +1,6 @@
 //! The gRPC health service's statuses: [`SERVICE_NAME`] and the overall
-//! status (`""`, what Kubernetes' gRPC probe asks for) follow the MQTT link,
+//! status (`""`, what Kubernetes' gRPC probe asks for) follow the MQTT link
+//! and, with one, the store,
 //! and everything turns NOT_SERVING when shutdown begins. And [`probe`], the
 //! client side: `devicehub health`, a container's healthcheck.
 
@@ -8,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{
     transport::{Certificate, ClientTlsConfig, Endpoint},
@@ -92,13 +94,16 @@ pub async fn probe(args: &HealthArgs) -> Result<health_check_response::ServingSt
 /// a probe must see that, whichever name it asks for.)
 pub(crate) async fn follow_link(
     health: HealthReporter,
-    mut link: tokio::sync::watch::Receiver<LinkState>,
+    mut link: watch::Receiver<LinkState>,
+    mut store: Option<watch::Receiver<bool>>,
     shutdown: CancellationToken,
 ) {
     loop {
-        let status = match *link.borrow_and_update() {
-            LinkState::Ready => ServingStatus::Serving,
-            LinkState::Down | LinkState::Connected => ServingStatus::NotServing,
+        let link_ready = *link.borrow_and_update() == LinkState::Ready;
+        let store_up = store.as_mut().is_none_or(|up| *up.borrow_and_update());
+        let status = match link_ready && store_up {
+            true => ServingStatus::Serving,
+            false => ServingStatus::NotServing,
         };
         if shutdown.is_cancelled() {
             return;
@@ -106,8 +111,15 @@ pub(crate) async fn follow_link(
         for name in [SERVICE_NAME, ""] {
             health.set_service_status(name, status).await;
         }
+        let store_changed = async {
+            match &mut store {
+                Some(up) => up.changed().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             changed = link.changed() => if changed.is_err() { return },
+            changed = store_changed => if changed.is_err() { return },
             _ = shutdown.cancelled() => return,
         }
     }

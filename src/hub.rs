@@ -3,6 +3,12 @@
 //! It knows nothing of MQTT or gRPC: ingest writes through
 //! [`crate::store::ReadingStore`], the gRPC handlers read.
 //!
+//! With a store, the buffer is a window onto the newest part of the table:
+//! readings arrive through [`ReadingHub::push_committed`] with the numbers
+//! the database gave them, and pages and watchers that reach back beyond
+//! the window are served from the store ([`ReadingHub::list`],
+//! [`ReadingWatcher::next_batch`]).
+//!
 //! The lock is a std `RwLock` (see [`crate::sync`]): it is held only to
 //! store the readings of one network read or to copy out at most one batch
 //! of readings, never across an `.await`, JSON decoding or gRPC encoding.
@@ -21,6 +27,7 @@ use crate::{
     },
     config::{BufferLimits, DeviceLimits},
     per_client::{PerClient, Permit},
+    store::Postgres,
     sync,
 };
 
@@ -65,6 +72,8 @@ pub struct ReadingHub {
 
 struct Shared {
     buffer: RwLock<ReadingBuffer>,
+    /// Where readings older than the buffer are read from, if anywhere.
+    store: Option<Postgres>,
     /// The next sequence number to be assigned; bumped on every push. A
     /// `watch` keeps only the latest value, so waking watchers costs the same
     /// however many there are and however slow they are.
@@ -84,11 +93,13 @@ impl ReadingHub {
         first_seq: u64,
         max_watchers: usize,
         max_watchers_per_client: usize,
+        store: Option<Postgres>,
     ) -> Self {
         let buffer = ReadingBuffer::new(limits, first_seq).with_device_limits(devices);
         let (next_seq, _) = watch::channel(buffer.next_seq());
         let shared = Shared {
             buffer: RwLock::new(buffer),
+            store,
             next_seq,
             max_watchers,
             watchers: AtomicUsize::new(0),
@@ -122,8 +133,70 @@ impl ReadingHub {
         last
     }
 
-    pub fn list(&self, query: &ListQuery) -> Result<ListPage, CursorError> {
-        self.read().list(query)
+    /// Like [`ReadingHub::push_all`], for readings the store committed with
+    /// the numbers from `first_seq` on. Numbers the buffer never saw (another
+    /// writer's) empty it first: its numbers are contiguous.
+    pub fn push_committed<'a>(
+        &self,
+        first_seq: u64,
+        readings: impl IntoIterator<Item = NewReading<'a>>,
+    ) -> Option<u64> {
+        let mut buffer = self.write();
+        let next = buffer.next_seq();
+        if first_seq > next {
+            let dropped = buffer.skip_to(first_seq);
+            tracing::warn!(
+                expected = next,
+                got = first_seq,
+                dropped,
+                "the store numbered readings this instance did not write; memory starts over"
+            );
+        } else if first_seq < next {
+            tracing::error!(
+                expected = next,
+                got = first_seq,
+                "the store's sequence counter went back; numbers in memory no longer match it"
+            );
+        }
+        let last = readings.into_iter().map(|new| buffer.push(new)).last();
+        drop(buffer);
+        if let Some(seq) = last {
+            self.shared.next_seq.send_replace(seq + 1);
+        }
+        last
+    }
+
+    /// One page of readings: from memory when the buffer holds everything
+    /// the page needs, else from the store (which holds all that memory
+    /// does, and older). Either answers with the same numbers, so a page
+    /// token goes on from wherever the previous page came from.
+    pub async fn list(&self, query: &ListQuery) -> Result<ListPage, CursorError> {
+        let (page, complete) = {
+            let buffer = self.read();
+            let page = buffer.list(query);
+            let complete = match (&self.shared.store, &page) {
+                (None, _) => true,
+                (Some(store), Ok(page)) => {
+                    let stats = buffer.stats();
+                    covers(query, page, &stats, store.oldest_seq())
+                }
+                (Some(_), Err(CursorError::Future(_))) => true,
+                (Some(_), Err(_)) => false,
+            };
+            (page, complete)
+        };
+        match &self.shared.store {
+            Some(store) if !complete => store.list(query).await,
+            _ => page,
+        }
+    }
+
+    /// The oldest sequence number a reader can still get: the buffer's
+    /// oldest, or the store's.
+    pub fn oldest_seq(&self) -> u64 {
+        let first = self.read().stats().first_seq;
+        let stored = self.shared.store.as_ref().and_then(Postgres::oldest_seq);
+        stored.map_or(first, |s| s.min(first))
     }
 
     /// A listed device.
@@ -194,7 +267,7 @@ impl ReadingHub {
         let stats = self.read().stats();
         watcher.cursor = match after {
             None => stats.next_seq - 1,
-            Some(0) => stats.first_seq - 1,
+            Some(0) => self.oldest_seq() - 1,
             Some(after) if after >= stats.next_seq => {
                 return Err(SubscribeError::Future {
                     after,
@@ -241,7 +314,17 @@ impl ReadingWatcher {
                     WATCH_BATCH_BYTES,
                     &self.filter,
                 );
-                let (batch, cursor) = scanned.inspect_err(|e| self.count_gap(e))?;
+                let (batch, cursor) = match (scanned, &self.hub.shared.store) {
+                    // Older than memory: replayed from the store, up to
+                    // where memory starts.
+                    (Err(CursorError::Evicted { missed_to, .. }), Some(store)) => {
+                        store
+                            .scan_after(self.cursor, missed_to + 1, &self.filter)
+                            .await
+                    }
+                    (scanned, _) => scanned,
+                }
+                .inspect_err(|e| self.count_gap(e))?;
                 self.cursor = cursor;
                 if !batch.is_empty() {
                     return Ok(batch);
@@ -279,5 +362,34 @@ impl ReadingWatcher {
 impl Drop for ReadingWatcher {
     fn drop(&mut self) {
         self.hub.shared.watchers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether `page`, served from memory, is the whole answer to `query`, given
+/// a store whose oldest reading is `stored_oldest`: nothing the page needs
+/// lies below the buffer's oldest reading.
+fn covers(
+    query: &ListQuery,
+    page: &ListPage,
+    stats: &BufferStats,
+    stored_oldest: Option<u64>,
+) -> bool {
+    if stored_oldest.is_none_or(|oldest| oldest >= stats.first_seq) {
+        return true; // the store holds nothing older
+    }
+    // Every reading from `start` on is buffered when the oldest buffered
+    // one arrived earlier (times never go backwards as numbers go up).
+    let starts_in_memory = query
+        .start
+        .zip(stats.oldest_received_at)
+        .is_some_and(|(start, oldest)| start > oldest);
+    if query.oldest_first {
+        // A cursor inside the buffer, or a start time after its oldest
+        // reading: the page and all that follows are in memory.
+        query.cursor.is_some() || starts_in_memory
+    } else {
+        // Newest first: the page filled up before it reached the buffer's
+        // oldest reading, or nothing older is wanted.
+        page.next_cursor.is_some() || starts_in_memory
     }
 }

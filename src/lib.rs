@@ -13,7 +13,9 @@
 //!   MQTT brokers refuse;
 //! - `mqtt/`: the shared MQTT client: the event loop and ingest (`link.rs`),
 //!   commands and broker acknowledgements (`publish.rs`);
-//! - `store`: the boundary ingest writes through (memory today);
+//! - `store/`: the hand-off from ingest (memory only, or the PostgreSQL
+//!   store: `postgres/` with its writer task, history reads and retention;
+//!   the migrations are in `migrations/`);
 //! - `buffer` (+ `buffer/arena.rs`, `buffer/devices.rs`): the bounded
 //!   in-memory readings and what is known of each device, no async;
 //! - `hub`: the shared buffer, the watchers' wake-ups and counters;
@@ -96,6 +98,7 @@ use crate::{
     listener::ServerTls,
     proto::device_hub_server::DeviceHubServer,
     replies::ReplyRouter,
+    store::{Ingest, Postgres},
     telemetry::{
         calls::{CallLayer, GrpcMetrics},
         metrics,
@@ -143,6 +146,8 @@ pub enum Error {
     Auth(#[from] grpc::KeyError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("{0}")]
+    Store(#[from] store::StoreError),
     #[error("gRPC TLS: {0}")]
     ServerTls(#[from] listener::ServerTlsError),
 }
@@ -193,24 +198,47 @@ pub async fn run(
     // What can fail on bad files fails before anything starts.
     let authenticator = Authenticator::new(config.auth.as_ref())?;
     let tls = config.grpc_tls.as_ref().map(ServerTls::load).transpose()?;
+    let store = match &config.store {
+        Some(store_config) => {
+            if !config.mqtt.persistent_session {
+                warn!("a store without --mqtt-persistent-session: readings the broker sent but devicehub had not committed are lost if it restarts (the broker forgets its clean session)");
+            }
+            Some(Postgres::connect(store_config).await?)
+        }
+        None => None,
+    };
     let hub = ReadingHub::new(
         config.buffer,
         config.devices,
-        first_seq(),
+        store
+            .as_ref()
+            .map_or_else(first_seq, |(_, start)| start.next_seq),
         config.max_watchers,
         config.max_watchers_per_client,
+        store.as_ref().map(|(postgres, _)| postgres.clone()),
     );
     // The MQTT link stops after the gRPC server, so calls in progress can
     // still publish while streams drain; and also if this future is dropped.
     let stop_mqtt = CancellationToken::new();
     let _stop_mqtt_on_drop = stop_mqtt.clone().drop_guard();
     let replies = ReplyRouter::default();
-    let link = mqtt::start(
-        &config.mqtt,
-        Arc::new(hub.clone()),
-        replies.clone(),
-        stop_mqtt.clone(),
-    );
+    let ingest = match &store {
+        None => Ingest::Memory(hub.clone()),
+        Some((postgres, start)) => {
+            if let Some(retention) = config.store.as_ref().and_then(|s| s.retention) {
+                store::postgres::spawn_retention(postgres.clone(), retention, stop_mqtt.clone());
+            }
+            let writer = store::postgres::spawn_writer(
+                postgres.clone(),
+                hub.clone(),
+                *start,
+                stop_mqtt.clone(),
+            );
+            Ingest::Durable(writer)
+        }
+    };
+    let store = store.map(|(postgres, _)| postgres);
+    let link = mqtt::start(&config.mqtt, ingest, replies.clone(), stop_mqtt.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -219,6 +247,7 @@ pub async fn run(
     tokio::spawn(health::follow_link(
         health.clone(),
         link.publisher.link_state(),
+        store.as_ref().map(Postgres::up),
         shutdown.clone(),
     ));
     // The grpc_server_* metrics exist only with a /metrics endpoint.
@@ -242,6 +271,7 @@ pub async fn run(
             replies: replies.clone(),
             link_counters: link.counters.clone(),
             link: link.publisher.link_state(),
+            store: store.clone(),
         };
         spawn_metrics(addr, registry, sources, shutdown.clone()).await?;
     }

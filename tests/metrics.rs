@@ -493,3 +493,42 @@ fn prometheus_config_and_alert_rules_pass_promtool() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_metrics_count_commits_and_follow_the_database() {
+    let pg = postgres::Postgres::start();
+    let mosquitto = Mosquitto::start();
+    let url = pg.url();
+    let (mut serve, _grpc, metrics) = start(&mosquitto.url, &["--store-url", &url]).await;
+    wait_for(&metrics, "devicehub_store_up", 1.0).await;
+    let device = TestDevice::connect(&mosquitto.url, "device-store-metrics", None).await;
+    for i in 0..50 {
+        device.publish("devices/s1/readings", format!("{i}")).await;
+    }
+    let text = wait_for(&metrics, "devicehub_store_committed_readings_total", 50.0).await;
+    assert_eq!(pg.psql("SELECT count(*) FROM readings"), "50");
+    assert!(
+        sample(&text, "devicehub_store_commits_total").is_some_and(|c| (1.0..=50.0).contains(&c))
+    );
+    promtool_check(&text);
+
+    pg.stop();
+    wait_for(&metrics, "devicehub_store_up", 0.0).await;
+    // A reading while the database is down: held, then committed.
+    device.publish("devices/s1/readings", "held").await;
+    let text = eventually("a failed commit", || async {
+        let text = scrape(&metrics).await;
+        let failed = sample(&text, "devicehub_store_commit_errors_total")?;
+        (failed >= 1.0).then_some(text)
+    })
+    .await;
+    assert_eq!(sample(&text, "devicehub_store_up"), Some(0.0));
+    assert_eq!(
+        sample(&text, "devicehub_store_committed_readings_total"),
+        Some(50.0)
+    );
+    pg.start_again();
+    wait_for(&metrics, "devicehub_store_up", 1.0).await;
+    wait_for(&metrics, "devicehub_store_committed_readings_total", 51.0).await;
+    serve.kill().await.unwrap();
+}

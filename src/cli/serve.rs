@@ -9,6 +9,7 @@ use rumqttc::QoS;
 use super::{login::read, *};
 use crate::config::{
     AuthConfig, BrokerUrl, BufferLimits, Config, ConfigError, DeviceLimits, GrpcTls, MqttConfig,
+    Secret, StoreConfig,
 };
 
 /// The largest `--max-reading-bytes`: 4 MiB less room for the topic (up to
@@ -133,6 +134,22 @@ pub struct ServeArgs {
     /// metrics listener. Port 0 picks a free port (logged).
     #[arg(long, env = "DEVICEHUB_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+
+    /// PostgreSQL store for readings: postgres://user@host[:port]/database,
+    /// TLS as its `sslmode` parameter says. Readings are then acknowledged
+    /// to the broker once committed, and history outlives restarts and the
+    /// memory buffer. Give the password in DEVICEHUB_STORE_PASSWORD (or set
+    /// this URL, password included, through DEVICEHUB_STORE_URL), never on
+    /// the command line. Unset: memory only.
+    #[arg(long, env = "DEVICEHUB_STORE_URL", hide_env_values = true)]
+    pub store_url: Option<String>,
+
+    /// Delete stored readings older than this, in the background: a
+    /// duration like 30d, 12h or 90m. Unset: keep everything. Needs
+    /// --store-url.
+    #[arg(long, env = "DEVICEHUB_STORE_RETENTION", requires = "store_url",
+          value_parser = humantime::parse_duration)]
+    pub store_retention: Option<Duration>,
 
     /// Seconds shutdown (SIGTERM) waits for calls and streams to end before
     /// it closes the remaining connections and exits.
@@ -291,9 +308,17 @@ impl ServeArgs {
             cors_allowed_origins: cors_origins(&self.cors_allowed_origins)?,
             grpc_tls: self.grpc_security.tls()?,
             auth: self.grpc_security.auth()?,
+            store: self.store_url.as_ref().map(|url| StoreConfig {
+                url: Secret::new(url.as_str()),
+                password: std::env::var(STORE_PASSWORD_ENV).ok().map(Secret::new),
+                retention: self.store_retention,
+            }),
         })
     }
 }
+
+/// Where the store's password comes from, if not from its URL.
+pub const STORE_PASSWORD_ENV: &str = "DEVICEHUB_STORE_PASSWORD";
 
 /// `--cors-allowed-origins`, each checked to be an origin (a browser sends
 /// exactly `scheme://host[:port]`, so anything else would never match).

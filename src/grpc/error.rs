@@ -45,6 +45,10 @@ pub enum ApiError {
     PermissionDenied(String),
     #[error("{0}")]
     NotFound(String),
+    #[error(
+        "the reading store is unavailable; try again (resume after sequence number {resume_after})"
+    )]
+    StoreUnavailable { resume_after: u64 },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -75,9 +79,9 @@ impl From<ApiError> for Status {
             ApiError::Unauthenticated(_) => Status::unauthenticated(message),
             ApiError::PermissionDenied(_) => Status::permission_denied(message),
             ApiError::NotFound(_) => Status::not_found(message),
-            ApiError::ShuttingDown { .. } | ApiError::CommandsShutDown => {
-                Status::unavailable(message)
-            }
+            ApiError::ShuttingDown { .. }
+            | ApiError::CommandsShutDown
+            | ApiError::StoreUnavailable { .. } => Status::unavailable(message),
             ApiError::Internal(_) => {
                 // Details go to the log, never to the client.
                 error!(%message, "internal error");

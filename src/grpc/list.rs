@@ -13,14 +13,14 @@ use crate::{
 use page_token::MAX_PAGE_BYTES;
 
 /// Serves one ListReadings call.
-pub(super) fn list(
+pub(super) async fn list(
     shared: &Shared,
     caller: &Caller,
     req: ListReadingsRequest,
 ) -> Result<EncodedListReadingsResponse, ApiError> {
     let query_hash = page_token::query_hash(&req);
     let query = list_query(shared, caller, req, query_hash)?;
-    let page = shared.hub.list(&query).map_err(|e| match e {
+    let page = shared.hub.list(&query).await.map_err(|e| match e {
         CursorError::Evicted {
             missed_from,
             missed_to,
@@ -29,6 +29,9 @@ pub(super) fn list(
             missed_to,
         },
         CursorError::Future(_) => ApiError::invalid("page_token", "was not issued by this service"),
+        CursorError::Unavailable => ApiError::StoreUnavailable {
+            resume_after: query.cursor.unwrap_or(0),
+        },
     })?;
 
     // Keep the response under the client's message size limit; at least

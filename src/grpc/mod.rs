@@ -146,7 +146,7 @@ impl DeviceHub for DeviceHubService {
         request: Request<ListReadingsRequest>,
     ) -> Result<Response<EncodedListReadingsResponse>, Status> {
         let caller = Caller::of(&request)?;
-        let response = list::list(&self.shared, &caller, request.into_inner())?;
+        let response = list::list(&self.shared, &caller, request.into_inner()).await?;
         Ok(Response::new(response))
     }
 

@@ -56,7 +56,7 @@ pub(super) fn watch(
         })?;
     // A stale resume cursor fails the call itself, before any message,
     // unless the client asked to be told about gaps in-band.
-    let oldest = shared.hub.stats().buffer.first_seq;
+    let oldest = shared.hub.oldest_seq();
     if !notify_gaps && watcher.cursor() + 1 < oldest {
         return Err(ApiError::CursorTooOld {
             after_seq: watcher.cursor(),
@@ -125,12 +125,20 @@ fn gap(
     notify_gaps: bool,
     last_sent: u64,
 ) -> WatchEvent {
-    let CursorError::Evicted {
-        missed_from,
-        missed_to,
-    } = error
-    else {
-        return Err(ApiError::Internal("watch cursor ahead of the buffer".into()).into());
+    let (missed_from, missed_to) = match error {
+        CursorError::Evicted {
+            missed_from,
+            missed_to,
+        } => (missed_from, missed_to),
+        CursorError::Unavailable => {
+            let error = ApiError::StoreUnavailable {
+                resume_after: last_sent,
+            };
+            return Err(error.into());
+        }
+        CursorError::Future(_) => {
+            return Err(ApiError::Internal("watch cursor ahead of the buffer".into()).into())
+        }
     };
     if !notify_gaps {
         warn!(

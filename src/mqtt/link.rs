@@ -3,14 +3,16 @@
 //! replies to the [`ReplyRouter`], and keeps the [`LinkState`] current.
 
 use std::{
+    collections::VecDeque,
     sync::{atomic::Ordering, Arc},
     time::{Duration, SystemTime},
 };
 
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, Outgoing, Packet, QoS,
-    SubscribeFilter, SubscribeReasonCode,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, Outgoing, Packet, PubAck,
+    PubRec, Publish, QoS, Request, SubscribeFilter, SubscribeReasonCode,
 };
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
 
@@ -20,7 +22,7 @@ use crate::{
     config::MqttConfig,
     log_limit::{truncated, LogLimit},
     replies::ReplyRouter,
-    store::ReadingStore,
+    store::{Ingest, StoredReading},
     topic::TopicTemplate,
 };
 
@@ -35,7 +37,11 @@ const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub(super) struct Driver {
     client: AsyncClient,
     shared: Arc<Shared>,
-    store: Arc<dyn ReadingStore>,
+    ingest: Ingest,
+    /// With a store: the QoS 1 and 2 publishes received on this connection
+    /// and not acknowledged yet, with the id of the batch whose commit lets
+    /// them be, oldest first (MQTT wants acknowledgements in order).
+    unacked: VecDeque<(u64, Publish)>,
     replies: ReplyRouter,
     readings_topic: TopicTemplate,
     readings_subscription: String,
@@ -56,7 +62,7 @@ impl Driver {
         config: &MqttConfig,
         client: AsyncClient,
         shared: Arc<Shared>,
-        store: Arc<dyn ReadingStore>,
+        ingest: Ingest,
         replies: ReplyRouter,
         counters: Arc<IngestCounters>,
     ) -> Self {
@@ -65,7 +71,8 @@ impl Driver {
             counters,
             client,
             shared,
-            store,
+            ingest,
+            unacked: VecDeque::new(),
             replies,
             readings_topic: config.readings_topic.clone(),
             readings_subscription: config.readings_subscription.clone(),
@@ -77,12 +84,20 @@ impl Driver {
         }
     }
 
-    pub(super) async fn run(self, mut eventloop: EventLoop, shutdown: CancellationToken) {
+    pub(super) async fn run(mut self, mut eventloop: EventLoop, shutdown: CancellationToken) {
         let mut backoff = BACKOFF_MIN;
         let mut batch = Vec::new();
+        let mut committed = match &self.ingest {
+            Ingest::Durable(writer) => Some(writer.committed()),
+            Ingest::Memory(_) => None,
+        };
         loop {
             let event = tokio::select! {
                 event = eventloop.poll() => event,
+                Some(committed) = changed(&mut committed) => {
+                    self.acknowledge(&mut eventloop, committed).await;
+                    continue;
+                }
                 _ = shutdown.cancelled() => break,
             };
             match event {
@@ -105,7 +120,11 @@ impl Driver {
                             batch.push(publish);
                         }
                     }
-                    self.ingest(&batch);
+                    tokio::select! {
+                        _ = self.ingest(&batch) => {}
+                        // Not acknowledged: the broker delivers them again.
+                        _ = shutdown.cancelled() => break,
+                    }
                     batch.clear();
                 }
                 Ok(event) => {
@@ -132,7 +151,76 @@ impl Driver {
                 }
             }
         }
+        if let Some(committed) = &mut committed {
+            self.drain(&mut eventloop, committed).await;
+        }
         self.disconnect(&mut eventloop).await;
+    }
+
+    /// Acknowledges the publishes whose batches are committed, up to batch
+    /// `committed`, with one write to the socket for all of them: what
+    /// rumqttc does for the acknowledgements of one read when it sends them
+    /// itself. (Through `AsyncClient::ack`, each would be a request of its
+    /// own, written and flushed alone: ingest with the store ran at 0.25 of
+    /// memory-only that way; BENCHMARKS.md, scenario 10.) A write that fails
+    /// leaves them unacknowledged: the broker delivers them again after the
+    /// reconnect the next poll starts.
+    async fn acknowledge(&mut self, eventloop: &mut EventLoop, committed: u64) {
+        let Some(network) = eventloop.network.as_mut() else {
+            return; // not connected; `connection_lost` cleared the list
+        };
+        let mut written = 0;
+        while let Some((batch, publish)) = self.unacked.front() {
+            if *batch > committed {
+                break;
+            }
+            let ack = match publish.qos {
+                QoS::AtLeastOnce => Some(Request::PubAck(PubAck::new(publish.pkid))),
+                QoS::ExactlyOnce => Some(Request::PubRec(PubRec::new(publish.pkid))),
+                QoS::AtMostOnce => None, // never queued
+            };
+            self.unacked.pop_front();
+            let Some(ack) = ack else { continue };
+            let packet = match eventloop.state.handle_outgoing_packet(ack) {
+                Ok(Some(packet)) => packet,
+                Ok(None) => continue,
+                Err(error) => {
+                    debug!(%error, "acknowledgement not sent");
+                    continue;
+                }
+            };
+            if let Err(error) = network.write(packet).await {
+                debug!(%error, "acknowledgement not written");
+                return;
+            }
+            written += 1;
+        }
+        if written > 0 {
+            let flushed = tokio::time::timeout(DISCONNECT_TIMEOUT, network.flush()).await;
+            if !matches!(flushed, Ok(Ok(()))) {
+                debug!("acknowledgements not flushed; the connection is failing");
+            }
+        }
+    }
+
+    /// At shutdown: waits (bounded) for what was handed to the store to be
+    /// committed, and acknowledges it, so the broker does not deliver it
+    /// again after a restart.
+    async fn drain(&mut self, eventloop: &mut EventLoop, committed: &mut watch::Receiver<u64>) {
+        let Ingest::Durable(writer) = &self.ingest else {
+            return;
+        };
+        let last_sent = writer.last_sent();
+        let all = async { committed.wait_for(|c| *c >= last_sent).await.is_ok() };
+        let done = tokio::time::timeout(DISCONNECT_TIMEOUT, all).await == Ok(true);
+        let upto = *committed.borrow();
+        self.acknowledge(eventloop, upto).await;
+        if !done {
+            warn!(
+                unacknowledged = self.unacked.len(),
+                "readings not committed at shutdown; the broker delivers them again"
+            );
+        }
     }
 
     /// Handles an event other than an incoming publish (see `run`).
@@ -193,11 +281,44 @@ impl Driver {
     }
 
     /// Stores publishes received together (and routes the replies among
-    /// them), parsing topics before taking the buffer's lock.
-    fn ingest(&self, batch: &[rumqttc::Publish]) {
+    /// them), parsing topics before taking the buffer's lock. With a store,
+    /// hands them to its writer (waiting while its queue is full) and keeps
+    /// the QoS 1 and 2 ones to acknowledge once committed.
+    async fn ingest(&mut self, batch: &[Publish]) {
+        let readings = self.parse(batch);
+        let count = readings.len();
+        match &self.ingest {
+            Ingest::Memory(hub) => {
+                let last_seq = hub.push_all(readings.into_iter().map(|(_, r)| r));
+                trace!(last_seq, count, "readings stored");
+            }
+            Ingest::Durable(writer) => {
+                let stored = readings
+                    .iter()
+                    .map(|(publish, reading)| StoredReading::new(reading, publish.payload.clone()))
+                    .collect::<Vec<_>>();
+                // Publishes not stored (too large) are acknowledged with the
+                // batch before them, keeping acknowledgements in order.
+                let id = match stored.is_empty() {
+                    true => Some(writer.last_sent()),
+                    false => writer.send(stored).await,
+                };
+                drop(readings);
+                let Some(id) = id else {
+                    return; // the writer stopped: shutting down
+                };
+                let needs_ack = batch.iter().filter(|p| p.qos != QoS::AtMostOnce);
+                self.unacked.extend(needs_ack.map(|p| (id, p.clone())));
+                trace!(batch = id, count, "readings handed to the store");
+            }
+        }
+    }
+
+    /// The publishes of `batch` to store, each with what is stored of it.
+    fn parse<'a>(&'a self, batch: &'a [Publish]) -> Vec<(&'a Publish, NewReading<'a>)> {
         // One read, one time: they arrived together.
         let received_at = SystemTime::now();
-        let readings: Vec<NewReading<'_>> = batch
+        batch
             .iter()
             .filter(|publish| self.fits(publish))
             .map(|publish| {
@@ -229,7 +350,7 @@ impl Driver {
                         "message on a topic outside the readings, replies and status templates"
                     );
                 }
-                NewReading {
+                let reading = NewReading {
                     kind,
                     device_id: device_id.unwrap_or(""),
                     topic: &publish.topic,
@@ -237,18 +358,17 @@ impl Driver {
                     qos: publish.qos as u8,
                     retained: publish.retain,
                     received_at,
-                }
+                };
+                (publish, reading)
             })
-            .collect();
-        let last_seq = self.store.append(&readings);
-        trace!(last_seq, count = batch.len(), "readings stored");
+            .collect()
     }
 
     /// Whether `publish` is small enough to keep; counts and logs
     /// (rate-limited) one that is not. Too large for the buffer's promise
     /// that every reading fits one gRPC message, it is not stored, and a
     /// reply that large is not routed either.
-    fn fits(&self, publish: &rumqttc::Publish) -> bool {
+    fn fits(&self, publish: &Publish) -> bool {
         let bytes = publish.payload.len();
         if bytes <= self.max_reading_bytes {
             return true;
@@ -268,7 +388,7 @@ impl Driver {
         false
     }
 
-    fn connection_lost(&self, eventloop: &mut EventLoop, error: &ConnectionError) {
+    fn connection_lost(&mut self, eventloop: &mut EventLoop, error: &ConnectionError) {
         let mut tracker = self.shared.tracker();
         let was = self.shared.state.send_replace(LinkState::Down);
         if was != LinkState::Down {
@@ -278,6 +398,11 @@ impl Driver {
         // Publishes queued after rumqttc's own clean-up are moved to its
         // pending list too, so none slips out unmatched after the reconnect.
         eventloop.clean();
+        // Acknowledgements belong to the connection: packet ids start over,
+        // and one sent on the next connection could acknowledge another
+        // message, not yet committed. The broker delivers the unacknowledged
+        // ones again (with a persistent session).
+        self.unacked.clear();
         if self.clean_session {
             tracker.fail_all(PublishError::ConnectionLost);
         }
@@ -342,4 +467,15 @@ fn caused_by_tls(error: &(dyn std::error::Error + 'static)) -> bool {
         cause = error.source();
     }
     false
+}
+
+/// The next value of `committed`, if there is one to follow: pending
+/// forever when there is none, or its writer is gone.
+async fn changed(committed: &mut Option<watch::Receiver<u64>>) -> Option<u64> {
+    if let Some(rx) = committed {
+        if rx.changed().await.is_ok() {
+            return Some(*rx.borrow_and_update());
+        }
+    }
+    std::future::pending().await
 }

@@ -1,7 +1,9 @@
 //! The MQTT side: the one shared `rumqttc` client and the task that drives
 //! it. It knows nothing of gRPC: incoming readings go to a
 //! [`ReadingStore`], replies to the [`ReplyRouter`], and commands come in
-//! through [`CommandPublisher`].
+//! through [`CommandPublisher`]. With a store, readings are acknowledged
+//! to the broker only once committed (rumqttc's manual acknowledgements;
+//! see `store`).
 //!
 //! - [`link`]: the event loop task: connection, backoff, subscriptions, ingest;
 //! - [`publish`]: [`CommandPublisher`] and the acknowledgement tracker;
@@ -32,7 +34,7 @@ pub use tls::{client_config, ClientIdentity, TlsError};
 use crate::{
     config::{Credentials, MqttConfig},
     replies::ReplyRouter,
-    store::ReadingStore,
+    store::Ingest,
     sync,
 };
 use link::Driver;
@@ -87,12 +89,13 @@ pub struct MqttLink {
 }
 
 /// Builds rumqttc's options from `config`.
-fn options(config: &MqttConfig) -> MqttOptions {
+fn options(config: &MqttConfig, manual_acks: bool) -> MqttOptions {
     let mut options = MqttOptions::new(&config.client_id, &config.host, config.port);
     options
         .set_keep_alive(config.keep_alive)
         .set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes)
         .set_clean_session(!config.persistent_session)
+        .set_manual_acks(manual_acks)
         .set_request_channel_capacity(REQUEST_QUEUE);
     log_in(
         &mut options,
@@ -119,15 +122,16 @@ pub fn log_in(
 }
 
 /// Starts the shared client and its event loop task, which hands incoming
-/// readings (and command replies) to `store` and routes replies through
+/// readings (and command replies) to `ingest` and routes replies through
 /// `replies`, until `shutdown` is cancelled.
 pub fn start(
     config: &MqttConfig,
-    store: Arc<dyn ReadingStore>,
+    ingest: Ingest,
     replies: ReplyRouter,
     shutdown: CancellationToken,
 ) -> MqttLink {
-    let (client, mut eventloop) = AsyncClient::new(options(config), REQUEST_QUEUE);
+    let manual_acks = matches!(ingest, Ingest::Durable(_));
+    let (client, mut eventloop) = AsyncClient::new(options(config, manual_acks), REQUEST_QUEUE);
     // Commands and acknowledgements are small writes that must go out at
     // once, not wait for Nagle's algorithm.
     let mut network = eventloop.network_options();
@@ -142,7 +146,7 @@ pub fn start(
         config,
         client.clone(),
         shared.clone(),
-        store,
+        ingest,
         replies,
         counters.clone(),
     );

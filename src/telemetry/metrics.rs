@@ -26,7 +26,9 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::{hub::ReadingHub, mqtt::IngestCounters, mqtt::LinkState, replies::ReplyRouter};
+use crate::{
+    hub::ReadingHub, mqtt::IngestCounters, mqtt::LinkState, replies::ReplyRouter, store::Postgres,
+};
 
 /// How long one scrape connection may stay open.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,6 +41,18 @@ pub struct Sources {
     pub replies: ReplyRouter,
     pub link_counters: Arc<IngestCounters>,
     pub link: watch::Receiver<LinkState>,
+    /// The PostgreSQL store, if one is configured: its metrics exist only
+    /// then.
+    pub store: Option<Postgres>,
+}
+
+/// The store's metrics.
+struct StoreMetrics {
+    up: IntGauge,
+    committed: Counter,
+    commits: Counter,
+    errors: Counter,
+    retention_deleted: Counter,
 }
 
 /// The registry and the metrics in it, refreshed from [`Sources`].
@@ -63,6 +77,7 @@ struct Metrics {
     devices_not_listed: Counter,
     kept_bytes: IntGauge,
     kept_dropped: Counter,
+    store: Option<StoreMetrics>,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<Counter> {
@@ -117,6 +132,16 @@ impl Metrics {
             devices_not_listed: counter(&r, "devicehub_devices_not_listed_total", "New devices not listed because --max-devices were known.")?,
             kept_bytes: gauge(&r, "devicehub_devices_kept_bytes", "Payload bytes of devices' newest readings kept after eviction (bounded by --devices-max-bytes).")?,
             kept_dropped: counter(&r, "devicehub_devices_last_readings_dropped_total", "Devices' newest readings not kept after eviction because --devices-max-bytes was full.")?,
+            store: match sources.store {
+                None => None,
+                Some(_) => Some(StoreMetrics {
+                    up: gauge(&r, "devicehub_store_up", "1 while the PostgreSQL store answers, else 0 (readings are then not acknowledged).")?,
+                    committed: counter(&r, "devicehub_store_committed_readings_total", "Readings committed to the PostgreSQL store.")?,
+                    commits: counter(&r, "devicehub_store_commits_total", "Transactions that committed readings.")?,
+                    errors: counter(&r, "devicehub_store_commit_errors_total", "Commits that failed (each is retried until it succeeds).")?,
+                    retention_deleted: counter(&r, "devicehub_store_retention_deleted_total", "Readings retention deleted from the store.")?,
+                }),
+            },
             registry: r,
             sources,
         })
@@ -166,6 +191,17 @@ impl Metrics {
             set(&self.replies.with_label_values(&[outcome]), value);
         }
         self.awaiting_reply.set(replies.pending as i64);
+        if let (Some(metrics), Some(store)) = (&self.store, &self.sources.store) {
+            let counters = store.counters();
+            metrics.up.set(i64::from(*store.up().borrow()));
+            set(&metrics.committed, load(&counters.committed_readings));
+            set(&metrics.commits, load(&counters.commits));
+            set(&metrics.errors, load(&counters.errors));
+            set(
+                &metrics.retention_deleted,
+                load(&counters.retention_deleted),
+            );
+        }
     }
 
     fn render(&self) -> Result<String, prometheus::Error> {

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod pki;
+pub mod postgres;
 pub mod rng;
 pub mod secure;
 pub mod tempdir;

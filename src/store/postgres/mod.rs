@@ -1,0 +1,387 @@
+//! The PostgreSQL store: [`Postgres`], a cheap handle over a connection pool.
+//!
+//! - this file: connecting, the migrations (`migrations/` at the crate
+//!   root, embedded at build time and run at startup, each once, recorded
+//!   in `_sqlx_migrations`), and reading history back: pages and the replay
+//!   of a resume cursor older than the memory window;
+//! - [`writer`]: the writer task that commits what ingest hands it;
+//! - [`retention`]: deletes readings past `--store-retention`.
+//!
+//! Every statement is a constant string with bound parameters; nothing a
+//! client sends becomes SQL text. Time ranges are turned into sequence
+//! ranges first (received times never go backwards as numbers go up, as in
+//! the memory buffer), so pages walk the primary key or the
+//! `(device_id, seq)` index.
+
+mod retention;
+mod writer;
+
+use std::{
+    str::FromStr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use sqlx::{
+    postgres::{PgConnectOptions, PgPoolOptions, PgRow},
+    PgPool, Row,
+};
+use tokio::sync::watch;
+
+use crate::{
+    buffer::{CursorError, ListPage, ListQuery, Reading, ReadingFilter},
+    config::StoreConfig,
+};
+
+pub use retention::spawn_retention;
+pub use writer::{spawn_writer, Writer};
+
+/// Connections the pool keeps at most: the writer's, the retention task's,
+/// and pages and replays read concurrently.
+const MAX_CONNECTIONS: u32 = 8;
+/// How long a call waits for a connection before giving up (unavailable).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Rows fetched per statement while filling a page or a replay batch.
+const FETCH_ROWS: i64 = 1_000;
+/// Rows one page looks at, at most: a filter that matches little stops
+/// there with a page token to go on from (a page may then hold fewer
+/// readings than asked for, as AIP-158 allows).
+const MAX_SCAN_ROWS: usize = 100_000;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Why the store could not be opened or read. The text never holds the
+/// store URL (it may hold a password).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("--store-url is not a postgres:// URL PostgreSQL's client accepts")]
+    Url,
+    #[error("cannot reach the PostgreSQL store: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("migrating the PostgreSQL store: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("PostgreSQL: {0}")]
+    Query(#[from] sqlx::Error),
+}
+
+/// The store handle. Clones share the pool.
+#[derive(Clone)]
+pub struct Postgres {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    pool: PgPool,
+    /// Whether the last statement the writer ran (a commit or its idle
+    /// probe) succeeded: health follows it.
+    up: watch::Sender<bool>,
+    /// Sequence number of the oldest reading kept (`u64::MAX`: none yet).
+    /// Moved up by retention and down by the first commit; pages read it
+    /// to know whether the table reaches further back than memory.
+    oldest_seq: AtomicU64,
+    pub(super) counters: StoreCounters,
+}
+
+/// What the store counts, for `/metrics` and the stats line.
+#[derive(Debug, Default)]
+pub struct StoreCounters {
+    pub committed_readings: AtomicU64,
+    pub commits: AtomicU64,
+    /// Commits that failed (and were retried).
+    pub errors: AtomicU64,
+    /// Readings deleted by retention.
+    pub retention_deleted: AtomicU64,
+}
+
+/// Where the table stands at startup.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreStart {
+    /// The sequence number the next committed reading gets.
+    pub next_seq: u64,
+    /// The newest reading's time, in microseconds since the Unix epoch.
+    pub newest_micros: u64,
+}
+
+impl Postgres {
+    /// Connects, runs the pending migrations and reads where the table
+    /// stands.
+    pub async fn connect(config: &StoreConfig) -> Result<(Self, StoreStart), StoreError> {
+        let mut options =
+            PgConnectOptions::from_str(config.url.expose()).map_err(|_| StoreError::Url)?;
+        if let Some(password) = &config.password {
+            options = options.password(password.expose());
+        }
+        options = options.application_name("devicehub");
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            // No ping before every statement (a round trip each): a
+            // connection the server dropped fails its statement, which the
+            // writer retries and a page reports as UNAVAILABLE, and the pool
+            // then replaces it.
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await
+            .map_err(StoreError::Connect)?;
+        MIGRATOR.run(&pool).await?;
+        let row = sqlx::query(
+            "SELECT (SELECT next_seq FROM devicehub_sequence WHERE id = 1), \
+                    (SELECT min(seq) FROM readings), \
+                    (SELECT (extract(epoch FROM max(received_at)) * 1000000)::int8 FROM readings)",
+        )
+        .fetch_one(&pool)
+        .await?;
+        let next_seq: i64 = row.try_get(0)?;
+        let oldest: Option<i64> = row.try_get(1)?;
+        let newest_micros: Option<i64> = row.try_get(2)?;
+        let store = Self {
+            shared: Arc::new(Shared {
+                pool,
+                up: watch::channel(true).0,
+                oldest_seq: AtomicU64::new(oldest.map_or(u64::MAX, |s| s as u64)),
+                counters: StoreCounters::default(),
+            }),
+        };
+        let start = StoreStart {
+            next_seq: next_seq as u64,
+            newest_micros: newest_micros.unwrap_or(0).max(0) as u64,
+        };
+        Ok((store, start))
+    }
+
+    /// Follows whether the store answers.
+    pub fn up(&self) -> watch::Receiver<bool> {
+        self.shared.up.subscribe()
+    }
+
+    pub fn counters(&self) -> &StoreCounters {
+        &self.shared.counters
+    }
+
+    /// Sequence number of the oldest reading kept, `None` when the table is
+    /// empty.
+    pub fn oldest_seq(&self) -> Option<u64> {
+        Some(self.shared.oldest_seq.load(Ordering::Acquire)).filter(|s| *s != u64::MAX)
+    }
+
+    fn pool(&self) -> &PgPool {
+        &self.shared.pool
+    }
+
+    /// One page of readings for `query`, with the memory buffer's meaning
+    /// (filters, order, cursor, byte budget).
+    pub async fn list(&self, query: &ListQuery) -> Result<ListPage, CursorError> {
+        self.list_inner(query).await.map_err(unavailable)
+    }
+
+    async fn list_inner(&self, query: &ListQuery) -> Result<ListPage, sqlx::Error> {
+        // The sequence range [lo, hi) the time bounds and the cursor allow.
+        let mut lo = match query.start {
+            Some(start) => match self.first_seq_at_or_after(start).await? {
+                Some(seq) => seq,
+                None => return Ok(ListPage::default()),
+            },
+            None => 0,
+        };
+        let mut hi = match query.end {
+            Some(end) => self.first_seq_at_or_after(end).await?.unwrap_or(u64::MAX),
+            None => u64::MAX,
+        };
+        match (query.cursor, query.oldest_first) {
+            (Some(c), true) => lo = lo.max(c),
+            (Some(c), false) => hi = hi.min(c.saturating_add(1)),
+            (None, _) => {}
+        }
+        let limit = query.limit.max(1);
+        let max_bytes = query.max_bytes.unwrap_or(usize::MAX);
+        let mut page = ListPage::default();
+        let mut bytes = 0;
+        let mut scanned = 0;
+        // The first fetch asks for the page and the one reading that tells
+        // whether another page follows; filters that skip rows make the
+        // next fetches larger.
+        let mut rows_wanted = (limit as i64 + 1).min(FETCH_ROWS);
+        while lo < hi {
+            let rows = self
+                .fetch(
+                    query.filter.device_id.as_deref(),
+                    lo,
+                    hi,
+                    query.oldest_first,
+                    rows_wanted,
+                )
+                .await?;
+            let full_fetch = rows.len() as i64 == rows_wanted;
+            rows_wanted = FETCH_ROWS;
+            for row in rows {
+                let reading = reading(&row)?;
+                scanned += 1;
+                if query.oldest_first {
+                    lo = reading.seq + 1;
+                } else {
+                    hi = reading.seq;
+                }
+                if !matches(&query.filter, &reading) {
+                    continue;
+                }
+                let len = reading.payload.len();
+                if page.readings.len() == limit
+                    || (!page.readings.is_empty() && bytes + len > max_bytes)
+                {
+                    page.next_cursor = Some(reading.seq);
+                    return Ok(page);
+                }
+                bytes += len;
+                page.readings.push(reading);
+            }
+            if !full_fetch {
+                break;
+            }
+            if scanned >= MAX_SCAN_ROWS && lo < hi {
+                // Where the next page goes on looking.
+                page.next_cursor = Some(if query.oldest_first { lo } else { hi - 1 });
+                break;
+            }
+        }
+        Ok(page)
+    }
+
+    /// For a watcher whose cursor `after` is older than the memory window,
+    /// which starts at `below`: the next readings after `after` (and before
+    /// `below`) matching `filter`, and the last sequence number looked at.
+    ///
+    /// Numbers are committed without gaps, so a missing number means
+    /// retention deleted it: that is reported as an eviction.
+    pub async fn scan_after(
+        &self,
+        after: u64,
+        below: u64,
+        filter: &ReadingFilter,
+    ) -> Result<(Vec<Reading>, u64), CursorError> {
+        let rows = self
+            .fetch(None, after + 1, below, true, FETCH_ROWS)
+            .await
+            .map_err(unavailable)?;
+        let first = rows.first().map(reading).transpose().map_err(unavailable)?;
+        let first_seq = first.as_ref().map_or(below, |r| r.seq);
+        if first_seq > after + 1 {
+            return Err(CursorError::Evicted {
+                missed_from: after + 1,
+                missed_to: first_seq - 1,
+            });
+        }
+        let mut cursor = after;
+        let mut batch = Vec::new();
+        for row in &rows {
+            let reading = reading(row).map_err(unavailable)?;
+            cursor = reading.seq;
+            if matches(filter, &reading) {
+                batch.push(reading);
+            }
+        }
+        // A short fetch read everything up to the memory window.
+        if (rows.len() as i64) < FETCH_ROWS {
+            cursor = below - 1;
+        }
+        Ok((batch, cursor))
+    }
+
+    /// Sequence number of the first reading received at or after `at`.
+    async fn first_seq_at_or_after(&self, at: SystemTime) -> Result<Option<u64>, sqlx::Error> {
+        let seq: Option<i64> = sqlx::query_scalar(
+            "SELECT seq FROM readings \
+             WHERE received_at >= 'epoch'::timestamptz + $1 * interval '1 microsecond' \
+             ORDER BY received_at, seq LIMIT 1",
+        )
+        .bind(micros(at) as i64)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(seq.map(|s| s as u64))
+    }
+
+    /// Up to `rows` readings with `lo <= seq < hi`, of one device or all,
+    /// in either order.
+    async fn fetch(
+        &self,
+        device_id: Option<&str>,
+        lo: u64,
+        hi: u64,
+        ascending: bool,
+        rows: i64,
+    ) -> Result<Vec<PgRow>, sqlx::Error> {
+        // Four constant statements (one per index and order), so each is
+        // prepared with a plan that uses its index.
+        macro_rules! select {
+            ($tail:literal) => {
+                concat!(
+                    "SELECT seq, device_id, topic, payload, qos, retained, ",
+                    "(extract(epoch FROM received_at) * 1000000)::int8 FROM readings ",
+                    $tail
+                )
+            };
+        }
+        let sql = match (device_id.is_some(), ascending) {
+            (false, true) => select!("WHERE seq >= $1 AND seq < $2 ORDER BY seq LIMIT $3"),
+            (false, false) => select!("WHERE seq >= $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"),
+            (true, true) => select!(
+                "WHERE device_id = $4 AND seq >= $1 AND seq < $2 ORDER BY device_id, seq LIMIT $3"
+            ),
+            (true, false) => select!(
+                "WHERE device_id = $4 AND seq >= $1 AND seq < $2 \
+                 ORDER BY device_id DESC, seq DESC LIMIT $3"
+            ),
+        };
+        let mut statement = sqlx::query(sql)
+            .bind(to_i64(lo))
+            .bind(to_i64(hi))
+            .bind(rows);
+        if let Some(device_id) = device_id {
+            statement = statement.bind(device_id);
+        }
+        statement.fetch_all(self.pool()).await
+    }
+}
+
+fn to_i64(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+pub(super) fn micros(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+fn matches(filter: &ReadingFilter, reading: &Reading) -> bool {
+    filter.matches_source(reading.device_id(), reading.topic())
+}
+
+/// A row of [`Postgres::fetch`] as a reading.
+fn reading(row: &PgRow) -> Result<Reading, sqlx::Error> {
+    let seq: i64 = row.try_get(0)?;
+    let device_id: &str = row.try_get(1)?;
+    let topic: &str = row.try_get(2)?;
+    let payload: Vec<u8> = row.try_get(3)?;
+    let qos: i16 = row.try_get(4)?;
+    let retained: bool = row.try_get(5)?;
+    let micros: i64 = row.try_get(6)?;
+    Ok(Reading::new(
+        seq as u64,
+        device_id,
+        topic,
+        SystemTime::UNIX_EPOCH + Duration::from_micros(micros.max(0) as u64),
+        Bytes::from(payload),
+        qos as u8,
+        retained,
+    ))
+}
+
+/// A failed read: logged here with its cause, reported to the caller as the
+/// store being unavailable.
+fn unavailable(error: sqlx::Error) -> CursorError {
+    tracing::warn!(%error, "reading from the PostgreSQL store failed");
+    CursorError::Unavailable
+}

@@ -1,0 +1,291 @@
+//! The writer task: commits what ingest queued, then makes it visible.
+//!
+//! Ingest hands over one network read at a time ([`Writer::send`]); the
+//! task takes everything queued (up to [`MAX_COMMIT_ROWS`]) into one
+//! transaction, so the database sees few large statements however small the
+//! reads are, and ingest never waits per reading. After the commit the
+//! readings go into the hub's memory window under the numbers the database
+//! gave them, and the committed batch id tells the MQTT event loop what it
+//! may acknowledge. While the database fails, the task retries the same
+//! readings with backoff and health says NOT_SERVING; the queue fills and
+//! ingest waits (see `store`).
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, SystemTime},
+};
+
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, trace, warn};
+
+use super::{micros, Postgres, StoreStart};
+use crate::{
+    buffer::{ConnectionStatus, MessageKind},
+    hub::ReadingHub,
+    store::StoredReading,
+};
+
+/// Payload bytes queued for the writer at most; ingest waits beyond it.
+pub const QUEUE_BYTES: usize = 64 << 20;
+/// Readings committed in one transaction at most.
+pub const MAX_COMMIT_ROWS: usize = 10_000;
+/// Network reads queued at most (each holds a few readings).
+const QUEUE_BATCHES: usize = 4_096;
+/// Retry backoff bounds while the database fails.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often an idle writer checks that the database answers, for health.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Readings received together, on their way to the writer task.
+struct Batch {
+    id: u64,
+    readings: Vec<StoredReading>,
+    /// Their share of [`QUEUE_BYTES`], given back once committed.
+    _bytes: OwnedSemaphorePermit,
+}
+
+/// Ingest's end of the hand-off. Owned by the MQTT event loop.
+pub struct Writer {
+    tx: mpsc::Sender<Batch>,
+    bytes: Arc<Semaphore>,
+    committed: watch::Receiver<u64>,
+    /// Batch ids are handed out by the one task that sends, in order; an
+    /// atomic only so that sending takes `&self`.
+    last_sent: AtomicU64,
+}
+
+impl Writer {
+    /// Queues readings received together and returns their batch id; waits
+    /// while the queue is full. `None`: the writer task has stopped.
+    pub async fn send(&self, readings: Vec<StoredReading>) -> Option<u64> {
+        let bytes: usize = readings.iter().map(|r| r.payload.len()).sum();
+        // One batch larger than the whole budget still goes, alone.
+        let permits = bytes.clamp(1, QUEUE_BYTES) as u32;
+        let permit = self.bytes.clone().acquire_many_owned(permits).await.ok()?;
+        let id = self.last_sent() + 1;
+        let batch = Batch {
+            id,
+            readings,
+            _bytes: permit,
+        };
+        self.tx.send(batch).await.ok()?;
+        self.last_sent.store(id, Ordering::Relaxed);
+        Some(id)
+    }
+
+    /// The id of the last batch sent.
+    pub fn last_sent(&self) -> u64 {
+        self.last_sent.load(Ordering::Relaxed)
+    }
+
+    /// Follows the id of the last batch committed (batches commit in order).
+    pub fn committed(&self) -> watch::Receiver<u64> {
+        self.committed.clone()
+    }
+}
+
+/// Starts the writer task. It ends when the [`Writer`] is dropped and the
+/// queue is committed, or at `shutdown` while the database is failing.
+pub fn spawn_writer(
+    store: Postgres,
+    hub: ReadingHub,
+    start: StoreStart,
+    shutdown: CancellationToken,
+) -> Writer {
+    let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
+    let (committed_tx, committed) = watch::channel(0);
+    let task = Task {
+        store,
+        hub,
+        rx,
+        committed: committed_tx,
+        newest_micros: start.newest_micros,
+        shutdown,
+    };
+    tokio::spawn(task.run());
+    Writer {
+        tx,
+        bytes: Arc::new(Semaphore::new(QUEUE_BYTES)),
+        committed,
+        last_sent: AtomicU64::new(0),
+    }
+}
+
+struct Task {
+    store: Postgres,
+    hub: ReadingHub,
+    rx: mpsc::Receiver<Batch>,
+    committed: watch::Sender<u64>,
+    /// Received times never go backwards as numbers go up (a clock stepped
+    /// back is clamped), in the table as in memory: time ranges rely on it.
+    newest_micros: u64,
+    shutdown: CancellationToken,
+}
+
+impl Task {
+    async fn run(mut self) {
+        let mut batches = Vec::new();
+        loop {
+            let first = tokio::select! {
+                batch = self.rx.recv() => batch,
+                _ = tokio::time::sleep(PROBE_INTERVAL) => {
+                    self.probe().await;
+                    continue;
+                }
+            };
+            let Some(first) = first else { return };
+            let mut rows = first.readings.len();
+            batches.push(first);
+            while rows < MAX_COMMIT_ROWS {
+                let Ok(batch) = self.rx.try_recv() else { break };
+                rows += batch.readings.len();
+                batches.push(batch);
+            }
+            if !self.commit(&mut batches).await {
+                return; // shutdown while the database was failing
+            }
+            batches.clear();
+        }
+    }
+
+    /// Commits `batches` (retrying until it works or shutdown), then pushes
+    /// them into memory and reports them committed. `false`: shutdown came
+    /// first.
+    async fn commit(&mut self, batches: &mut [Batch]) -> bool {
+        for reading in batches.iter_mut().flat_map(|b| b.readings.iter_mut()) {
+            let at = micros(reading.received_at).max(self.newest_micros);
+            self.newest_micros = at;
+            reading.received_at = SystemTime::UNIX_EPOCH + Duration::from_micros(at);
+        }
+        let readings: Vec<&StoredReading> = batches.iter().flat_map(|b| &b.readings).collect();
+        let Some(last_id) = batches.last().map(|b| b.id) else {
+            return true;
+        };
+        let counters = &self.store.shared.counters;
+        let mut backoff = BACKOFF_MIN;
+        let first_seq = loop {
+            match insert(&self.store, &readings).await {
+                Ok(first_seq) => break first_seq,
+                Err(error) => {
+                    counters.errors.fetch_add(1, Ordering::Relaxed);
+                    self.set_up(false, Some(&error));
+                    warn!(%error, readings = readings.len(), retry_in = ?backoff, "committing readings to PostgreSQL failed; not acknowledging them");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = self.shutdown.cancelled() => return false,
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        };
+        self.set_up(true, None);
+        counters.commits.fetch_add(1, Ordering::Relaxed);
+        counters
+            .committed_readings
+            .fetch_add(readings.len() as u64, Ordering::Relaxed);
+        self.store
+            .shared
+            .oldest_seq
+            .fetch_min(first_seq, Ordering::AcqRel);
+        let last = self
+            .hub
+            .push_committed(first_seq, readings.iter().map(|r| r.as_new()));
+        trace!(first_seq, last, "readings committed");
+        self.committed.send_replace(last_id);
+        true
+    }
+
+    /// Checks that the database answers while nothing is being written.
+    async fn probe(&self) {
+        let answer = sqlx::query("SELECT 1").execute(self.store.pool()).await;
+        self.set_up(answer.is_ok(), answer.as_ref().err());
+    }
+
+    fn set_up(&self, up: bool, error: Option<&sqlx::Error>) {
+        let was = self.store.shared.up.send_replace(up);
+        match (was, up) {
+            (true, false) => {
+                warn!(error = ?error.map(ToString::to_string), "PostgreSQL store unavailable")
+            }
+            (false, true) => info!("PostgreSQL store available again"),
+            _ => {}
+        }
+    }
+}
+
+/// Numbers and inserts `readings` in one transaction; returns the first
+/// one's sequence number. See `store` for why the counter row orders
+/// commits.
+async fn insert(store: &Postgres, readings: &[&StoredReading]) -> Result<u64, sqlx::Error> {
+    let count = readings.len() as i64;
+    let mut device_ids = Vec::with_capacity(readings.len());
+    let mut topics = Vec::with_capacity(readings.len());
+    let mut payloads = Vec::with_capacity(readings.len());
+    let mut qos = Vec::with_capacity(readings.len());
+    let mut retained = Vec::with_capacity(readings.len());
+    let mut received = Vec::with_capacity(readings.len());
+    let mut kinds = Vec::with_capacity(readings.len());
+    let mut statuses = Vec::with_capacity(readings.len());
+    for reading in readings {
+        device_ids.push(&*reading.device_id);
+        topics.push(&*reading.topic);
+        payloads.push(&reading.payload[..]);
+        qos.push(i16::from(reading.qos));
+        retained.push(reading.retained);
+        received.push(micros(reading.received_at) as i64);
+        let (kind, status) = kind_columns(reading.kind);
+        kinds.push(kind);
+        statuses.push(status);
+    }
+    let mut tx = store.pool().begin().await?;
+    let first: i64 = sqlx::query_scalar(
+        "UPDATE devicehub_sequence SET next_seq = next_seq + $1 WHERE id = 1 \
+         RETURNING next_seq - $1",
+    )
+    .bind(count)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO readings \
+             (seq, device_id, topic, payload, qos, retained, received_at, kind, status) \
+         SELECT $1 + n - 1, d, t, p, q, r, \
+                'epoch'::timestamptz + m * interval '1 microsecond', k, s \
+         FROM UNNEST($2::text[], $3::text[], $4::bytea[], $5::int2[], $6::bool[], \
+                     $7::int8[], $8::int2[], $9::int2[]) \
+              WITH ORDINALITY AS u(d, t, p, q, r, m, k, s, n)",
+    )
+    .bind(first)
+    .bind(&device_ids)
+    .bind(&topics)
+    .bind(&payloads)
+    .bind(&qos)
+    .bind(&retained)
+    .bind(&received)
+    .bind(&kinds)
+    .bind(&statuses)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(first as u64)
+}
+
+/// The `kind` and `status` columns of a message (see the migration).
+fn kind_columns(kind: MessageKind) -> (i16, Option<i16>) {
+    match kind {
+        MessageKind::Reading => (0, None),
+        MessageKind::Reply => (1, None),
+        MessageKind::Status(status) => (
+            2,
+            status.map(|s| match s {
+                ConnectionStatus::Unknown => 0,
+                ConnectionStatus::Online => 1,
+                ConnectionStatus::Offline => 2,
+            }),
+        ),
+    }
+}

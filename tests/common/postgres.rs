@@ -1,0 +1,233 @@
+//! A throwaway PostgreSQL cluster from Debian's `postgresql` package:
+//! `initdb` into a temporary directory and `pg_ctl` on a free loopback port,
+//! run as an unprivileged user when the tests run as root (PostgreSQL
+//! refuses root). Stopped and removed when dropped. Shared by the
+//! integration tests and the benchmark harness (`#[path]`).
+
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::{Command, Output},
+};
+
+use super::tempdir::TempDir;
+
+/// The user the cluster runs as when the tests run as root.
+const UNPRIVILEGED: &str = "nobody";
+
+pub struct Postgres {
+    pub port: u16,
+    /// `-c name=value` server settings.
+    settings: String,
+    bin: PathBuf,
+    dir: TempDir,
+    as_root: bool,
+}
+
+impl Postgres {
+    /// Creates a cluster with a `devicehub` superuser (trust on loopback)
+    /// and a `devicehub` database, and starts it. Commits are not flushed
+    /// to disk: the tests kill devicehub, never PostgreSQL's machine.
+    pub fn start() -> Self {
+        Self::start_with("-c fsync=off -c synchronous_commit=off")
+    }
+
+    /// [`Postgres::start`] with these server settings (`-c name=value ...`;
+    /// empty: PostgreSQL's defaults, commits flushed to disk).
+    pub fn start_with(settings: &str) -> Self {
+        let bin = bin_dir();
+        let dir = TempDir::new("postgres");
+        let as_root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        if as_root {
+            let status = Command::new("chown")
+                .args(["-R", UNPRIVILEGED])
+                .arg(dir.path())
+                .status()
+                .expect("chown runs");
+            assert!(status.success());
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let postgres = Self {
+            port,
+            settings: settings.to_owned(),
+            bin,
+            dir,
+            as_root,
+        };
+        let data = postgres.data();
+        postgres.run(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-U",
+                "devicehub",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
+        postgres.start_again();
+        postgres.run(
+            "createdb",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "devicehub",
+                "devicehub",
+            ],
+        );
+        postgres
+    }
+
+    /// The store URL for `--store-url`.
+    pub fn url(&self) -> String {
+        self.url_of("devicehub")
+    }
+
+    /// The URL of database `name`.
+    pub fn url_of(&self, name: &str) -> String {
+        format!("postgres://devicehub@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Creates an empty database `name` and returns its URL.
+    pub fn create_database(&self, name: &str) -> String {
+        self.psql(&format!("CREATE DATABASE {name}"));
+        self.url_of(name)
+    }
+
+    /// Starts the cluster (again, after [`Postgres::stop`]) and waits until
+    /// it accepts connections (`pg_ctl -w`).
+    pub fn start_again(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 {}",
+            self.port,
+            self.dir.path().display(),
+            self.settings,
+        );
+        let log = format!("{}/postgres.log", self.dir.path().display());
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data(),
+                "-o",
+                &options,
+                "-l",
+                &log,
+                "-w",
+                "start",
+            ],
+        );
+    }
+
+    /// Stops the cluster at once (open connections are cut) and waits.
+    pub fn stop(&self) {
+        self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
+    }
+
+    /// Runs one SQL statement with psql and returns its unaligned output.
+    pub fn psql(&self, sql: &str) -> String {
+        self.psql_in("devicehub", sql)
+    }
+
+    /// [`Postgres::psql`] in database `database`.
+    pub fn psql_in(&self, database: &str, sql: &str) -> String {
+        let output = self.output(
+            "psql",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "devicehub",
+                "-d",
+                database,
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ],
+        );
+        assert!(
+            output.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// What the server logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
+    fn data(&self) -> String {
+        format!("{}/data", self.dir.path().display())
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let output = self.output(program, args);
+        assert!(
+            output.status.success(),
+            "{program} {args:?} failed: {}{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+            self.log()
+        );
+    }
+
+    fn output(&self, program: &str, args: &[&str]) -> Output {
+        let program = self.bin.join(program);
+        let mut command = if self.as_root {
+            let mut command = Command::new("runuser");
+            command.args(["-u", UNPRIVILEGED, "--"]).arg(program);
+            command
+        } else {
+            Command::new(program)
+        };
+        // pg_ctl's server must not hold the test's pipes open.
+        command
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("a PostgreSQL program runs")
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self.output(
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
+        );
+    }
+}
+
+/// Debian's PostgreSQL binaries (the newest installed version).
+fn bin_dir() -> PathBuf {
+    let versions = std::fs::read_dir("/usr/lib/postgresql").expect(
+        "PostgreSQL is not installed: the tests need it (apt-get install -y postgresql, or run scripts/test.sh)",
+    );
+    let mut versions: Vec<PathBuf> = versions
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|bin| bin.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions.pop().expect("a PostgreSQL version with initdb")
+}

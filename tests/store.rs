@@ -1,0 +1,603 @@
+//! The PostgreSQL store, with real parts: a throwaway PostgreSQL cluster
+//! (Debian's package, `tests/common/postgres.rs`), Mosquitto, and the
+//! service in-process or as the `devicehub` binary (to SIGKILL it).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{postgres::Postgres, *};
+use devicehub::proto::{
+    device_hub_client::DeviceHubClient, watch_readings_response::Event as WatchEvent, GapPolicy,
+    ListReadingsRequest, Reading, WatchReadingsRequest,
+};
+use rumqttc::QoS;
+use tonic::{transport::Channel, Code};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+const DEVICES: u64 = 10;
+
+/// `count` readings, payload `i` from device `d{i % DEVICES}`, from
+/// `first` on, at QoS 1, from a background task (done when all are queued).
+fn publish_spread(device: &TestDevice, first: u64, count: u64) -> tokio::task::JoinHandle<()> {
+    let client = device.client.clone();
+    tokio::spawn(async move {
+        for i in first..first + count {
+            let topic = format!("devices/d{}/readings", i % DEVICES);
+            client
+                .publish(topic, QoS::AtLeastOnce, false, i.to_string())
+                .await
+                .unwrap();
+        }
+    })
+}
+
+fn index_of(reading: &Reading) -> u64 {
+    std::str::from_utf8(&reading.payload)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn count(pg: &Postgres, sql_where: &str) -> u64 {
+    pg.psql(&format!("SELECT count(*) FROM readings {sql_where}"))
+        .parse()
+        .unwrap()
+}
+
+async fn wait_for_rows(pg: &Postgres, rows: u64) {
+    eventually(&format!("{rows} rows in the table"), || async {
+        (count(pg, "") >= rows).then_some(())
+    })
+    .await
+}
+
+/// Every page of `request` (its page token replaced as it goes).
+async fn list_pages(
+    client: &DeviceHubClient<Channel>,
+    mut request: ListReadingsRequest,
+) -> Vec<Reading> {
+    let mut all = Vec::new();
+    loop {
+        let page = client
+            .clone()
+            .list_readings(request.clone())
+            .await
+            .expect("a page")
+            .into_inner();
+        all.extend(page.readings);
+        if page.next_page_token.is_empty() {
+            return all;
+        }
+        request.page_token = page.next_page_token;
+    }
+}
+
+/// The first `n` readings a watch from `after_seq` delivers (a gap fails).
+async fn watch_n(
+    client: &DeviceHubClient<Channel>,
+    request: WatchReadingsRequest,
+    n: usize,
+) -> Vec<Reading> {
+    let mut stream = client
+        .clone()
+        .watch_readings(request)
+        .await
+        .expect("watch starts")
+        .into_inner();
+    let mut readings = Vec::with_capacity(n);
+    while readings.len() < n {
+        let message = within("a watched reading", stream.message())
+            .await
+            .expect("stream ok")
+            .expect("stream open");
+        match message.event {
+            Some(WatchEvent::Reading(reading)) => readings.push(reading),
+            other => panic!("expected a reading, got {other:?}"),
+        }
+    }
+    readings
+}
+
+fn assert_contiguous(readings: &[Reading]) {
+    for pair in readings.windows(2) {
+        assert_eq!(pair[1].seq, pair[0].seq + 1, "numbers without holes");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_survives_a_restart_and_resumes_with_the_same_numbers() {
+    let pg = Postgres::start();
+    let broker = Mosquitto::start();
+    let args = ["--store-url", &pg.url()];
+    let service = TestService::start_ready(config(&broker.url, &args)).await;
+    let client = service.client().await;
+    let device = TestDevice::connect(&broker.url, "device-restart", None).await;
+    publish_spread(&device, 0, 300).await.unwrap();
+    wait_for_rows(&pg, 300).await;
+    let before = list_pages(
+        &client,
+        ListReadingsRequest {
+            oldest_first: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(before.len(), 300);
+    service.stop().await;
+
+    // A new process: memory is empty, the table is not.
+    let service = TestService::start_ready(config(&broker.url, &args)).await;
+    let client = service.client().await;
+    let after = list_pages(
+        &client,
+        ListReadingsRequest {
+            oldest_first: true,
+            page_size: 7,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(after, before, "the same readings, numbers and times");
+    assert_contiguous(&after);
+
+    // Resume from the middle: the rest of the old readings from the table,
+    // then new ones live, numbered on from the old ones.
+    let resume_from = before[149].seq;
+    let watch = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let request = WatchReadingsRequest {
+                after_seq: Some(resume_from),
+                ..Default::default()
+            };
+            watch_n(&client, request, 250).await
+        })
+    };
+    publish_spread(&device, 300, 100).await.unwrap();
+    let watched = within("the resumed watch", watch).await.unwrap();
+    assert_eq!(watched[..150], before[150..], "replayed from the table");
+    let indices: Vec<u64> = watched.iter().map(index_of).collect();
+    assert_eq!(indices, (150..400).collect::<Vec<_>>());
+    assert_contiguous(&watched);
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_and_resumes_beyond_the_memory_window() {
+    const TOTAL: u64 = 50_000;
+    let pg = Postgres::start();
+    let broker = Mosquitto::start();
+    let args = ["--store-url", &pg.url(), "--buffer-max-readings", "1000"];
+    let service = TestService::start_ready(config(&broker.url, &args)).await;
+    let client = service.client().await;
+    let device = TestDevice::connect(&broker.url, "device-history", None).await;
+    publish_spread(&device, 0, TOTAL).await.unwrap();
+    wait_for_rows(&pg, TOTAL).await;
+    let buffered = client
+        .clone()
+        .list_readings(ListReadingsRequest {
+            oldest_first: true,
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(index_of(&buffered.readings[0]), 0, "the table's oldest");
+
+    // Everything, both orders, pages of 1 000 and of 333.
+    let oldest_first = list_pages(
+        &client,
+        ListReadingsRequest {
+            oldest_first: true,
+            page_size: 1000,
+            ..Default::default()
+        },
+    )
+    .await;
+    let indices: Vec<u64> = oldest_first.iter().map(index_of).collect();
+    assert_eq!(indices, (0..TOTAL).collect::<Vec<_>>());
+    assert_contiguous(&oldest_first);
+    let mut newest_first = list_pages(
+        &client,
+        ListReadingsRequest {
+            page_size: 333,
+            ..Default::default()
+        },
+    )
+    .await;
+    newest_first.reverse();
+    assert_eq!(newest_first, oldest_first);
+
+    // One device, both orders.
+    let d3: Vec<Reading> = oldest_first
+        .iter()
+        .filter(|r| r.device_id == "d3")
+        .cloned()
+        .collect();
+    assert_eq!(d3.len() as u64, TOTAL / DEVICES);
+    let request = ListReadingsRequest {
+        device_id: "d3".into(),
+        page_size: 500,
+        ..Default::default()
+    };
+    let mut listed = list_pages(&client, request.clone()).await;
+    listed.reverse();
+    assert_eq!(listed, d3);
+    let listed = list_pages(
+        &client,
+        ListReadingsRequest {
+            oldest_first: true,
+            ..request
+        },
+    )
+    .await;
+    assert_eq!(listed, d3);
+
+    // A time range, both orders, with a topic filter too.
+    let (start, end) = (
+        oldest_first[10_000].received_at.unwrap(),
+        oldest_first[20_000].received_at.unwrap(),
+    );
+    let in_range: Vec<Reading> = oldest_first
+        .iter()
+        .filter(|r| {
+            let t = r.received_at.as_ref().unwrap();
+            (t.seconds, t.nanos) >= (start.seconds, start.nanos)
+                && (t.seconds, t.nanos) < (end.seconds, end.nanos)
+        })
+        .cloned()
+        .collect();
+    assert!(in_range.len() >= 10_000);
+    let request = ListReadingsRequest {
+        start_time: Some(start),
+        end_time: Some(end),
+        page_size: 1000,
+        oldest_first: true,
+        ..Default::default()
+    };
+    assert_eq!(list_pages(&client, request.clone()).await, in_range);
+    let mut listed = list_pages(
+        &client,
+        ListReadingsRequest {
+            oldest_first: false,
+            ..request.clone()
+        },
+    )
+    .await;
+    listed.reverse();
+    assert_eq!(listed, in_range);
+    let d7: Vec<Reading> = in_range
+        .iter()
+        .filter(|r| r.device_id == "d7")
+        .cloned()
+        .collect();
+    let listed = list_pages(
+        &client,
+        ListReadingsRequest {
+            topic_filter: "devices/d7/#".into(),
+            ..request
+        },
+    )
+    .await;
+    assert_eq!(listed, d7);
+
+    // Resume from before the first number: all of it, in order, the seam
+    // between table and memory included.
+    let request = WatchReadingsRequest {
+        after_seq: Some(oldest_first[0].seq - 1),
+        ..Default::default()
+    };
+    let watched = watch_n(&client, request, TOTAL as usize).await;
+    assert_eq!(watched, oldest_first);
+    service.stop().await;
+}
+
+/// Mosquitto as the burst tests need it: the default in-flight window of
+/// 20 unacknowledged messages per client, a queue deep enough to hold a
+/// burst while devicehub is away.
+fn burst_broker() -> Mosquitto {
+    let port = closed_port().port;
+    let conf = format!(
+        "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+         max_inflight_messages 20\nmax_queued_messages 100000\n"
+    );
+    Mosquitto::start_config(
+        common::tempdir::TempDir::new("mosquitto"),
+        &conf,
+        port,
+        false,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_burst_loses_no_acknowledged_reading() {
+    const TOTAL: u64 = 10_000;
+    let pg = Postgres::start();
+    let broker = burst_broker();
+    let url = pg.url();
+    let mqtt_url = format!("mqtt://127.0.0.1:{}", broker.url.port);
+    let args = [
+        "serve",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--mqtt-url",
+        &mqtt_url,
+        "--mqtt-client-id",
+        "devicehub-store-kill",
+        "--mqtt-persistent-session",
+        "--store-url",
+        &url,
+    ];
+    let (mut first, mut log) = spawn_devicehub(&args, &[]);
+    logged_addr(&mut log, "subscribed to readings", "filters=").await;
+    let device = TestDevice::connect(&broker.url, "device-burst", None).await;
+    let burst = publish_spread(&device, 0, TOTAL);
+    wait_for_rows(&pg, 2_000).await;
+    first.kill().await.unwrap();
+    let at_kill = count(&pg, "");
+    assert!(at_kill < TOTAL, "killed mid-burst ({at_kill} stored)");
+
+    let (_second, mut log) = spawn_devicehub(&args, &[]);
+    let grpc = logged_addr(&mut log, "gRPC listening", "addr=").await;
+    burst.await.unwrap();
+    eventually("every reading in the table", || async {
+        let distinct: u64 = pg
+            .psql("SELECT count(DISTINCT payload) FROM readings")
+            .parse()
+            .unwrap();
+        (distinct == TOTAL).then_some(())
+    })
+    .await;
+    // Duplicates only of readings committed but not acknowledged when the
+    // process died: the newest ones it committed, delivered again by the
+    // broker first thing after the restart.
+    let duplicates = count(&pg, "") - TOTAL;
+    let copies = pg.psql(
+        "SELECT coalesce(string_agg(min::text || ' ' || max::text, ',' ORDER BY min), '') \
+         FROM (SELECT min(seq), max(seq) FROM readings GROUP BY payload HAVING count(*) > 1) d",
+    );
+    let copies: Vec<(u64, u64)> = copies
+        .split(',')
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            let (a, b) = c.split_once(' ').unwrap();
+            (a.parse().unwrap(), b.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        copies.len() as u64,
+        duplicates,
+        "each duplicated once at most"
+    );
+    let oldest: u64 = pg.psql("SELECT min(seq) FROM readings").parse().unwrap();
+    let last_before_kill = oldest + at_kill - 1;
+    for (i, (first_copy, second_copy)) in copies.iter().enumerate() {
+        let k = copies.len() - i; // counted back from the kill
+        assert_eq!(*first_copy, last_before_kill + 1 - k as u64, "{copies:?}");
+        assert_eq!(*second_copy, last_before_kill + 1 + i as u64, "{copies:?}");
+    }
+    eprintln!("{duplicates} readings committed but not acknowledged at the kill were stored twice");
+    let payloads =
+        pg.psql("SELECT string_agg(DISTINCT convert_from(payload, 'UTF8'), ',') FROM readings");
+    let mut indices: Vec<u64> = payloads.split(',').map(|p| p.parse().unwrap()).collect();
+    indices.sort_unstable();
+    assert_eq!(indices, (0..TOTAL).collect::<Vec<_>>());
+
+    // And the service lists them all, numbered without holes.
+    let client = DeviceHubClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let all = list_pages(
+        &client,
+        ListReadingsRequest {
+            oldest_first: true,
+            page_size: 1000,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(all.len() as u64, TOTAL + duplicates);
+    assert_contiguous(&all);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_holds_readings_back_and_health_follows() {
+    const TOTAL: u64 = 3_000;
+    let pg = Postgres::start();
+    let broker = burst_broker();
+    let args = [
+        "--store-url",
+        &pg.url(),
+        "--mqtt-client-id",
+        "devicehub-store-outage",
+        "--mqtt-persistent-session",
+    ];
+    let service = TestService::start_ready(config(&broker.url, &args)).await;
+    let client = service.client().await;
+    let device = TestDevice::connect(&broker.url, "device-outage", None).await;
+    // A steady stream, so readings arrive before, during and after.
+    let client_mqtt = device.client.clone();
+    let stream = tokio::spawn(async move {
+        for i in 0..TOTAL {
+            let topic = format!("devices/d{}/readings", i % DEVICES);
+            client_mqtt
+                .publish(topic, QoS::AtLeastOnce, false, i.to_string())
+                .await
+                .unwrap();
+            if i % 50 == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    wait_for_rows(&pg, 300).await;
+    pg.stop();
+    service.wait_for_health(ServingStatus::NotServing).await;
+    let stopped_at = tokio::time::Instant::now();
+    // Pages that need the table answer UNAVAILABLE meanwhile, not wrongly.
+    let status = client
+        .clone()
+        .list_readings(ListReadingsRequest {
+            oldest_first: true,
+            ..Default::default()
+        })
+        .await;
+    if let Err(status) = status {
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+    tokio::time::sleep_until(stopped_at + Duration::from_secs(10)).await;
+    pg.start_again();
+    service.wait_for_health(ServingStatus::Serving).await;
+    stream.await.unwrap();
+    wait_for_rows(&pg, TOTAL).await;
+    let all = list_pages(
+        &client,
+        ListReadingsRequest {
+            oldest_first: true,
+            page_size: 1000,
+            ..Default::default()
+        },
+    )
+    .await;
+    let indices: Vec<u64> = all.iter().map(index_of).collect();
+    assert_eq!(
+        indices,
+        (0..TOTAL).collect::<Vec<_>>(),
+        "all of them, in order, once"
+    );
+    assert_contiguous(&all);
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_what_is_older_and_nothing_else() {
+    let pg = Postgres::start();
+    let broker = Mosquitto::start();
+    let args = [
+        "--store-url",
+        &pg.url(),
+        "--store-retention",
+        "4s",
+        "--buffer-max-readings",
+        "10",
+    ];
+    let service = TestService::start_ready(config(&broker.url, &args)).await;
+    let client = service.client().await;
+    let device = TestDevice::connect(&broker.url, "device-retention", None).await;
+    publish_spread(&device, 0, 100).await.unwrap();
+    wait_for_rows(&pg, 100).await;
+    let old = list_pages(
+        &client,
+        ListReadingsRequest {
+            oldest_first: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    // The newer readings must be younger than the cutoff when the older
+    // ones go: two seconds apart with a four-second retention.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    publish_spread(&device, 100, 100).await.unwrap();
+    wait_for_rows(&pg, 200).await;
+    eventually("retention to delete the older readings", || async {
+        (count(&pg, "") == 100).then_some(())
+    })
+    .await;
+    let kept = pg.psql("SELECT min(convert_from(payload, 'UTF8')::int), max(convert_from(payload, 'UTF8')::int) FROM readings");
+    assert_eq!(kept, "100|199", "exactly the newer hundred are left");
+
+    // Pages start at the oldest kept; a watch from before it is told what
+    // it missed, and OUT_OF_RANGE without the gap policy.
+    let listed = list_pages(
+        &client,
+        ListReadingsRequest {
+            oldest_first: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(index_of(&listed[0]), 100);
+    assert_eq!(listed.len(), 100);
+    let mut stream = client
+        .clone()
+        .watch_readings(WatchReadingsRequest {
+            after_seq: Some(old[0].seq - 1),
+            gap_policy: GapPolicy::Notify as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = within("the gap", stream.message()).await.unwrap().unwrap();
+    match first.event {
+        Some(WatchEvent::Gap(gap)) => {
+            assert_eq!((gap.first_seq, gap.last_seq), (old[0].seq, old[99].seq));
+        }
+        other => panic!("expected the gap, got {other:?}"),
+    }
+    let next = within("a reading", stream.message())
+        .await
+        .unwrap()
+        .unwrap();
+    match next.event {
+        Some(WatchEvent::Reading(reading)) => assert_eq!(reading, listed[0]),
+        other => panic!("expected a reading, got {other:?}"),
+    }
+    let refused = client
+        .clone()
+        .watch_readings(WatchReadingsRequest {
+            after_seq: Some(old[0].seq - 1),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a cursor past the retention");
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_be_reached_fails_startup_without_its_password() {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_devicehub"))
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--embedded-mqtt-addr",
+            "127.0.0.1:0",
+        ])
+        .env(
+            "DEVICEHUB_STORE_URL",
+            format!(
+                "postgres://devicehub:hunter2-secret@127.0.0.1:{}/x",
+                closed_port().port
+            ),
+        )
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot reach the PostgreSQL store"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_devicehub"))
+        .args(["serve", "--help"])
+        .env("DEVICEHUB_STORE_URL", "postgres://u:hunter2-secret@h/db")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("--store-url"), "{help}");
+    assert!(!help.contains("hunter2"), "{help}");
+
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_devicehub"))
+        .args(["serve", "--store-retention", "30d"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--store-url"), "{stderr}");
+}
