@@ -387,6 +387,12 @@ impl ReadingBuffer {
         (page, ids.next().is_some())
     }
 
+    /// Lists a device known from before this process; see
+    /// `Devices::restore`.
+    pub fn restore_device(&mut self, info: DeviceInfo, newest: Option<Reading>) {
+        self.devices.restore(info, newest);
+    }
+
     /// A device's connection status (unknown for a device never heard from).
     pub fn device_status(&self, device_id: &str) -> ConnectionStatus {
         self.devices.status(device_id)

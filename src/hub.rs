@@ -22,8 +22,8 @@ use tokio::sync::watch;
 
 use crate::{
     buffer::{
-        BufferStats, ConnectionStatus, CursorError, DeviceEntry, DeviceStats, ListPage, ListQuery,
-        NewReading, Reading, ReadingBuffer, ReadingFilter,
+        BufferStats, ConnectionStatus, CursorError, DeviceEntry, DeviceInfo, DeviceStats, ListPage,
+        ListQuery, NewReading, Reading, ReadingBuffer, ReadingFilter,
     },
     config::{BufferLimits, DeviceLimits},
     per_client::{PerClient, Permit},
@@ -213,6 +213,15 @@ impl ReadingHub {
         limit: usize,
     ) -> (Vec<DeviceEntry>, bool) {
         self.read().devices(prefix, after, visible, limit)
+    }
+
+    /// Lists devices known from before this process (the store's records),
+    /// each with its newest reading if it has one.
+    pub fn restore_devices(&self, devices: Vec<(DeviceInfo, Option<Reading>)>) {
+        let mut buffer = self.write();
+        for (info, newest) in devices {
+            buffer.restore_device(info, newest);
+        }
     }
 
     pub fn device_status(&self, device_id: &str) -> ConnectionStatus {

@@ -217,6 +217,9 @@ pub async fn run(
         config.max_watchers_per_client,
         store.as_ref().map(|(postgres, _)| postgres.clone()),
     );
+    if let Some((postgres, _)) = &store {
+        hub.restore_devices(postgres.devices(config.devices.max_devices).await?);
+    }
     // The MQTT link stops after the gRPC server, so calls in progress can
     // still publish while streams drain; and also if this future is dropped.
     let stop_mqtt = CancellationToken::new();

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use common::{postgres::Postgres, *};
 use devicehub::proto::{
-    device_hub_client::DeviceHubClient, watch_readings_response::Event as WatchEvent, GapPolicy,
-    ListReadingsRequest, Reading, WatchReadingsRequest,
+    device_hub_client::DeviceHubClient, watch_readings_response::Event as WatchEvent, Device,
+    DeviceStatus, GapPolicy, ListDevicesRequest, ListReadingsRequest, Reading,
+    WatchReadingsRequest,
 };
 use rumqttc::QoS;
 use tonic::{transport::Channel, Code};
@@ -99,6 +100,16 @@ async fn watch_n(
     readings
 }
 
+async fn list_devices(client: &DeviceHubClient<Channel>) -> Vec<Device> {
+    client
+        .clone()
+        .list_devices(ListDevicesRequest::default())
+        .await
+        .expect("devices")
+        .into_inner()
+        .devices
+}
+
 fn assert_contiguous(readings: &[Reading]) {
     for pair in readings.windows(2) {
         assert_eq!(pair[1].seq, pair[0].seq + 1, "numbers without holes");
@@ -114,7 +125,13 @@ async fn history_survives_a_restart_and_resumes_with_the_same_numbers() {
     let client = service.client().await;
     let device = TestDevice::connect(&broker.url, "device-restart", None).await;
     publish_spread(&device, 0, 300).await.unwrap();
-    wait_for_rows(&pg, 300).await;
+    device.publish("devices/d1/status", "online").await;
+    device
+        .publish("devices/d2/status", r#"{"status": "offline"}"#)
+        .await;
+    wait_for_rows(&pg, 302).await;
+    let devices_before = list_devices(&client).await;
+    assert_eq!(devices_before.len() as u64, DEVICES);
     let before = list_pages(
         &client,
         ListReadingsRequest {
@@ -123,7 +140,7 @@ async fn history_survives_a_restart_and_resumes_with_the_same_numbers() {
         },
     )
     .await;
-    assert_eq!(before.len(), 300);
+    assert_eq!(before.len(), 302);
     service.stop().await;
 
     // A new process: memory is empty, the table is not.
@@ -140,6 +157,27 @@ async fn history_survives_a_restart_and_resumes_with_the_same_numbers() {
     .await;
     assert_eq!(after, before, "the same readings, numbers and times");
     assert_contiguous(&after);
+    // The device list as it was (from the devices table, not from history),
+    // except what is in memory now: nothing.
+    let devices_after = list_devices(&client).await;
+    assert_eq!(devices_after.len(), devices_before.len());
+    for (was, is) in devices_before.iter().zip(&devices_after) {
+        assert_eq!(is.readings_buffered, 0);
+        let was = Device {
+            readings_buffered: 0,
+            ..was.clone()
+        };
+        assert_eq!(*is, was);
+    }
+    let d1 = &devices_after[1];
+    assert_eq!(d1.status(), DeviceStatus::Online);
+    assert_eq!(devices_after[2].status(), DeviceStatus::Offline);
+    assert_eq!(devices_after[0].status(), DeviceStatus::Unknown);
+    assert_eq!(
+        index_of(d1.last_reading.as_ref().unwrap()) % DEVICES,
+        1,
+        "its newest reading, not its status message"
+    );
 
     // Resume from the middle: the rest of the old readings from the table,
     // then new ones live, numbered on from the old ones.
@@ -151,13 +189,17 @@ async fn history_survives_a_restart_and_resumes_with_the_same_numbers() {
                 after_seq: Some(resume_from),
                 ..Default::default()
             };
-            watch_n(&client, request, 250).await
+            watch_n(&client, request, 252).await
         })
     };
     publish_spread(&device, 300, 100).await.unwrap();
     let watched = within("the resumed watch", watch).await.unwrap();
-    assert_eq!(watched[..150], before[150..], "replayed from the table");
-    let indices: Vec<u64> = watched.iter().map(index_of).collect();
+    assert_eq!(watched[..152], before[150..], "replayed from the table");
+    let indices: Vec<u64> = watched
+        .iter()
+        .filter(|r| r.topic.ends_with("/readings"))
+        .map(index_of)
+        .collect();
     assert_eq!(indices, (150..400).collect::<Vec<_>>());
     assert_contiguous(&watched);
     service.stop().await;

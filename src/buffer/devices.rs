@@ -196,6 +196,43 @@ impl Devices {
         device.last_source.clone()
     }
 
+    /// Lists a device known from before this process (the store's record),
+    /// with its newest reading kept if it is given and fits the budget. A
+    /// device already known, or one past `max_devices`, is left out.
+    pub fn restore(&mut self, info: DeviceInfo, newest: Option<Reading>) {
+        let known = self.by_id.contains_key(&*info.device_id);
+        if known || info.device_id.is_empty() || self.listed.len() >= self.limits.max_devices {
+            return;
+        }
+        let kept = newest.filter(|reading| {
+            let len = reading.payload.len();
+            let fits = self.kept_bytes + len <= self.limits.max_kept_bytes;
+            match fits {
+                true => self.kept_bytes += len,
+                false => self.kept_dropped += 1,
+            }
+            fits
+        });
+        let topic = kept.as_ref().map_or("", |r| r.topic());
+        let source = Arc::new(Source {
+            device_id: info.device_id.clone(),
+            topic: Arc::from(topic),
+        });
+        let device = Device {
+            seqs: VecDeque::new(),
+            last_source: source,
+            listed: true,
+            first_seen_micros: info.first_seen_micros,
+            last_seen_micros: info.last_seen_micros,
+            newest_reading: kept.as_ref().map(|r| r.seq),
+            kept,
+            status: info.status,
+            status_changed_micros: info.status_changed_micros,
+        };
+        self.listed.insert(info.device_id.clone());
+        self.by_id.insert(info.device_id, device);
+    }
+
     /// Whether the message `seq` of `device_id`, about to be evicted, is the
     /// device's newest reading (and should be kept).
     pub fn is_newest_reading(&self, device_id: &str, seq: u64) -> bool {

@@ -2,8 +2,8 @@
 //!
 //! - this file: connecting, the migrations (`migrations/` at the crate
 //!   root, embedded at build time and run at startup, each once, recorded
-//!   in `_sqlx_migrations`), and reading history back: pages and the replay
-//!   of a resume cursor older than the memory window;
+//!   in `_sqlx_migrations`), and reading back: the device list at startup,
+//!   pages and the replay of a resume cursor older than the memory window;
 //! - [`writer`]: the writer task that commits what ingest hands it;
 //! - [`retention`]: deletes readings past `--store-retention`.
 //!
@@ -33,7 +33,9 @@ use sqlx::{
 use tokio::sync::watch;
 
 use crate::{
-    buffer::{CursorError, ListPage, ListQuery, Reading, ReadingFilter},
+    buffer::{
+        ConnectionStatus, CursorError, DeviceInfo, ListPage, ListQuery, Reading, ReadingFilter,
+    },
     config::StoreConfig,
 };
 
@@ -151,6 +153,52 @@ impl Postgres {
             newest_micros: newest_micros.unwrap_or(0).max(0) as u64,
         };
         Ok((store, start))
+    }
+
+    /// The device records (at most `max`, in id order), each with its newest
+    /// reading unless retention deleted it: the device list as it was.
+    pub async fn devices(
+        &self,
+        max: usize,
+    ) -> Result<Vec<(DeviceInfo, Option<Reading>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT r.seq, r.device_id, r.topic, r.payload, r.qos, r.retained, \
+                    (extract(epoch FROM r.received_at) * 1000000)::int8, \
+                    d.device_id, \
+                    (extract(epoch FROM d.first_seen) * 1000000)::int8, \
+                    (extract(epoch FROM d.last_seen) * 1000000)::int8, \
+                    d.status, \
+                    (extract(epoch FROM d.status_changed_at) * 1000000)::int8 \
+             FROM devices d LEFT JOIN readings r ON r.seq = d.last_reading_seq \
+             ORDER BY d.device_id LIMIT $1",
+        )
+        .bind(i64::try_from(max).unwrap_or(i64::MAX))
+        .fetch_all(self.pool())
+        .await?;
+        let mut devices = Vec::with_capacity(rows.len());
+        for row in rows {
+            let newest = match row.try_get::<Option<i64>, _>(0)? {
+                Some(_) => Some(reading(&row)?),
+                None => None,
+            };
+            let micros = |i: usize| -> Result<u64, sqlx::Error> {
+                Ok(row.try_get::<Option<i64>, _>(i)?.unwrap_or(0).max(0) as u64)
+            };
+            let info = DeviceInfo {
+                device_id: row.try_get::<&str, _>(7)?.into(),
+                first_seen_micros: micros(8)?,
+                last_seen_micros: micros(9)?,
+                buffered: 0,
+                status: match row.try_get::<i16, _>(10)? {
+                    1 => ConnectionStatus::Online,
+                    2 => ConnectionStatus::Offline,
+                    _ => ConnectionStatus::Unknown,
+                },
+                status_changed_micros: micros(11)?,
+            };
+            devices.push((info, newest));
+        }
+        Ok(devices)
     }
 
     /// Follows whether the store answers.

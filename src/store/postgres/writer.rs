@@ -11,6 +11,7 @@
 //! ingest waits (see `store`).
 
 use std::{
+    collections::BTreeMap,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -270,8 +271,80 @@ async fn insert(store: &Postgres, readings: &[&StoredReading]) -> Result<u64, sq
     .bind(&statuses)
     .execute(&mut *tx)
     .await?;
+    upsert_devices(&mut tx, first, readings).await?;
     tx.commit().await?;
     Ok(first as u64)
+}
+
+/// What one batch says of one device.
+struct DeviceUpdate {
+    first_seen: i64,
+    last_seen: i64,
+    last_reading_seq: Option<i64>,
+    /// The last status the batch states, and when.
+    status: Option<(i16, i64)>,
+}
+
+/// Brings the device records of the devices in `readings` (numbered from
+/// `first`) up to date: one row per device, in device id order (so two
+/// writers never wait for each other's rows in opposite orders).
+async fn upsert_devices(
+    tx: &mut sqlx::PgConnection,
+    first: i64,
+    readings: &[&StoredReading],
+) -> Result<(), sqlx::Error> {
+    let mut devices: BTreeMap<&str, DeviceUpdate> = BTreeMap::new();
+    for (i, reading) in readings.iter().enumerate() {
+        if reading.device_id.is_empty() {
+            continue; // a topic outside the templates: not a device
+        }
+        let (seq, at) = (first + i as i64, micros(reading.received_at) as i64);
+        let device = devices.entry(&reading.device_id).or_insert(DeviceUpdate {
+            first_seen: at,
+            last_seen: at,
+            last_reading_seq: None,
+            status: None,
+        });
+        device.last_seen = at;
+        match kind_columns(reading.kind) {
+            (0, _) => device.last_reading_seq = Some(seq),
+            (2, Some(status)) => device.status = Some((status, at)),
+            _ => {}
+        }
+    }
+    let ids: Vec<&str> = devices.keys().copied().collect();
+    let updates = devices.values();
+    let first_seen: Vec<i64> = updates.clone().map(|d| d.first_seen).collect();
+    let last_seen: Vec<i64> = updates.clone().map(|d| d.last_seen).collect();
+    let last_reading: Vec<Option<i64>> = updates.clone().map(|d| d.last_reading_seq).collect();
+    let status: Vec<Option<i16>> = updates.clone().map(|d| d.status.map(|s| s.0)).collect();
+    let changed: Vec<Option<i64>> = updates.map(|d| d.status.map(|s| s.1)).collect();
+    sqlx::query(
+        "INSERT INTO devices AS d \
+             (device_id, first_seen, last_seen, last_reading_seq, status, status_changed_at) \
+         SELECT i, 'epoch'::timestamptz + f * interval '1 microsecond', \
+                'epoch'::timestamptz + l * interval '1 microsecond', r, coalesce(s, 0), \
+                'epoch'::timestamptz + c * interval '1 microsecond' \
+         FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int2[], $6::int8[]) \
+              AS u(i, f, l, r, s, c) \
+         ON CONFLICT (device_id) DO UPDATE SET \
+             last_seen = EXCLUDED.last_seen, \
+             last_reading_seq = coalesce(EXCLUDED.last_reading_seq, d.last_reading_seq), \
+             status_changed_at = CASE \
+                 WHEN EXCLUDED.status_changed_at IS NOT NULL AND EXCLUDED.status <> d.status \
+                 THEN EXCLUDED.status_changed_at ELSE d.status_changed_at END, \
+             status = CASE WHEN EXCLUDED.status_changed_at IS NOT NULL \
+                 THEN EXCLUDED.status ELSE d.status END",
+    )
+    .bind(&ids)
+    .bind(&first_seen)
+    .bind(&last_seen)
+    .bind(&last_reading)
+    .bind(&status)
+    .bind(&changed)
+    .execute(tx)
+    .await?;
+    Ok(())
 }
 
 /// The `kind` and `status` columns of a message (see the migration).
