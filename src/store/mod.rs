@@ -34,6 +34,14 @@
 //! retention deleted, which is how a hole is told apart: below the oldest
 //! kept reading. The same number names a reading in memory, in the table,
 //! in page tokens and in resume cursors.
+//!
+//! # The device list
+//! Each commit also upserts one `devices` row per device in the batch (first
+//! and last seen, the newest reading's number, the connection status), in
+//! device id order so concurrent writers cannot deadlock on them. At startup
+//! the rows, joined with their newest readings, are loaded into the memory
+//! records (`buffer/devices.rs`), which stay the read path: the list
+//! survives restarts without a scan of history.
 
 pub mod postgres;
 
