@@ -38,10 +38,11 @@ pub(super) struct Driver {
     client: AsyncClient,
     shared: Arc<Shared>,
     ingest: Ingest,
-    /// With a store: the QoS 1 and 2 publishes received on this connection
-    /// and not acknowledged yet, with the id of the batch whose commit lets
-    /// them be, oldest first (MQTT wants acknowledgements in order).
-    unacked: VecDeque<(u64, Publish)>,
+    /// With a store: the packet ids and QoS of the QoS 1 and 2 publishes
+    /// received on this connection and not acknowledged yet, with the id of
+    /// the batch whose commit lets them be, oldest first (MQTT wants
+    /// acknowledgements in order).
+    unacked: VecDeque<(u64, u16, QoS)>,
     replies: ReplyRouter,
     readings_topic: TopicTemplate,
     readings_subscription: String,
@@ -161,22 +162,22 @@ impl Driver {
     /// `committed`, with one write to the socket for all of them: what
     /// rumqttc does for the acknowledgements of one read when it sends them
     /// itself. (Through `AsyncClient::ack`, each would be a request of its
-    /// own, written and flushed alone: ingest with the store ran at 0.25 of
-    /// memory-only that way; BENCHMARKS.md, scenario 10.) A write that fails
-    /// leaves them unacknowledged: the broker delivers them again after the
-    /// reconnect the next poll starts.
+    /// own, written and flushed alone, taking turns at random with socket
+    /// reads in rumqttc's event loop.) A write that fails leaves them
+    /// unacknowledged: the broker delivers them again after the reconnect
+    /// the next poll starts.
     async fn acknowledge(&mut self, eventloop: &mut EventLoop, committed: u64) {
         let Some(network) = eventloop.network.as_mut() else {
             return; // not connected; `connection_lost` cleared the list
         };
         let mut written = 0;
-        while let Some((batch, publish)) = self.unacked.front() {
-            if *batch > committed {
+        while let Some(&(batch, pkid, qos)) = self.unacked.front() {
+            if batch > committed {
                 break;
             }
-            let ack = match publish.qos {
-                QoS::AtLeastOnce => Some(Request::PubAck(PubAck::new(publish.pkid))),
-                QoS::ExactlyOnce => Some(Request::PubRec(PubRec::new(publish.pkid))),
+            let ack = match qos {
+                QoS::AtLeastOnce => Some(Request::PubAck(PubAck::new(pkid))),
+                QoS::ExactlyOnce => Some(Request::PubRec(PubRec::new(pkid))),
                 QoS::AtMostOnce => None, // never queued
             };
             self.unacked.pop_front();
@@ -308,7 +309,7 @@ impl Driver {
                     return; // the writer stopped: shutting down
                 };
                 let needs_ack = batch.iter().filter(|p| p.qos != QoS::AtMostOnce);
-                self.unacked.extend(needs_ack.map(|p| (id, p.clone())));
+                self.unacked.extend(needs_ack.map(|p| (id, p.pkid, p.qos)));
                 trace!(batch = id, count, "readings handed to the store");
             }
         }
