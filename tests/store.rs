@@ -293,7 +293,11 @@ async fn pages_and_resumes_beyond_the_memory_window() {
         .collect();
     // Readings of one network read share their time: the range may take
     // in a few more before #10 000 and leave out a few before #20 000.
-    assert!((9_900..=10_100).contains(&in_range.len()), "{}", in_range.len());
+    assert!(
+        (9_900..=10_100).contains(&in_range.len()),
+        "{}",
+        in_range.len()
+    );
     let request = ListReadingsRequest {
         start_time: Some(start),
         end_time: Some(end),

@@ -21,7 +21,7 @@ use std::{
 
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, trace, warn};
+use tracing::{debug, info, warn};
 
 use super::{micros, Postgres, StoreStart};
 use crate::{
@@ -169,6 +169,7 @@ impl Task {
         };
         let counters = &self.store.shared.counters;
         let mut backoff = BACKOFF_MIN;
+        let started = std::time::Instant::now();
         let first_seq = loop {
             match insert(&self.store, &readings).await {
                 Ok(first_seq) => break first_seq,
@@ -196,7 +197,13 @@ impl Task {
         let last = self
             .hub
             .push_committed(first_seq, readings.iter().map(|r| r.as_new()));
-        trace!(first_seq, last, "readings committed");
+        debug!(
+            first_seq,
+            last,
+            readings = readings.len(),
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            "readings committed"
+        );
         self.committed.send_replace(last_id);
         true
     }
@@ -219,9 +226,10 @@ impl Task {
     }
 }
 
-/// Numbers and inserts `readings` in one transaction; returns the first
-/// one's sequence number. See `store` for why the counter row orders
-/// commits.
+/// Numbers and inserts `readings` and updates their devices' records in
+/// one statement (so one round trip, and one transaction: autocommit);
+/// returns the first reading's sequence number. See `store` for why the
+/// counter row orders commits.
 async fn insert(store: &Postgres, readings: &[&StoredReading]) -> Result<u64, sqlx::Error> {
     let count = readings.len() as i64;
     let mut device_ids = Vec::with_capacity(readings.len());
@@ -243,24 +251,39 @@ async fn insert(store: &Postgres, readings: &[&StoredReading]) -> Result<u64, sq
         kinds.push(kind);
         statuses.push(status);
     }
-    let mut tx = store.pool().begin().await?;
+    let devices = DeviceColumns::of(readings);
     let first: i64 = sqlx::query_scalar(
-        "UPDATE devicehub_sequence SET next_seq = next_seq + $1 WHERE id = 1 \
-         RETURNING next_seq - $1",
+        "WITH counter AS ( \
+             UPDATE devicehub_sequence SET next_seq = next_seq + $1 WHERE id = 1 \
+             RETURNING next_seq - $1 AS first), \
+         stored AS ( \
+             INSERT INTO readings \
+                 (seq, device_id, topic, payload, qos, retained, received_at, kind, status) \
+             SELECT counter.first + n - 1, d, t, p, q, r, \
+                    'epoch'::timestamptz + m * interval '1 microsecond', k, st \
+             FROM counter, UNNEST($2::text[], $3::text[], $4::bytea[], $5::int2[], \
+                                  $6::bool[], $7::int8[], $8::int2[], $9::int2[]) \
+                  WITH ORDINALITY AS u(d, t, p, q, r, m, k, st, n)), \
+         listed AS ( \
+             INSERT INTO devices AS dv \
+                 (device_id, first_seen, last_seen, last_reading_seq, status, status_changed_at) \
+             SELECT i, 'epoch'::timestamptz + f * interval '1 microsecond', \
+                    'epoch'::timestamptz + l * interval '1 microsecond', \
+                    counter.first + lr - 1, coalesce(ds, 0), \
+                    'epoch'::timestamptz + c * interval '1 microsecond' \
+             FROM counter, UNNEST($10::text[], $11::int8[], $12::int8[], $13::int8[], \
+                                  $14::int2[], $15::int8[]) AS v(i, f, l, lr, ds, c) \
+             ON CONFLICT (device_id) DO UPDATE SET \
+                 last_seen = EXCLUDED.last_seen, \
+                 last_reading_seq = coalesce(EXCLUDED.last_reading_seq, dv.last_reading_seq), \
+                 status_changed_at = CASE \
+                     WHEN EXCLUDED.status_changed_at IS NOT NULL AND EXCLUDED.status <> dv.status \
+                     THEN EXCLUDED.status_changed_at ELSE dv.status_changed_at END, \
+                 status = CASE WHEN EXCLUDED.status_changed_at IS NOT NULL \
+                     THEN EXCLUDED.status ELSE dv.status END) \
+         SELECT first FROM counter",
     )
     .bind(count)
-    .fetch_one(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO readings \
-             (seq, device_id, topic, payload, qos, retained, received_at, kind, status) \
-         SELECT $1 + n - 1, d, t, p, q, r, \
-                'epoch'::timestamptz + m * interval '1 microsecond', k, s \
-         FROM UNNEST($2::text[], $3::text[], $4::bytea[], $5::int2[], $6::bool[], \
-                     $7::int8[], $8::int2[], $9::int2[]) \
-              WITH ORDINALITY AS u(d, t, p, q, r, m, k, s, n)",
-    )
-    .bind(first)
     .bind(&device_ids)
     .bind(&topics)
     .bind(&payloads)
@@ -269,82 +292,68 @@ async fn insert(store: &Postgres, readings: &[&StoredReading]) -> Result<u64, sq
     .bind(&received)
     .bind(&kinds)
     .bind(&statuses)
-    .execute(&mut *tx)
+    .bind(&devices.ids)
+    .bind(&devices.first_seen)
+    .bind(&devices.last_seen)
+    .bind(&devices.last_reading)
+    .bind(&devices.status)
+    .bind(&devices.status_changed)
+    .fetch_one(store.pool())
     .await?;
-    upsert_devices(&mut tx, first, readings).await?;
-    tx.commit().await?;
     Ok(first as u64)
 }
 
-/// What one batch says of one device.
-struct DeviceUpdate {
-    first_seen: i64,
-    last_seen: i64,
-    last_reading_seq: Option<i64>,
+/// What a batch says of each device in it, as the columns of its
+/// `devices` rows, in device id order (so two writers never wait for each
+/// other's rows in opposite orders).
+struct DeviceColumns<'a> {
+    ids: Vec<&'a str>,
+    first_seen: Vec<i64>,
+    last_seen: Vec<i64>,
+    /// The position (from 1) of the device's newest reading in the batch.
+    last_reading: Vec<Option<i64>>,
     /// The last status the batch states, and when.
-    status: Option<(i16, i64)>,
+    status: Vec<Option<i16>>,
+    status_changed: Vec<Option<i64>>,
 }
 
-/// Brings the device records of the devices in `readings` (numbered from
-/// `first`) up to date: one row per device, in device id order (so two
-/// writers never wait for each other's rows in opposite orders).
-async fn upsert_devices(
-    tx: &mut sqlx::PgConnection,
-    first: i64,
-    readings: &[&StoredReading],
-) -> Result<(), sqlx::Error> {
-    let mut devices: BTreeMap<&str, DeviceUpdate> = BTreeMap::new();
-    for (i, reading) in readings.iter().enumerate() {
-        if reading.device_id.is_empty() {
-            continue; // a topic outside the templates: not a device
+impl<'a> DeviceColumns<'a> {
+    fn of(readings: &[&'a StoredReading]) -> Self {
+        struct Update {
+            first_seen: i64,
+            last_seen: i64,
+            last_reading: Option<i64>,
+            status: Option<(i16, i64)>,
         }
-        let (seq, at) = (first + i as i64, micros(reading.received_at) as i64);
-        let device = devices.entry(&reading.device_id).or_insert(DeviceUpdate {
-            first_seen: at,
-            last_seen: at,
-            last_reading_seq: None,
-            status: None,
-        });
-        device.last_seen = at;
-        match kind_columns(reading.kind) {
-            (0, _) => device.last_reading_seq = Some(seq),
-            (2, Some(status)) => device.status = Some((status, at)),
-            _ => {}
+        let mut devices: BTreeMap<&str, Update> = BTreeMap::new();
+        for (i, reading) in readings.iter().enumerate() {
+            if reading.device_id.is_empty() {
+                continue; // a topic outside the templates: not a device
+            }
+            let at = micros(reading.received_at) as i64;
+            let device = devices.entry(&reading.device_id).or_insert(Update {
+                first_seen: at,
+                last_seen: at,
+                last_reading: None,
+                status: None,
+            });
+            device.last_seen = at;
+            match kind_columns(reading.kind) {
+                (0, _) => device.last_reading = Some(i as i64 + 1),
+                (2, Some(status)) => device.status = Some((status, at)),
+                _ => {}
+            }
+        }
+        let updates = devices.values();
+        Self {
+            ids: devices.keys().copied().collect(),
+            first_seen: updates.clone().map(|d| d.first_seen).collect(),
+            last_seen: updates.clone().map(|d| d.last_seen).collect(),
+            last_reading: updates.clone().map(|d| d.last_reading).collect(),
+            status: updates.clone().map(|d| d.status.map(|s| s.0)).collect(),
+            status_changed: updates.map(|d| d.status.map(|s| s.1)).collect(),
         }
     }
-    let ids: Vec<&str> = devices.keys().copied().collect();
-    let updates = devices.values();
-    let first_seen: Vec<i64> = updates.clone().map(|d| d.first_seen).collect();
-    let last_seen: Vec<i64> = updates.clone().map(|d| d.last_seen).collect();
-    let last_reading: Vec<Option<i64>> = updates.clone().map(|d| d.last_reading_seq).collect();
-    let status: Vec<Option<i16>> = updates.clone().map(|d| d.status.map(|s| s.0)).collect();
-    let changed: Vec<Option<i64>> = updates.map(|d| d.status.map(|s| s.1)).collect();
-    sqlx::query(
-        "INSERT INTO devices AS d \
-             (device_id, first_seen, last_seen, last_reading_seq, status, status_changed_at) \
-         SELECT i, 'epoch'::timestamptz + f * interval '1 microsecond', \
-                'epoch'::timestamptz + l * interval '1 microsecond', r, coalesce(s, 0), \
-                'epoch'::timestamptz + c * interval '1 microsecond' \
-         FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int2[], $6::int8[]) \
-              AS u(i, f, l, r, s, c) \
-         ON CONFLICT (device_id) DO UPDATE SET \
-             last_seen = EXCLUDED.last_seen, \
-             last_reading_seq = coalesce(EXCLUDED.last_reading_seq, d.last_reading_seq), \
-             status_changed_at = CASE \
-                 WHEN EXCLUDED.status_changed_at IS NOT NULL AND EXCLUDED.status <> d.status \
-                 THEN EXCLUDED.status_changed_at ELSE d.status_changed_at END, \
-             status = CASE WHEN EXCLUDED.status_changed_at IS NOT NULL \
-                 THEN EXCLUDED.status ELSE d.status END",
-    )
-    .bind(&ids)
-    .bind(&first_seen)
-    .bind(&last_seen)
-    .bind(&last_reading)
-    .bind(&status)
-    .bind(&changed)
-    .execute(tx)
-    .await?;
-    Ok(())
 }
 
 /// The `kind` and `status` columns of a message (see the migration).
