@@ -110,6 +110,28 @@ async fn list_devices(client: &DeviceHubClient<Channel>) -> Vec<Device> {
         .devices
 }
 
+/// Every reading listed, oldest first, in pages of `page_size` (0: the
+/// default size).
+async fn list_everything(client: &DeviceHubClient<Channel>, page_size: i32) -> Vec<Reading> {
+    let request = ListReadingsRequest {
+        oldest_first: true,
+        page_size,
+        ..Default::default()
+    };
+    list_pages(client, request).await
+}
+
+/// `readings` are the payloads `indices`, in order, numbered without holes.
+fn assert_indices(readings: &[Reading], indices: std::ops::Range<u64>) {
+    let got: Vec<u64> = readings.iter().map(index_of).collect();
+    assert_eq!(
+        got,
+        indices.collect::<Vec<_>>(),
+        "all of them, in order, once"
+    );
+    assert_contiguous(readings);
+}
+
 fn assert_contiguous(readings: &[Reading]) {
     for pair in readings.windows(2) {
         assert_eq!(pair[1].seq, pair[0].seq + 1, "numbers without holes");
@@ -132,29 +154,14 @@ async fn history_survives_a_restart_and_resumes_with_the_same_numbers() {
     wait_for_rows(&pg, 302).await;
     let devices_before = list_devices(&client).await;
     assert_eq!(devices_before.len() as u64, DEVICES);
-    let before = list_pages(
-        &client,
-        ListReadingsRequest {
-            oldest_first: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let before = list_everything(&client, 0).await;
     assert_eq!(before.len(), 302);
     service.stop().await;
 
     // A new process: memory is empty, the table is not.
     let service = TestService::start_ready(config(&broker.url, &args)).await;
     let client = service.client().await;
-    let after = list_pages(
-        &client,
-        ListReadingsRequest {
-            oldest_first: true,
-            page_size: 7,
-            ..Default::default()
-        },
-    )
-    .await;
+    let after = list_everything(&client, 7).await;
     assert_eq!(after, before, "the same readings, numbers and times");
     assert_contiguous(&after);
     // The device list as it was (from the devices table, not from history),
@@ -229,18 +236,8 @@ async fn pages_and_resumes_beyond_the_memory_window() {
     assert_eq!(index_of(&buffered.readings[0]), 0, "the table's oldest");
 
     // Everything, both orders, pages of 1 000 and of 333.
-    let oldest_first = list_pages(
-        &client,
-        ListReadingsRequest {
-            oldest_first: true,
-            page_size: 1000,
-            ..Default::default()
-        },
-    )
-    .await;
-    let indices: Vec<u64> = oldest_first.iter().map(index_of).collect();
-    assert_eq!(indices, (0..TOTAL).collect::<Vec<_>>());
-    assert_contiguous(&oldest_first);
+    let oldest_first = list_everything(&client, 1000).await;
+    assert_indices(&oldest_first, 0..TOTAL);
     let mut newest_first = list_pages(
         &client,
         ListReadingsRequest {
@@ -437,15 +434,7 @@ async fn sigkill_during_a_burst_loses_no_acknowledged_reading() {
     let client = DeviceHubClient::connect(format!("http://{grpc}"))
         .await
         .unwrap();
-    let all = list_pages(
-        &client,
-        ListReadingsRequest {
-            oldest_first: true,
-            page_size: 1000,
-            ..Default::default()
-        },
-    )
-    .await;
+    let all = list_everything(&client, 1000).await;
     assert_eq!(all.len() as u64, TOTAL + duplicates);
     assert_contiguous(&all);
 }
@@ -499,22 +488,8 @@ async fn a_database_outage_holds_readings_back_and_health_follows() {
     service.wait_for_health(ServingStatus::Serving).await;
     stream.await.unwrap();
     wait_for_rows(&pg, TOTAL).await;
-    let all = list_pages(
-        &client,
-        ListReadingsRequest {
-            oldest_first: true,
-            page_size: 1000,
-            ..Default::default()
-        },
-    )
-    .await;
-    let indices: Vec<u64> = all.iter().map(index_of).collect();
-    assert_eq!(
-        indices,
-        (0..TOTAL).collect::<Vec<_>>(),
-        "all of them, in order, once"
-    );
-    assert_contiguous(&all);
+    let all = list_everything(&client, 1000).await;
+    assert_indices(&all, 0..TOTAL);
     service.stop().await;
 }
 
@@ -535,14 +510,7 @@ async fn retention_deletes_what_is_older_and_nothing_else() {
     let device = TestDevice::connect(&broker.url, "device-retention", None).await;
     publish_spread(&device, 0, 100).await.unwrap();
     wait_for_rows(&pg, 100).await;
-    let old = list_pages(
-        &client,
-        ListReadingsRequest {
-            oldest_first: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let old = list_everything(&client, 0).await;
     // The newer readings must be younger than the cutoff when the older
     // ones go: two seconds apart with a four-second retention.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -557,14 +525,7 @@ async fn retention_deletes_what_is_older_and_nothing_else() {
 
     // Pages start at the oldest kept; a watch from before it is told what
     // it missed, and OUT_OF_RANGE without the gap policy.
-    let listed = list_pages(
-        &client,
-        ListReadingsRequest {
-            oldest_first: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let listed = list_everything(&client, 0).await;
     assert_eq!(index_of(&listed[0]), 100);
     assert_eq!(listed.len(), 100);
     let mut stream = client
