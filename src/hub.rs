@@ -124,7 +124,16 @@ impl ReadingHub {
     /// once, and returns the last one's sequence number (`None` if there
     /// were none).
     pub fn push_all<'a>(&self, readings: impl IntoIterator<Item = NewReading<'a>>) -> Option<u64> {
-        let mut buffer = self.write();
+        self.push_and_wake(self.write(), readings)
+    }
+
+    /// Pushes `readings` under the held lock, releases it, and wakes the
+    /// watchers once.
+    fn push_and_wake<'a>(
+        &self,
+        mut buffer: RwLockWriteGuard<'_, ReadingBuffer>,
+        readings: impl IntoIterator<Item = NewReading<'a>>,
+    ) -> Option<u64> {
         let last = readings.into_iter().map(|new| buffer.push(new)).last();
         drop(buffer);
         if let Some(seq) = last {
@@ -158,12 +167,7 @@ impl ReadingHub {
                 "the store's sequence counter went back; numbers in memory no longer match it"
             );
         }
-        let last = readings.into_iter().map(|new| buffer.push(new)).last();
-        drop(buffer);
-        if let Some(seq) = last {
-            self.shared.next_seq.send_replace(seq + 1);
-        }
-        last
+        self.push_and_wake(buffer, readings)
     }
 
     /// One page of readings: from memory when the buffer holds everything

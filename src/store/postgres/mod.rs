@@ -314,27 +314,28 @@ impl Postgres {
             .fetch(None, after + 1, below, true, FETCH_ROWS)
             .await
             .map_err(unavailable)?;
-        let first = rows.first().map(reading).transpose().map_err(unavailable)?;
-        let first_seq = first.as_ref().map_or(below, |r| r.seq);
+        let readings: Vec<Reading> = rows
+            .iter()
+            .map(reading)
+            .collect::<Result<_, _>>()
+            .map_err(unavailable)?;
+        let first_seq = readings.first().map_or(below, |r| r.seq);
         if first_seq > after + 1 {
             return Err(CursorError::Evicted {
                 missed_from: after + 1,
                 missed_to: first_seq - 1,
             });
         }
-        let mut cursor = after;
-        let mut batch = Vec::new();
-        for row in &rows {
-            let reading = reading(row).map_err(unavailable)?;
-            cursor = reading.seq;
-            if matches(filter, &reading) {
-                batch.push(reading);
-            }
-        }
+        let cursor = readings.last().map_or(after, |r| r.seq);
+        let batch: Vec<Reading> = readings
+            .into_iter()
+            .filter(|r| matches(filter, r))
+            .collect();
         // A short fetch read everything up to the memory window.
-        if (rows.len() as i64) < FETCH_ROWS {
-            cursor = below - 1;
-        }
+        let cursor = match (rows.len() as i64) < FETCH_ROWS {
+            true => below - 1,
+            false => cursor,
+        };
         Ok((batch, cursor))
     }
 

@@ -338,10 +338,12 @@ impl<'a> DeviceColumns<'a> {
                 status: None,
             });
             device.last_seen = at;
-            match kind_columns(reading.kind) {
-                (0, _) => device.last_reading = Some(i as i64 + 1),
-                (2, Some(status)) => device.status = Some((status, at)),
-                _ => {}
+            match reading.kind {
+                MessageKind::Reading => device.last_reading = Some(i as i64 + 1),
+                MessageKind::Status(Some(status)) => {
+                    device.status = Some((status_column(status), at))
+                }
+                MessageKind::Status(None) | MessageKind::Reply => {}
             }
         }
         let updates = devices.values();
@@ -361,13 +363,15 @@ fn kind_columns(kind: MessageKind) -> (i16, Option<i16>) {
     match kind {
         MessageKind::Reading => (0, None),
         MessageKind::Reply => (1, None),
-        MessageKind::Status(status) => (
-            2,
-            status.map(|s| match s {
-                ConnectionStatus::Unknown => 0,
-                ConnectionStatus::Online => 1,
-                ConnectionStatus::Offline => 2,
-            }),
-        ),
+        MessageKind::Status(status) => (2, status.map(status_column)),
+    }
+}
+
+/// The `status` column of a connection status (see the migrations).
+fn status_column(status: ConnectionStatus) -> i16 {
+    match status {
+        ConnectionStatus::Unknown => 0,
+        ConnectionStatus::Online => 1,
+        ConnectionStatus::Offline => 2,
     }
 }
