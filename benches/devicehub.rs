@@ -10,7 +10,8 @@
 //! cargo bench --bench devicehub -- --only ingest,query   # some scenarios: ingest,
 //!                             # fanout, latency, query, commands, secure, metrics, devices,
 //!                             # store (needs PostgreSQL's server binaries, as the tests do),
-//!                             # store-ingest (its ingest rows only)
+//!                             # store-ingest (its ingest rows only), replicas (two
+//!                             # instances next to one; always through Mosquitto)
 //! ```
 //!
 //! The service runs as its own process (the `devicehub` binary, pointed at
@@ -201,6 +202,10 @@ async fn run(sizes: Sizes, smoke: bool, mosquitto: bool, only: Option<Vec<String
         // `store-ingest`: the ingest comparison alone, without the
         // 10-million-row table.
         store(&table, &broker.url, sizes, wanted("store")).await;
+        ran += 1;
+    }
+    if wanted("replicas") {
+        replicas(&table, sizes).await;
         ran += 1;
     }
     if wanted("metrics") {
@@ -1845,4 +1850,181 @@ async fn replay_rate(client: &DeviceHubClient<Channel>, after_seq: u64, n: u64) 
     })
     .await;
     n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Scenario 11, replicas (issue 13): the same work on one instance with the
+/// store, on one in a share group (its memory fed by the tail) and on two
+/// in one share group, back to back. Always through Mosquitto (shared
+/// subscriptions), whatever broker the rest of the run uses.
+///
+/// - ingest: QoS 1 readings at full speed, each instance watched by one
+///   stream; the rate is of readings visible on every instance (the last
+///   arrival at any watcher), so with two it includes the tail;
+/// - fan-out: 100 watchers spread evenly over the instances at the fan-out
+///   rate; service CPU summed over the instances;
+/// - latency: publish → watcher at the latency scenario's steady rate, one
+///   watcher per instance.
+async fn replicas(table: &Table, sizes: Sizes) {
+    let broker = Broker::start(true);
+    let pg = postgres::Postgres::start_with("");
+    let mut baseline: Option<Replicated> = None;
+    let setups = [
+        ("1 instance", 1, false),
+        ("1 in a share group", 1, true),
+        ("2 in a share group", 2, true),
+    ];
+    for (label, instances, group) in setups {
+        let db = format!("bench_replicas_{instances}_{}", group as u8);
+        let url = pg.create_database(&db);
+        let mut services = Vec::new();
+        for i in 0..instances {
+            let id = format!("devicehub-{db}-{i}");
+            let mut args = vec![
+                "--store-url",
+                &url,
+                "--mqtt-client-id",
+                &id,
+                "--mqtt-persistent-session",
+            ];
+            if group {
+                args.extend(["--mqtt-share-group", "bench"]);
+            }
+            services.push(Service::start(&broker.url, &args).await);
+        }
+        let now = Replicated::measure(&broker.url, &services, sizes).await;
+        for service in services {
+            service.stop().await;
+        }
+        let base = baseline.get_or_insert_with(|| now.clone());
+        let suffix = "baseline: 1 instance";
+        table.row(
+            &format!("11. replicas: ingest, {label} (readings/s)"),
+            now.ingest,
+            base.ingest,
+            "/s",
+            &format!("{}; {suffix}", now.ingest_notes),
+        );
+        table.row(
+            &format!("11. replicas: fan-out to 100, {label} (CPU s per million)"),
+            now.fanout_cpu,
+            base.fanout_cpu,
+            "s",
+            &format!("{}; {suffix}", now.fanout_notes),
+        );
+        table.row(
+            &format!(
+                "11. replicas: latency at {}/s, {label} (p99 ms)",
+                sizes.latency_rate
+            ),
+            now.latency_p99,
+            base.latency_p99,
+            "ms",
+            &format!("{}; {suffix}", now.latency_notes),
+        );
+    }
+}
+
+/// What scenario 11 measures of one setup.
+#[derive(Clone)]
+struct Replicated {
+    ingest: f64,
+    ingest_notes: String,
+    fanout_cpu: f64,
+    fanout_notes: String,
+    latency_p99: f64,
+    latency_notes: String,
+}
+
+impl Replicated {
+    async fn measure(broker: &BrokerUrl, services: &[Service], sizes: Sizes) -> Self {
+        let instances = services.len() as u64;
+        let cpu = || services.iter().map(Service::cpu_seconds).sum::<f64>();
+
+        // Ingest at full speed, one watcher per instance.
+        let epoch = Instant::now();
+        let each = Self::watch(services, 1, epoch).await;
+        let total = sizes.ingest_readings;
+        let cpu_before = cpu();
+        let start = Instant::now();
+        publish(broker, 4, total, 1000, QoS::AtLeastOnce, None, epoch).await;
+        let (got, last) = Self::settle(&each, total * instances, start).await;
+        let ingest = got as f64 / instances as f64 / (last - start).as_secs_f64();
+        let ingest_notes = format!(
+            "visible on every instance: {got} of {}; service CPU {:.1} µs per reading \
+             (all instances)",
+            total * instances,
+            (cpu() - cpu_before) * 1e6 / total as f64
+        );
+        drop(each);
+
+        // Fan-out: 100 watchers over the instances, at the fan-out rate.
+        let epoch = Instant::now();
+        let each = Self::watch(services, 100, epoch).await;
+        let total = (sizes.fanout_rate as f64 * sizes.fanout_secs) as u64;
+        let cpu_before = cpu();
+        let start = Instant::now();
+        let rate = Some(sizes.fanout_rate);
+        publish(broker, 2, total, 1000, QoS::AtLeastOnce, rate, epoch).await;
+        let (got, last) = Self::settle(&each, total * 100, start).await;
+        let fanout_cpu = (cpu() - cpu_before) / (got.max(1) as f64 / 1e6);
+        let fanout_notes = format!(
+            "delivered {got} of {} at {:.0}/s",
+            total * 100,
+            got as f64 / (last - start).as_secs_f64()
+        );
+        drop(each);
+
+        // Latency at a steady, low rate, one watcher per instance: what the
+        // tail adds (commit → NOTIFY → read back) where CPU is not short.
+        let epoch = Instant::now();
+        let each = Self::watch(services, 1, epoch).await;
+        let total = sizes.latency_readings;
+        let start = Instant::now();
+        let rate = Some(sizes.latency_rate);
+        publish(broker, 1, total, 100, QoS::AtLeastOnce, rate, epoch).await;
+        Self::settle(&each, total * instances, start).await;
+        let mut latencies: Vec<u64> = each
+            .iter()
+            .flat_map(|w| w.latencies.lock().unwrap().clone())
+            .collect();
+        latencies.sort_unstable();
+        let latency_notes = format!(
+            "publish → watcher, every instance; p50 {:.2} ms",
+            percentile(&latencies, 0.5) / 1e6
+        );
+        Self {
+            ingest,
+            ingest_notes,
+            fanout_cpu,
+            fanout_notes,
+            latency_p99: percentile(&latencies, 0.99) / 1e6,
+            latency_notes,
+        }
+    }
+
+    /// `n` watchers spread evenly over `services`.
+    async fn watch(services: &[Service], n: usize, epoch: Instant) -> Vec<Watchers> {
+        let mut each = Vec::new();
+        for service in services {
+            each.push(watchers(service, n.div_ceil(services.len()), epoch).await);
+        }
+        each
+    }
+
+    /// Waits until `each` delivered `want` in all (or stopped), and returns
+    /// what they did and when the last arrived.
+    async fn settle(each: &[Watchers], want: u64, start: Instant) -> (u64, Instant) {
+        let got = settle(want, Duration::from_secs(2), async || {
+            each.iter()
+                .map(|w| w.delivered.load(Ordering::Relaxed))
+                .sum()
+        })
+        .await;
+        let last = each
+            .iter()
+            .filter_map(|w| *w.last.lock().unwrap())
+            .max()
+            .unwrap_or(start);
+        (got, last)
+    }
 }

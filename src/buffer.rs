@@ -131,6 +131,19 @@ impl Reading {
         }
     }
 
+    /// What ingest would have handed over for it, as a `kind` of message.
+    pub fn as_new(&self, kind: MessageKind) -> NewReading<'_> {
+        NewReading {
+            device_id: self.device_id(),
+            topic: self.topic(),
+            payload: &self.payload,
+            qos: self.qos,
+            retained: self.retained,
+            received_at: self.received_at,
+            kind,
+        }
+    }
+
     /// From the topic; empty when the topic did not follow the template.
     pub fn device_id(&self) -> &str {
         &self.source.device_id

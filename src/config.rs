@@ -89,10 +89,16 @@ pub struct MqttConfig {
     /// Parses the device id out of the topic of an incoming reading.
     pub readings_topic: TopicTemplate,
     /// What is subscribed to for readings. Usually the readings template
-    /// with `+` for the device id; kept apart from the template because a
-    /// shared subscription (`$share/GROUP/...`) changes the filter, not the
-    /// topics that arrive.
+    /// with `+` for the device id; kept apart from the template because
+    /// what is subscribed to and the topics that arrive differ (a shared
+    /// subscription, see `share_group`, prefixes the filter only).
     pub readings_subscription: String,
+    /// Replicas: readings and status messages are subscribed as MQTT shared
+    /// subscriptions of this group (`$share/GROUP/filter`), so the broker
+    /// hands each to one instance of the group. Needs a store, through
+    /// which every instance sees them all (see `store`). `None`: plain
+    /// subscriptions.
+    pub share_group: Option<String>,
     pub commands_topic: TopicTemplate,
     pub replies_topic: TopicTemplate,
     /// Where devices publish their connection status (online/offline).
@@ -276,6 +282,10 @@ pub enum ConfigError {
     HalfServerTls,
     #[error("{0}")]
     Insecure(String),
+    #[error("--mqtt-share-group needs --store-url: the broker hands each reading to one instance of the group, and the shared store is how every instance sees them all")]
+    ShareGroupWithoutStore,
+    #[error("--mqtt-share-group needs --mqtt-url: the instances of a group share one broker, and an embedded broker is one instance's alone")]
+    ShareGroupEmbedded,
     #[error("--mqtt-persistent-session works with --mqtt-subscribe-qos 0 or 1, not 2 (the MQTT client library loses QoS 2 state across reconnects)")]
     PersistentQos2,
 }

@@ -9,13 +9,22 @@
 //! the window are served from the store ([`ReadingHub::list`],
 //! [`ReadingWatcher::next_batch`]).
 //!
+//! With replicas, memory follows the table (`store/postgres/tail.rs`) a
+//! little behind the instance that committed: a cursor or page token from
+//! another instance may be ahead of this one's memory for a moment. A
+//! watcher then waits (bounded) for memory to get there, and a page is read
+//! from the store.
+//!
 //! The lock is a std `RwLock` (see [`crate::sync`]): it is held only to
 //! store the readings of one network read or to copy out at most one batch
 //! of readings, never across an `.await`, JSON decoding or gRPC encoding.
 
-use std::sync::{
-    atomic::{AtomicU64, AtomicUsize, Ordering},
-    Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
+use std::{
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
+    },
+    time::Duration,
 };
 
 use tokio::sync::watch;
@@ -36,6 +45,9 @@ const WATCH_SCAN_BATCH: usize = 512;
 /// And how many bytes of payload one batch copies out at most (a batch
 /// holds at least one reading): what a stalled watcher can hold per batch.
 pub const WATCH_BATCH_BYTES: usize = 1 << 20;
+/// With replicas: how long a watcher whose cursor is committed but not yet
+/// in this instance's memory waits for it.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
 /// Why a watcher could not be created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -48,6 +60,20 @@ pub enum SubscribeError {
         "this client already has its maximum of {0} watchers open (--max-watchers-per-client)"
     )]
     TooManyForClient(usize),
+}
+
+/// Whose commits [`ReadingHub::push_committed`] pushes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// The one writer's: numbers follow on from memory's.
+    Sole,
+    /// A replica's own writer's: pushed if they follow on from memory (or
+    /// overlap it), else left to the tail, which brings the other
+    /// instances' commits before them.
+    Own,
+    /// The tail's (see `store/postgres/tail.rs`): every instance's, in
+    /// number order.
+    Tail,
 }
 
 /// Counters for operators: see [`ReadingHub::stats`].
@@ -74,6 +100,8 @@ struct Shared {
     buffer: RwLock<ReadingBuffer>,
     /// Where readings older than the buffer are read from, if anywhere.
     store: Option<Postgres>,
+    /// One of several replicas: memory follows the store, behind it.
+    replicas: bool,
     /// The next sequence number to be assigned; bumped on every push. A
     /// `watch` keeps only the latest value, so waking watchers costs the same
     /// however many there are and however slow they are.
@@ -94,12 +122,14 @@ impl ReadingHub {
         max_watchers: usize,
         max_watchers_per_client: usize,
         store: Option<Postgres>,
+        replicas: bool,
     ) -> Self {
         let buffer = ReadingBuffer::new(limits, first_seq).with_device_limits(devices);
         let (next_seq, _) = watch::channel(buffer.next_seq());
         let shared = Shared {
             buffer: RwLock::new(buffer),
             store,
+            replicas,
             next_seq,
             max_watchers,
             watchers: AtomicUsize::new(0),
@@ -110,6 +140,11 @@ impl ReadingHub {
         Self {
             shared: Arc::new(shared),
         }
+    }
+
+    /// The number the next reading pushed gets.
+    pub fn next_seq(&self) -> u64 {
+        *self.shared.next_seq.borrow()
     }
 
     fn read(&self) -> RwLockReadGuard<'_, ReadingBuffer> {
@@ -143,31 +178,49 @@ impl ReadingHub {
     }
 
     /// Like [`ReadingHub::push_all`], for readings the store committed with
-    /// the numbers from `first_seq` on. Numbers the buffer never saw (another
-    /// writer's) empty it first: its numbers are contiguous.
+    /// the numbers from `first_seq` on; `from` says whose commits they are,
+    /// and so what a number other than memory's next one means.
     pub fn push_committed<'a>(
         &self,
         first_seq: u64,
         readings: impl IntoIterator<Item = NewReading<'a>>,
+        from: Committed,
     ) -> Option<u64> {
         let mut buffer = self.write();
         let next = buffer.next_seq();
-        if first_seq > next {
-            let dropped = buffer.skip_to(first_seq);
-            tracing::warn!(
-                expected = next,
-                got = first_seq,
-                dropped,
-                "the store numbered readings this instance did not write; memory starts over"
-            );
-        } else if first_seq < next {
-            tracing::error!(
-                expected = next,
-                got = first_seq,
-                "the store's sequence counter went back; numbers in memory no longer match it"
-            );
+        match from {
+            Committed::Sole if first_seq > next => {
+                let dropped = buffer.skip_to(first_seq);
+                tracing::warn!(
+                    expected = next,
+                    got = first_seq,
+                    dropped,
+                    "the store numbered readings this instance did not write; memory starts over"
+                );
+            }
+            Committed::Sole if first_seq < next => {
+                tracing::error!(
+                    expected = next,
+                    got = first_seq,
+                    "the store's sequence counter went back; numbers in memory no longer match it"
+                );
+            }
+            // Other instances' commits come first: the tail brings them,
+            // and these after them.
+            Committed::Own if first_seq > next => return None,
+            // A hole: readings retention deleted before the tail got there.
+            Committed::Tail if first_seq > next => {
+                buffer.skip_to(first_seq);
+            }
+            _ => {}
         }
-        self.push_and_wake(buffer, readings)
+        // With replicas the writer and the tail may both bring a reading:
+        // whichever comes second skips it.
+        let known = match from {
+            Committed::Sole => 0,
+            Committed::Own | Committed::Tail => next.saturating_sub(first_seq),
+        };
+        self.push_and_wake(buffer, readings.into_iter().skip(known as usize))
     }
 
     /// One page of readings: from memory when the buffer holds everything
@@ -184,7 +237,8 @@ impl ReadingHub {
                     let stats = buffer.stats();
                     covers(query, page, &stats, store.oldest_seq())
                 }
-                (Some(_), Err(CursorError::Future(_))) => true,
+                // A token from another replica, ahead of this one.
+                (Some(_), Err(CursorError::Future(_))) => !self.shared.replicas,
                 (Some(_), Err(_)) => false,
             };
             (page, complete)
@@ -250,7 +304,38 @@ impl ReadingHub {
     ///
     /// `client` names who opens it (a token subject, or a connection), for
     /// the per-client limit.
-    pub fn subscribe(
+    pub async fn subscribe(
+        &self,
+        filter: ReadingFilter,
+        after: Option<u64>,
+        client: Arc<str>,
+    ) -> Result<ReadingWatcher, SubscribeError> {
+        if let Some(after) = after.filter(|_| self.shared.replicas) {
+            self.catch_up_to(after).await;
+        }
+        self.subscribe_now(filter, after, client)
+    }
+
+    /// With replicas: waits (bounded) until memory holds `seq`, if the
+    /// store has committed it.
+    async fn catch_up_to(&self, seq: u64) {
+        let mut next = self.shared.next_seq.subscribe();
+        if *next.borrow_and_update() > seq {
+            return;
+        }
+        let Some(store) = &self.shared.store else {
+            return;
+        };
+        if store
+            .next_seq()
+            .await
+            .is_ok_and(|committed| committed > seq)
+        {
+            let _ = tokio::time::timeout(CATCH_UP_WAIT, next.wait_for(|n| *n > seq)).await;
+        }
+    }
+
+    fn subscribe_now(
         &self,
         filter: ReadingFilter,
         after: Option<u64>,

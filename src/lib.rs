@@ -14,8 +14,9 @@
 //! - `mqtt/`: the shared MQTT client: the event loop and ingest (`link.rs`),
 //!   commands and broker acknowledgements (`publish.rs`);
 //! - `store/`: the hand-off from ingest (memory only, or the PostgreSQL
-//!   store: `postgres/` with its writer task, history reads and retention;
-//!   the migrations are in `migrations/`);
+//!   store: `postgres/` with its writer task, history reads, retention and,
+//!   for replicas, the tail that follows the table; the migrations are in
+//!   `migrations/`);
 //! - `buffer` (+ `buffer/arena.rs`, `buffer/devices.rs`): the bounded
 //!   in-memory readings and what is known of each device, no async;
 //! - `hub`: the shared buffer, the watchers' wake-ups and counters;
@@ -198,6 +199,10 @@ pub async fn run(
     // What can fail on bad files fails before anything starts.
     let authenticator = Authenticator::new(config.auth.as_ref())?;
     let tls = config.grpc_tls.as_ref().map(ServerTls::load).transpose()?;
+    let replicas = config.mqtt.share_group.is_some();
+    if replicas && config.store.is_none() {
+        return Err(ConfigError::ShareGroupWithoutStore.into());
+    }
     let store = match &config.store {
         Some(store_config) => {
             if !config.mqtt.persistent_session {
@@ -216,6 +221,7 @@ pub async fn run(
         config.max_watchers,
         config.max_watchers_per_client,
         store.as_ref().map(|(postgres, _)| postgres.clone()),
+        replicas,
     );
     if let Some((postgres, _)) = &store {
         hub.restore_devices(postgres.devices(config.devices.max_devices).await?);
@@ -224,16 +230,23 @@ pub async fn run(
     // still publish while streams drain; and also if this future is dropped.
     let stop_mqtt = CancellationToken::new();
     let _stop_mqtt_on_drop = stop_mqtt.clone().drop_guard();
-    let replies = ReplyRouter::default();
+    let replies = match replicas {
+        true => ReplyRouter::for_replicas(),
+        false => ReplyRouter::default(),
+    };
     let ingest = match &store {
         None => Ingest::Memory(hub.clone()),
         Some((postgres, start)) => {
             if let Some(retention) = config.store.as_ref().and_then(|s| s.retention) {
                 store::postgres::spawn_retention(postgres.clone(), retention, stop_mqtt.clone());
             }
+            if replicas {
+                store::postgres::spawn_tail(postgres.clone(), hub.clone(), stop_mqtt.clone());
+            }
             let writer = store::postgres::spawn_writer(
                 postgres.clone(),
                 hub.clone(),
+                replicas,
                 *start,
                 stop_mqtt.clone(),
             );

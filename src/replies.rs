@@ -10,6 +10,12 @@
 //! anyone else: it is counted as late (its command timed out or was
 //! cancelled recently) or unmatched, and logged.
 //!
+//! With replicas (`--mqtt-share-group`) every instance receives every
+//! reply, and only the one that sent the command knows its id (ids are
+//! UUIDs, unique across instances): a reply to an id this instance never
+//! issued is another instance's, dropped quietly ([`Routed::Foreign`]), not
+//! counted as unmatched.
+//!
 //! The device-side protocol: publish on the replies topic (default
 //! `devices/{device_id}/replies`) a JSON object `{"id": "<command id>",
 //! "status": "ok" | "error", "result": <any JSON, optional>, "message":
@@ -83,6 +89,19 @@ pub struct ReplyRouter {
     shared: Arc<Shared>,
 }
 
+/// What [`ReplyRouter::route`] made of a message on a replies topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routed {
+    /// Handed to the call waiting for it.
+    Delivered,
+    /// A reply to a command this instance sent, that no call took: late, or
+    /// from another device than the command's. Counted and logged.
+    Stray,
+    /// Not a reply to any command this instance knows of: not a reply at
+    /// all, or (with replicas) another instance's.
+    Foreign,
+}
+
 /// The table behind a std mutex (see [`crate::sync`]): held to insert,
 /// look up or remove one entry, never across an `.await`.
 #[derive(Default)]
@@ -93,6 +112,8 @@ struct Shared {
     timeouts: AtomicU64,
     late: AtomicU64,
     unmatched: AtomicU64,
+    /// Other instances send commands too: unknown ids are theirs.
+    replicas: bool,
 }
 
 /// A registered wait; see [`ReplyRouter::register`]. Dropping it unregisters.
@@ -103,6 +124,17 @@ pub struct PendingReply {
 }
 
 impl ReplyRouter {
+    /// A router for one of several replicas: replies to ids it does not
+    /// know are another instance's, not unmatched.
+    pub fn for_replicas() -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                replicas: true,
+                ..Shared::default()
+            }),
+        }
+    }
+
     fn table(&self) -> MutexGuard<'_, Table> {
         sync::lock(&self.shared.table)
     }
@@ -129,21 +161,20 @@ impl ReplyRouter {
     }
 
     /// Routes a message that `device_id` published on its replies topic.
-    /// Returns whether a waiting call got it.
-    pub fn route(&self, device_id: &str, payload: &[u8]) -> bool {
+    pub fn route(&self, device_id: &str, payload: &[u8]) -> Routed {
         let Some((command_id, reply)) = parse_reply(payload, SystemTime::now()) else {
             self.shared.unmatched.fetch_add(1, Ordering::Relaxed);
             debug!(
                 device_id,
                 "a message on a replies topic is not a command reply"
             );
-            return false;
+            return Routed::Foreign;
         };
         let mut table = self.table();
         match table.pending.get(&command_id) {
             Some((owner, _)) if owner == device_id => {
                 let Some((_, (_, waiter))) = table.pending.remove_entry(&command_id) else {
-                    return false;
+                    return Routed::Stray;
                 };
                 drop(table);
                 // The caller may have gone in the meantime; then it is late.
@@ -154,7 +185,7 @@ impl ReplyRouter {
                 };
                 if waiter.send(reply).is_ok() {
                     outcome.fetch_add(1, Ordering::Relaxed);
-                    return true;
+                    return Routed::Delivered;
                 }
                 self.shared.late.fetch_add(1, Ordering::Relaxed);
                 stray(
@@ -163,7 +194,7 @@ impl ReplyRouter {
                     &command_id,
                     "reply arrived after its command was given up",
                 );
-                false
+                Routed::Stray
             }
             Some(_) => {
                 self.shared.unmatched.fetch_add(1, Ordering::Relaxed);
@@ -173,7 +204,7 @@ impl ReplyRouter {
                     &command_id,
                     "reply from another device than the command's; ignored",
                 );
-                false
+                Routed::Stray
             }
             None if table.expired.contains(&command_id) => {
                 self.shared.late.fetch_add(1, Ordering::Relaxed);
@@ -183,8 +214,9 @@ impl ReplyRouter {
                     &command_id,
                     "reply arrived after its command timed out",
                 );
-                false
+                Routed::Stray
             }
+            None if self.shared.replicas => Routed::Foreign,
             None => {
                 self.shared.unmatched.fetch_add(1, Ordering::Relaxed);
                 stray(
@@ -193,7 +225,7 @@ impl ReplyRouter {
                     &command_id,
                     "reply to an unknown command",
                 );
-                false
+                Routed::Foreign
             }
         }
     }
@@ -320,15 +352,20 @@ mod tests {
     async fn a_reply_goes_to_its_caller_only() {
         let router = ReplyRouter::default();
         let mut pending = router.register("d1", "c1").unwrap();
-        assert!(
-            !router.route("d2", br#"{"id": "c1", "status": "ok"}"#),
+        assert_eq!(
+            router.route("d2", br#"{"id": "c1", "status": "ok"}"#),
+            Routed::Stray,
             "another device's reply"
         );
-        assert!(
-            !router.route("d1", br#"{"id": "zz", "status": "ok"}"#),
+        assert_eq!(
+            router.route("d1", br#"{"id": "zz", "status": "ok"}"#),
+            Routed::Foreign,
             "unknown id"
         );
-        assert!(router.route("d1", br#"{"id": "c1", "status": "ok", "result": 7}"#));
+        assert_eq!(
+            router.route("d1", br#"{"id": "c1", "status": "ok", "result": 7}"#),
+            Routed::Delivered
+        );
         assert_eq!(
             pending.wait().await.unwrap().result,
             Some(serde_json::json!(7))
@@ -347,8 +384,28 @@ mod tests {
         let pending = router.register("d1", "c1").unwrap();
         drop(pending);
         assert_eq!(router.stats().pending, 0);
-        assert!(!router.route("d1", br#"{"id": "c1", "status": "ok"}"#));
+        assert_eq!(
+            router.route("d1", br#"{"id": "c1", "status": "ok"}"#),
+            Routed::Stray
+        );
         assert_eq!(router.stats().late, 1);
+    }
+
+    #[test]
+    fn with_replicas_unknown_ids_are_another_instances_and_not_counted() {
+        let router = ReplyRouter::for_replicas();
+        let _pending = router.register("d1", "c1").unwrap();
+        assert_eq!(
+            router.route("d1", br#"{"id": "theirs", "status": "ok"}"#),
+            Routed::Foreign
+        );
+        assert_eq!(
+            router.route("d2", br#"{"id": "c1", "status": "ok"}"#),
+            Routed::Stray,
+            "ours, from the wrong device: still counted"
+        );
+        let stats = router.stats();
+        assert_eq!((stats.unmatched, stats.late, stats.pending), (1, 0, 1));
     }
 
     #[test]

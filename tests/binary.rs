@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 
 use common::*;
 use devicehub::{
@@ -15,23 +15,10 @@ use devicehub::{
 use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt, BufReader, Lines},
-    process::{Child, ChildStdout, Command},
+    process::{ChildStdout, Command},
 };
 
 const BINARY: &str = env!("CARGO_BIN_EXE_devicehub");
-
-async fn terminate(child: &mut Child) -> ExitStatus {
-    let pid = child.id().expect("still running").to_string();
-    let kill = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(kill.success());
-    within("the process to exit after SIGTERM", child.wait())
-        .await
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_and_simulate_run_until_sigterm() {

@@ -11,26 +11,6 @@ use std::{process::Stdio, time::Duration};
 use common::*;
 use devicehub::config::BrokerUrl;
 use devicehub::proto::{device_hub_client::DeviceHubClient, SendCommandRequest};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// The body of `GET /metrics` at `addr`.
-async fn scrape(addr: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: devicehub\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response.split_once("\r\n\r\n").unwrap().1.to_owned()
-}
-
-/// The value of the sample `name` (with its labels, as written) in `text`.
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
 
 async fn wait_for(addr: &str, name: &str, want: f64) -> String {
     eventually(&format!("{name} = {want}"), || async {

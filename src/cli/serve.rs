@@ -53,6 +53,14 @@ pub struct ServeArgs {
     )]
     pub mqtt_persistent_session: bool,
 
+    /// Run as one of several replicas: readings and status messages are
+    /// subscribed as MQTT shared subscriptions of this group
+    /// (`$share/NAME/...`), so the broker hands each to one instance, which
+    /// stores it; every instance follows the store. Needs --store-url and
+    /// --mqtt-url; give each instance its own --mqtt-client-id.
+    #[arg(long, env = "DEVICEHUB_MQTT_SHARE_GROUP")]
+    pub mqtt_share_group: Option<String>,
+
     /// MQTT keep-alive interval in seconds (at least 1; 0 disables it).
     #[arg(long, env = "DEVICEHUB_MQTT_KEEP_ALIVE_SECS", default_value_t = 30)]
     pub mqtt_keep_alive_secs: u64,
@@ -274,6 +282,13 @@ impl ServeArgs {
             _ => QoS::ExactlyOnce,
         };
         let readings_topic = self.topics.readings()?;
+        if let Some(group) = &self.mqtt_share_group {
+            crate::topic::validate_device_id(group)
+                .map_err(|e| ConfigError::Topic("--mqtt-share-group", e))?;
+            if self.mqtt_url.is_none() {
+                return Err(ConfigError::ShareGroupEmbedded);
+            }
+        }
         Ok(Config {
             mqtt: MqttConfig {
                 host: broker.host.clone(),
@@ -286,6 +301,7 @@ impl ServeArgs {
                 persistent_session: self.mqtt_persistent_session,
                 readings_subscription: readings_topic.subscription_filter().to_owned(),
                 readings_topic,
+                share_group: self.mqtt_share_group.clone(),
                 commands_topic: self.topics.commands()?,
                 replies_topic: self.topics.replies()?,
                 status_topic: self.topics.status()?,

@@ -157,7 +157,7 @@ impl DeviceHub for DeviceHubService {
         request: Request<WatchReadingsRequest>,
     ) -> Result<Response<watch::WatchStream>, Status> {
         let caller = Caller::of(&request)?;
-        let response = watch::watch(&self.shared, &caller, request.into_inner())?;
+        let response = watch::watch(&self.shared, &caller, request.into_inner()).await?;
         Ok(Response::new(response))
     }
 

@@ -30,7 +30,7 @@ use crate::{
 const WATCH_QUEUE_BATCHES: usize = 2;
 
 /// Starts serving one WatchReadings call.
-pub(super) fn watch(
+pub(super) async fn watch(
     shared: &Arc<Shared>,
     caller: &Caller,
     req: WatchReadingsRequest,
@@ -49,6 +49,7 @@ pub(super) fn watch(
     let watcher = shared
         .hub
         .subscribe(filter, req.after_seq, caller.client.clone())
+        .await
         .map_err(|e| match e {
             SubscribeError::Future { .. } => ApiError::invalid("after_seq", e.to_string()),
             SubscribeError::TooManyWatchers(max) => ApiError::TooManyWatchers(max),

@@ -12,7 +12,7 @@ use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, Outgoing, Packet, PubAck,
     PubRec, Publish, QoS, Request, SubscribeFilter, SubscribeReasonCode,
 };
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
 
@@ -21,7 +21,7 @@ use crate::{
     buffer::{ConnectionStatus, MessageKind, NewReading},
     config::MqttConfig,
     log_limit::{truncated, LogLimit},
-    replies::ReplyRouter,
+    replies::{ReplyRouter, Routed},
     store::{Ingest, StoredReading},
     topic::TopicTemplate,
 };
@@ -44,8 +44,12 @@ pub(super) struct Driver {
     /// acknowledgements in order).
     unacked: VecDeque<(u64, u16, QoS)>,
     replies: ReplyRouter,
+    /// One of several replicas (`--mqtt-share-group`).
+    replicas: bool,
+    /// The filters subscribed to: readings, command replies and devices'
+    /// connection status.
+    subscriptions: [String; 3],
     readings_topic: TopicTemplate,
-    readings_subscription: String,
     replies_topic: TopicTemplate,
     status_topic: TopicTemplate,
     subscribe_qos: QoS,
@@ -67,7 +71,21 @@ impl Driver {
         replies: ReplyRouter,
         counters: Arc<IngestCounters>,
     ) -> Self {
+        // Replicas share readings and status messages (the broker hands
+        // each to one of them, which stores it); every instance gets every
+        // reply, to take those to its own commands.
+        let share = |filter: &str| match &config.share_group {
+            Some(group) => format!("$share/{group}/{filter}"),
+            None => filter.to_owned(),
+        };
+        let subscriptions = [
+            share(&config.readings_subscription),
+            config.replies_topic.subscription_filter().to_owned(),
+            share(config.status_topic.subscription_filter()),
+        ];
         Self {
+            replicas: config.share_group.is_some(),
+            subscriptions,
             max_reading_bytes: config.max_reading_bytes,
             counters,
             client,
@@ -76,7 +94,6 @@ impl Driver {
             unacked: VecDeque::new(),
             replies,
             readings_topic: config.readings_topic.clone(),
-            readings_subscription: config.readings_subscription.clone(),
             replies_topic: config.replies_topic.clone(),
             status_topic: config.status_topic.clone(),
             subscribe_qos: config.subscribe_qos,
@@ -92,15 +109,34 @@ impl Driver {
             Ingest::Durable(writer) => Some(writer.committed()),
             Ingest::Memory(_) => None,
         };
+        // Apart from `self`, so that leaving can start while an ingest
+        // (which borrows `self`) waits.
+        let group = self.replicas.then(|| Group {
+            client: self.client.clone(),
+            shared: self.shared.clone(),
+            filters: [self.subscriptions[0].clone(), self.subscriptions[2].clone()],
+        });
+        let mut leaving: Option<Leaving> = None;
         loop {
+            let leave_by = leaving.as_ref().map(Leaving::deadline);
             let event = tokio::select! {
                 event = eventloop.poll() => event,
                 Some(committed) = changed(&mut committed) => {
                     self.acknowledge(&mut eventloop, committed).await;
                     continue;
                 }
-                _ = shutdown.cancelled() => break,
+                _ = shutdown.cancelled(), if leaving.is_none() => {
+                    leaving = group.as_ref().and_then(Group::leave);
+                    match leaving {
+                        Some(_) => continue,
+                        None => break,
+                    }
+                }
+                _ = sleep_until(leave_by), if leave_by.is_some() => break,
             };
+            if let (Some(leaving), Ok(event)) = (&mut leaving, &event) {
+                leaving.saw(event);
+            }
             match event {
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     // rumqttc decodes up to ten packets per read and hands
@@ -121,12 +157,40 @@ impl Driver {
                             batch.push(publish);
                         }
                     }
-                    tokio::select! {
-                        _ = self.ingest(&batch) => {}
-                        // Not acknowledged: the broker delivers them again.
-                        _ = shutdown.cancelled() => break,
+                    let stop = {
+                        let ingest = self.ingest(&batch);
+                        tokio::pin!(ingest);
+                        loop {
+                            tokio::select! {
+                                _ = &mut ingest => break false,
+                                // Not acknowledged: the broker delivers them
+                                // again. A replica leaving its group goes on (the
+                                // writer ends if it cannot commit, which ends
+                                // the wait).
+                                _ = shutdown.cancelled(), if leaving.is_none() => {
+                                    leaving = group.as_ref().and_then(Group::leave);
+                                    if leaving.is_none() {
+                                        break true;
+                                    }
+                                }
+                            }
+                        }
+                    };
+                    if stop {
+                        break;
                     }
                     batch.clear();
+                    // Publishes with nothing to store (another replica's
+                    // reply, one too large) wait for the batch before them;
+                    // when that is committed already, no commit would come
+                    // to acknowledge them, and the broker, its window full,
+                    // would stop sending.
+                    if let Some(committed) = &committed {
+                        let now = *committed.borrow();
+                        if self.unacked.front().is_some_and(|&(id, ..)| id <= now) {
+                            self.acknowledge(&mut eventloop, now).await;
+                        }
+                    }
                 }
                 Ok(event) => {
                     if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
@@ -238,14 +302,15 @@ impl Driver {
                 self.shared.state.send_replace(LinkState::Connected);
                 drop(tracker);
                 let filters = self
-                    .subscriptions()
-                    .map(|f| SubscribeFilter::new(f.to_owned(), self.subscribe_qos));
+                    .subscriptions
+                    .iter()
+                    .map(|f| SubscribeFilter::new(f.clone(), self.subscribe_qos));
                 if let Err(error) = self.client.try_subscribe_many(filters) {
                     warn!(%error, "could not queue the subscriptions");
                 }
             }
             Event::Incoming(Packet::SubAck(suback)) => {
-                let filters: Vec<&str> = self.subscriptions().collect();
+                let filters = &self.subscriptions;
                 let codes = &suback.return_codes;
                 let granted = codes.len() == filters.len()
                     && codes
@@ -268,17 +333,6 @@ impl Driver {
             Event::Outgoing(Outgoing::AwaitAck(pkid)) => self.shared.tracker().on_collision(pkid),
             other => trace!(event = ?other, "MQTT event"),
         }
-    }
-
-    /// The filters subscribed to: readings, command replies and devices'
-    /// connection status.
-    fn subscriptions(&self) -> impl Iterator<Item = &str> {
-        [
-            self.readings_subscription.as_str(),
-            self.replies_topic.subscription_filter(),
-            self.status_topic.subscription_filter(),
-        ]
-        .into_iter()
     }
 
     /// Stores publishes received together (and routes the replies among
@@ -322,13 +376,18 @@ impl Driver {
         batch
             .iter()
             .filter(|publish| self.fits(publish))
-            .map(|publish| {
+            .filter_map(|publish| {
                 // Replies and status messages are buffered like readings;
                 // replies are routed to a waiting SendCommand call if there
                 // is one, status messages set the device's status.
                 let topic = &publish.topic;
                 let (device_id, kind) = if let Some(id) = self.replies_topic.device_id_of(topic) {
-                    self.replies.route(id, &publish.payload);
+                    let routed = self.replies.route(id, &publish.payload);
+                    if self.replicas && routed == Routed::Foreign {
+                        // Every replica receives it; the one whose command
+                        // it answers stores it.
+                        return None;
+                    }
                     (Some(id), MessageKind::Reply)
                 } else if let Some(id) = self.status_topic.device_id_of(topic) {
                     let status = ConnectionStatus::parse(&publish.payload);
@@ -360,7 +419,7 @@ impl Driver {
                     retained: publish.retain,
                     received_at,
                 };
-                (publish, reading)
+                Some((publish, reading))
             })
             .collect()
     }
@@ -468,6 +527,93 @@ fn caused_by_tls(error: &(dyn std::error::Error + 'static)) -> bool {
         cause = error.source();
     }
     false
+}
+
+/// How long leaving a share group may take at most, and how long without
+/// a message from the broker (once it confirmed the unsubscriptions) counts
+/// as having taken in all it held for this instance.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
+const LEAVE_IDLE: Duration = Duration::from_millis(300);
+
+/// A replica's way out of its share group.
+struct Group {
+    client: AsyncClient,
+    shared: Arc<Shared>,
+    /// The shared subscriptions: readings and status.
+    filters: [String; 2],
+}
+
+impl Group {
+    /// At shutdown: drops the shared subscriptions, so the broker hands new
+    /// readings to the other instances and keeps no share for this one's
+    /// session while it is gone (Mosquitto does, for a persistent session
+    /// that is still subscribed). What it had queued for this instance still
+    /// comes in and is stored until [`Leaving`] ends. `None`: not
+    /// subscribed, nothing to leave.
+    fn leave(&self) -> Option<Leaving> {
+        if *self.shared.state.borrow() != LinkState::Ready {
+            return None;
+        }
+        let mut unsubscribes = 0;
+        for filter in &self.filters {
+            match self.client.try_unsubscribe(filter.as_str()) {
+                Ok(()) => unsubscribes += 1,
+                Err(error) => warn!(%error, filter, "could not leave the share group"),
+            }
+        }
+        info!("leaving the share group: taking in what the broker holds for this instance");
+        Some(Leaving::new(unsubscribes))
+    }
+}
+
+/// A replica leaving its share group at shutdown (see [`Group::leave`]).
+struct Leaving {
+    since: Instant,
+    /// UNSUBACKs still to come.
+    unsubacks: usize,
+    /// When the broker last sent something, once they all came.
+    last_heard: Option<Instant>,
+}
+
+impl Leaving {
+    fn new(unsubacks: usize) -> Self {
+        let now = Instant::now();
+        Self {
+            since: now,
+            unsubacks,
+            last_heard: (unsubacks == 0).then_some(now),
+        }
+    }
+
+    fn saw(&mut self, event: &Event) {
+        match event {
+            Event::Incoming(Packet::UnsubAck(_)) => {
+                self.unsubacks = self.unsubacks.saturating_sub(1);
+                if self.unsubacks == 0 {
+                    self.last_heard = Some(Instant::now());
+                }
+            }
+            Event::Incoming(Packet::Publish(_)) if self.last_heard.is_some() => {
+                self.last_heard = Some(Instant::now());
+            }
+            _ => {}
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        let timeout = self.since + LEAVE_TIMEOUT;
+        match self.last_heard {
+            Some(heard) => timeout.min(heard + LEAVE_IDLE),
+            None => timeout,
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The next value of `committed`, if there is one to follow: pending

@@ -35,6 +35,16 @@
 //! kept reading. The same number names a reading in memory, in the table,
 //! in page tokens and in resume cursors.
 //!
+//! # Replicas
+//! With `--mqtt-share-group`, several instances write to one database, each
+//! what the broker handed it. The writer then does not push into memory;
+//! the tail (`postgres/tail.rs`) of every instance reads the table in
+//! number order into its memory window, woken by the NOTIFY a writer sends
+//! after each commit. The reasoning above is what makes that safe: a tail
+//! reading from its next number on never skips one. The counter row also
+//! keeps the newest time committed, so times stay in number order across
+//! writers (`migrations/0003_replicas.sql`).
+//!
 //! # The device list
 //! Each commit also upserts one `devices` row per device in the batch (first
 //! and last seen, the newest reading's number, the connection status), in

@@ -768,6 +768,8 @@ pub async fn logged_addr(lines: &mut ServiceLog, marker: &str, field: &str) -> S
             .await
             .unwrap()
             .expect("log ended");
+        // Shown if the test fails (cargo captures it otherwise).
+        eprintln!("{line}");
         if line.contains(marker) {
             let at = line
                 .find(field)
@@ -779,6 +781,32 @@ pub async fn logged_addr(lines: &mut ServiceLog, marker: &str, field: &str) -> S
                 .to_owned();
         }
     }
+}
+
+/// Reads log lines until each of `markers` was on one, and returns the
+/// addresses logged after `addr=` on them, in the order of `markers`
+/// (whatever order the lines came in).
+pub async fn logged_addrs<const N: usize>(
+    lines: &mut ServiceLog,
+    markers: [&str; N],
+) -> [String; N] {
+    let mut found: [Option<String>; N] = std::array::from_fn(|_| None);
+    while found.iter().any(Option::is_none) {
+        let line = within(&markers.join(", "), lines.next_line())
+            .await
+            .unwrap()
+            .expect("log ended");
+        eprintln!("{line}");
+        for (marker, slot) in markers.iter().zip(&mut found) {
+            if line.contains(marker) {
+                *slot = line
+                    .split_whitespace()
+                    .find_map(|field| field.strip_prefix("addr="))
+                    .map(str::to_owned);
+            }
+        }
+    }
+    found.map(Option::unwrap)
 }
 
 /// The service's log, line by line, as the `devicehub` binary writes it.
@@ -812,4 +840,38 @@ pub fn json_lines(output: &std::process::Output) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect()
+}
+
+/// The body of `GET /metrics` at `addr`.
+pub async fn scrape(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: devicehub\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response.split_once("\r\n\r\n").unwrap().1.to_owned()
+}
+
+/// The value of the sample `name` (with its labels, as written) in `text`.
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Sends SIGTERM to `child` and waits for it to exit.
+pub async fn terminate(child: &mut tokio::process::Child) -> std::process::ExitStatus {
+    let pid = child.id().expect("still running").to_string();
+    let kill = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(kill.success());
+    within("the process to exit after SIGTERM", child.wait())
+        .await
+        .unwrap()
 }

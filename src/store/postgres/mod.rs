@@ -5,7 +5,8 @@
 //!   in `_sqlx_migrations`), and reading back: the device list at startup,
 //!   pages and the replay of a resume cursor older than the memory window;
 //! - [`writer`]: the writer task that commits what ingest hands it;
-//! - [`retention`]: deletes readings past `--store-retention`.
+//! - [`retention`]: deletes readings past `--store-retention`;
+//! - [`tail`]: with replicas, makes memory follow every instance's commits.
 //!
 //! Every statement is a constant string with bound parameters; nothing a
 //! client sends becomes SQL text. Time ranges are turned into sequence
@@ -13,7 +14,16 @@
 //! the memory buffer), so pages walk the primary key or the
 //! `(device_id, seq)` index.
 
+/// The columns [`reading`] decodes, in its order.
+macro_rules! reading_columns {
+    () => {
+        "seq, device_id, topic, payload, qos, retained, \
+         (extract(epoch FROM received_at) * 1000000)::int8"
+    };
+}
+
 mod retention;
+mod tail;
 mod writer;
 
 use std::{
@@ -33,13 +43,12 @@ use sqlx::{
 use tokio::sync::watch;
 
 use crate::{
-    buffer::{
-        ConnectionStatus, CursorError, DeviceInfo, ListPage, ListQuery, Reading, ReadingFilter,
-    },
+    buffer::{CursorError, DeviceInfo, ListPage, ListQuery, Reading, ReadingFilter},
     config::StoreConfig,
 };
 
 pub use retention::spawn_retention;
+pub use tail::spawn_tail;
 pub use writer::{spawn_writer, Writer};
 
 /// Connections the pool keeps at most: the writer's, the retention task's,
@@ -189,11 +198,7 @@ impl Postgres {
                 first_seen_micros: micros(8)?,
                 last_seen_micros: micros(9)?,
                 buffered: 0,
-                status: match row.try_get::<i16, _>(10)? {
-                    1 => ConnectionStatus::Online,
-                    2 => ConnectionStatus::Offline,
-                    _ => ConnectionStatus::Unknown,
-                },
+                status: writer::status_of(row.try_get(10)?),
                 status_changed_micros: micros(11)?,
             };
             devices.push((info, newest));
@@ -214,6 +219,23 @@ impl Postgres {
     /// empty.
     pub fn oldest_seq(&self) -> Option<u64> {
         Some(self.shared.oldest_seq.load(Ordering::Acquire)).filter(|s| *s != u64::MAX)
+    }
+
+    /// Readings from `first_seq` on are committed: the table now reaches
+    /// that far back at least.
+    fn note_committed(&self, first_seq: u64) {
+        self.shared
+            .oldest_seq
+            .fetch_min(first_seq, Ordering::AcqRel);
+    }
+
+    /// The number the next commit gets: every number below it is committed
+    /// (or deleted by retention).
+    pub async fn next_seq(&self) -> Result<u64, StoreError> {
+        let next: i64 = sqlx::query_scalar("SELECT next_seq FROM devicehub_sequence WHERE id = 1")
+            .fetch_one(self.pool())
+            .await?;
+        Ok(next as u64)
     }
 
     fn pool(&self) -> &PgPool {
@@ -366,11 +388,7 @@ impl Postgres {
         // prepared with a plan that uses its index.
         macro_rules! select {
             ($tail:literal) => {
-                concat!(
-                    "SELECT seq, device_id, topic, payload, qos, retained, ",
-                    "(extract(epoch FROM received_at) * 1000000)::int8 FROM readings ",
-                    $tail
-                )
+                concat!("SELECT ", reading_columns!(), " FROM readings ", $tail)
             };
         }
         let sql = match (device_id.is_some(), ascending) {
@@ -408,7 +426,7 @@ fn matches(filter: &ReadingFilter, reading: &Reading) -> bool {
     filter.matches_source(reading.device_id(), reading.topic())
 }
 
-/// A row of [`Postgres::fetch`] as a reading.
+/// A row of [`reading_columns`] as a reading.
 fn reading(row: &PgRow) -> Result<Reading, sqlx::Error> {
     let seq: i64 = row.try_get(0)?;
     let device_id: &str = row.try_get(1)?;

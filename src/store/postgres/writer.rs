@@ -5,8 +5,10 @@
 //! transaction, so the database sees few large statements however small the
 //! reads are, and ingest never waits per reading. After the commit the
 //! readings go into the hub's memory window under the numbers the database
-//! gave them, and the committed batch id tells the MQTT event loop what it
-//! may acknowledge. While the database fails, the task retries the same
+//! gave them (with replicas, if they follow on from memory; else the
+//! [`super::tail`] brings them after the other instances' commits, and a
+//! NOTIFY wakes every instance's tail), and the committed batch id tells
+//! the MQTT event loop what it may acknowledge. While the database fails, the task retries the same
 //! readings with backoff and health says NOT_SERVING; the queue fills and
 //! ingest waits (see `store`).
 
@@ -26,7 +28,7 @@ use tracing::{debug, info, warn};
 use super::{micros, Postgres, StoreStart};
 use crate::{
     buffer::{ConnectionStatus, MessageKind},
-    hub::ReadingHub,
+    hub::{Committed, ReadingHub},
     store::StoredReading,
 };
 
@@ -92,9 +94,13 @@ impl Writer {
 
 /// Starts the writer task. It ends when the [`Writer`] is dropped and the
 /// queue is committed, or at `shutdown` while the database is failing.
+///
+/// `replicas`: other instances write too, and every instance's memory
+/// follows the table ([`super::spawn_tail`]).
 pub fn spawn_writer(
     store: Postgres,
     hub: ReadingHub,
+    replicas: bool,
     start: StoreStart,
     shutdown: CancellationToken,
 ) -> Writer {
@@ -103,6 +109,7 @@ pub fn spawn_writer(
     let task = Task {
         store,
         hub,
+        replicas,
         rx,
         committed: committed_tx,
         newest_micros: start.newest_micros,
@@ -120,6 +127,7 @@ pub fn spawn_writer(
 struct Task {
     store: Postgres,
     hub: ReadingHub,
+    replicas: bool,
     rx: mpsc::Receiver<Batch>,
     committed: watch::Sender<u64>,
     /// Received times never go backwards as numbers go up (a clock stepped
@@ -171,7 +179,7 @@ impl Task {
         let mut backoff = BACKOFF_MIN;
         let started = std::time::Instant::now();
         let first_seq = loop {
-            match insert(&self.store, &readings).await {
+            match insert(&self.store, &readings, self.replicas).await {
                 Ok(first_seq) => break first_seq,
                 Err(error) => {
                     counters.errors.fetch_add(1, Ordering::Relaxed);
@@ -190,13 +198,14 @@ impl Task {
         counters
             .committed_readings
             .fetch_add(readings.len() as u64, Ordering::Relaxed);
-        self.store
-            .shared
-            .oldest_seq
-            .fetch_min(first_seq, Ordering::AcqRel);
-        let last = self
-            .hub
-            .push_committed(first_seq, readings.iter().map(|r| r.as_new()));
+        self.store.note_committed(first_seq);
+        let from = match self.replicas {
+            true => Committed::Own,
+            false => Committed::Sole,
+        };
+        self.hub
+            .push_committed(first_seq, readings.iter().map(|r| r.as_new()), from);
+        let last = first_seq + readings.len() as u64 - 1;
         debug!(
             first_seq,
             last,
@@ -228,9 +237,18 @@ impl Task {
 
 /// Numbers and inserts `readings` and updates their devices' records in
 /// one statement (so one round trip, and one transaction: autocommit);
-/// returns the first reading's sequence number. See `store` for why the
-/// counter row orders commits.
-async fn insert(store: &Postgres, readings: &[&StoredReading]) -> Result<u64, sqlx::Error> {
+/// returns the first reading's sequence number. With `notify` (replicas) it
+/// also notifies the tails' channel (`tail`), which PostgreSQL delivers once
+/// the transaction has committed. See `store` for why the
+/// counter row orders commits. The counter row also keeps the newest time
+/// committed, and each batch's times are raised to at least the one before
+/// it: received times never go backwards as numbers go up, with several
+/// writers too (whose clocks and commit order differ by a little).
+async fn insert(
+    store: &Postgres,
+    readings: &[&StoredReading],
+    notify: bool,
+) -> Result<u64, sqlx::Error> {
     let count = readings.len() as i64;
     let mut device_ids = Vec::with_capacity(readings.len());
     let mut topics = Vec::with_capacity(readings.len());
@@ -254,23 +272,29 @@ async fn insert(store: &Postgres, readings: &[&StoredReading]) -> Result<u64, sq
     let devices = DeviceColumns::of(readings);
     let first: i64 = sqlx::query_scalar(
         "WITH counter AS ( \
-             UPDATE devicehub_sequence SET next_seq = next_seq + $1 WHERE id = 1 \
-             RETURNING next_seq - $1 AS first), \
+             UPDATE devicehub_sequence SET next_seq = next_seq + $1, \
+                 floor_micros = newest_micros, \
+                 newest_micros = greatest(newest_micros, $16) \
+             WHERE id = 1 \
+             RETURNING next_seq - $1 AS first, floor_micros AS floor), \
          stored AS ( \
              INSERT INTO readings \
                  (seq, device_id, topic, payload, qos, retained, received_at, kind, status) \
              SELECT counter.first + n - 1, d, t, p, q, r, \
-                    'epoch'::timestamptz + m * interval '1 microsecond', k, st \
+                    'epoch'::timestamptz + greatest(m, counter.floor) * interval '1 microsecond', \
+                    k, st \
              FROM counter, UNNEST($2::text[], $3::text[], $4::bytea[], $5::int2[], \
                                   $6::bool[], $7::int8[], $8::int2[], $9::int2[]) \
                   WITH ORDINALITY AS u(d, t, p, q, r, m, k, st, n)), \
          listed AS ( \
              INSERT INTO devices AS dv \
                  (device_id, first_seen, last_seen, last_reading_seq, status, status_changed_at) \
-             SELECT i, 'epoch'::timestamptz + f * interval '1 microsecond', \
-                    'epoch'::timestamptz + l * interval '1 microsecond', \
+             SELECT i, 'epoch'::timestamptz + greatest(f, counter.floor) * interval '1 microsecond', \
+                    'epoch'::timestamptz + greatest(l, counter.floor) * interval '1 microsecond', \
                     counter.first + lr - 1, coalesce(ds, 0), \
-                    'epoch'::timestamptz + c * interval '1 microsecond' \
+                    'epoch'::timestamptz \
+                        + CASE WHEN c IS NOT NULL THEN greatest(c, counter.floor) END \
+                        * interval '1 microsecond' \
              FROM counter, UNNEST($10::text[], $11::int8[], $12::int8[], $13::int8[], \
                                   $14::int2[], $15::int8[]) AS v(i, f, l, lr, ds, c) \
              ON CONFLICT (device_id) DO UPDATE SET \
@@ -281,7 +305,9 @@ async fn insert(store: &Postgres, readings: &[&StoredReading]) -> Result<u64, sq
                      THEN EXCLUDED.status_changed_at ELSE dv.status_changed_at END, \
                  status = CASE WHEN EXCLUDED.status_changed_at IS NOT NULL \
                      THEN EXCLUDED.status ELSE dv.status END) \
-         SELECT first FROM counter",
+         SELECT first, \
+             CASE WHEN $17 THEN (SELECT count(*) FROM (SELECT pg_notify('devicehub_readings', '')) n) END \
+         FROM counter",
     )
     .bind(count)
     .bind(&device_ids)
@@ -298,6 +324,8 @@ async fn insert(store: &Postgres, readings: &[&StoredReading]) -> Result<u64, sq
     .bind(&devices.last_reading)
     .bind(&devices.status)
     .bind(&devices.status_changed)
+    .bind(received.last().copied().unwrap_or(0))
+    .bind(notify)
     .fetch_one(store.pool())
     .await?;
     Ok(first as u64)
@@ -367,11 +395,31 @@ fn kind_columns(kind: MessageKind) -> (i16, Option<i16>) {
     }
 }
 
+/// A message's kind from its `kind` and `status` columns: the inverse of
+/// [`kind_columns`]. An unknown kind (a newer version's) reads as a reading.
+pub(super) fn kind_of(kind: i16, status: Option<i16>) -> MessageKind {
+    match kind {
+        1 => MessageKind::Reply,
+        2 => MessageKind::Status(status.map(status_of)),
+        _ => MessageKind::Reading,
+    }
+}
+
 /// The `status` column of a connection status (see the migrations).
 fn status_column(status: ConnectionStatus) -> i16 {
     match status {
         ConnectionStatus::Unknown => 0,
         ConnectionStatus::Online => 1,
         ConnectionStatus::Offline => 2,
+    }
+}
+
+/// A connection status from its `status` column: the inverse of
+/// [`status_column`].
+pub(super) fn status_of(column: i16) -> ConnectionStatus {
+    match column {
+        1 => ConnectionStatus::Online,
+        2 => ConnectionStatus::Offline,
+        _ => ConnectionStatus::Unknown,
     }
 }

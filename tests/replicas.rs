@@ -1,0 +1,424 @@
+//! Replicas (`--mqtt-share-group`), with real parts: Mosquitto (shared
+//! subscriptions), one throwaway PostgreSQL cluster, and two `devicehub`
+//! processes in one share group, each with its own client id and a
+//! persistent session.
+
+mod common;
+
+use std::{collections::HashSet, time::Duration};
+
+use common::{postgres::Postgres, *};
+use devicehub::proto::{
+    device_hub_client::DeviceHubClient, watch_readings_response::Event as WatchEvent,
+    ListReadingsRequest, Reading, SendCommandRequest, WatchReadingsRequest,
+};
+use rumqttc::QoS;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
+
+const DEVICES: u64 = 100;
+
+/// One `devicehub serve` process of the group.
+struct Instance {
+    child: tokio::process::Child,
+    client: DeviceHubClient<Channel>,
+    metrics: String,
+    /// Read on so that the pipe never fills.
+    _log: JoinHandle<()>,
+}
+
+impl Instance {
+    /// Starts instance `name` and waits until it is SERVING (subscribed,
+    /// store up).
+    async fn start(name: &str, broker: &Mosquitto, pg: &Postgres) -> Self {
+        Self::start_with(name, broker, pg, &[]).await
+    }
+
+    async fn start_with(name: &str, broker: &Mosquitto, pg: &Postgres, more: &[&str]) -> Self {
+        let mqtt_url = format!("mqtt://127.0.0.1:{}", broker.url.port);
+        let client_id = format!("devicehub-{name}");
+        let url = pg.url();
+        let mut args = vec![
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--mqtt-url",
+            &mqtt_url,
+            "--mqtt-client-id",
+            &client_id,
+            "--mqtt-persistent-session",
+            "--mqtt-share-group",
+            "hub",
+            "--store-url",
+            &url,
+        ];
+        args.extend_from_slice(more);
+        let (child, mut log) = spawn_devicehub(&args, &[]);
+        let [metrics, grpc] = logged_addrs(&mut log, ["metrics listening", "gRPC listening"]).await;
+        // Shown if the test fails.
+        let prefix = name.to_owned();
+        let _log = tokio::spawn(async move {
+            while let Ok(Some(line)) = log.next_line().await {
+                eprintln!("{prefix}: {line}");
+            }
+        });
+        let url = format!("http://{grpc}");
+        let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+        eventually(&format!("{name} SERVING"), || {
+            let mut health = HealthClient::new(channel.clone());
+            async move {
+                let request = tonic_health::pb::HealthCheckRequest {
+                    service: "devicehub.v1.DeviceHub".into(),
+                };
+                let status = health.check(request).await.ok()?.into_inner().status();
+                (status == ServingStatus::Serving).then_some(())
+            }
+        })
+        .await;
+        Self {
+            child,
+            client: DeviceHubClient::new(channel),
+            metrics,
+            _log,
+        }
+    }
+
+    /// Readings this instance committed to the store.
+    async fn committed(&self) -> u64 {
+        let text = scrape(&self.metrics).await;
+        sample(&text, "devicehub_store_committed_readings_total").unwrap_or(0.0) as u64
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        sample(&scrape(&self.metrics).await, name).unwrap_or(0.0)
+    }
+}
+
+/// Mosquitto with room for bursts.
+fn broker() -> Mosquitto {
+    let port = closed_port().port;
+    let conf = format!(
+        "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+         max_queued_messages 100000\n"
+    );
+    Mosquitto::start_config(
+        common::tempdir::TempDir::new("mosquitto"),
+        &conf,
+        port,
+        false,
+    )
+}
+
+/// Publishes readings `first..first + count` (payload: the index) over
+/// [`DEVICES`] devices at QoS 1, from a background task.
+fn publish(device: &TestDevice, first: u64, count: u64) -> JoinHandle<()> {
+    let client = device.client.clone();
+    tokio::spawn(async move {
+        for i in first..first + count {
+            let topic = format!("devices/d{}/readings", i % DEVICES);
+            client
+                .publish(topic, QoS::AtLeastOnce, false, i.to_string())
+                .await
+                .unwrap();
+        }
+    })
+}
+
+fn index_of(reading: &Reading) -> u64 {
+    std::str::from_utf8(&reading.payload)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// A watch of `client` from `after_seq` (`None`: from now on), collecting
+/// readings in a task until `n` arrived or the stream ends; a gap fails.
+fn watch(
+    client: &DeviceHubClient<Channel>,
+    after_seq: Option<u64>,
+    n: usize,
+) -> (JoinHandle<Vec<Reading>>, tokio::sync::oneshot::Receiver<()>) {
+    let mut client = client.clone();
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let request = WatchReadingsRequest {
+            after_seq,
+            topic_filter: "devices/+/readings".into(),
+            ..Default::default()
+        };
+        let mut stream = client.watch_readings(request).await.unwrap().into_inner();
+        let _ = started_tx.send(());
+        let mut readings = Vec::with_capacity(n);
+        while readings.len() < n {
+            match stream.message().await {
+                Ok(Some(message)) => match message.event {
+                    Some(WatchEvent::Reading(reading)) => readings.push(reading),
+                    other => panic!("expected a reading, got {other:?}"),
+                },
+                Ok(None) | Err(_) => break, // its instance died
+            }
+        }
+        readings
+    });
+    (task, started)
+}
+
+fn assert_contiguous(readings: &[Reading]) {
+    for pair in readings.windows(2) {
+        assert_eq!(pair[1].seq, pair[0].seq + 1, "every number once, in order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_ingest_and_serve_the_same_readings() {
+    const TOTAL: u64 = 20_000;
+    let pg = Postgres::start();
+    let broker = broker();
+    let a = Instance::start("a", &broker, &pg).await;
+    let b = Instance::start("b", &broker, &pg).await;
+    let (watch_a, started_a) = watch(&a.client, None, TOTAL as usize);
+    let (watch_b, started_b) = watch(&b.client, None, TOTAL as usize);
+    started_a.await.unwrap();
+    started_b.await.unwrap();
+
+    let device = TestDevice::connect(&broker.url, "device-replicas", None).await;
+    publish(&device, 0, TOTAL).await.unwrap();
+    let seen_a = within("instance a's watcher", watch_a).await.unwrap();
+    let seen_b = within("instance b's watcher", watch_b).await.unwrap();
+    assert_eq!(seen_a.len() as u64, TOTAL);
+    assert_eq!(seen_a, seen_b, "the same readings, numbers and times");
+    assert_contiguous(&seen_a);
+    let indices: HashSet<u64> = seen_a.iter().map(index_of).collect();
+    assert_eq!(indices.len() as u64, TOTAL, "each reading once");
+    // The broker shared the work: both committed part of it.
+    let (by_a, by_b) = (a.committed().await, b.committed().await);
+    assert!(by_a > 0 && by_b > 0, "a committed {by_a}, b {by_b}");
+    assert_eq!(by_a + by_b, TOTAL);
+    eprintln!("a committed {by_a} readings, b {by_b}");
+
+    // A page token from one instance goes on on the other, and the pages
+    // together are the listing either gives.
+    let request = ListReadingsRequest {
+        oldest_first: true,
+        page_size: 700,
+        ..Default::default()
+    };
+    let mut paged = Vec::new();
+    let mut request_now = request.clone();
+    for turn in 0.. {
+        let client = if turn % 2 == 0 { &a.client } else { &b.client };
+        let page = client
+            .clone()
+            .list_readings(request_now.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        paged.extend(page.readings);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        request_now.page_token = page.next_page_token;
+    }
+    assert_eq!(paged, seen_a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instances_watcher_resumes_on_another_with_every_reading_once() {
+    const TOTAL: u64 = 20_000;
+    let pg = Postgres::start();
+    let broker = broker();
+    let mut a = Instance::start("a", &broker, &pg).await;
+    let b = Instance::start("b", &broker, &pg).await;
+    let (watch_a, started) = watch(&a.client, None, TOTAL as usize);
+    started.await.unwrap();
+    let device = TestDevice::connect(&broker.url, "device-kill", None).await;
+    let burst = publish(&device, 0, TOTAL);
+    eventually("a's share under way", || async {
+        (a.committed().await >= 2_000).then_some(())
+    })
+    .await;
+    a.child.kill().await.unwrap();
+    let before = watch_a.await.unwrap();
+    assert!(
+        (before.len() as u64) < TOTAL,
+        "killed mid-stream ({} seen)",
+        before.len()
+    );
+    assert_contiguous(&before);
+    burst.await.unwrap();
+
+    // The killed instance comes back under its client id: the broker
+    // delivers what it had not acknowledged to its session.
+    let _a = Instance::start("a", &broker, &pg).await;
+    let last = before.last().map(|r| r.seq).unwrap_or(0);
+    let stored_after = || {
+        let n: u64 = pg
+            .psql(&format!("SELECT count(*) FROM readings WHERE seq > {last}"))
+            .parse()
+            .unwrap();
+        n
+    };
+    eventually("every payload in the table", || async {
+        let distinct: u64 = pg
+            .psql("SELECT count(DISTINCT payload) FROM readings")
+            .parse()
+            .unwrap();
+        (distinct == TOTAL).then_some(())
+    })
+    .await;
+    let rest = stored_after() as usize;
+    let (watch_b, _) = watch(&b.client, Some(last), rest);
+    let after = within("the resumed watch", watch_b).await.unwrap();
+    assert_eq!(after.len(), rest);
+    assert_eq!(after[0].seq, last + 1, "on from the last one seen");
+    let all: Vec<Reading> = before.into_iter().chain(after).collect();
+    assert_contiguous(&all);
+    let indices: HashSet<u64> = all.iter().map(index_of).collect();
+    assert_eq!(indices.len() as u64, TOTAL, "every reading");
+    // Payloads stored twice are the documented duplicates: committed but
+    // not acknowledged when the process died.
+    eprintln!(
+        "{} readings committed but not acknowledged at the kill were stored twice",
+        all.len() as u64 - TOTAL
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_instance_leaves_the_group_and_the_other_takes_its_share() {
+    const TOTAL: u64 = 20_000;
+    let pg = Postgres::start();
+    let broker = broker();
+    let mut a = Instance::start("a", &broker, &pg).await;
+    let b = Instance::start("b", &broker, &pg).await;
+    let device = TestDevice::connect(&broker.url, "device-leave", None).await;
+    let burst = publish(&device, 0, TOTAL);
+    eventually("a's share under way", || async {
+        (a.committed().await >= 2_000).then_some(())
+    })
+    .await;
+    let b_before = b.committed().await;
+    assert!(terminate(&mut a.child).await.success());
+    burst.await.unwrap();
+    // a does not come back: what the broker held for it was taken in before
+    // it left, and the rest went to b.
+    eventually("every payload in the table", || async {
+        let distinct: u64 = pg
+            .psql("SELECT count(DISTINCT payload) FROM readings")
+            .parse()
+            .unwrap();
+        (distinct == TOTAL).then_some(())
+    })
+    .await;
+    assert!(b.committed().await > b_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_over_both_instances_get_their_own_replies() {
+    const COMMANDS: usize = 1_000;
+    let pg = Postgres::start();
+    let broker = broker();
+    let a = Instance::start("a", &broker, &pg).await;
+    let b = Instance::start("b", &broker, &pg).await;
+    let policy: ReplyPolicy = std::sync::Arc::new(|device_id: &str, command| {
+        let reply = serde_json::json!({
+            "id": command["id"],
+            "status": "ok",
+            "result": {"device": device_id},
+        });
+        Some((Duration::ZERO, reply))
+    });
+    let _responder = Responder::start(&broker.url, "responder", policy).await;
+
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..COMMANDS {
+        let mut client = if i % 2 == 0 { &a.client } else { &b.client }.clone();
+        calls.spawn(async move {
+            let device_id = format!("d{}", i % 50);
+            let response = client
+                .send_command(SendCommandRequest {
+                    device_id: device_id.clone(),
+                    command: "ping".into(),
+                    reply_timeout: Some(prost_types::Duration {
+                        seconds: 10,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .expect("command accepted")
+                .into_inner();
+            (device_id, response)
+        });
+    }
+    let mut ids = HashSet::new();
+    while let Some(call) = within("the commands", calls.join_next()).await {
+        let (device_id, response) = call.unwrap();
+        let reply = response.reply.expect("a reply");
+        assert_eq!(
+            replying_device(&reply.result.expect("a result")),
+            device_id,
+            "its own device's reply"
+        );
+        assert!(ids.insert(response.command_id), "command ids are unique");
+    }
+    assert_eq!(ids.len(), COMMANDS);
+    // Each instance received every reply; the other's were dropped quietly.
+    for instance in [&a, &b] {
+        let unmatched = r#"devicehub_command_replies_total{outcome="unmatched"}"#;
+        assert_eq!(instance.metric(unmatched).await, 0.0);
+        let ok = r#"devicehub_command_replies_total{outcome="ok"}"#;
+        assert_eq!(instance.metric(ok).await, (COMMANDS / 2) as f64);
+    }
+    // Each reply stored once, by the instance that sent its command.
+    let stored: u64 = pg
+        .psql("SELECT count(*) FROM readings WHERE kind = 1")
+        .parse()
+        .unwrap();
+    assert_eq!(stored, COMMANDS as u64);
+}
+
+/// The `device` field of a reply's result object.
+fn replying_device(result: &prost_types::Value) -> &str {
+    use prost_types::value::Kind;
+    let Some(Kind::StructValue(fields)) = &result.kind else {
+        panic!("an object: {result:?}");
+    };
+    match fields.fields.get("device").and_then(|v| v.kind.as_ref()) {
+        Some(Kind::StringValue(device)) => device,
+        other => panic!("a device name: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_share_group_without_a_store_is_refused() {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_devicehub"))
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--mqtt-url",
+            "mqtt://127.0.0.1:1",
+            "--mqtt-share-group",
+            "hub",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--mqtt-share-group needs --store-url"),
+        "{stderr}"
+    );
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_devicehub"))
+        .args(["serve", "--mqtt-share-group", "a/b"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--mqtt-share-group"), "{stderr}");
+}
