@@ -392,6 +392,38 @@ fn replying_device(result: &prost_types::Value) -> &str {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_ahead_of_this_instances_memory_waits_for_its_tail() {
+    let pg = Postgres::start();
+    let broker = broker();
+    let a = Instance::start("a", &broker, &pg).await;
+    // Two readings another instance committed, as its writer would, but
+    // without the NOTIFY: this instance sees them at its next poll.
+    let next: u64 = pg
+        .psql("SELECT next_seq FROM devicehub_sequence")
+        .parse()
+        .unwrap();
+    pg.psql(&format!(
+        "INSERT INTO readings (seq, device_id, topic, payload, qos, retained, received_at, kind) \
+         SELECT s, 'd1', 'devices/d1/readings', convert_to(s::text, 'UTF8'), 1, false, now(), 0 \
+         FROM generate_series({next}, {next} + 1) s; \
+         UPDATE devicehub_sequence SET next_seq = {next} + 2"
+    ));
+    // A client resuming from the first of them (as if it had read it on the
+    // other instance) is not told its cursor is in the future.
+    let (watch, _) = watch(&a.client, Some(next), 1);
+    let got = within("the resumed watch", watch).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].seq, next + 1);
+    // A cursor nobody committed still is.
+    let future = WatchReadingsRequest {
+        after_seq: Some(next + 100),
+        ..Default::default()
+    };
+    let status = a.client.clone().watch_readings(future).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+}
+
 #[tokio::test]
 async fn a_share_group_without_a_store_is_refused() {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_devicehub"))
