@@ -44,12 +44,6 @@ async fn next_event(stream: &mut Streaming<devicehub::proto::WatchReadingsRespon
         .expect("an event")
 }
 
-/// The index a test wrote at the start of the payload (`"17"` or `"17:..."`).
-fn index_of(reading: &Reading) -> u64 {
-    let text = std::str::from_utf8(&reading.payload).unwrap();
-    text.split(':').next().unwrap().parse().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resuming_replays_then_goes_live_with_no_gap_and_no_duplicate() {
     let broker = embedded_broker();

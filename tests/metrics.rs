@@ -76,27 +76,10 @@ async fn start(broker: &BrokerUrl, extra: &[&str]) -> (tokio::process::Child, St
     ];
     args.extend_from_slice(extra);
     let (serve, mut log) = spawn_devicehub(&args, &[]);
-    let (mut grpc, mut metrics) = (None, None);
-    while grpc.is_none() || metrics.is_none() {
-        let line = within("the listening lines", log.next_line())
-            .await
-            .unwrap()
-            .unwrap();
-        let addr = || {
-            line.split("addr=")
-                .nth(1)
-                .map(|r| r.split_whitespace().next().unwrap().to_owned())
-        };
-        if line.contains("gRPC listening") {
-            grpc = addr();
-        } else if line.contains("metrics listening") {
-            metrics = addr();
-        }
-    }
+    let [grpc, metrics] = logged_addrs(&mut log, ["gRPC listening", "metrics listening"]).await;
     tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
-    let metrics = metrics.unwrap();
     wait_for(&metrics, "devicehub_mqtt_up", 1.0).await;
-    (serve, grpc.unwrap(), metrics)
+    (serve, grpc, metrics)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,6 @@ use devicehub::proto::{
     device_hub_client::DeviceHubClient, watch_readings_response::Event as WatchEvent,
     ListReadingsRequest, Reading, SendCommandRequest, WatchReadingsRequest,
 };
-use rumqttc::QoS;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
@@ -32,14 +31,10 @@ impl Instance {
     /// Starts instance `name` and waits until it is SERVING (subscribed,
     /// store up).
     async fn start(name: &str, broker: &Mosquitto, pg: &Postgres) -> Self {
-        Self::start_with(name, broker, pg, &[]).await
-    }
-
-    async fn start_with(name: &str, broker: &Mosquitto, pg: &Postgres, more: &[&str]) -> Self {
         let mqtt_url = format!("mqtt://127.0.0.1:{}", broker.url.port);
         let client_id = format!("devicehub-{name}");
         let url = pg.url();
-        let mut args = vec![
+        let args = [
             "serve",
             "--grpc-addr",
             "127.0.0.1:0",
@@ -55,7 +50,6 @@ impl Instance {
             "--store-url",
             &url,
         ];
-        args.extend_from_slice(more);
         let (child, mut log) = spawn_devicehub(&args, &[]);
         let [metrics, grpc] = logged_addrs(&mut log, ["metrics listening", "gRPC listening"]).await;
         // Shown if the test fails.
@@ -112,28 +106,6 @@ fn broker() -> Mosquitto {
     )
 }
 
-/// Publishes readings `first..first + count` (payload: the index) over
-/// [`DEVICES`] devices at QoS 1, from a background task.
-fn publish(device: &TestDevice, first: u64, count: u64) -> JoinHandle<()> {
-    let client = device.client.clone();
-    tokio::spawn(async move {
-        for i in first..first + count {
-            let topic = format!("devices/d{}/readings", i % DEVICES);
-            client
-                .publish(topic, QoS::AtLeastOnce, false, i.to_string())
-                .await
-                .unwrap();
-        }
-    })
-}
-
-fn index_of(reading: &Reading) -> u64 {
-    std::str::from_utf8(&reading.payload)
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 /// A watch of `client` from `after_seq` (`None`: from now on), collecting
 /// readings in a task until `n` arrived or the stream ends; a gap fails.
 fn watch(
@@ -185,7 +157,7 @@ async fn replicas_share_ingest_and_serve_the_same_readings() {
     started_b.await.unwrap();
 
     let device = TestDevice::connect(&broker.url, "device-replicas", None).await;
-    publish(&device, 0, TOTAL).await.unwrap();
+    publish_spread(&device, 0, TOTAL, DEVICES).await.unwrap();
     let seen_a = within("instance a's watcher", watch_a).await.unwrap();
     let seen_b = within("instance b's watcher", watch_b).await.unwrap();
     assert_eq!(seen_a.len() as u64, TOTAL);
@@ -235,7 +207,7 @@ async fn a_killed_instances_watcher_resumes_on_another_with_every_reading_once()
     let (watch_a, started) = watch(&a.client, None, TOTAL as usize);
     started.await.unwrap();
     let device = TestDevice::connect(&broker.url, "device-kill", None).await;
-    let burst = publish(&device, 0, TOTAL);
+    let burst = publish_spread(&device, 0, TOTAL, DEVICES);
     eventually("a's share under way", || async {
         (a.committed().await >= 2_000).then_some(())
     })
@@ -261,14 +233,7 @@ async fn a_killed_instances_watcher_resumes_on_another_with_every_reading_once()
             .unwrap();
         n
     };
-    eventually("every payload in the table", || async {
-        let distinct: u64 = pg
-            .psql("SELECT count(DISTINCT payload) FROM readings")
-            .parse()
-            .unwrap();
-        (distinct == TOTAL).then_some(())
-    })
-    .await;
+    every_payload_stored(&pg, TOTAL).await;
     let rest = stored_after() as usize;
     let (watch_b, _) = watch(&b.client, Some(last), rest);
     let after = within("the resumed watch", watch_b).await.unwrap();
@@ -294,7 +259,7 @@ async fn a_stopped_instance_leaves_the_group_and_the_other_takes_its_share() {
     let mut a = Instance::start("a", &broker, &pg).await;
     let b = Instance::start("b", &broker, &pg).await;
     let device = TestDevice::connect(&broker.url, "device-leave", None).await;
-    let burst = publish(&device, 0, TOTAL);
+    let burst = publish_spread(&device, 0, TOTAL, DEVICES);
     eventually("a's share under way", || async {
         (a.committed().await >= 2_000).then_some(())
     })
@@ -304,14 +269,7 @@ async fn a_stopped_instance_leaves_the_group_and_the_other_takes_its_share() {
     burst.await.unwrap();
     // a does not come back: what the broker held for it was taken in before
     // it left, and the rest went to b.
-    eventually("every payload in the table", || async {
-        let distinct: u64 = pg
-            .psql("SELECT count(DISTINCT payload) FROM readings")
-            .parse()
-            .unwrap();
-        (distinct == TOTAL).then_some(())
-    })
-    .await;
+    every_payload_stored(&pg, TOTAL).await;
     assert!(b.committed().await > b_before);
 }
 
@@ -426,31 +384,20 @@ async fn a_cursor_ahead_of_this_instances_memory_waits_for_its_tail() {
 
 #[tokio::test]
 async fn a_share_group_without_a_store_is_refused() {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_devicehub"))
-        .args([
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--mqtt-url",
-            "mqtt://127.0.0.1:1",
-            "--mqtt-share-group",
-            "hub",
-        ])
-        .output()
-        .await
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let args = [
+        "serve",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--mqtt-url",
+        "mqtt://127.0.0.1:1",
+        "--mqtt-share-group",
+        "hub",
+    ];
+    let stderr = startup_error(&args, &[]).await;
     assert!(
         stderr.contains("--mqtt-share-group needs --store-url"),
         "{stderr}"
     );
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_devicehub"))
-        .args(["serve", "--mqtt-share-group", "a/b"])
-        .output()
-        .await
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = startup_error(&["serve", "--mqtt-share-group", "a/b"], &[]).await;
     assert!(stderr.contains("--mqtt-share-group"), "{stderr}");
 }

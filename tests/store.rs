@@ -18,28 +18,6 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 const DEVICES: u64 = 10;
 
-/// `count` readings, payload `i` from device `d{i % DEVICES}`, from
-/// `first` on, at QoS 1, from a background task (done when all are queued).
-fn publish_spread(device: &TestDevice, first: u64, count: u64) -> tokio::task::JoinHandle<()> {
-    let client = device.client.clone();
-    tokio::spawn(async move {
-        for i in first..first + count {
-            let topic = format!("devices/d{}/readings", i % DEVICES);
-            client
-                .publish(topic, QoS::AtLeastOnce, false, i.to_string())
-                .await
-                .unwrap();
-        }
-    })
-}
-
-fn index_of(reading: &Reading) -> u64 {
-    std::str::from_utf8(&reading.payload)
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 fn count(pg: &Postgres, sql_where: &str) -> u64 {
     pg.psql(&format!("SELECT count(*) FROM readings {sql_where}"))
         .parse()
@@ -146,7 +124,7 @@ async fn history_survives_a_restart_and_resumes_with_the_same_numbers() {
     let service = TestService::start_ready(config(&broker.url, &args)).await;
     let client = service.client().await;
     let device = TestDevice::connect(&broker.url, "device-restart", None).await;
-    publish_spread(&device, 0, 300).await.unwrap();
+    publish_spread(&device, 0, 300, DEVICES).await.unwrap();
     device.publish("devices/d1/status", "online").await;
     device
         .publish("devices/d2/status", r#"{"status": "offline"}"#)
@@ -199,7 +177,7 @@ async fn history_survives_a_restart_and_resumes_with_the_same_numbers() {
             watch_n(&client, request, 252).await
         })
     };
-    publish_spread(&device, 300, 100).await.unwrap();
+    publish_spread(&device, 300, 100, DEVICES).await.unwrap();
     let watched = within("the resumed watch", watch).await.unwrap();
     assert_eq!(watched[..152], before[150..], "replayed from the table");
     let indices: Vec<u64> = watched
@@ -221,7 +199,7 @@ async fn pages_and_resumes_beyond_the_memory_window() {
     let service = TestService::start_ready(config(&broker.url, &args)).await;
     let client = service.client().await;
     let device = TestDevice::connect(&broker.url, "device-history", None).await;
-    publish_spread(&device, 0, TOTAL).await.unwrap();
+    publish_spread(&device, 0, TOTAL, DEVICES).await.unwrap();
     wait_for_rows(&pg, TOTAL).await;
     let buffered = client
         .clone()
@@ -378,7 +356,7 @@ async fn sigkill_during_a_burst_loses_no_acknowledged_reading() {
     let (mut first, mut log) = spawn_devicehub(&args, &[]);
     logged_addr(&mut log, "subscribed to readings", "filters=").await;
     let device = TestDevice::connect(&broker.url, "device-burst", None).await;
-    let burst = publish_spread(&device, 0, TOTAL);
+    let burst = publish_spread(&device, 0, TOTAL, DEVICES);
     wait_for_rows(&pg, 2_000).await;
     first.kill().await.unwrap();
     let at_kill = count(&pg, "");
@@ -387,14 +365,7 @@ async fn sigkill_during_a_burst_loses_no_acknowledged_reading() {
     let (_second, mut log) = spawn_devicehub(&args, &[]);
     let grpc = logged_addr(&mut log, "gRPC listening", "addr=").await;
     burst.await.unwrap();
-    eventually("every reading in the table", || async {
-        let distinct: u64 = pg
-            .psql("SELECT count(DISTINCT payload) FROM readings")
-            .parse()
-            .unwrap();
-        (distinct == TOTAL).then_some(())
-    })
-    .await;
+    every_payload_stored(&pg, TOTAL).await;
     // Duplicates only of readings committed but not acknowledged when the
     // process died: the newest ones it committed, delivered again by the
     // broker first thing after the restart.
@@ -508,13 +479,13 @@ async fn retention_deletes_what_is_older_and_nothing_else() {
     let service = TestService::start_ready(config(&broker.url, &args)).await;
     let client = service.client().await;
     let device = TestDevice::connect(&broker.url, "device-retention", None).await;
-    publish_spread(&device, 0, 100).await.unwrap();
+    publish_spread(&device, 0, 100, DEVICES).await.unwrap();
     wait_for_rows(&pg, 100).await;
     let old = list_everything(&client, 0).await;
     // The newer readings must be younger than the cutoff when the older
     // ones go: two seconds apart with a four-second retention.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    publish_spread(&device, 100, 100).await.unwrap();
+    publish_spread(&device, 100, 100, DEVICES).await.unwrap();
     wait_for_rows(&pg, 200).await;
     eventually("retention to delete the older readings", || async {
         (count(&pg, "") == 100).then_some(())
@@ -567,26 +538,18 @@ async fn retention_deletes_what_is_older_and_nothing_else() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_cannot_be_reached_fails_startup_without_its_password() {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_devicehub"))
-        .args([
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--embedded-mqtt-addr",
-            "127.0.0.1:0",
-        ])
-        .env(
-            "DEVICEHUB_STORE_URL",
-            format!(
-                "postgres://devicehub:hunter2-secret@127.0.0.1:{}/x",
-                closed_port().port
-            ),
-        )
-        .output()
-        .await
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let url = format!(
+        "postgres://devicehub:hunter2-secret@127.0.0.1:{}/x",
+        closed_port().port
+    );
+    let args = [
+        "serve",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--embedded-mqtt-addr",
+        "127.0.0.1:0",
+    ];
+    let stderr = startup_error(&args, &[("DEVICEHUB_STORE_URL", &url)]).await;
     assert!(
         stderr.contains("cannot reach the PostgreSQL store"),
         "{stderr}"

@@ -875,3 +875,52 @@ pub async fn terminate(child: &mut tokio::process::Child) -> std::process::ExitS
         .await
         .unwrap()
 }
+
+/// The index a test wrote at the start of the payload (`"17"` or `"17:..."`).
+pub fn index_of(reading: &devicehub::proto::Reading) -> u64 {
+    let text = std::str::from_utf8(&reading.payload).unwrap();
+    text.split(':').next().unwrap().parse().unwrap()
+}
+
+/// Publishes readings `first..first + count` (payload: the index) spread
+/// over `devices` devices (`d{i % devices}`) at QoS 1, from a background
+/// task, done when all are queued.
+pub fn publish_spread(device: &TestDevice, first: u64, count: u64, devices: u64) -> JoinHandle<()> {
+    let client = device.client.clone();
+    tokio::spawn(async move {
+        for i in first..first + count {
+            let topic = format!("devices/d{}/readings", i % devices);
+            client
+                .publish(topic, QoS::AtLeastOnce, false, i.to_string())
+                .await
+                .unwrap();
+        }
+    })
+}
+
+/// Waits until the table holds each of the payloads `0..total` (once or
+/// more).
+pub async fn every_payload_stored(pg: &postgres::Postgres, total: u64) {
+    eventually("every payload in the table", || async {
+        let distinct: u64 = pg
+            .psql("SELECT count(DISTINCT payload) FROM readings")
+            .parse()
+            .unwrap();
+        (distinct == total).then_some(())
+    })
+    .await;
+}
+
+/// Runs the `devicehub` binary with `args` and `env`, expecting it to fail
+/// at startup; returns what it wrote to stderr.
+pub async fn startup_error(args: &[&str], env: &[(&str, &str)]) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_devicehub"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "it started: {stderr}");
+    stderr
+}
