@@ -317,6 +317,34 @@ async fn pages_and_resumes_beyond_the_memory_window() {
     service.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_readings_beyond_memory_are_read_back_in_bounded_fetches() {
+    // 60 readings of 200 kB: a fetch from the table stops at 4 MiB, so
+    // pages and the replay take several fetches each, and must go on after
+    // every one of them.
+    const TOTAL: u64 = 60;
+    let pg = Postgres::start();
+    let broker = Mosquitto::start();
+    let args = ["--store-url", &pg.url(), "--buffer-max-readings", "5"];
+    let service = TestService::start_ready(config(&broker.url, &args)).await;
+    let client = service.client().await;
+    let device = TestDevice::connect(&broker.url, "device-large", None).await;
+    for i in 0..TOTAL {
+        let payload = format!("{i}:{}", "x".repeat(200_000));
+        device.publish("devices/d1/readings", payload).await;
+    }
+    wait_for_rows(&pg, TOTAL).await;
+    let listed = list_everything(&client, 0).await;
+    assert_indices(&listed, 0..TOTAL);
+    let request = WatchReadingsRequest {
+        after_seq: Some(0),
+        ..Default::default()
+    };
+    let watched = watch_n(&client, request, TOTAL as usize).await;
+    assert_eq!(watched, listed, "the replay: every one, in order");
+    service.stop().await;
+}
+
 /// Mosquitto as the burst tests need it: the default in-flight window of
 /// 20 unacknowledged messages per client, a queue deep enough to hold a
 /// burst while devicehub is away.

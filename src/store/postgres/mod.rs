@@ -14,11 +14,12 @@
 //! the memory buffer), so pages walk the primary key or the
 //! `(device_id, seq)` index.
 
-/// The columns [`reading`] decodes, in its order.
+/// The columns [`reading`] decodes, in its order, then the message's kind
+/// and status (`writer::kind_of`).
 macro_rules! reading_columns {
     () => {
         "seq, device_id, topic, payload, qos, retained, \
-         (extract(epoch FROM received_at) * 1000000)::int8"
+         (extract(epoch FROM received_at) * 1000000)::int8, kind, status"
     };
 }
 
@@ -56,8 +57,11 @@ pub use writer::{spawn_writer, Writer};
 const MAX_CONNECTIONS: u32 = 8;
 /// How long a call waits for a connection before giving up (unavailable).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Rows fetched per statement while filling a page or a replay batch.
+/// Rows fetched per statement while filling a page or a replay batch (or
+/// following the table, with replicas), and the payload bytes one fetch
+/// holds at most (beyond them, one row more).
 const FETCH_ROWS: i64 = 1_000;
+const FETCH_BYTES: i64 = 4 << 20;
 /// Rows one page looks at, at most: a filter that matches little stops
 /// there with a page token to go on from (a page may then hold fewer
 /// readings than asked for, as AIP-158 allows).
@@ -276,7 +280,7 @@ impl Postgres {
         // next fetches larger.
         let mut rows_wanted = (limit as i64 + 1).min(FETCH_ROWS);
         while lo < hi {
-            let rows = self
+            let Fetched { rows, more } = self
                 .fetch(
                     query.filter.device_id.as_deref(),
                     lo,
@@ -285,7 +289,6 @@ impl Postgres {
                     rows_wanted,
                 )
                 .await?;
-            let full_fetch = rows.len() as i64 == rows_wanted;
             rows_wanted = FETCH_ROWS;
             for row in rows {
                 let reading = reading(&row)?;
@@ -308,7 +311,7 @@ impl Postgres {
                 bytes += len;
                 page.readings.push(reading);
             }
-            if !full_fetch {
+            if !more {
                 break;
             }
             if scanned >= MAX_SCAN_ROWS && lo < hi {
@@ -332,7 +335,7 @@ impl Postgres {
         below: u64,
         filter: &ReadingFilter,
     ) -> Result<(Vec<Reading>, u64), CursorError> {
-        let rows = self
+        let Fetched { rows, more } = self
             .fetch(None, after + 1, below, true, FETCH_ROWS)
             .await
             .map_err(unavailable)?;
@@ -354,9 +357,9 @@ impl Postgres {
             .filter(|r| matches(filter, r))
             .collect();
         // A short fetch read everything up to the memory window.
-        let cursor = match (rows.len() as i64) < FETCH_ROWS {
-            true => below - 1,
-            false => cursor,
+        let cursor = match more {
+            false => below - 1,
+            true => cursor,
         };
         Ok((batch, cursor))
     }
@@ -375,42 +378,78 @@ impl Postgres {
     }
 
     /// Up to `rows` readings with `lo <= seq < hi`, of one device or all,
-    /// in either order.
-    async fn fetch(
+    /// in either order, and no more than [`FETCH_BYTES`] of payloads (and
+    /// one row).
+    pub(super) async fn fetch(
         &self,
         device_id: Option<&str>,
         lo: u64,
         hi: u64,
         ascending: bool,
         rows: i64,
-    ) -> Result<Vec<PgRow>, sqlx::Error> {
+    ) -> Result<Fetched, sqlx::Error> {
         // Four constant statements (one per index and order), so each is
-        // prepared with a plan that uses its index.
+        // prepared with a plan that uses its index. The running sum of
+        // payload sizes is taken as the index delivers rows, and the
+        // LIMIT stops it: the database reads no further than it returns.
         macro_rules! select {
-            ($tail:literal) => {
-                concat!("SELECT ", reading_columns!(), " FROM readings ", $tail)
+            ($where:literal, $order:literal) => {
+                concat!(
+                    "SELECT ",
+                    reading_columns!(),
+                    " FROM (",
+                    "SELECT *, sum(octet_length(payload)) OVER (ORDER BY ",
+                    $order,
+                    ") AS upto ",
+                    "FROM readings WHERE ",
+                    $where,
+                    " ORDER BY ",
+                    $order,
+                    " LIMIT $3) r ",
+                    "WHERE upto - octet_length(payload) < $4 ORDER BY ",
+                    $order
+                )
             };
         }
         let sql = match (device_id.is_some(), ascending) {
-            (false, true) => select!("WHERE seq >= $1 AND seq < $2 ORDER BY seq LIMIT $3"),
-            (false, false) => select!("WHERE seq >= $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"),
+            (false, true) => select!("seq >= $1 AND seq < $2", "seq"),
+            (false, false) => select!("seq >= $1 AND seq < $2", "seq DESC"),
             (true, true) => select!(
-                "WHERE device_id = $4 AND seq >= $1 AND seq < $2 ORDER BY device_id, seq LIMIT $3"
+                "device_id = $5 AND seq >= $1 AND seq < $2",
+                "device_id, seq"
             ),
             (true, false) => select!(
-                "WHERE device_id = $4 AND seq >= $1 AND seq < $2 \
-                 ORDER BY device_id DESC, seq DESC LIMIT $3"
+                "device_id = $5 AND seq >= $1 AND seq < $2",
+                "device_id DESC, seq DESC"
             ),
         };
         let mut statement = sqlx::query(sql)
             .bind(to_i64(lo))
             .bind(to_i64(hi))
-            .bind(rows);
+            .bind(rows)
+            .bind(FETCH_BYTES);
         if let Some(device_id) = device_id {
             statement = statement.bind(device_id);
         }
-        statement.fetch_all(self.pool()).await
+        let rows_got = statement.fetch_all(self.pool()).await?;
+        let mut bytes = 0;
+        for row in &rows_got {
+            bytes += row.try_get_raw(3)?.as_bytes().map_or(0, <[u8]>::len) as i64;
+        }
+        // Cut by the row limit or by bytes: there may be more.
+        let more = rows_got.len() as i64 == rows || bytes >= FETCH_BYTES;
+        Ok(Fetched {
+            rows: rows_got,
+            more,
+        })
     }
+}
+
+/// What [`Postgres::fetch`] read.
+pub(super) struct Fetched {
+    pub rows: Vec<PgRow>,
+    /// Whether rows may follow in the range (the fetch was cut short).
+    pub more: bool,
 }
 
 fn to_i64(seq: u64) -> i64 {

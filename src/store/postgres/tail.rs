@@ -16,8 +16,9 @@
 //! once a number is visible every lower one is committed and visible too.
 //! A notification can be lost (the listening connection drops): the tail also polls every [`POLL_INTERVAL`], and
 //! reads everything new after each reconnect. While the database fails the
-//! tail retries with backoff; memory lags, nothing is skipped. What the tail holds at once
-//! is one fetch: [`super::FETCH_ROWS`] rows.
+//! tail retries with backoff; memory lags, nothing is skipped. What the tail
+//! holds at once is one fetch (`Postgres::fetch`: at most 1 000 rows and
+//! 4 MiB of payloads, and one row).
 
 use std::{sync::Arc, time::Duration};
 
@@ -26,7 +27,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{to_i64, writer::kind_of, Postgres, FETCH_ROWS};
+use super::{writer::kind_of, Postgres, FETCH_ROWS};
 use crate::{
     buffer::{MessageKind, Reading},
     hub::{Committed, ReadingHub},
@@ -60,8 +61,8 @@ async fn follow(store: &Postgres, hub: &ReadingHub, wake: &Notify) {
     loop {
         match catch_up(store, hub).await {
             // A full fetch: there may be more right away.
-            Ok(rows) if rows == FETCH_ROWS as usize => continue,
-            Ok(_) => {
+            Ok(true) => continue,
+            Ok(false) => {
                 if backoff > BACKOFF_MIN {
                     info!("following the PostgreSQL store again");
                     backoff = BACKOFF_MIN;
@@ -122,21 +123,13 @@ async fn listen(store: Postgres, wake: Arc<Notify>, shutdown: CancellationToken)
 }
 
 /// Pushes the rows numbered from the hub's next number on (one fetch) into
-/// memory; returns how many there were.
-async fn catch_up(store: &Postgres, hub: &ReadingHub) -> Result<usize, sqlx::Error> {
-    let next = hub.next_seq();
-    let rows = sqlx::query(concat!(
-        "SELECT ",
-        reading_columns!(),
-        ", kind, status FROM readings WHERE seq >= $1 ORDER BY seq LIMIT $2"
-    ))
-    .bind(to_i64(next))
-    .bind(FETCH_ROWS)
-    .fetch_all(store.pool())
-    .await?;
-    let count = rows.len();
+/// memory; returns whether more may follow.
+async fn catch_up(store: &Postgres, hub: &ReadingHub) -> Result<bool, sqlx::Error> {
+    let fetched = store
+        .fetch(None, hub.next_seq(), u64::MAX, true, FETCH_ROWS)
+        .await?;
     let mut run: Vec<(Reading, MessageKind)> = Vec::new();
-    for row in &rows {
+    for row in &fetched.rows {
         let reading = super::reading(row)?;
         let kind = kind_of(row.try_get("kind")?, row.try_get("status")?);
         // Numbers are contiguous but for what retention deleted: each
@@ -150,7 +143,7 @@ async fn catch_up(store: &Postgres, hub: &ReadingHub) -> Result<usize, sqlx::Err
         run.push((reading, kind));
     }
     push(store, hub, &run);
-    Ok(count)
+    Ok(fetched.more)
 }
 
 /// Pushes readings numbered without holes into memory.
