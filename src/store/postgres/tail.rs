@@ -4,21 +4,21 @@
 //! With `--mqtt-share-group` the broker hands each reading to one instance,
 //! whose writer commits it with a NOTIFY on [`CHANNEL`] (delivered once
 //! committed) and pushes it into its own memory if it follows on from what
-//! memory holds. Every
-//! instance LISTENs, and on each notification reads the rows numbered from
-//! its memory's next sequence number on, in order, and pushes them into its
-//! hub with their numbers and times from the table.
-//! So each instance holds the same readings under the same numbers, and a
+//! memory holds. Every instance LISTENs, and on each notification reads the
+//! rows numbered from its memory's next sequence number on, in order, and
+//! pushes them into its hub with their numbers and times from the table. So
+//! each instance holds the same readings under the same numbers, and a
 //! cursor or page token from one means the same on any other.
 //!
 //! Why reading "from the next number on" never skips one: commits take
 //! numbers one after another under the counter row's lock (see `store`), so
 //! once a number is visible every lower one is committed and visible too.
-//! A notification can be lost (the listening connection drops): the tail also polls every [`POLL_INTERVAL`], and
-//! reads everything new after each reconnect. While the database fails the
-//! tail retries with backoff; memory lags, nothing is skipped. What the tail
-//! holds at once is one fetch (`Postgres::fetch`: at most 1 000 rows and
-//! 4 MiB of payloads, and one row).
+//! A notification can be lost (the listening connection drops): the tail
+//! also polls every [`POLL_INTERVAL`], and reads everything new after each
+//! reconnect. While the database fails the tail retries with backoff;
+//! memory lags, nothing is skipped. What the tail holds at once is one
+//! fetch (`Postgres::fetch`: at most 1 000 rows and 4 MiB of payloads, and
+//! one row).
 
 use std::{sync::Arc, time::Duration};
 
