@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::process::Stdio;
+use std::{process::Stdio, time::Duration};
 
 use common::*;
 use serde_json::Value;
@@ -80,8 +80,11 @@ async fn the_web_page_shows_live_readings_and_a_command_reply_in_chromium() {
     let screenshot = dir.path().join("page.png");
     let profile = dir.path().join("profile");
     let node = which("node").expect("node (Node.js 20)");
-    let output = within(
-        "the browser test",
+    // Longer than the script's own bounds (30 s per step, launch included),
+    // so that a slow step fails there, with what the page logged, rather
+    // than here with nothing.
+    let output = tokio::time::timeout(
+        Duration::from_secs(180),
         tokio::process::Command::new(node)
             .arg(format!("{WEB_DIR}/test/browser.mjs"))
             .env(
@@ -95,6 +98,7 @@ async fn the_web_page_shows_live_readings_and_a_command_reply_in_chromium() {
             .output(),
     )
     .await
+    .expect("the browser test ends within its own timeouts")
     .unwrap();
     assert!(
         output.status.success(),
