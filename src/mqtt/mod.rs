@@ -6,6 +6,7 @@
 //! see `store`).
 //!
 //! - [`link`]: the event loop task: connection, backoff, subscriptions, ingest;
+//! - [`leave`]: a replica leaving its share group at shutdown;
 //! - [`publish`]: [`CommandPublisher`] and the acknowledgement tracker;
 //! - [`tls`]: the TLS client configuration for `mqtts://` brokers.
 //!
@@ -18,6 +19,7 @@
 //! when the request channel is full.
 //!
 
+mod leave;
 mod link;
 mod publish;
 mod tls;
