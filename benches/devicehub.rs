@@ -11,7 +11,8 @@
 //!                             # fanout, latency, query, commands, secure, metrics, devices,
 //!                             # store (needs PostgreSQL's server binaries, as the tests do),
 //!                             # store-ingest (its ingest rows only), replicas (two
-//!                             # instances next to one; always through Mosquitto)
+//!                             # instances next to one; always through Mosquitto),
+//!                             # contention (the delivery path in-process, no broker)
 //! ```
 //!
 //! The service runs as its own process (the `devicehub` binary, pointed at
@@ -82,6 +83,8 @@ struct Sizes {
     stored_readings: u64,
     /// Readings replayed from the table (and from memory) per resume.
     replay_readings: u64,
+    /// Readings each watcher thread receives in the contention scenario.
+    contention_readings: u64,
 }
 
 const FULL: Sizes = Sizes {
@@ -98,6 +101,7 @@ const FULL: Sizes = Sizes {
     devices: 100_000,
     stored_readings: 10_000_000,
     replay_readings: 1_000_000,
+    contention_readings: 200_000,
 };
 
 const SMOKE: Sizes = Sizes {
@@ -114,6 +118,7 @@ const SMOKE: Sizes = Sizes {
     devices: 500,
     stored_readings: 20_000,
     replay_readings: 5_000,
+    contention_readings: 5_000,
 };
 
 /// Upper bound on any wait, so a broken run ends instead of hanging.
@@ -202,6 +207,11 @@ async fn run(sizes: Sizes, smoke: bool, mosquitto: bool, only: Option<Vec<String
         // `store-ingest`: the ingest comparison alone, without the
         // 10-million-row table.
         store(&table, &broker.url, sizes, wanted("store")).await;
+        ran += 1;
+    }
+    if wanted("contention") {
+        // Threads and runtimes of its own, off this runtime's thread.
+        std::thread::scope(|s| s.spawn(|| contention(&table, sizes)).join().unwrap());
         ran += 1;
     }
     if wanted("replicas") {
@@ -2026,5 +2036,187 @@ impl Replicated {
             .max()
             .unwrap_or(start);
         (got, last)
+    }
+}
+
+/// Scenario 12, contention: the watch delivery path (`ReadingWatcher::
+/// next_batch` and `WatchBatch::messages`, what each WatchReadings stream's
+/// producer runs) from 1, 2, 8 and 32 OS threads at once, in-process, with
+/// no broker and no transport; each thread runs one watcher on a runtime of
+/// its own and takes every reading. The cost per delivery is the watcher
+/// threads' own CPU time (from /proc/thread-self/schedstat, nanoseconds)
+/// over their deliveries; the baseline is the 1-thread figure of the same
+/// run. Two modes:
+/// - `ring`: the readings are pushed first (as many as the ring holds) and
+///   their messages encoded by one untimed pass, then the threads read them
+///   all at once: the delivery path alone, contended as hard as it gets.
+///   Flat from 1 to 32 threads when nothing is shared per reading.
+/// - `live`: one thread pushes JSON readings in batches of 32, as ingest
+///   does, while the watchers follow (waking, waiting, the first to need a
+///   message encoding it); the publisher stays within 8 192 readings of the
+///   slowest watcher so they all read the ring.
+fn contention(table: &Table, sizes: Sizes) {
+    use devicehub::{
+        config::{BufferLimits, DeviceLimits},
+        delivery::{encode_reading, MessageKind, NewReading, ReadingFilter, ReadingHub},
+    };
+    const PUSH: u64 = 32;
+    const AHEAD: u64 = 8_192;
+    let devices: Vec<String> = (0..1000).map(|i| format!("dev-{i}")).collect();
+    let topics: Vec<String> = devices
+        .iter()
+        .map(|d| format!("devices/{d}/readings"))
+        .collect();
+    let json = br#"{"temperature": 21.5, "humidity": 40.25, "battery": 3.71, "n": 17}"#;
+    let thread_cpu_ns = || -> u64 {
+        std::fs::read_to_string("/proc/thread-self/schedstat")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let push = |hub: &ReadingHub, from: u64, to: u64| {
+        let now = SystemTime::now();
+        hub.push_all((from..to).map(|i| {
+            let d = (i % devices.len() as u64) as usize;
+            NewReading {
+                device_id: &devices[d],
+                topic: &topics[d],
+                payload: json,
+                qos: 1,
+                retained: false,
+                received_at: now,
+                kind: MessageKind::Reading,
+            }
+        }));
+    };
+    for live in [false, true] {
+        // The ring holds 65 536 readings: in `ring` mode all of them fit.
+        let n = match live {
+            true => sizes.contention_readings,
+            false => sizes.contention_readings.min(60_000),
+        };
+        let mut results = Vec::new();
+        for threads in [1usize, 2, 8, 32] {
+            let hub = ReadingHub::new(
+                BufferLimits {
+                    max_readings: 100_000,
+                    max_bytes: 64 << 20,
+                },
+                DeviceLimits::default(),
+                1,
+                1000,
+                1000,
+                None,
+                false,
+            );
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            // Watchers start after reading 0: everything pushed, in order.
+            let from_start = || async {
+                let client: Arc<str> = Arc::from("bench");
+                hub.subscribe(ReadingFilter::default(), Some(0), client)
+                    .await
+                    .unwrap()
+            };
+            if !live {
+                let mut seq = 0;
+                while seq < n {
+                    push(&hub, seq, (seq + PUSH).min(n));
+                    seq += PUSH;
+                }
+                runtime.block_on(async {
+                    let mut warm = from_start().await;
+                    let mut got = 0;
+                    while got < n {
+                        got += warm
+                            .next_batch()
+                            .await
+                            .unwrap()
+                            .messages(encode_reading)
+                            .len() as u64;
+                    }
+                });
+            }
+            let progress: Arc<Vec<AtomicU64>> =
+                Arc::new((0..threads).map(|_| AtomicU64::new(0)).collect());
+            let barrier = Arc::new(std::sync::Barrier::new(threads + 1));
+            // In `ring` mode each thread reads the ring this many times over,
+            // for a run long enough to time.
+            let rounds = if live { 1 } else { 10 };
+            let workers: Vec<_> = (0..threads)
+                .map(|i| {
+                    let (hub, progress, barrier) = (hub.clone(), progress.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        let runtime = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .unwrap();
+                        barrier.wait();
+                        let cpu_before = thread_cpu_ns();
+                        let mut got = 0u64;
+                        runtime.block_on(async {
+                            for _ in 0..rounds {
+                                let client: Arc<str> = Arc::from(format!("bench-{i}"));
+                                let mut watcher = hub
+                                    .subscribe(ReadingFilter::default(), Some(0), client)
+                                    .await
+                                    .unwrap();
+                                let mut round = 0;
+                                while round < n {
+                                    let batch = watcher.next_batch().await.unwrap();
+                                    round += batch.messages(encode_reading).len() as u64;
+                                    progress[i].store(got + round, Ordering::Relaxed);
+                                }
+                                got += round;
+                            }
+                        });
+                        (thread_cpu_ns() - cpu_before, got)
+                    })
+                })
+                .collect();
+            barrier.wait();
+            let start = Instant::now();
+            let mut seq = 0u64;
+            while live && seq < n {
+                let slowest = progress.iter().map(|p| p.load(Ordering::Relaxed)).min();
+                if seq >= slowest.unwrap_or(0) + AHEAD {
+                    std::thread::sleep(Duration::from_micros(200));
+                    continue;
+                }
+                push(&hub, seq, (seq + PUSH).min(n));
+                seq = (seq + PUSH).min(n);
+            }
+            let (mut cpu, mut delivered) = (0u64, 0u64);
+            for worker in workers {
+                let (c, d) = worker.join().unwrap();
+                cpu += c;
+                delivered += d;
+            }
+            let wall = start.elapsed().as_secs_f64();
+            let behind = hub.stats().watcher_behind_live;
+            results.push((
+                threads,
+                cpu as f64 / delivered as f64,
+                delivered,
+                wall,
+                behind,
+            ));
+        }
+        let one = results[0].1;
+        let mode = if live { "live" } else { "ring" };
+        for (threads, per, delivered, wall, behind) in results {
+            table.row(
+                &format!("12. contention: {mode}, {threads} threads (ns CPU/delivery)"),
+                per,
+                one,
+                "ns",
+                &format!(
+                    "{delivered} deliveries in {wall:.2} s; baseline: 1 thread, same run; \
+                     reads behind the ring: {behind}"
+                ),
+            );
+        }
     }
 }

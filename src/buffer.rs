@@ -428,6 +428,11 @@ impl ReadingBuffer {
         }
     }
 
+    /// The buffered reading `seq`, with a copy of its payload.
+    pub fn reading_at(&self, seq: u64) -> Option<Reading> {
+        self.get(seq).map(|slot| self.reading(seq, slot))
+    }
+
     fn get(&self, seq: u64) -> Option<&Slot> {
         let index = seq.checked_sub(self.first_seq)?;
         self.readings.get(usize::try_from(index).ok()?)

@@ -91,6 +91,15 @@ use tracing::{info, warn};
 pub use config::Config;
 pub use grpc::MAX_COMMANDS_IN_FLIGHT;
 
+/// The watch delivery path without the transport, for the contention
+/// benchmark (`benches/devicehub.rs`, scenario 12). Not a stable API.
+#[doc(hidden)]
+pub mod delivery {
+    pub use crate::buffer::{MessageKind, NewReading, ReadingFilter};
+    pub use crate::grpc::encode_reading;
+    pub use crate::hub::{ReadingHub, ReadingWatcher, WatchBatch};
+}
+
 use crate::{
     cli::ServeArgs,
     config::{BrokerUrl, ConfigError},

@@ -10,7 +10,7 @@ use rumqttc::QoS;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
-use tracing::{info, info_span, Instrument};
+use tracing::{debug, info_span, Instrument};
 use uuid::Uuid;
 
 use super::{
@@ -85,7 +85,10 @@ pub(super) async fn send(
             )
         }))
         .await?;
-    info!(
+    // At debug: a StreamCommands stream sends thousands a second, and a
+    // line each cost 17 % of the command rate (BENCHMARKS.md, issue 16).
+    // Each SendCommand call still logs its own line (telemetry/calls.rs).
+    debug!(
         command_id = command.id,
         device_id = command.device_id,
         command = command.name,

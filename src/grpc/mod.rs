@@ -31,6 +31,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub use auth::{Authenticator, KeyError};
 pub use commands::MAX_COMMANDS_IN_FLIGHT;
+pub use encoded::encode_reading;
 pub use wire::Encoded;
 
 use crate::{
@@ -47,7 +48,6 @@ use crate::{
     topic::TopicTemplate,
 };
 use auth::Caller;
-use encoded::EncodedReadings;
 
 /// What the server sends for WatchReadings and ListReadings: the messages,
 /// encoded from readings without building them (see build.rs).
@@ -64,7 +64,7 @@ pub struct DeviceHubService {
 }
 
 /// What the handlers share. No lock of its own: the hub, the reply router
-/// and the encoded window each guard their own state.
+/// and the hub each guard their own state.
 struct Shared {
     hub: ReadingHub,
     publisher: CommandPublisher,
@@ -73,8 +73,6 @@ struct Shared {
     /// The topic level that holds the device id in every subscribed topic
     /// (readings and replies), if there is one.
     device_level: Option<usize>,
-    /// The newest readings' WatchReadings messages, shared by all streams.
-    encoded: EncodedReadings,
     /// Commands in progress (waiting for the broker or a reply) per client.
     commands_per_client: PerClient,
     shutdown: CancellationToken,
@@ -107,7 +105,6 @@ impl DeviceHubService {
             replies,
             commands_topic: topics.commands_topic.clone(),
             device_level,
-            encoded: EncodedReadings::default(),
             commands_per_client: PerClient::new(max_commands_per_client),
             shutdown,
         };

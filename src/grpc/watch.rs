@@ -18,7 +18,10 @@ use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::Status;
 use tracing::{warn, Instrument};
 
-use super::{auth::Caller, error::ApiError, Encoded, EncodedWatchReadingsResponse, Shared};
+use super::{
+    auth::Caller, encoded::encode_reading, error::ApiError, Encoded, EncodedWatchReadingsResponse,
+    Shared,
+};
 use crate::{
     buffer::CursorError,
     hub::{ReadingWatcher, SubscribeError},
@@ -66,7 +69,7 @@ pub(super) async fn watch(
     }
     let start_cursor = watcher.cursor();
     let (tx, rx) = mpsc::channel(WATCH_QUEUE_BATCHES);
-    tokio::spawn(produce(shared.clone(), watcher, notify_gaps, tx).in_current_span());
+    tokio::spawn(produce(watcher, notify_gaps, tx).in_current_span());
     Ok(WatchStream {
         batches: ReceiverStream::new(rx),
         batch: Vec::new().into_iter(),
@@ -82,12 +85,7 @@ type WatchEvent = Result<Vec<WatchItem>, Status>;
 /// The producer of one stream: reads the buffer from the watcher's cursor
 /// and queues what the stream sends, until the client goes away or the
 /// stream ends with an error.
-async fn produce(
-    shared: Arc<Shared>,
-    mut watcher: ReadingWatcher,
-    notify_gaps: bool,
-    tx: mpsc::Sender<WatchEvent>,
-) {
+async fn produce(mut watcher: ReadingWatcher, notify_gaps: bool, tx: mpsc::Sender<WatchEvent>) {
     let mut last_sent = watcher.cursor();
     loop {
         let batch = tokio::select! {
@@ -96,13 +94,12 @@ async fn produce(
         };
         let event = match batch {
             Ok(batch) => {
-                last_sent = batch.last().map_or(last_sent, |r| r.seq);
-                let messages = shared.encoded.encode(&batch);
+                last_sent = batch.last_seq().unwrap_or(last_sent);
                 Ok(batch
-                    .iter()
-                    .zip(messages)
-                    .map(|(reading, message)| WatchItem {
-                        reading_seq: Some(reading.seq),
+                    .messages(encode_reading)
+                    .into_iter()
+                    .map(|(seq, message)| WatchItem {
+                        reading_seq: Some(seq),
                         // A reading as field 1 is a whole message.
                         message: Encoded::from_bytes(message),
                     })

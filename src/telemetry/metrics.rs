@@ -67,6 +67,8 @@ struct Metrics {
     oldest_age: prometheus::Gauge,
     watchers: IntGauge,
     watch_gaps: Counter,
+    watch_behind_live: Counter,
+    live_encoded_bytes: IntGauge,
     watch_missed: Counter,
     mqtt_up: IntGauge,
     connects: Counter,
@@ -122,6 +124,8 @@ impl Metrics {
             oldest_age,
             watchers: gauge(&r, "devicehub_watchers", "WatchReadings streams open.")?,
             watch_gaps: counter(&r, "devicehub_watch_gaps_total", "Times a watcher found readings it had not received evicted.")?,
+            watch_behind_live: counter(&r, "devicehub_watch_behind_live_total", "Watcher reads whose next reading had left the ring of the newest readings (read from the buffer under its lock instead).")?,
+            live_encoded_bytes: gauge(&r, "devicehub_live_encoded_bytes", "Bytes of encoded messages kept with the newest readings for watchers and pages (at most 32 MiB).")?,
             watch_missed: counter(&r, "devicehub_watch_missed_readings_total", "Readings watchers missed that way.")?,
             mqtt_up: gauge(&r, "devicehub_mqtt_up", "1 while connected to the broker and subscribed, else 0.")?,
             connects: counter(&r, "devicehub_mqtt_connects_total", "Connections the broker accepted.")?,
@@ -176,6 +180,8 @@ impl Metrics {
         self.kept_bytes.set(hub.devices.kept_bytes as i64);
         set(&self.kept_dropped, hub.devices.kept_dropped);
         set(&self.watch_gaps, hub.watcher_gaps);
+        set(&self.watch_behind_live, hub.watcher_behind_live);
+        self.live_encoded_bytes.set(hub.live_encoded_bytes as i64);
         set(&self.watch_missed, hub.watcher_missed_readings);
         self.mqtt_up
             .set(i64::from(*self.sources.link.borrow() == LinkState::Ready));

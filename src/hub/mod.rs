@@ -18,6 +18,9 @@
 //! The lock is a std `RwLock` (see [`crate::sync`]): it is held only to
 //! store the readings of one network read or to copy out at most one batch
 //! of readings, never across an `.await`, JSON decoding or gRPC encoding.
+//! Watchers following the newest readings do not take it: each push is
+//! also published to [`live::Live`], which they read without a lock (its
+//! module docs say why that keeps a delivery's cost flat as cores grow).
 
 use std::{
     sync::{
@@ -27,7 +30,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::watch;
+use bytes::Bytes;
 
 use crate::{
     buffer::{
@@ -39,6 +42,11 @@ use crate::{
     store::Postgres,
     sync,
 };
+
+mod live;
+
+use live::Live;
+pub use live::WatchBatch;
 
 /// How many buffered readings a watcher looks at per lock acquisition.
 const WATCH_SCAN_BATCH: usize = 512;
@@ -88,6 +96,11 @@ pub struct HubStats {
     pub watcher_gaps: u64,
     /// Readings skipped by those gaps, summed over watchers.
     pub watcher_missed_readings: u64,
+    /// Bytes of encoded messages kept in the watchers' ring.
+    pub live_encoded_bytes: usize,
+    /// Watcher reads that found their next reading behind the ring and
+    /// read the buffer under its lock instead.
+    pub watcher_behind_live: u64,
 }
 
 /// The shared buffer and its change signal. A cheap handle: clones share it.
@@ -102,10 +115,10 @@ struct Shared {
     store: Option<Postgres>,
     /// One of several replicas: memory follows the store, behind it.
     replicas: bool,
-    /// The next sequence number to be assigned; bumped on every push. A
-    /// `watch` keeps only the latest value, so waking watchers costs the same
-    /// however many there are and however slow they are.
-    next_seq: watch::Sender<u64>,
+    /// The newest readings as published for watchers, the next sequence
+    /// number, and the watchers' wake-up signal: waking costs the same
+    /// however many watchers there are and however slow they are.
+    live: Live,
     max_watchers: usize,
     watchers: AtomicUsize,
     /// Open watchers per client (token subject or connection).
@@ -125,12 +138,12 @@ impl ReadingHub {
         replicas: bool,
     ) -> Self {
         let buffer = ReadingBuffer::new(limits, first_seq).with_device_limits(devices);
-        let (next_seq, _) = watch::channel(buffer.next_seq());
+        let live = Live::new(buffer.next_seq());
         let shared = Shared {
             buffer: RwLock::new(buffer),
             store,
             replicas,
-            next_seq,
+            live,
             max_watchers,
             watchers: AtomicUsize::new(0),
             per_client: PerClient::new(max_watchers_per_client),
@@ -144,7 +157,7 @@ impl ReadingHub {
 
     /// The number the next reading pushed gets.
     pub fn next_seq(&self) -> u64 {
-        *self.shared.next_seq.borrow()
+        self.shared.live.next_seq()
     }
 
     fn read(&self) -> RwLockReadGuard<'_, ReadingBuffer> {
@@ -162,19 +175,24 @@ impl ReadingHub {
         self.push_and_wake(self.write(), readings)
     }
 
-    /// Pushes `readings` under the held lock, releases it, and wakes the
-    /// watchers once.
+    /// Pushes `readings` under the held lock and publishes them to the
+    /// watchers' ring, releases the lock, and wakes the watchers once.
     fn push_and_wake<'a>(
         &self,
         mut buffer: RwLockWriteGuard<'_, ReadingBuffer>,
         readings: impl IntoIterator<Item = NewReading<'a>>,
     ) -> Option<u64> {
-        let last = readings.into_iter().map(|new| buffer.push(new)).last();
+        let first = buffer.next_seq();
+        let last = readings.into_iter().map(|new| buffer.push(new)).last()?;
+        // A tiny buffer may already have evicted the first of them.
+        let oldest = buffer.stats().first_seq;
+        let published = (first.max(oldest)..=last).filter_map(|seq| buffer.reading_at(seq));
+        self.shared
+            .live
+            .publish(published.collect(), last + 1, oldest);
         drop(buffer);
-        if let Some(seq) = last {
-            self.shared.next_seq.send_replace(seq + 1);
-        }
-        last
+        self.shared.live.wake();
+        Some(last)
     }
 
     /// Like [`ReadingHub::push_all`], for readings the store committed with
@@ -257,6 +275,17 @@ impl ReadingHub {
         stored.map_or(first, |s| s.min(first))
     }
 
+    /// Each of `readings`' messages, as `encode` writes them: kept in the
+    /// watchers' ring where a reading is in it (and kept there when first
+    /// encoded), else encoded now.
+    pub fn messages(
+        &self,
+        readings: &[Reading],
+        encode: impl Fn(&Reading, &mut Vec<u8>),
+    ) -> Vec<Bytes> {
+        self.shared.live.messages(readings, encode)
+    }
+
     /// A listed device.
     pub fn device(&self, device_id: &str) -> Option<DeviceEntry> {
         self.read().device(device_id)
@@ -288,7 +317,10 @@ impl ReadingHub {
 
     pub fn stats(&self) -> HubStats {
         let buffer = self.read();
+        let (live_encoded_bytes, watcher_behind_live) = self.shared.live.stats();
         HubStats {
+            live_encoded_bytes,
+            watcher_behind_live,
             buffer: buffer.stats(),
             devices: buffer.device_stats(),
             watchers: self.shared.watchers.load(Ordering::Relaxed),
@@ -319,8 +351,8 @@ impl ReadingHub {
     /// With replicas: waits (bounded) until memory holds `seq`, if the
     /// store has committed it.
     async fn catch_up_to(&self, seq: u64) {
-        let mut next = self.shared.next_seq.subscribe();
-        if *next.borrow_and_update() > seq {
+        let live = &self.shared.live;
+        if live.next_seq() > seq {
             return;
         }
         let Some(store) = &self.shared.store else {
@@ -331,7 +363,12 @@ impl ReadingHub {
             .await
             .is_ok_and(|committed| committed > seq)
         {
-            let _ = tokio::time::timeout(CATCH_UP_WAIT, next.wait_for(|n| *n > seq)).await;
+            let caught_up = async {
+                while live.next_seq() <= seq {
+                    live.wait_past(seq.saturating_sub(1), 0).await;
+                }
+            };
+            let _ = tokio::time::timeout(CATCH_UP_WAIT, caught_up).await;
         }
     }
 
@@ -346,8 +383,9 @@ impl ReadingHub {
         // From here on, dropping the watcher (also on error) gives the slot back.
         let mut watcher = ReadingWatcher {
             hub: self.clone(),
-            wake: shared.next_seq.subscribe(),
             cursor: 0,
+            hint: 0,
+            shard: open,
             filter,
             _client: None,
         };
@@ -360,8 +398,8 @@ impl ReadingHub {
                 .acquire(client)
                 .ok_or(SubscribeError::TooManyForClient(shared.per_client.max()))?,
         );
-        // The wake signal was taken first: a push from now on is seen by
-        // `next_batch`, which compares the cursor with the latest value.
+        // A push from now on is seen by `next_batch`, which compares the
+        // cursor with the next number.
         let stats = self.read().stats();
         watcher.cursor = match after {
             None => stats.next_seq - 1,
@@ -383,9 +421,12 @@ pub struct ReadingWatcher {
     hub: ReadingHub,
     /// Its place in its client's count, once counted.
     _client: Option<Permit>,
-    wake: watch::Receiver<u64>,
     /// The last sequence number looked at.
     cursor: u64,
+    /// The ring's batch its last read ended in (where to look next).
+    hint: u64,
+    /// Which wake-up signal it waits on.
+    shard: usize,
     filter: ReadingFilter,
 }
 
@@ -400,12 +441,28 @@ impl ReadingWatcher {
     ///
     /// An error says which readings were evicted before this watcher read
     /// them. Call [`ReadingWatcher::skip_gap`] to go on after it.
-    pub async fn next_batch(&mut self) -> Result<Vec<Reading>, CursorError> {
+    pub async fn next_batch(&mut self) -> Result<WatchBatch, CursorError> {
+        let live = &self.hub.shared.live;
         loop {
-            // Mark the signal as seen *before* reading, so a push that lands
-            // after the read wakes the `changed()` below.
-            let next_seq = *self.wake.borrow_and_update();
-            if self.cursor + 1 < next_seq {
+            if self.cursor + 1 < live.next_seq() {
+                let read = live.read_after(
+                    self.cursor,
+                    &mut self.hint,
+                    &self.filter,
+                    WATCH_SCAN_BATCH,
+                    WATCH_BATCH_BYTES,
+                );
+                if let Some(read) = read {
+                    self.cursor = read.cursor;
+                    if !read.runs.is_empty() {
+                        return Ok(WatchBatch::Live(read.runs));
+                    }
+                    // A run of readings for other watchers: let other
+                    // tasks run if this one used up its turn.
+                    tokio::task::coop::consume_budget().await;
+                    continue;
+                }
+                // Not in the ring (behind it): from the buffer.
                 let scanned = self.hub.read().scan_after(
                     self.cursor,
                     WATCH_SCAN_BATCH,
@@ -425,15 +482,12 @@ impl ReadingWatcher {
                 .inspect_err(|e| self.count_gap(e))?;
                 self.cursor = cursor;
                 if !batch.is_empty() {
-                    return Ok(batch);
+                    return Ok(WatchBatch::Copied(batch));
                 }
-                // A long run of readings for other watchers: let other
-                // tasks run between batches.
-                tokio::task::yield_now().await;
+                tokio::task::coop::consume_budget().await;
                 continue;
             }
-            // Cannot fail: this watcher holds the hub, which holds the sender.
-            let _ = self.wake.changed().await;
+            live.wait_past(self.cursor, self.shard).await;
         }
     }
 

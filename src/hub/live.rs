@@ -1,0 +1,687 @@
+//! [`Live`]: the newest readings, published once per push for every
+//! watcher to read without a lock, each with its encoded message.
+//!
+//! Why it exists: every push wakes every watcher. When each woken watcher
+//! took the buffer's read lock, copied its readings out (a payload
+//! allocation and a reference count on its device's shared `Source` per
+//! reading) and took the encoded window's mutex, N watchers running on C
+//! cores met on the same few cache lines for every reading: on 16 cores the
+//! same deliveries cost twelve times the CPU they cost on 2 (issue 16).
+//!
+//! Here each push is published once, as an immutable [`LiveBatch`] in a
+//! ring of `ArcSwap` slots, and a watcher:
+//! - loads the batch holding its cursor (an `arc-swap` load writes only to
+//!   a slot private to its thread) and takes one reference count per batch,
+//!   never one per reading;
+//! - reads each reading's encoded message from a `OnceLock` (one load of a
+//!   word written once); the first watcher to need a message encodes it,
+//!   and one atomic add per reading, not per watcher, accounts for it;
+//! - copies the messages it sends into one buffer of its own
+//!   ([`WatchBatch::messages`]), so the reference counts tonic takes per
+//!   message are on memory no other core touches;
+//! - waits on one of [`WAKE_SHARDS`] `Notify`s, so re-arming after a
+//!   wake-up spreads over several locks instead of meeting on one.
+//!
+//! What is shared per batch per watcher: one reference count on the batch
+//! and one registration with a wake shard. Nothing is shared per reading
+//! per watcher, so the cost of a delivery does not grow with the cores:
+//! the contention benchmark (BENCHMARKS.md, scenario 12) runs this path from
+//! 1 to 32 threads.
+//!
+//! The ring speeds watchers up; it is never the record. A watcher whose
+//! next reading is not in it (behind the ring, or cut by eviction) reads
+//! the buffer under its lock as before (`ReadingWatcher::next_batch`).
+//!
+//! Bounds, whatever the traffic: [`LIVE_BATCHES`] batches, [`LIVE_READINGS`]
+//! readings and [`LIVE_PAYLOAD_BYTES`] of payload copies (the oldest batches
+//! leave first), and [`LIVE_ENCODED_BYTES`] of encoded messages (past it,
+//! a message is encoded for its one stream and not kept). A watcher holds a
+//! batch that has left the ring only until it has copied from it.
+
+use std::{
+    borrow::Cow,
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, OnceLock,
+    },
+};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::{
+    buffer::{Reading, ReadingFilter},
+    sync,
+};
+
+/// Batches in the ring.
+pub const LIVE_BATCHES: usize = 8192;
+/// Readings in the ring at most (their records, without payloads).
+pub const LIVE_READINGS: usize = 65_536;
+/// Payload bytes copied into the ring at most.
+pub const LIVE_PAYLOAD_BYTES: usize = 32 << 20;
+/// Encoded message bytes kept at most.
+pub const LIVE_ENCODED_BYTES: usize = 32 << 20;
+/// A message larger than this is never kept: it would push out hundreds.
+const LIVE_ENCODED_ONE: usize = LIVE_ENCODED_BYTES / 16;
+/// A push of more readings, or more payload bytes, is published as several
+/// batches, so what a watcher holds at once stays small.
+const LIVE_BATCH_READINGS: usize = 512;
+const LIVE_BATCH_BYTES: usize = 1 << 20;
+/// Wake-up signals watchers are spread over.
+pub const WAKE_SHARDS: usize = 8;
+
+/// The ring of the newest batches. See the module docs.
+pub struct Live {
+    slots: Box<[ArcSwapOption<LiveBatch>]>,
+    /// The number the next batch gets.
+    next_batch: AtomicU64,
+    /// The sequence number the next reading pushed gets: every reading below
+    /// it is in the buffer (and in the ring, unless it left it).
+    next_seq: AtomicU64,
+    /// The buffer's oldest reading when the ring was last published to:
+    /// older readings in the ring are not served (a watcher behind the
+    /// buffer is told of its gap, as the buffer says it).
+    floor: AtomicU64,
+    wake: [Notify; WAKE_SHARDS],
+    /// Bytes of encoded messages kept, given back as batches are dropped.
+    encoded_bytes: Arc<AtomicUsize>,
+    /// Reads that found their next reading no longer in the ring.
+    behind: AtomicU64,
+    /// What the ring holds, for eviction. Taken by pushers only, which the
+    /// hub's write lock already serializes: never contended.
+    held: Mutex<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    /// (batch number, readings, payload bytes, end), oldest first.
+    batches: VecDeque<(u64, usize, usize, u64)>,
+    readings: usize,
+    payload_bytes: usize,
+}
+
+/// Readings pushed together, as published. Immutable but for the encoded
+/// messages, each set at most once.
+pub struct LiveBatch {
+    no: u64,
+    first_seq: u64,
+    entries: Box<[LiveEntry]>,
+    encoded_bytes: Arc<AtomicUsize>,
+}
+
+struct LiveEntry {
+    reading: Reading,
+    encoded: OnceLock<Bytes>,
+}
+
+impl LiveBatch {
+    fn end_seq(&self) -> u64 {
+        self.first_seq + self.entries.len() as u64
+    }
+
+    fn holds(&self, seq: u64) -> bool {
+        (self.first_seq..self.end_seq()).contains(&seq)
+    }
+}
+
+impl Drop for LiveBatch {
+    fn drop(&mut self) {
+        let kept: usize = self
+            .entries
+            .iter()
+            .filter_map(|e| e.encoded.get())
+            .map(Bytes::len)
+            .sum();
+        self.encoded_bytes.fetch_sub(kept, Ordering::Relaxed);
+    }
+}
+
+impl LiveEntry {
+    /// The reading's message: kept from whoever encoded it first, else
+    /// encoded now by `encode` (which appends it to a buffer), and kept if
+    /// the budget allows.
+    fn message(
+        &self,
+        encode: &impl Fn(&Reading, &mut Vec<u8>),
+        budget: &AtomicUsize,
+    ) -> Cow<'_, [u8]> {
+        if let Some(kept) = self.encoded.get() {
+            return Cow::Borrowed(kept);
+        }
+        let mut message = Vec::with_capacity(2 * self.reading.payload.len() + 64);
+        encode(&self.reading, &mut message);
+        let len = message.len();
+        if len > LIVE_ENCODED_ONE {
+            return Cow::Owned(message);
+        }
+        if budget.fetch_add(len, Ordering::Relaxed) + len > LIVE_ENCODED_BYTES {
+            budget.fetch_sub(len, Ordering::Relaxed);
+            return Cow::Owned(message);
+        }
+        // Two watchers may encode the same reading at once: the first to
+        // set it wins, the other gives its bytes back.
+        let mut ours = Some(Bytes::from(message));
+        let kept = self.encoded.get_or_init(|| ours.take().unwrap_or_default());
+        if ours.is_some() {
+            budget.fetch_sub(len, Ordering::Relaxed);
+        }
+        Cow::Borrowed(kept)
+    }
+}
+
+/// What a watcher takes from the ring in one go: runs of readings, each in
+/// a batch it holds, up to a bound.
+pub struct LiveRead {
+    pub runs: Vec<LiveRun>,
+    /// The last sequence number looked at.
+    pub cursor: u64,
+}
+
+/// Picked readings of one batch.
+pub struct LiveRun {
+    batch: Arc<LiveBatch>,
+    picked: Vec<u32>,
+}
+
+impl Live {
+    pub fn new(next_seq: u64) -> Self {
+        Self {
+            slots: (0..LIVE_BATCHES).map(|_| ArcSwapOption::empty()).collect(),
+            next_batch: AtomicU64::new(0),
+            next_seq: AtomicU64::new(next_seq),
+            floor: AtomicU64::new(0),
+            wake: Default::default(),
+            encoded_bytes: Arc::default(),
+            behind: AtomicU64::new(0),
+            held: Mutex::default(),
+        }
+    }
+
+    /// The number the next reading pushed gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq.load(Ordering::Acquire)
+    }
+
+    /// Bytes of encoded messages kept now, and how many reads found their
+    /// next reading no longer in the ring (watchers that fell behind it and
+    /// read the buffer instead).
+    pub fn stats(&self) -> (usize, u64) {
+        let encoded = self.encoded_bytes.load(Ordering::Relaxed);
+        (encoded, self.behind.load(Ordering::Relaxed))
+    }
+
+    /// Publishes `readings` (numbered on from `readings[0].seq`, without
+    /// holes), sets the next number to `next_seq` and the buffer's oldest to
+    /// `floor`. Called with the hub's write lock held, so batches go in in
+    /// number order; [`Live::wake`] follows once the lock is released.
+    pub fn publish(&self, readings: Vec<Reading>, next_seq: u64, floor: u64) {
+        let mut held = sync::lock(&self.held);
+        self.floor.store(floor, Ordering::Release);
+        // What the buffer evicted leaves the ring too.
+        while let Some(&(old, count, bytes, _)) = held.batches.front().filter(|b| b.3 <= floor) {
+            held.batches.pop_front();
+            held.readings -= count;
+            held.payload_bytes -= bytes;
+            self.slot(old).store(None);
+        }
+        let mut readings = readings.into_iter().peekable();
+        while let Some(first) = readings.peek() {
+            let first_seq = first.seq;
+            let (mut entries, mut payload) = (Vec::new(), 0);
+            while let Some(reading) = readings.next_if(|r| {
+                entries.is_empty()
+                    || (entries.len() < LIVE_BATCH_READINGS
+                        && payload + r.payload.len() <= LIVE_BATCH_BYTES)
+            }) {
+                payload += reading.payload.len();
+                entries.push(LiveEntry {
+                    reading,
+                    encoded: OnceLock::new(),
+                });
+            }
+            let entries = entries.into_boxed_slice();
+            let no = self.next_batch.load(Ordering::Relaxed);
+            // Make room first: the slot this batch takes, then the oldest
+            // while over a bound.
+            while held.batches.len() >= LIVE_BATCHES
+                || (!held.batches.is_empty()
+                    && (held.readings + entries.len() > LIVE_READINGS
+                        || held.payload_bytes + payload > LIVE_PAYLOAD_BYTES))
+            {
+                let Some((old, count, bytes, _)) = held.batches.pop_front() else {
+                    break;
+                };
+                held.readings -= count;
+                held.payload_bytes -= bytes;
+                self.slot(old).store(None);
+            }
+            let end_seq = first_seq + entries.len() as u64;
+            held.batches
+                .push_back((no, entries.len(), payload, end_seq));
+            held.readings += entries.len();
+            held.payload_bytes += payload;
+            let batch = LiveBatch {
+                no,
+                first_seq,
+                entries,
+                encoded_bytes: self.encoded_bytes.clone(),
+            };
+            self.slot(no).store(Some(Arc::new(batch)));
+            self.next_batch.store(no + 1, Ordering::Release);
+        }
+        self.next_seq.store(next_seq, Ordering::Release);
+    }
+
+    /// Wakes every waiting watcher.
+    pub fn wake(&self) {
+        for shard in &self.wake {
+            shard.notify_waiters();
+        }
+    }
+
+    /// Returns at once if a reading numbered above `seq` has been pushed,
+    /// else after the next push. `shard` spreads the waiters (any number;
+    /// one per watcher).
+    pub async fn wait_past(&self, seq: u64, shard: usize) {
+        if self.next_seq() > seq + 1 {
+            return;
+        }
+        let notified = self.wake[shard % WAKE_SHARDS].notified();
+        tokio::pin!(notified);
+        // Registered before the second look: a push after it wakes us.
+        notified.as_mut().enable();
+        if self.next_seq() > seq + 1 {
+            return;
+        }
+        notified.await;
+    }
+
+    fn slot(&self, no: u64) -> &ArcSwapOption<LiveBatch> {
+        &self.slots[(no % LIVE_BATCHES as u64) as usize]
+    }
+
+    /// The batch numbered `no`, if the ring still holds it.
+    fn batch(&self, no: u64) -> Option<Arc<LiveBatch>> {
+        self.slot(no).load_full().filter(|b| b.no == no)
+    }
+
+    /// The batch holding `seq`, looked for at `hint` and the batch after it
+    /// first (where a watcher's next reading nearly always is), then by
+    /// bisection over the ring.
+    fn find(&self, seq: u64, hint: u64) -> Option<Arc<LiveBatch>> {
+        for no in [hint, hint + 1] {
+            if let Some(batch) = self.batch(no).filter(|b| b.holds(seq)) {
+                return Some(batch);
+            }
+        }
+        let end = self.next_batch.load(Ordering::Acquire);
+        let (mut low, mut high) = (end.saturating_sub(LIVE_BATCHES as u64), end);
+        while low < high {
+            let mid = low + (high - low) / 2;
+            match self.batch(mid) {
+                // Gone (evicted while we looked): everything before it too.
+                None => low = mid + 1,
+                Some(batch) if batch.holds(seq) => return Some(batch),
+                Some(batch) if seq < batch.first_seq => high = mid,
+                Some(_) => low = mid + 1,
+            }
+        }
+        None
+    }
+
+    /// The readings after `after` that match `filter`, from the ring: up to
+    /// `max_scan` looked at and `max_bytes` of payload (at least one
+    /// reading). `None` when the next reading is not in the ring. `hint`
+    /// is the batch the previous read ended in, and is moved on.
+    pub fn read_after(
+        &self,
+        after: u64,
+        hint: &mut u64,
+        filter: &ReadingFilter,
+        max_scan: usize,
+        max_bytes: usize,
+    ) -> Option<LiveRead> {
+        let found = match after + 1 >= self.floor.load(Ordering::Acquire) {
+            true => self.find(after + 1, *hint),
+            false => None,
+        };
+        let Some(mut batch) = found else {
+            self.behind.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        let (mut runs, mut cursor, mut scanned, mut taken, mut bytes) =
+            (Vec::new(), after, 0, 0, 0);
+        loop {
+            *hint = batch.no;
+            let start = (cursor + 1 - batch.first_seq) as usize;
+            let mut picked = Vec::new();
+            let mut full = false;
+            for (i, entry) in batch.entries.iter().enumerate().skip(start) {
+                let reading = &entry.reading;
+                if scanned == max_scan {
+                    full = true;
+                    break;
+                }
+                if filter.matches_source(reading.device_id(), reading.topic()) {
+                    let len = reading.payload.len();
+                    if taken > 0 && bytes + len > max_bytes {
+                        full = true; // this one starts the next read
+                        break;
+                    }
+                    bytes += len;
+                    taken += 1;
+                    picked.push(i as u32);
+                }
+                scanned += 1;
+                cursor = reading.seq;
+            }
+            let end = batch.end_seq();
+            if !picked.is_empty() {
+                runs.push(LiveRun {
+                    batch: batch.clone(),
+                    picked,
+                });
+            }
+            if full {
+                break;
+            }
+            // Go on into the next batch if it follows on without a hole.
+            match self.batch(batch.no + 1).filter(|b| b.first_seq == end) {
+                Some(next) => batch = next,
+                None => break,
+            }
+        }
+        Some(LiveRead { runs, cursor })
+    }
+
+    /// Each of `readings`' messages: kept in the ring or encoded by
+    /// `encode` (and kept, if the reading is in the ring).
+    pub fn messages(
+        &self,
+        readings: &[Reading],
+        encode: impl Fn(&Reading, &mut Vec<u8>),
+    ) -> Vec<Bytes> {
+        let mut hint = 0;
+        readings
+            .iter()
+            .map(|reading| {
+                let Some(batch) = self.find(reading.seq, hint) else {
+                    let mut message = Vec::new();
+                    encode(reading, &mut message);
+                    return Bytes::from(message);
+                };
+                hint = batch.no;
+                let entry = &batch.entries[(reading.seq - batch.first_seq) as usize];
+                let message = entry.message(&encode, &self.encoded_bytes);
+                match (message, entry.encoded.get()) {
+                    (Cow::Borrowed(_), Some(kept)) => kept.clone(),
+                    (message, _) => Bytes::from(message.into_owned()),
+                }
+            })
+            .collect()
+    }
+}
+
+/// What [`ReadingWatcher::next_batch`](super::ReadingWatcher::next_batch)
+/// returns: readings from the ring, or copied out of the buffer.
+pub enum WatchBatch {
+    Live(Vec<LiveRun>),
+    Copied(Vec<Reading>),
+}
+
+impl WatchBatch {
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Self::Live(runs) => runs.is_empty(),
+            Self::Copied(readings) => readings.is_empty(),
+        }
+    }
+
+    /// The last reading's sequence number.
+    pub fn last_seq(&self) -> Option<u64> {
+        match self {
+            Self::Live(runs) => {
+                let run = runs.last()?;
+                let i = *run.picked.last()? as usize;
+                Some(run.batch.entries[i].reading.seq)
+            }
+            Self::Copied(readings) => readings.last().map(|r| r.seq),
+        }
+    }
+
+    /// Each reading's sequence number and message: messages kept in the
+    /// ring are copied, the others encoded by `encode`, all into one buffer
+    /// private to this call (see the module docs).
+    pub fn messages(&self, encode: impl Fn(&Reading, &mut Vec<u8>)) -> Vec<(u64, Bytes)> {
+        let mut out = Vec::new();
+        let mut ends = Vec::new();
+        match self {
+            Self::Live(runs) => {
+                for run in runs {
+                    let budget = &run.batch.encoded_bytes;
+                    for &i in &run.picked {
+                        let entry = &run.batch.entries[i as usize];
+                        out.extend_from_slice(&entry.message(&encode, budget));
+                        ends.push((entry.reading.seq, out.len()));
+                    }
+                }
+            }
+            Self::Copied(readings) => {
+                for reading in readings {
+                    encode(reading, &mut out);
+                    ends.push((reading.seq, out.len()));
+                }
+            }
+        }
+        let out = Bytes::from(out);
+        let mut start = 0;
+        ends.into_iter()
+            .map(|(seq, end)| {
+                let message = out.slice(start..end);
+                start = end;
+                (seq, message)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    fn reading(seq: u64, device: &str, payload: &[u8]) -> Reading {
+        let topic = format!("devices/{device}/readings");
+        let payload = Bytes::copy_from_slice(payload);
+        Reading::new(seq, device, &topic, SystemTime::now(), payload, 1, false)
+    }
+
+    /// Publishes readings `from..to` (device `d{seq % 3}`) as one push.
+    fn push(live: &Live, from: u64, to: u64) {
+        let readings = (from..to)
+            .map(|seq| reading(seq, &format!("d{}", seq % 3), seq.to_string().as_bytes()))
+            .collect();
+        live.publish(readings, to, 1);
+    }
+
+    fn seqs(read: &LiveRead) -> Vec<u64> {
+        let batch = WatchBatch::Live(read_runs(read));
+        batch
+            .messages(|r, out| out.extend_from_slice(r.seq.to_string().as_bytes()))
+            .into_iter()
+            .map(|(seq, message)| {
+                assert_eq!(message, seq.to_string().as_bytes());
+                seq
+            })
+            .collect()
+    }
+
+    fn read_runs(read: &LiveRead) -> Vec<LiveRun> {
+        read.runs
+            .iter()
+            .map(|r| LiveRun {
+                batch: r.batch.clone(),
+                picked: r.picked.clone(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_read_follows_batches_in_order_with_filters_and_bounds() {
+        let live = Live::new(1);
+        push(&live, 1, 4);
+        push(&live, 4, 5);
+        push(&live, 5, 11);
+        assert_eq!(live.next_seq(), 11);
+        let all = ReadingFilter::default();
+        let mut hint = 0;
+        for after in 0..10 {
+            let read = live
+                .read_after(after, &mut hint, &all, 512, 1 << 20)
+                .unwrap();
+            assert_eq!(seqs(&read), (after + 1..11).collect::<Vec<_>>());
+            assert_eq!(read.cursor, 10);
+        }
+        // At most `max_scan` looked at; the cursor says where it stopped.
+        let read = live.read_after(2, &mut hint, &all, 4, 1 << 20).unwrap();
+        assert_eq!((seqs(&read), read.cursor), (vec![3, 4, 5, 6], 6));
+        // One device: the others are looked at, not returned.
+        let d1 = ReadingFilter {
+            device_id: Some("d1".into()),
+            ..Default::default()
+        };
+        let read = live.read_after(0, &mut hint, &d1, 512, 1 << 20).unwrap();
+        assert_eq!((seqs(&read), read.cursor), (vec![1, 4, 7, 10], 10));
+        // Bytes: "1" and "2" fit in 2 bytes, "3" starts the next read; a
+        // reading larger than the bound still goes alone.
+        let read = live.read_after(0, &mut hint, &all, 512, 2).unwrap();
+        assert_eq!((seqs(&read), read.cursor), (vec![1, 2], 2));
+        let read = live.read_after(9, &mut hint, &all, 512, 1).unwrap();
+        assert_eq!(seqs(&read), vec![10]);
+        // Nothing after the newest; nothing before the first published.
+        assert!(live.read_after(0, &mut 7, &all, 512, 1 << 20).is_some());
+        let empty = Live::new(5);
+        assert!(empty.read_after(4, &mut 0, &all, 512, 1 << 20).is_none());
+        assert_eq!(empty.stats().1, 1);
+    }
+
+    #[test]
+    fn a_hole_between_pushes_ends_a_read_and_what_the_buffer_evicted_is_not_served() {
+        let live = Live::new(1);
+        push(&live, 1, 3);
+        push(&live, 5, 7); // 3 and 4 were never published
+        let all = ReadingFilter::default();
+        let read = live.read_after(0, &mut 0, &all, 512, 1 << 20).unwrap();
+        assert_eq!((seqs(&read), read.cursor), (vec![1, 2], 2));
+        assert!(live.read_after(2, &mut 0, &all, 512, 1 << 20).is_none());
+        let read = live.read_after(4, &mut 0, &all, 512, 1 << 20).unwrap();
+        assert_eq!(seqs(&read), vec![5, 6]);
+
+        // The buffer's oldest is now 6: 5 is not served, and the batch
+        // wholly below it left the ring.
+        live.publish(vec![reading(7, "d", b"7")], 8, 6);
+        assert!(live.read_after(4, &mut 0, &all, 512, 1 << 20).is_none());
+        assert!(live.batch(0).is_none());
+        let read = live.read_after(5, &mut 0, &all, 512, 1 << 20).unwrap();
+        assert_eq!(seqs(&read), vec![6, 7]);
+    }
+
+    #[test]
+    fn the_ring_is_bounded_by_batches_readings_and_bytes() {
+        let live = Live::new(1);
+        let all = ReadingFilter::default();
+        let pushes = LIVE_BATCHES as u64 + 10;
+        for seq in 1..=pushes {
+            push(&live, seq, seq + 1);
+        }
+        assert!(live.read_after(0, &mut 0, &all, 512, 1 << 20).is_none());
+        let oldest = pushes - LIVE_BATCHES as u64 + 1;
+        let read = live
+            .read_after(oldest - 1, &mut 0, &all, 512, 1 << 20)
+            .unwrap();
+        assert_eq!(read.cursor, oldest - 1 + 512);
+
+        // Readings: a push of more than the bound keeps the newest batches.
+        let live = Live::new(1);
+        let many = LIVE_READINGS as u64 + 1000;
+        push(&live, 1, many + 1);
+        let held = sync::lock(&live.held);
+        assert!(held.readings <= LIVE_READINGS);
+        assert_eq!(held.batches.back().map(|b| b.3), Some(many + 1));
+        drop(held);
+
+        // Payload bytes: 40 readings of 1 MiB keep 32 MiB at most, one
+        // reading a batch.
+        let live = Live::new(1);
+        let big = vec![b'x'; 1 << 20];
+        let readings = (1..=40).map(|seq| reading(seq, "d", &big)).collect();
+        live.publish(readings, 41, 1);
+        let held = sync::lock(&live.held);
+        assert!(held.payload_bytes <= LIVE_PAYLOAD_BYTES);
+        assert_eq!(held.batches.len(), LIVE_PAYLOAD_BYTES >> 20);
+        assert!(held.batches.iter().all(|b| b.1 == 1));
+    }
+
+    #[test]
+    fn a_message_is_encoded_once_and_its_bytes_are_counted_until_dropped() {
+        let live = Live::new(1);
+        push(&live, 1, 101);
+        let all = ReadingFilter::default();
+        let encodes = AtomicUsize::new(0);
+        let encode = |r: &Reading, out: &mut Vec<u8>| {
+            encodes.fetch_add(1, Ordering::Relaxed);
+            out.extend_from_slice(format!("<{}>", r.seq).as_bytes());
+        };
+        for _watcher in 0..3 {
+            let read = live.read_after(0, &mut 0, &all, 512, 1 << 20).unwrap();
+            let messages = WatchBatch::Live(read.runs).messages(encode);
+            assert_eq!(messages.len(), 100);
+            assert_eq!(messages[41], (42, Bytes::from("<42>")));
+        }
+        assert_eq!(encodes.load(Ordering::Relaxed), 100);
+        let kept: usize = (1..=100u64).map(|s| format!("<{s}>").len()).sum();
+        assert_eq!(live.stats().0, kept);
+        // Pages get the same messages, and encode what left the ring.
+        let page = [reading(7, "d1", b"7"), reading(500, "d", b"500")];
+        let messages = live.messages(&page, encode);
+        assert_eq!(messages, [Bytes::from("<7>"), Bytes::from("<500>")]);
+        assert_eq!(encodes.load(Ordering::Relaxed), 101);
+        // Dropped with its batch: the count goes back.
+        live.publish(vec![reading(101, "d", b"x")], 102, 101);
+        assert_eq!(live.stats().0, 0);
+
+        // A message over a sixteenth of the budget is never kept.
+        let live = Live::new(1);
+        live.publish(vec![reading(1, "d", b"big")], 2, 1);
+        let huge = |_: &Reading, out: &mut Vec<u8>| out.resize(LIVE_ENCODED_ONE + 1, 0);
+        let read = live.read_after(0, &mut 0, &all, 512, 1 << 20).unwrap();
+        assert_eq!(WatchBatch::Live(read.runs).messages(huge).len(), 1);
+        assert_eq!(live.stats().0, 0);
+    }
+
+    #[tokio::test]
+    async fn waiting_ends_with_the_next_push() {
+        let live = Arc::new(Live::new(1));
+        // Nothing above 1 is in: no return without a push.
+        tokio::time::timeout(Duration::from_millis(100), live.wait_past(1, 3))
+            .await
+            .expect_err("nothing was pushed");
+        let waiter = tokio::spawn({
+            let live = live.clone();
+            async move { live.wait_past(0, 5).await }
+        });
+        tokio::task::yield_now().await;
+        push(&live, 1, 2);
+        live.wake();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .expect("no panic");
+        tokio::time::timeout(Duration::from_secs(5), live.wait_past(0, 1))
+            .await
+            .expect("a reading above 0 is in");
+    }
+}
