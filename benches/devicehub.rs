@@ -2089,6 +2089,51 @@ fn contention(table: &Table, sizes: Sizes) {
             }
         }));
     };
+    // The control: the same thread counts doing work that shares nothing
+    // (each copies ~110-byte messages, 32 to a batch, out of 6.6 MB of its
+    // own into buffers of its own): what flat looks like on this machine,
+    // where threads also share caches, memory bandwidth and the scheduler.
+    let mut control = Vec::new();
+    for threads in [1usize, 2, 8, 32] {
+        let barrier = Arc::new(std::sync::Barrier::new(threads));
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    let messages: Vec<Vec<u8>> =
+                        (0..60_000u32).map(|i| i.to_le_bytes().repeat(28)).collect();
+                    barrier.wait();
+                    let cpu_before = thread_cpu_ns();
+                    let mut copied = 0u64;
+                    for _ in 0..50 {
+                        for batch in messages.chunks(32) {
+                            let mut out = Vec::new();
+                            for message in batch {
+                                out.extend_from_slice(message);
+                            }
+                            copied += std::hint::black_box(out).len() as u64 / 112;
+                        }
+                    }
+                    (thread_cpu_ns() - cpu_before, copied)
+                })
+            })
+            .collect();
+        let (cpu, copies) = workers
+            .into_iter()
+            .map(|w| w.join().unwrap())
+            .fold((0, 0), |(c, n), (dc, dn)| (c + dc, n + dn));
+        control.push(cpu as f64 / copies as f64);
+    }
+    let one = control[0];
+    for (threads, per) in [1, 2, 8, 32].into_iter().zip(control) {
+        table.row(
+            &format!("12. contention: control, {threads} threads (ns CPU/copy)"),
+            per,
+            one,
+            "ns",
+            "private copies only; baseline: 1 thread, same run",
+        );
+    }
     for live in [false, true] {
         // The ring holds 65 536 readings: in `ring` mode all of them fit.
         let n = match live {
@@ -2139,12 +2184,16 @@ fn contention(table: &Table, sizes: Sizes) {
                     }
                 });
             }
-            let progress: Arc<Vec<AtomicU64>> =
-                Arc::new((0..threads).map(|_| AtomicU64::new(0)).collect());
+            // One cache line each: the threads must not share one here.
+            #[repr(align(128))]
+            #[derive(Default)]
+            struct Progress(AtomicU64);
+            let progress: Arc<Vec<Progress>> =
+                Arc::new((0..threads).map(|_| Progress::default()).collect());
             let barrier = Arc::new(std::sync::Barrier::new(threads + 1));
             // In `ring` mode each thread reads the ring this many times over,
             // for a run long enough to time.
-            let rounds = if live { 1 } else { 10 };
+            let rounds = if live { 1 } else { 50 };
             let workers: Vec<_> = (0..threads)
                 .map(|i| {
                     let (hub, progress, barrier) = (hub.clone(), progress.clone(), barrier.clone());
@@ -2167,7 +2216,7 @@ fn contention(table: &Table, sizes: Sizes) {
                                 while round < n {
                                     let batch = watcher.next_batch().await.unwrap();
                                     round += batch.messages(encode_reading).len() as u64;
-                                    progress[i].store(got + round, Ordering::Relaxed);
+                                    progress[i].0.store(got + round, Ordering::Relaxed);
                                 }
                                 got += round;
                             }
@@ -2180,7 +2229,7 @@ fn contention(table: &Table, sizes: Sizes) {
             let start = Instant::now();
             let mut seq = 0u64;
             while live && seq < n {
-                let slowest = progress.iter().map(|p| p.load(Ordering::Relaxed)).min();
+                let slowest = progress.iter().map(|p| p.0.load(Ordering::Relaxed)).min();
                 if seq >= slowest.unwrap_or(0) + AHEAD {
                     std::thread::sleep(Duration::from_micros(200));
                     continue;

@@ -303,9 +303,18 @@ impl Live {
         &self.slots[(no % LIVE_BATCHES as u64) as usize]
     }
 
-    /// The batch numbered `no`, if the ring still holds it.
+    /// The batch numbered `no`, if the ring still holds it and `wanted`
+    /// says yes. Looking costs no shared write (an `arc-swap` guard); only
+    /// the batch returned gets a reference count.
+    fn batch_if(&self, no: u64, wanted: impl Fn(&LiveBatch) -> bool) -> Option<Arc<LiveBatch>> {
+        let guard = self.slot(no).load();
+        let batch = guard.as_ref().filter(|b| b.no == no && wanted(b))?;
+        Some(Arc::clone(batch))
+    }
+
+    #[cfg(test)]
     fn batch(&self, no: u64) -> Option<Arc<LiveBatch>> {
-        self.slot(no).load_full().filter(|b| b.no == no)
+        self.batch_if(no, |_| true)
     }
 
     /// The batch holding `seq`, looked for at `hint` and the batch after it
@@ -313,7 +322,7 @@ impl Live {
     /// bisection over the ring.
     fn find(&self, seq: u64, hint: u64) -> Option<Arc<LiveBatch>> {
         for no in [hint, hint + 1] {
-            if let Some(batch) = self.batch(no).filter(|b| b.holds(seq)) {
+            if let Some(batch) = self.batch_if(no, |b| b.holds(seq)) {
                 return Some(batch);
             }
         }
@@ -321,10 +330,11 @@ impl Live {
         let (mut low, mut high) = (end.saturating_sub(LIVE_BATCHES as u64), end);
         while low < high {
             let mid = low + (high - low) / 2;
-            match self.batch(mid) {
+            let guard = self.slot(mid).load();
+            match guard.as_ref().filter(|b| b.no == mid) {
                 // Gone (evicted while we looked): everything before it too.
                 None => low = mid + 1,
-                Some(batch) if batch.holds(seq) => return Some(batch),
+                Some(batch) if batch.holds(seq) => return Some(Arc::clone(batch)),
                 Some(batch) if seq < batch.first_seq => high = mid,
                 Some(_) => low = mid + 1,
             }
@@ -378,18 +388,15 @@ impl Live {
                 scanned += 1;
                 cursor = reading.seq;
             }
-            let end = batch.end_seq();
+            let (no, end) = (batch.no, batch.end_seq());
             if !picked.is_empty() {
-                runs.push(LiveRun {
-                    batch: batch.clone(),
-                    picked,
-                });
+                runs.push(LiveRun { batch, picked });
             }
             if full {
                 break;
             }
             // Go on into the next batch if it follows on without a hole.
-            match self.batch(batch.no + 1).filter(|b| b.first_seq == end) {
+            match self.batch_if(no + 1, |b| b.first_seq == end) {
                 Some(next) => batch = next,
                 None => break,
             }

@@ -545,3 +545,108 @@ fn covers(
         page.next_cursor.is_some() || starts_in_memory
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::buffer::MessageKind;
+
+    /// What a watcher took, as (seq, payload) pairs, until `total` readings
+    /// were looked at; `pause` once after its first batch.
+    async fn follow(mut watcher: ReadingWatcher, total: u64, pause: Duration) -> Vec<(u64, Bytes)> {
+        let payloads = |r: &Reading, out: &mut Vec<u8>| out.extend_from_slice(&r.payload);
+        let mut got = Vec::new();
+        while watcher.cursor() < total {
+            let batch = watcher.next_batch().await.expect("nothing is evicted");
+            let first = got.is_empty();
+            got.extend(batch.messages(payloads));
+            if first {
+                tokio::time::sleep(pause).await;
+            }
+        }
+        got
+    }
+
+    /// Watchers on several threads while readings are pushed: one keeps up
+    /// (the ring), one pauses until it is behind the ring (the buffer, then
+    /// the ring again), one starts once everything is in, one follows one
+    /// device. Each gets every reading it wants, once and in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watchers_get_every_reading_once_in_order_from_the_ring_and_the_buffer() {
+        let limits = BufferLimits {
+            max_readings: 1_000_000,
+            max_bytes: 1 << 30,
+        };
+        let hub = ReadingHub::new(limits, DeviceLimits::default(), 1, 100, 100, None, false);
+        let total = 3 * live::LIVE_READINGS as u64;
+        let client: Arc<str> = Arc::from("test");
+        let all = ReadingFilter::default();
+        let d7 = ReadingFilter {
+            device_id: Some("d7".into()),
+            ..Default::default()
+        };
+        let watch = |filter: &ReadingFilter, pause_ms| {
+            let hub = hub.clone();
+            let (filter, client) = (filter.clone(), client.clone());
+            tokio::spawn(async move {
+                let watcher = hub.subscribe(filter, Some(0), client).await.unwrap();
+                follow(watcher, total, Duration::from_millis(pause_ms)).await
+            })
+        };
+        let (fast, paused, one_device) = (watch(&all, 0), watch(&all, 300), watch(&d7, 0));
+        let pusher = std::thread::spawn({
+            let hub = hub.clone();
+            move || {
+                let (mut index, mut size) = (0u64, 1u64);
+                while index < total {
+                    let end = (index + size).min(total);
+                    let payloads: Vec<String> = (index..end).map(|i| i.to_string()).collect();
+                    let devices: Vec<String> =
+                        (index..end).map(|i| format!("d{}", i % 10)).collect();
+                    let topics: Vec<String> = devices
+                        .iter()
+                        .map(|d| format!("devices/{d}/readings"))
+                        .collect();
+                    hub.push_all((0..payloads.len()).map(|i| NewReading {
+                        device_id: &devices[i],
+                        topic: &topics[i],
+                        payload: payloads[i].as_bytes(),
+                        qos: 1,
+                        retained: false,
+                        received_at: SystemTime::now(),
+                        kind: MessageKind::Reading,
+                    }));
+                    (index, size) = (end, size % 97 + 1);
+                }
+            }
+        });
+        tokio::task::spawn_blocking(move || pusher.join().unwrap())
+            .await
+            .unwrap();
+        let late = watch(&all, 0);
+
+        let expected = |filter: &dyn Fn(u64) -> bool| -> Vec<(u64, Bytes)> {
+            (0..total)
+                .filter(|i| filter(*i))
+                .map(|i| (i + 1, Bytes::from(i.to_string())))
+                .collect()
+        };
+        let everything = expected(&|_| true);
+        assert!(
+            fast.await.unwrap() == everything,
+            "the watcher that kept up"
+        );
+        assert!(paused.await.unwrap() == everything, "the paused watcher");
+        assert!(late.await.unwrap() == everything, "the late watcher");
+        assert!(
+            one_device.await.unwrap() == expected(&|i| i % 10 == 7),
+            "one device"
+        );
+        assert!(
+            hub.stats().watcher_behind_live > 0,
+            "some reads came from the buffer"
+        );
+    }
+}
