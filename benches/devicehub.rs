@@ -2166,13 +2166,15 @@ fn contention(table: &Table, sizes: Sizes) {
                     .unwrap()
             };
             if !live {
+                // Opened first: with no watcher open, pushes are not
+                // published to the ring.
+                let mut warm = runtime.block_on(from_start());
                 let mut seq = 0;
                 while seq < n {
                     push(&hub, seq, (seq + PUSH).min(n));
                     seq += PUSH;
                 }
                 runtime.block_on(async {
-                    let mut warm = from_start().await;
                     let mut got = 0;
                     while got < n {
                         got += warm

@@ -20,7 +20,9 @@
 //!   ([`WatchBatch::messages`]), so the reference counts tonic takes per
 //!   message are on memory no other core touches;
 //! - waits on one of [`WAKE_SHARDS`] `Notify`s, so re-arming after a
-//!   wake-up spreads over several locks instead of meeting on one.
+//!   wake-up spreads over several locks instead of meeting on one; a push
+//!   takes a shard's lock only when someone waits on it, so pushing costs
+//!   next to nothing while every watcher is busy (or there are none).
 //!
 //! What is shared per batch per watcher: one reference count on the batch
 //! and one registration with a wake shard. Nothing is shared per reading
@@ -85,7 +87,7 @@ pub struct Live {
     /// older readings in the ring are not served (a watcher behind the
     /// buffer is told of its gap, as the buffer says it).
     floor: AtomicU64,
-    wake: [Notify; WAKE_SHARDS],
+    wake: [Shard; WAKE_SHARDS],
     /// Bytes of encoded messages kept, given back as batches are dropped.
     encoded_bytes: Arc<AtomicUsize>,
     /// Reads that found their next reading no longer in the ring.
@@ -93,6 +95,23 @@ pub struct Live {
     /// What the ring holds, for eviction. Taken by pushers only, which the
     /// hub's write lock already serializes: never contended.
     held: Mutex<Held>,
+}
+
+/// A wake-up signal and how many wait on it, on a cache line of its own.
+#[derive(Default)]
+#[repr(align(128))]
+struct Shard {
+    notify: Notify,
+    sleepers: AtomicUsize,
+}
+
+/// Counts a waiter on a shard while it lives (a wait may be cancelled).
+struct Sleeping<'a>(&'a AtomicUsize);
+
+impl Drop for Sleeping<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[derive(Default)]
@@ -214,7 +233,7 @@ impl Live {
     }
 
     /// Publishes `readings` (numbered on from `readings[0].seq`, without
-    /// holes), sets the next number to `next_seq` and the buffer's oldest to
+    /// holes; none when nobody watches), sets the next number to `next_seq` and the buffer's oldest to
     /// `floor`. Called with the hub's write lock held, so batches go in in
     /// number order; [`Live::wake`] follows once the lock is released.
     pub fn publish(&self, readings: Vec<Reading>, next_seq: u64, floor: u64) {
@@ -272,13 +291,16 @@ impl Live {
             self.slot(no).store(Some(Arc::new(batch)));
             self.next_batch.store(no + 1, Ordering::Release);
         }
-        self.next_seq.store(next_seq, Ordering::Release);
+        // SeqCst: see `wait_past`.
+        self.next_seq.store(next_seq, Ordering::SeqCst);
     }
 
     /// Wakes every waiting watcher.
     pub fn wake(&self) {
         for shard in &self.wake {
-            shard.notify_waiters();
+            if shard.sleepers.load(Ordering::SeqCst) > 0 {
+                shard.notify.notify_waiters();
+            }
         }
     }
 
@@ -289,11 +311,17 @@ impl Live {
         if self.next_seq() > seq + 1 {
             return;
         }
-        let notified = self.wake[shard % WAKE_SHARDS].notified();
+        let shard = &self.wake[shard % WAKE_SHARDS];
+        let notified = shard.notify.notified();
         tokio::pin!(notified);
-        // Registered before the second look: a push after it wakes us.
+        // Counted and registered before the second look, all SeqCst as the
+        // pusher's store of `next_seq` and load of `sleepers` are: either
+        // this look sees the push, or the pusher sees this waiter and wakes
+        // it.
+        shard.sleepers.fetch_add(1, Ordering::SeqCst);
+        let _sleeping = Sleeping(&shard.sleepers);
         notified.as_mut().enable();
-        if self.next_seq() > seq + 1 {
+        if self.next_seq.load(Ordering::SeqCst) > seq + 1 {
             return;
         }
         notified.await;

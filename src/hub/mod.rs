@@ -184,12 +184,18 @@ impl ReadingHub {
     ) -> Option<u64> {
         let first = buffer.next_seq();
         let last = readings.into_iter().map(|new| buffer.push(new)).last()?;
-        // A tiny buffer may already have evicted the first of them.
+        // A tiny buffer may already have evicted the first of them. With
+        // no watcher open, nothing is published: copying into the ring
+        // would cost ingest a third of its CPU for nobody (a watcher that
+        // opens later reads what it missed from the buffer).
         let oldest = buffer.stats().first_seq;
-        let published = (first.max(oldest)..=last).filter_map(|seq| buffer.reading_at(seq));
-        self.shared
-            .live
-            .publish(published.collect(), last + 1, oldest);
+        let published = match self.shared.watchers.load(Ordering::Relaxed) {
+            0 => Vec::new(),
+            _ => (first.max(oldest)..=last)
+                .filter_map(|seq| buffer.reading_at(seq))
+                .collect(),
+        };
+        self.shared.live.publish(published, last + 1, oldest);
         drop(buffer);
         self.shared.live.wake();
         Some(last)
@@ -567,6 +573,49 @@ mod tests {
             }
         }
         got
+    }
+
+    /// One reading at a time, each waited for by every watcher before the
+    /// next: every push finds watchers asleep or about to sleep, so a lost
+    /// wake-up would leave one waiting (until the 5 s bound fails the test).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_wake_up_is_lost() {
+        let limits = BufferLimits {
+            max_readings: 10_000,
+            max_bytes: 1 << 30,
+        };
+        let hub = ReadingHub::new(limits, DeviceLimits::default(), 1, 100, 100, None, false);
+        let rounds = 3_000u64;
+        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..16 {
+            let (hub, seen) = (hub.clone(), seen_tx.clone());
+            let mut watcher = hub
+                .subscribe(ReadingFilter::default(), None, Arc::from("test"))
+                .await
+                .unwrap();
+            tokio::spawn(async move {
+                while watcher.cursor() < rounds {
+                    let batch = watcher.next_batch().await.unwrap();
+                    let _ = seen.send(batch.last_seq());
+                }
+            });
+        }
+        for round in 1..=rounds {
+            let reading = NewReading {
+                device_id: "d",
+                topic: "devices/d/readings",
+                payload: b"1",
+                qos: 0,
+                retained: false,
+                received_at: SystemTime::now(),
+                kind: MessageKind::Reading,
+            };
+            hub.push_all([reading]);
+            for _ in 0..16 {
+                let seen = tokio::time::timeout(Duration::from_secs(5), seen_rx.recv()).await;
+                assert_eq!(seen.expect("a watcher was not woken"), Some(Some(round)));
+            }
+        }
     }
 
     /// Watchers on several threads while readings are pushed: one keeps up
