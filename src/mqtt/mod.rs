@@ -90,6 +90,12 @@ pub struct MqttLink {
     pub task: JoinHandle<()>,
 }
 
+/// Requests (command publishes, acknowledgements) the event loop writes
+/// before it flushes, when that many are queued: one write for many
+/// commands. Only what is already queued is taken, so nothing waits for a
+/// batch to fill (vendor/rumqttc/PATCH.md; BENCHMARKS.md, issue 16).
+const REQUEST_BATCH: usize = 64;
+
 /// Builds rumqttc's options from `config`.
 fn options(config: &MqttConfig, manual_acks: bool) -> MqttOptions {
     let mut options = MqttOptions::new(&config.client_id, &config.host, config.port);
@@ -98,7 +104,8 @@ fn options(config: &MqttConfig, manual_acks: bool) -> MqttOptions {
         .set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes)
         .set_clean_session(!config.persistent_session)
         .set_manual_acks(manual_acks)
-        .set_request_channel_capacity(REQUEST_QUEUE);
+        .set_request_channel_capacity(REQUEST_QUEUE)
+        .set_max_request_batch(REQUEST_BATCH);
     log_in(
         &mut options,
         config.tls.as_ref(),
