@@ -8,8 +8,8 @@
 //! cores met on the same few cache lines for every reading: on 16 cores the
 //! same deliveries cost twelve times the CPU they cost on 2 (issue 16).
 //!
-//! Here each push is published once, as an immutable [`LiveBatch`] in a
-//! ring of `ArcSwap` slots, and a watcher:
+//! Here each push is published once (while any watcher is open), as an
+//! immutable [`LiveBatch`] in a ring of `ArcSwap` slots, and a watcher:
 //! - loads the batch holding its cursor (an `arc-swap` load writes only to
 //!   a slot private to its thread) and takes one reference count per batch,
 //!   never one per reading;
@@ -31,13 +31,15 @@
 //! 1 to 32 threads.
 //!
 //! The ring speeds watchers up; it is never the record. A watcher whose
-//! next reading is not in it (behind the ring, or cut by eviction) reads
-//! the buffer under its lock as before (`ReadingWatcher::next_batch`).
+//! next reading is not in it (behind the ring, pushed while no watcher was
+//! open, or evicted from the buffer) reads the buffer under its lock as
+//! before (`ReadingWatcher::next_batch`), and that read is counted.
 //!
 //! Bounds, whatever the traffic: [`LIVE_BATCHES`] batches, [`LIVE_READINGS`]
 //! readings and [`LIVE_PAYLOAD_BYTES`] of payload copies (the oldest batches
 //! leave first), and [`LIVE_ENCODED_BYTES`] of encoded messages (past it,
-//! a message is encoded for its one stream and not kept). A watcher holds a
+//! a message is encoded for its one stream and not kept, counted). A
+//! watcher holds a
 //! batch that has left the ring only until it has copied from it.
 
 use std::{
@@ -88,8 +90,9 @@ pub struct Live {
     /// buffer is told of its gap, as the buffer says it).
     floor: AtomicU64,
     wake: [Shard; WAKE_SHARDS],
-    /// Bytes of encoded messages kept, given back as batches are dropped.
-    encoded_bytes: Arc<AtomicUsize>,
+    /// Bytes of encoded messages kept, given back as batches are dropped,
+    /// and messages not kept because that budget was full.
+    encoded_bytes: Arc<Budget>,
     /// Reads that found their next reading no longer in the ring.
     behind: AtomicU64,
     /// What the ring holds, for eviction. Taken by pushers only, which the
@@ -103,6 +106,13 @@ pub struct Live {
 struct Shard {
     notify: Notify,
     sleepers: AtomicUsize,
+}
+
+/// What encoded messages may take, shared by every batch.
+#[derive(Default)]
+struct Budget {
+    bytes: AtomicUsize,
+    not_kept: AtomicU64,
 }
 
 /// Counts a waiter on a shard while it lives (a wait may be cancelled).
@@ -128,7 +138,7 @@ pub struct LiveBatch {
     no: u64,
     first_seq: u64,
     entries: Box<[LiveEntry]>,
-    encoded_bytes: Arc<AtomicUsize>,
+    encoded_bytes: Arc<Budget>,
 }
 
 struct LiveEntry {
@@ -154,7 +164,7 @@ impl Drop for LiveBatch {
             .filter_map(|e| e.encoded.get())
             .map(Bytes::len)
             .sum();
-        self.encoded_bytes.fetch_sub(kept, Ordering::Relaxed);
+        self.encoded_bytes.bytes.fetch_sub(kept, Ordering::Relaxed);
     }
 }
 
@@ -162,11 +172,7 @@ impl LiveEntry {
     /// The reading's message: kept from whoever encoded it first, else
     /// encoded now by `encode` (which appends it to a buffer), and kept if
     /// the budget allows.
-    fn message(
-        &self,
-        encode: &impl Fn(&Reading, &mut Vec<u8>),
-        budget: &AtomicUsize,
-    ) -> Cow<'_, [u8]> {
+    fn message(&self, encode: &impl Fn(&Reading, &mut Vec<u8>), budget: &Budget) -> Cow<'_, [u8]> {
         if let Some(kept) = self.encoded.get() {
             return Cow::Borrowed(kept);
         }
@@ -176,8 +182,9 @@ impl LiveEntry {
         if len > LIVE_ENCODED_ONE {
             return Cow::Owned(message);
         }
-        if budget.fetch_add(len, Ordering::Relaxed) + len > LIVE_ENCODED_BYTES {
-            budget.fetch_sub(len, Ordering::Relaxed);
+        if budget.bytes.fetch_add(len, Ordering::Relaxed) + len > LIVE_ENCODED_BYTES {
+            budget.bytes.fetch_sub(len, Ordering::Relaxed);
+            budget.not_kept.fetch_add(1, Ordering::Relaxed);
             return Cow::Owned(message);
         }
         // Two watchers may encode the same reading at once: the first to
@@ -185,10 +192,22 @@ impl LiveEntry {
         let mut ours = Some(Bytes::from(message));
         let kept = self.encoded.get_or_init(|| ours.take().unwrap_or_default());
         if ours.is_some() {
-            budget.fetch_sub(len, Ordering::Relaxed);
+            budget.bytes.fetch_sub(len, Ordering::Relaxed);
         }
         Cow::Borrowed(kept)
     }
+}
+
+/// Counters for operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveStats {
+    /// Bytes of encoded messages kept now.
+    pub encoded_bytes: usize,
+    /// Messages not kept because [`LIVE_ENCODED_BYTES`] were.
+    pub not_kept: u64,
+    /// Reads that found their next reading not in the ring and read the
+    /// buffer instead.
+    pub behind: u64,
 }
 
 /// What a watcher takes from the ring in one go: runs of readings, each in
@@ -224,12 +243,13 @@ impl Live {
         self.next_seq.load(Ordering::Acquire)
     }
 
-    /// Bytes of encoded messages kept now, and how many reads found their
-    /// next reading no longer in the ring (watchers that fell behind it and
-    /// read the buffer instead).
-    pub fn stats(&self) -> (usize, u64) {
-        let encoded = self.encoded_bytes.load(Ordering::Relaxed);
-        (encoded, self.behind.load(Ordering::Relaxed))
+    /// What the ring holds and has done; see [`LiveStats`].
+    pub fn stats(&self) -> LiveStats {
+        LiveStats {
+            encoded_bytes: self.encoded_bytes.bytes.load(Ordering::Relaxed),
+            not_kept: self.encoded_bytes.not_kept.load(Ordering::Relaxed),
+            behind: self.behind.load(Ordering::Relaxed),
+        }
     }
 
     /// Publishes `readings` (numbered on from `readings[0].seq`, without
@@ -600,7 +620,7 @@ mod tests {
         assert!(live.read_after(0, &mut 7, &all, 512, 1 << 20).is_some());
         let empty = Live::new(5);
         assert!(empty.read_after(4, &mut 0, &all, 512, 1 << 20).is_none());
-        assert_eq!(empty.stats().1, 1);
+        assert_eq!(empty.stats().behind, 1);
     }
 
     #[test]
@@ -678,7 +698,7 @@ mod tests {
         }
         assert_eq!(encodes.load(Ordering::Relaxed), 100);
         let kept: usize = (1..=100u64).map(|s| format!("<{s}>").len()).sum();
-        assert_eq!(live.stats().0, kept);
+        assert_eq!(live.stats().encoded_bytes, kept);
         // Pages get the same messages, and encode what left the ring.
         let page = [reading(7, "d1", b"7"), reading(500, "d", b"500")];
         let messages = live.messages(&page, encode);
@@ -686,7 +706,7 @@ mod tests {
         assert_eq!(encodes.load(Ordering::Relaxed), 101);
         // Dropped with its batch: the count goes back.
         live.publish(vec![reading(101, "d", b"x")], 102, 101);
-        assert_eq!(live.stats().0, 0);
+        assert_eq!(live.stats().encoded_bytes, 0);
 
         // A message over a sixteenth of the budget is never kept.
         let live = Live::new(1);
@@ -694,7 +714,22 @@ mod tests {
         let huge = |_: &Reading, out: &mut Vec<u8>| out.resize(LIVE_ENCODED_ONE + 1, 0);
         let read = live.read_after(0, &mut 0, &all, 512, 1 << 20).unwrap();
         assert_eq!(WatchBatch::Live(read.runs).messages(huge).len(), 1);
-        assert_eq!(live.stats().0, 0);
+        assert_eq!(live.stats().encoded_bytes, 0);
+
+        // A full budget: encoded, not kept, counted.
+        let live = Live::new(1);
+        live.publish(vec![reading(1, "d", b"1")], 2, 1);
+        live.encoded_bytes
+            .bytes
+            .store(LIVE_ENCODED_BYTES, Ordering::Relaxed);
+        let read = live.read_after(0, &mut 0, &all, 512, 1 << 20).unwrap();
+        let messages = WatchBatch::Live(read.runs).messages(encode);
+        assert_eq!(messages, [(1, Bytes::from("<1>"))]);
+        let stats = live.stats();
+        assert_eq!(
+            (stats.encoded_bytes, stats.not_kept),
+            (LIVE_ENCODED_BYTES, 1)
+        );
     }
 
     #[tokio::test]

@@ -96,8 +96,10 @@ pub struct HubStats {
     pub watcher_gaps: u64,
     /// Readings skipped by those gaps, summed over watchers.
     pub watcher_missed_readings: u64,
-    /// Bytes of encoded messages kept in the watchers' ring.
+    /// Bytes of encoded messages kept in the watchers' ring, and messages
+    /// not kept there because the ring's budget for them was full.
     pub live_encoded_bytes: usize,
+    pub live_encodings_not_kept: u64,
     /// Watcher reads that found their next reading behind the ring and
     /// read the buffer under its lock instead.
     pub watcher_behind_live: u64,
@@ -323,10 +325,11 @@ impl ReadingHub {
 
     pub fn stats(&self) -> HubStats {
         let buffer = self.read();
-        let (live_encoded_bytes, watcher_behind_live) = self.shared.live.stats();
+        let live = self.shared.live.stats();
         HubStats {
-            live_encoded_bytes,
-            watcher_behind_live,
+            live_encoded_bytes: live.encoded_bytes,
+            live_encodings_not_kept: live.not_kept,
+            watcher_behind_live: live.behind,
             buffer: buffer.stats(),
             devices: buffer.device_stats(),
             watchers: self.shared.watchers.load(Ordering::Relaxed),
@@ -559,6 +562,15 @@ mod tests {
     use super::*;
     use crate::buffer::MessageKind;
 
+    /// A hub of `max_readings`, memory only, first number 1.
+    fn hub(max_readings: usize) -> ReadingHub {
+        let limits = BufferLimits {
+            max_readings,
+            max_bytes: 1 << 30,
+        };
+        ReadingHub::new(limits, DeviceLimits::default(), 1, 100, 100, None, false)
+    }
+
     /// What a watcher took, as (seq, payload) pairs, until `total` readings
     /// were looked at; `pause` once after its first batch.
     async fn follow(mut watcher: ReadingWatcher, total: u64, pause: Duration) -> Vec<(u64, Bytes)> {
@@ -580,11 +592,7 @@ mod tests {
     /// wake-up would leave one waiting (until the 5 s bound fails the test).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_wake_up_is_lost() {
-        let limits = BufferLimits {
-            max_readings: 10_000,
-            max_bytes: 1 << 30,
-        };
-        let hub = ReadingHub::new(limits, DeviceLimits::default(), 1, 100, 100, None, false);
+        let hub = hub(10_000);
         let rounds = 3_000u64;
         let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
         for _ in 0..16 {
@@ -624,11 +632,7 @@ mod tests {
     /// device. Each gets every reading it wants, once and in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn watchers_get_every_reading_once_in_order_from_the_ring_and_the_buffer() {
-        let limits = BufferLimits {
-            max_readings: 1_000_000,
-            max_bytes: 1 << 30,
-        };
-        let hub = ReadingHub::new(limits, DeviceLimits::default(), 1, 100, 100, None, false);
+        let hub = hub(1_000_000);
         let total = 3 * live::LIVE_READINGS as u64;
         let client: Arc<str> = Arc::from("test");
         let all = ReadingFilter::default();

@@ -69,6 +69,7 @@ struct Metrics {
     watch_gaps: Counter,
     watch_behind_live: Counter,
     live_encoded_bytes: IntGauge,
+    live_not_kept: Counter,
     watch_missed: Counter,
     mqtt_up: IntGauge,
     connects: Counter,
@@ -126,6 +127,7 @@ impl Metrics {
             watch_gaps: counter(&r, "devicehub_watch_gaps_total", "Times a watcher found readings it had not received evicted.")?,
             watch_behind_live: counter(&r, "devicehub_watch_behind_live_total", "Watcher reads whose next reading had left the ring of the newest readings (read from the buffer under its lock instead).")?,
             live_encoded_bytes: gauge(&r, "devicehub_live_encoded_bytes", "Bytes of encoded messages kept with the newest readings for watchers and pages (at most 32 MiB).")?,
+            live_not_kept: counter(&r, "devicehub_live_encodings_not_kept_total", "Encoded messages of the newest readings not kept because their 32 MiB were full (each stream then encodes for itself).")?,
             watch_missed: counter(&r, "devicehub_watch_missed_readings_total", "Readings watchers missed that way.")?,
             mqtt_up: gauge(&r, "devicehub_mqtt_up", "1 while connected to the broker and subscribed, else 0.")?,
             connects: counter(&r, "devicehub_mqtt_connects_total", "Connections the broker accepted.")?,
@@ -182,6 +184,7 @@ impl Metrics {
         set(&self.watch_gaps, hub.watcher_gaps);
         set(&self.watch_behind_live, hub.watcher_behind_live);
         self.live_encoded_bytes.set(hub.live_encoded_bytes as i64);
+        set(&self.live_not_kept, hub.live_encodings_not_kept);
         set(&self.watch_missed, hub.watcher_missed_readings);
         self.mqtt_up
             .set(i64::from(*self.sources.link.borrow() == LinkState::Ready));
