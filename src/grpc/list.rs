@@ -2,8 +2,8 @@
 //! filters and an opaque page token.
 
 use super::{
-    auth::Caller, convert::optional_time, encoded::encode_reading, error::ApiError, page_token,
-    wire, Encoded, EncodedListReadingsResponse, Shared,
+    auth::Caller, convert::optional_time, error::ApiError, page_token, wire, Encoded,
+    EncodedListReadingsResponse, Shared,
 };
 use crate::{
     buffer::{CursorError, ListQuery},
@@ -36,7 +36,7 @@ pub(super) async fn list(
 
     // Keep the response under the client's message size limit; at least
     // one reading is always sent.
-    let encoded = shared.hub.messages(&page.readings, encode_reading);
+    let encoded = shared.encoded.encode(&page.readings);
     let mut bytes = 0;
     let fits = encoded
         .iter()

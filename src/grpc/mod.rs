@@ -32,6 +32,7 @@ use tonic::{Request, Response, Status, Streaming};
 pub use auth::{Authenticator, KeyError};
 pub use commands::MAX_COMMANDS_IN_FLIGHT;
 pub use encoded::encode_reading;
+use encoded::EncodedReadings;
 pub use wire::Encoded;
 
 use crate::{
@@ -73,6 +74,8 @@ struct Shared {
     /// The topic level that holds the device id in every subscribed topic
     /// (readings and replies), if there is one.
     device_level: Option<usize>,
+    /// The newest listed readings' messages, shared by all pages.
+    encoded: EncodedReadings,
     /// Commands in progress (waiting for the broker or a reply) per client.
     commands_per_client: PerClient,
     shutdown: CancellationToken,
@@ -105,6 +108,7 @@ impl DeviceHubService {
             replies,
             commands_topic: topics.commands_topic.clone(),
             device_level,
+            encoded: EncodedReadings::default(),
             commands_per_client: PerClient::new(max_commands_per_client),
             shutdown,
         };

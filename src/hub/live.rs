@@ -89,6 +89,9 @@ pub struct Live {
     /// older readings in the ring are not served (a watcher behind the
     /// buffer is told of its gap, as the buffer says it).
     floor: AtomicU64,
+    /// The first reading of the oldest batch in the ring (`next_seq` when
+    /// empty): pages and watchers older than it skip the search.
+    start_seq: AtomicU64,
     wake: [Shard; WAKE_SHARDS],
     /// Bytes of encoded messages kept, given back as batches are dropped,
     /// and messages not kept because that budget was full.
@@ -231,6 +234,7 @@ impl Live {
             next_batch: AtomicU64::new(0),
             next_seq: AtomicU64::new(next_seq),
             floor: AtomicU64::new(0),
+            start_seq: AtomicU64::new(next_seq),
             wake: Default::default(),
             encoded_bytes: Arc::default(),
             behind: AtomicU64::new(0),
@@ -312,6 +316,9 @@ impl Live {
             self.next_batch.store(no + 1, Ordering::Release);
         }
         // SeqCst: see `wait_past`.
+        // Nothing in the ring is older than its oldest batch's first.
+        let start = held.batches.front().map_or(next_seq, |b| b.3 - b.1 as u64);
+        self.start_seq.store(start, Ordering::Release);
         self.next_seq.store(next_seq, Ordering::SeqCst);
     }
 
@@ -365,11 +372,16 @@ impl Live {
         self.batch_if(no, |_| true)
     }
 
-    /// The batch holding `seq`, looked for at `hint` and the batch after it
-    /// first (where a watcher's next reading nearly always is), then by
-    /// bisection over the ring.
+    /// The batch holding `seq`, looked for at `hint` and the batches next
+    /// to it first (where a watcher's next reading, or a page's, nearly
+    /// always is), then by bisection over the ring. A number outside the
+    /// ring's range costs two loads.
     fn find(&self, seq: u64, hint: u64) -> Option<Arc<LiveBatch>> {
-        for no in [hint, hint + 1] {
+        let start = self.start_seq.load(Ordering::Acquire);
+        if seq < start || seq >= self.next_seq.load(Ordering::Acquire) {
+            return None;
+        }
+        for no in [hint, hint + 1, hint.saturating_sub(1)] {
             if let Some(batch) = self.batch_if(no, |b| b.holds(seq)) {
                 return Some(batch);
             }
@@ -450,33 +462,6 @@ impl Live {
             }
         }
         Some(LiveRead { runs, cursor })
-    }
-
-    /// Each of `readings`' messages: kept in the ring or encoded by
-    /// `encode` (and kept, if the reading is in the ring).
-    pub fn messages(
-        &self,
-        readings: &[Reading],
-        encode: impl Fn(&Reading, &mut Vec<u8>),
-    ) -> Vec<Bytes> {
-        let mut hint = 0;
-        readings
-            .iter()
-            .map(|reading| {
-                let Some(batch) = self.find(reading.seq, hint) else {
-                    let mut message = Vec::new();
-                    encode(reading, &mut message);
-                    return Bytes::from(message);
-                };
-                hint = batch.no;
-                let entry = &batch.entries[(reading.seq - batch.first_seq) as usize];
-                let message = entry.message(&encode, &self.encoded_bytes);
-                match (message, entry.encoded.get()) {
-                    (Cow::Borrowed(_), Some(kept)) => kept.clone(),
-                    (message, _) => Bytes::from(message.into_owned()),
-                }
-            })
-            .collect()
     }
 }
 
@@ -699,11 +684,6 @@ mod tests {
         assert_eq!(encodes.load(Ordering::Relaxed), 100);
         let kept: usize = (1..=100u64).map(|s| format!("<{s}>").len()).sum();
         assert_eq!(live.stats().encoded_bytes, kept);
-        // Pages get the same messages, and encode what left the ring.
-        let page = [reading(7, "d1", b"7"), reading(500, "d", b"500")];
-        let messages = live.messages(&page, encode);
-        assert_eq!(messages, [Bytes::from("<7>"), Bytes::from("<500>")]);
-        assert_eq!(encodes.load(Ordering::Relaxed), 101);
         // Dropped with its batch: the count goes back.
         live.publish(vec![reading(101, "d", b"x")], 102, 101);
         assert_eq!(live.stats().encoded_bytes, 0);

@@ -30,8 +30,6 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
-
 use crate::{
     buffer::{
         BufferStats, ConnectionStatus, CursorError, DeviceEntry, DeviceInfo, DeviceStats, ListPage,
@@ -281,17 +279,6 @@ impl ReadingHub {
         let first = self.read().stats().first_seq;
         let stored = self.shared.store.as_ref().and_then(Postgres::oldest_seq);
         stored.map_or(first, |s| s.min(first))
-    }
-
-    /// Each of `readings`' messages, as `encode` writes them: kept in the
-    /// watchers' ring where a reading is in it (and kept there when first
-    /// encoded), else encoded now.
-    pub fn messages(
-        &self,
-        readings: &[Reading],
-        encode: impl Fn(&Reading, &mut Vec<u8>),
-    ) -> Vec<Bytes> {
-        self.shared.live.messages(readings, encode)
     }
 
     /// A listed device.
@@ -558,6 +545,8 @@ fn covers(
 #[cfg(test)]
 mod tests {
     use std::time::SystemTime;
+
+    use bytes::Bytes;
 
     use super::*;
     use crate::buffer::MessageKind;

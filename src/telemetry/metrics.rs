@@ -126,7 +126,7 @@ impl Metrics {
             watchers: gauge(&r, "devicehub_watchers", "WatchReadings streams open.")?,
             watch_gaps: counter(&r, "devicehub_watch_gaps_total", "Times a watcher found readings it had not received evicted.")?,
             watch_behind_live: counter(&r, "devicehub_watch_behind_live_total", "Watcher reads whose next reading had left the ring of the newest readings (read from the buffer under its lock instead).")?,
-            live_encoded_bytes: gauge(&r, "devicehub_live_encoded_bytes", "Bytes of encoded messages kept with the newest readings for watchers and pages (at most 32 MiB).")?,
+            live_encoded_bytes: gauge(&r, "devicehub_live_encoded_bytes", "Bytes of encoded messages kept with the newest readings for watchers (at most 32 MiB).")?,
             live_not_kept: counter(&r, "devicehub_live_encodings_not_kept_total", "Encoded messages of the newest readings not kept because their 32 MiB were full (each stream then encodes for itself).")?,
             watch_missed: counter(&r, "devicehub_watch_missed_readings_total", "Readings watchers missed that way.")?,
             mqtt_up: gauge(&r, "devicehub_mqtt_up", "1 while connected to the broker and subscribed, else 0.")?,
