@@ -129,10 +129,34 @@ impl Drop for Sleeping<'_> {
 
 #[derive(Default)]
 struct Held {
-    /// (batch number, readings, payload bytes, end), oldest first.
-    batches: VecDeque<(u64, usize, usize, u64)>,
+    /// Oldest first.
+    batches: VecDeque<HeldBatch>,
     readings: usize,
     payload_bytes: usize,
+}
+
+/// A batch in the ring, as eviction needs it.
+struct HeldBatch {
+    no: u64,
+    first_seq: u64,
+    readings: usize,
+    payload_bytes: usize,
+}
+
+impl Held {
+    fn push(&mut self, batch: HeldBatch) {
+        self.readings += batch.readings;
+        self.payload_bytes += batch.payload_bytes;
+        self.batches.push_back(batch);
+    }
+
+    /// Takes the oldest batch out of the count; returns its number.
+    fn pop(&mut self) -> Option<u64> {
+        let batch = self.batches.pop_front()?;
+        self.readings -= batch.readings;
+        self.payload_bytes -= batch.payload_bytes;
+        Some(batch.no)
+    }
 }
 
 /// Readings pushed together, as published. Immutable but for the encoded
@@ -257,18 +281,17 @@ impl Live {
     }
 
     /// Publishes `readings` (numbered on from `readings[0].seq`, without
-    /// holes; none when nobody watches), sets the next number to `next_seq` and the buffer's oldest to
-    /// `floor`. Called with the hub's write lock held, so batches go in in
-    /// number order; [`Live::wake`] follows once the lock is released.
+    /// holes; none when nobody watches), sets the next number to `next_seq`
+    /// and the buffer's oldest to `floor`. Called with the hub's write lock
+    /// held, so batches go in in number order; [`Live::wake`] follows once
+    /// the lock is released.
     pub fn publish(&self, readings: Vec<Reading>, next_seq: u64, floor: u64) {
         let mut held = sync::lock(&self.held);
         self.floor.store(floor, Ordering::Release);
         // What the buffer evicted leaves the ring too.
-        while let Some(&(old, count, bytes, _)) = held.batches.front().filter(|b| b.3 <= floor) {
-            held.batches.pop_front();
-            held.readings -= count;
-            held.payload_bytes -= bytes;
-            self.slot(old).store(None);
+        let evicted = |b: &HeldBatch| b.first_seq + b.readings as u64 <= floor;
+        while held.batches.front().is_some_and(evicted) {
+            self.evict_oldest(&mut held);
         }
         let mut readings = readings.into_iter().peekable();
         while let Some(first) = readings.peek() {
@@ -294,18 +317,14 @@ impl Live {
                     && (held.readings + entries.len() > LIVE_READINGS
                         || held.payload_bytes + payload > LIVE_PAYLOAD_BYTES))
             {
-                let Some((old, count, bytes, _)) = held.batches.pop_front() else {
-                    break;
-                };
-                held.readings -= count;
-                held.payload_bytes -= bytes;
-                self.slot(old).store(None);
+                self.evict_oldest(&mut held);
             }
-            let end_seq = first_seq + entries.len() as u64;
-            held.batches
-                .push_back((no, entries.len(), payload, end_seq));
-            held.readings += entries.len();
-            held.payload_bytes += payload;
+            held.push(HeldBatch {
+                no,
+                first_seq,
+                readings: entries.len(),
+                payload_bytes: payload,
+            });
             let batch = LiveBatch {
                 no,
                 first_seq,
@@ -315,11 +334,18 @@ impl Live {
             self.slot(no).store(Some(Arc::new(batch)));
             self.next_batch.store(no + 1, Ordering::Release);
         }
-        // SeqCst: see `wait_past`.
         // Nothing in the ring is older than its oldest batch's first.
-        let start = held.batches.front().map_or(next_seq, |b| b.3 - b.1 as u64);
+        let start = held.batches.front().map_or(next_seq, |b| b.first_seq);
         self.start_seq.store(start, Ordering::Release);
+        // SeqCst: see `wait_past`.
         self.next_seq.store(next_seq, Ordering::SeqCst);
+    }
+
+    /// Empties the slot of the oldest batch in the ring.
+    fn evict_oldest(&self, held: &mut Held) {
+        if let Some(no) = held.pop() {
+            self.slot(no).store(None);
+        }
     }
 
     /// Wakes every waiting watcher.
@@ -650,7 +676,8 @@ mod tests {
         push(&live, 1, many + 1);
         let held = sync::lock(&live.held);
         assert!(held.readings <= LIVE_READINGS);
-        assert_eq!(held.batches.back().map(|b| b.3), Some(many + 1));
+        let newest = held.batches.back().map(|b| b.first_seq + b.readings as u64);
+        assert_eq!(newest, Some(many + 1));
         drop(held);
 
         // Payload bytes: 40 readings of 1 MiB keep 32 MiB at most, one
@@ -662,7 +689,7 @@ mod tests {
         let held = sync::lock(&live.held);
         assert!(held.payload_bytes <= LIVE_PAYLOAD_BYTES);
         assert_eq!(held.batches.len(), LIVE_PAYLOAD_BYTES >> 20);
-        assert!(held.batches.iter().all(|b| b.1 == 1));
+        assert!(held.batches.iter().all(|b| b.readings == 1));
     }
 
     #[test]
