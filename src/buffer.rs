@@ -48,7 +48,7 @@ mod devices;
 
 use arena::{PayloadArena, PayloadRef};
 pub use devices::{ConnectionStatus, DeviceInfo, DeviceStats, MessageKind};
-use devices::{Devices, NewestReading};
+use devices::{Device, Devices, NewestReading};
 
 /// Where readings come from: a device and a topic, shared by every stored
 /// reading of that device on that topic.
@@ -102,8 +102,9 @@ pub struct NewReading<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceEntry {
     pub info: DeviceInfo,
-    /// Its newest reading, buffered or kept.
-    pub last_reading: Option<Reading>,
+    /// Its newest reading, buffered or kept, as the lister's `encode` made
+    /// it (now or for an earlier page).
+    pub last_reading: Option<Bytes>,
 }
 
 impl Reading {
@@ -367,37 +368,55 @@ impl ReadingBuffer {
         }
     }
 
-    /// A listed device.
-    pub fn device(&self, device_id: &str) -> Option<DeviceEntry> {
-        let (info, newest) = self.devices.get(device_id)?;
+    /// A listed device, its newest reading as `encode` makes it. The
+    /// encoding is kept for later calls (within a budget; see
+    /// `buffer/devices.rs`), so `encode` must make the same bytes of the
+    /// same reading every time.
+    pub fn device(
+        &self,
+        device_id: &str,
+        encode: impl Fn(&Reading) -> Bytes,
+    ) -> Option<DeviceEntry> {
+        Some(self.device_entry(self.devices.get(device_id)?, encode))
+    }
+
+    fn device_entry(&self, device: &Device, encode: impl Fn(&Reading) -> Bytes) -> DeviceEntry {
+        let (info, newest) = device.view();
         let last_reading = match newest {
-            NewestReading::Buffered(seq) => self.get(seq).map(|slot| self.reading(seq, slot)),
-            NewestReading::Kept(reading) => Some(reading.clone()),
+            NewestReading::Encoded(encoded) => Some(encoded.clone()),
+            NewestReading::Buffered(seq, keep) => self.get(seq).map(|slot| {
+                let encoded = encode(&self.reading(seq, slot));
+                self.devices.keep_encoding(keep, encoded)
+            }),
+            NewestReading::Kept(reading, keep) => {
+                Some(self.devices.keep_encoding(keep, encode(reading)))
+            }
             NewestReading::None => None,
         };
-        Some(DeviceEntry { info, last_reading })
+        DeviceEntry { info, last_reading }
     }
 
     /// Up to `limit` listed devices whose id starts with `prefix`, after
-    /// `after` when given, that `visible` lets through, in id order; and
-    /// whether more follow.
+    /// `after` when given, that `visible` lets through, in id order, as
+    /// [`Self::device`] gives them; and whether more follow.
     pub fn devices(
         &self,
         prefix: &str,
         after: Option<&str>,
         visible: impl Fn(&str) -> bool,
         limit: usize,
+        encode: impl Fn(&Reading) -> Bytes,
     ) -> (Vec<DeviceEntry>, bool) {
-        let mut ids = self
+        let mut listed = self
             .devices
-            .ids_from(prefix, after)
-            .filter(|id| visible(id));
-        let page: Vec<DeviceEntry> = ids
+            .listed_from(prefix, after)
+            .filter(|(id, _)| visible(id));
+        let page: Vec<DeviceEntry> = listed
             .by_ref()
             .take(limit)
-            .filter_map(|id| self.device(id))
+            .map(|(_, device)| self.device_entry(device, &encode))
             .collect();
-        (page, ids.next().is_some())
+        (page, listed.next().is_some())
     }
 
     /// Lists a device known from before this process; see
@@ -689,6 +708,7 @@ mod tests {
         let mut buf = buffer(2, usize::MAX).with_device_limits(DeviceLimits {
             max_devices: 1,
             max_kept_bytes: 1 << 20,
+            ..DeviceLimits::default()
         });
         push(&mut buf, "a", 1, "1");
         push(&mut buf, "b", 2, "2");
@@ -729,6 +749,7 @@ mod tests {
         let mut buf = buffer(3, usize::MAX).with_device_limits(DeviceLimits {
             max_devices: 10,
             max_kept_bytes: 5,
+            ..DeviceLimits::default()
         });
         push(&mut buf, "a", 1, "a-1");
         push_kind(
@@ -739,8 +760,8 @@ mod tests {
             "online",
         );
         push(&mut buf, "b", 3, "b-1");
-        let a = buf.device("a").unwrap();
-        assert_eq!(a.last_reading.as_ref().unwrap().payload, "a-1");
+        let a = buf.device("a", described).unwrap();
+        assert_eq!(a.last_reading.unwrap(), format!("{FIRST}:a-1"));
         assert_eq!(
             (a.info.first_seen_micros, a.info.last_seen_micros),
             (1_000_000, 2_000_000)
@@ -761,9 +782,8 @@ mod tests {
             MessageKind::Status(Some(ConnectionStatus::Online)),
             "online",
         );
-        let a = buf.device("a").unwrap();
-        assert_eq!(a.last_reading.as_ref().unwrap().payload, "a-1");
-        assert_eq!(a.last_reading.as_ref().unwrap().seq, FIRST);
+        let a = buf.device("a", described).unwrap();
+        assert_eq!(a.last_reading.unwrap(), format!("{FIRST}:a-1"));
         assert_eq!(a.info.status_changed_micros, 2_000_000);
         assert_eq!(a.info.last_seen_micros, 5_000_000);
         assert_eq!(buf.device_stats().kept_bytes, 3);
@@ -776,10 +796,10 @@ mod tests {
             MessageKind::Status(Some(ConnectionStatus::Offline)),
             "offline",
         );
-        let b = buf.device("b").unwrap();
+        let b = buf.device("b", described).unwrap();
         assert_eq!((b.last_reading, b.info.buffered), (None, 0));
         assert_eq!(buf.device_stats().kept_dropped, 1);
-        let a = buf.device("a").unwrap();
+        let a = buf.device("a", described).unwrap();
         assert_eq!(
             (a.info.status, a.info.status_changed_micros),
             (ConnectionStatus::Offline, 6_000_000)
@@ -789,12 +809,67 @@ mod tests {
 
         // A new reading replaces the kept copy and frees its budget.
         push(&mut buf, "a", 7, "a-2");
-        assert_eq!(
-            buf.device("a").unwrap().last_reading.unwrap().payload,
-            "a-2"
-        );
+        let a = buf.device("a", described).unwrap();
+        assert_eq!(a.last_reading.unwrap(), format!("{}:a-2", FIRST + 6));
         assert_eq!(buf.device_stats().kept_bytes, 0);
-        assert!(buf.device("").is_none() && buf.device("c").is_none());
+        assert!(buf.device("", described).is_none() && buf.device("c", described).is_none());
+    }
+
+    /// The tests' encoding of a device's newest reading.
+    fn described(reading: &Reading) -> Bytes {
+        let payload = String::from_utf8_lossy(&reading.payload);
+        format!("{}:{payload}", reading.seq).into()
+    }
+
+    #[test]
+    fn a_devices_newest_reading_is_encoded_once_until_a_newer_one_arrives() {
+        use std::cell::Cell;
+        let calls = Cell::new(0);
+        let encode = |reading: &Reading| {
+            calls.set(calls.get() + 1);
+            described(reading)
+        };
+        let mut buf = buffer(2, usize::MAX).with_device_limits(DeviceLimits {
+            max_devices: 10,
+            max_kept_bytes: 100,
+            max_encoded_bytes: 20,
+        });
+        let first = push(&mut buf, "a", 1, "a-1");
+        let one = format!("{first}:a-1");
+        for _ in 0..3 {
+            let (page, _) = buf.devices("", None, |_| true, 10, encode);
+            assert_eq!(page[0].last_reading.as_ref().unwrap(), &one);
+        }
+        assert_eq!(calls.get(), 1);
+        assert_eq!(buf.device_stats().encoded_bytes, one.len());
+
+        // A reply and a status leave it; its eviction keeps it (with the
+        // kept copy).
+        push_kind(&mut buf, "a", 2, MessageKind::Reply, "{}");
+        push_kind(&mut buf, "a", 3, MessageKind::Status(None), "?");
+        assert_eq!(buf.device("a", encode).unwrap().last_reading.unwrap(), one);
+        assert_eq!(calls.get(), 1);
+
+        // A newer reading replaces it and its bytes.
+        let second = push(&mut buf, "a", 4, "a-2");
+        let two = format!("{second}:a-2");
+        assert_eq!(buf.device("a", encode).unwrap().last_reading.unwrap(), two);
+        assert_eq!(buf.device("a", encode).unwrap().last_reading.unwrap(), two);
+        assert_eq!(calls.get(), 2);
+        assert_eq!(buf.device_stats().encoded_bytes, two.len());
+
+        // Past the budget: encoded every time, counted, still right.
+        push(&mut buf, "bb", 5, "a much longer payload than 20 bytes");
+        for _ in 0..2 {
+            let b = buf.device("bb", encode).unwrap().last_reading.unwrap();
+            assert!(b.ends_with(b":a much longer payload than 20 bytes"));
+        }
+        assert_eq!(calls.get(), 4);
+        let stats = buf.device_stats();
+        assert_eq!(
+            (stats.encoded_bytes, stats.encodings_not_kept),
+            (two.len(), 2)
+        );
     }
 
     #[test]
@@ -808,20 +883,20 @@ mod tests {
         let ids = |page: &[DeviceEntry]| -> Vec<String> {
             page.iter().map(|d| d.info.device_id.to_string()).collect()
         };
-        let (page, more) = buf.devices("pump-", None, |_| true, 2);
+        let (page, more) = buf.devices("pump-", None, |_| true, 2, described);
         assert_eq!(
             (ids(&page), more),
             (vec!["pump-1".into(), "pump-10".into()], true)
         );
-        let (page, more) = buf.devices("pump-", Some("pump-10"), |_| true, 2);
+        let (page, more) = buf.devices("pump-", Some("pump-10"), |_| true, 2, described);
         assert_eq!((ids(&page), more), (vec!["pump-2".into()], false));
-        let (page, _) = buf.devices("", None, |id| id != "fan-2", 10);
+        let (page, _) = buf.devices("", None, |id| id != "fan-2", 10, described);
         assert_eq!(
             ids(&page),
             ["fan-1", "pump-1", "pump-10", "pump-2", "pumpkin"]
         );
         // A cursor before the prefix starts at the prefix.
-        let (page, _) = buf.devices("pump", Some("a"), |_| true, 1);
+        let (page, _) = buf.devices("pump", Some("a"), |_| true, 1, described);
         assert_eq!(ids(&page), ["pump-1"]);
         assert_eq!(buf.device_stats().known, 6);
     }

@@ -12,17 +12,33 @@
 //! payload is copied into the record, within a byte budget for all such
 //! copies (`max_kept_bytes`, counted when full).
 //!
-//! Memory per known device: the record (`Device`, 160 bytes on 64-bit
-//! targets, checked by a test), its id once (shared with the index and the
-//! readings), the hash map's and the ordered set's entries for it (about 40
-//! bytes), and a kept reading's payload within the budget: about 250 bytes
-//! plus the id, 25 MiB for 100 000 devices.
+//! A device's newest reading is also kept as the caller encoded it (the
+//! device list's protobuf message), made by the first page that needs it
+//! and dropped when a newer reading arrives: a page of 100 devices then
+//! copies 100 encodings instead of copying and transcoding 100 payloads
+//! (BENCHMARKS.md, "Devices"). Pages are served under the buffer's read
+//! lock, so the slot is a `OnceLock` and its budget (`max_encoded_bytes`,
+//! counted when full) an atomic.
+//!
+//! Memory per known device: the record (`Device`, 200 bytes on 64-bit
+//! targets, checked by a test, and the slab's tag), its id once (shared
+//! with the index and the readings), the hash map's and the ordered map's
+//! entries for it (about 70 bytes with their slack), a kept reading's
+//! payload and an encoding within their budgets: about 290 bytes plus the
+//! id, the payload and the encoding; 31 MiB for 100 000 devices with
+//! 16-byte ids, without the last two.
 
 use std::{
-    collections::{BTreeSet, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     ops::Bound,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, OnceLock,
+    },
 };
+
+use bytes::Bytes;
+use slab::Slab;
 
 use super::{Reading, Source};
 use crate::config::DeviceLimits;
@@ -86,6 +102,41 @@ pub(super) struct Device {
     kept: Option<Reading>,
     status: ConnectionStatus,
     status_changed_micros: u64,
+    /// The newest reading as a page encoded it; empty until one did, and
+    /// whenever `newest_reading` changes.
+    encoded: OnceLock<Bytes>,
+}
+
+impl Device {
+    /// What a page shows of this device, with where its newest reading is:
+    /// encoded, buffered (its sequence number) or kept (the copy).
+    pub fn view(&self) -> (DeviceInfo, NewestReading<'_>) {
+        let slot = &self.encoded;
+        let newest = match (slot.get(), &self.kept, self.newest_reading) {
+            (Some(encoded), ..) => NewestReading::Encoded(encoded),
+            (None, Some(kept), _) => NewestReading::Kept(kept, slot),
+            (None, None, Some(seq)) => NewestReading::Buffered(seq, slot),
+            (None, None, None) => NewestReading::None,
+        };
+        let info = DeviceInfo {
+            device_id: self.last_source.device_id.clone(),
+            first_seen_micros: self.first_seen_micros,
+            last_seen_micros: self.last_seen_micros,
+            buffered: self.seqs.len() as u64,
+            status: self.status,
+            status_changed_micros: self.status_changed_micros,
+        };
+        (info, newest)
+    }
+
+    /// Sets the newest reading (`None`: none is known any more), dropping
+    /// the encoding of the previous one from `encoded_bytes`.
+    fn set_newest(&mut self, seq: Option<u64>, encoded_bytes: &mut AtomicUsize) {
+        self.newest_reading = seq;
+        if let Some(old) = self.encoded.take() {
+            *encoded_bytes.get_mut() -= old.len();
+        }
+    }
 }
 
 /// A device as listed: everything but the newest reading itself, which the
@@ -112,17 +163,29 @@ pub struct DeviceStats {
     pub kept_bytes: usize,
     /// Newest readings not kept because the budget was full.
     pub kept_dropped: u64,
+    /// Bytes of newest readings' encodings kept for pages.
+    pub encoded_bytes: usize,
+    /// Encodings not kept because their budget was full.
+    pub encodings_not_kept: u64,
 }
 
 /// Every device, by id and in order.
 #[derive(Default)]
 pub(super) struct Devices {
-    by_id: HashMap<Arc<str>, Device>,
-    listed: BTreeSet<Arc<str>>,
+    records: Slab<Device>,
+    /// Each record's key: one hash lookup per stored message.
+    by_id: HashMap<Arc<str>, usize>,
+    /// The listed ones' keys, in id order: a page walks this to the
+    /// records without hashing (a hash lookup per listed device cost a page
+    /// of 100 about 25 µs in cache misses at 100 000 devices).
+    listed: BTreeMap<Arc<str>, usize>,
     limits: DeviceLimits,
     kept_bytes: usize,
     not_listed: u64,
     kept_dropped: u64,
+    /// Atomics: encodings are kept by pages, under the buffer's read lock.
+    encoded_bytes: AtomicUsize,
+    encodings_not_kept: AtomicU64,
 }
 
 impl Devices {
@@ -143,8 +206,8 @@ impl Devices {
         micros: u64,
         kind: MessageKind,
     ) -> Arc<Source> {
-        let device = match self.by_id.get_mut(device_id) {
-            Some(device) => device,
+        let key = match self.by_id.get(device_id) {
+            Some(&key) => key,
             None => {
                 let source = Arc::new(Source {
                     device_id: Arc::from(device_id),
@@ -153,9 +216,7 @@ impl Devices {
                 // Messages on topics outside the templates ("") are indexed,
                 // but "" is not a device.
                 let listed = !device_id.is_empty() && self.listed.len() < self.limits.max_devices;
-                if listed {
-                    self.listed.insert(source.device_id.clone());
-                } else if !device_id.is_empty() {
+                if !listed && !device_id.is_empty() {
                     self.not_listed += 1;
                 }
                 let device = Device {
@@ -168,10 +229,12 @@ impl Devices {
                     kept: None,
                     status: ConnectionStatus::Unknown,
                     status_changed_micros: 0,
+                    encoded: OnceLock::new(),
                 };
-                self.by_id.entry(source.device_id.clone()).or_insert(device)
+                self.insert(source.device_id.clone(), device)
             }
         };
+        let device = &mut self.records[key];
         if *device.last_source.topic != *topic {
             device.last_source = Arc::new(Source {
                 device_id: device.last_source.device_id.clone(),
@@ -182,7 +245,7 @@ impl Devices {
         device.last_seen_micros = micros;
         match kind {
             MessageKind::Reading => {
-                device.newest_reading = Some(seq);
+                device.set_newest(Some(seq), &mut self.encoded_bytes);
                 if let Some(kept) = device.kept.take() {
                     self.kept_bytes -= kept.payload.len();
                 }
@@ -200,7 +263,7 @@ impl Devices {
     /// with its newest reading kept if it is given and fits the budget. A
     /// device already known, or one past `max_devices`, is left out.
     pub fn restore(&mut self, info: DeviceInfo, newest: Option<Reading>) {
-        let known = self.by_id.contains_key(&*info.device_id);
+        let known = self.by_id.contains_key(&info.device_id);
         if known || info.device_id.is_empty() || self.listed.len() >= self.limits.max_devices {
             return;
         }
@@ -228,25 +291,40 @@ impl Devices {
             kept,
             status: info.status,
             status_changed_micros: info.status_changed_micros,
+            encoded: OnceLock::new(),
         };
-        self.listed.insert(info.device_id.clone());
-        self.by_id.insert(info.device_id, device);
+        self.insert(info.device_id, device);
+    }
+
+    /// Adds a record for a device not known yet, and returns its key.
+    fn insert(&mut self, device_id: Arc<str>, device: Device) -> usize {
+        let listed = device.listed;
+        let key = self.records.insert(device);
+        if listed {
+            self.listed.insert(device_id.clone(), key);
+        }
+        self.by_id.insert(device_id, key);
+        key
+    }
+
+    fn find(&self, device_id: &str) -> Option<&Device> {
+        self.by_id.get(device_id).map(|&key| &self.records[key])
     }
 
     /// Whether the message `seq` of `device_id`, about to be evicted, is the
     /// device's newest reading (and should be kept).
     pub fn is_newest_reading(&self, device_id: &str, seq: u64) -> bool {
-        self.by_id
-            .get(device_id)
+        self.find(device_id)
             .is_some_and(|d| d.listed && d.newest_reading == Some(seq))
     }
 
     /// Forgets the evicted message `seq`; `kept` is its copy when
     /// [`Self::is_newest_reading`] said so.
     pub fn evicted(&mut self, device_id: &str, seq: u64, kept: Option<Reading>) {
-        let Some(device) = self.by_id.get_mut(device_id) else {
+        let Some(&key) = self.by_id.get(device_id) else {
             return;
         };
+        let device = &mut self.records[key];
         device.seqs.pop_front();
         if let Some(reading) = kept {
             let len = reading.payload.len();
@@ -255,61 +333,47 @@ impl Devices {
                 device.kept = Some(reading);
             } else {
                 self.kept_dropped += 1;
-                device.newest_reading = None;
+                device.set_newest(None, &mut self.encoded_bytes);
             }
         } else if device.newest_reading == Some(seq) {
-            device.newest_reading = None;
+            device.set_newest(None, &mut self.encoded_bytes);
         }
         if device.seqs.is_empty() && !device.listed {
             self.by_id.remove(device_id);
+            self.records.remove(key);
         }
     }
 
     /// The buffered sequence numbers of `device_id`.
     pub fn seqs(&self, device_id: &str) -> Option<&VecDeque<u64>> {
-        self.by_id.get(device_id).map(|d| &d.seqs)
+        self.find(device_id).map(|d| &d.seqs)
     }
 
     pub fn status(&self, device_id: &str) -> ConnectionStatus {
-        self.by_id
-            .get(device_id)
+        self.find(device_id)
             .map_or(ConnectionStatus::Unknown, |d| d.status)
     }
 
-    /// A listed device, with where its newest reading is: buffered (its
-    /// sequence number) or kept (the copy).
-    pub fn get(&self, device_id: &str) -> Option<(DeviceInfo, NewestReading<'_>)> {
-        let device = self.by_id.get(device_id).filter(|d| d.listed)?;
-        let newest = match (&device.kept, device.newest_reading) {
-            (Some(kept), _) => NewestReading::Kept(kept),
-            (None, Some(seq)) => NewestReading::Buffered(seq),
-            (None, None) => NewestReading::None,
-        };
-        let info = DeviceInfo {
-            device_id: device.last_source.device_id.clone(),
-            first_seen_micros: device.first_seen_micros,
-            last_seen_micros: device.last_seen_micros,
-            buffered: device.seqs.len() as u64,
-            status: device.status,
-            status_changed_micros: device.status_changed_micros,
-        };
-        Some((info, newest))
+    /// A listed device.
+    pub fn get(&self, device_id: &str) -> Option<&Device> {
+        self.find(device_id).filter(|d| d.listed)
     }
 
-    /// Listed device ids from `prefix` on, after `after` (exclusive) when
-    /// given, in order.
-    pub fn ids_from<'a>(
+    /// Listed devices from `prefix` on, after `after` (exclusive) when
+    /// given, in id order.
+    pub fn listed_from<'a>(
         &'a self,
         prefix: &'a str,
         after: Option<&str>,
-    ) -> impl Iterator<Item = &'a Arc<str>> + 'a {
+    ) -> impl Iterator<Item = (&'a str, &'a Device)> + 'a {
         let start = match after {
             Some(after) if after >= prefix => Bound::Excluded(after),
             _ => Bound::Included(prefix),
         };
         self.listed
             .range::<str, _>((start, Bound::Unbounded))
-            .take_while(move |id| id.starts_with(prefix))
+            .take_while(move |(id, _)| id.starts_with(prefix))
+            .map(|(id, &key)| (&**id, &self.records[key]))
     }
 
     pub fn stats(&self) -> DeviceStats {
@@ -318,7 +382,24 @@ impl Devices {
             not_listed: self.not_listed,
             kept_bytes: self.kept_bytes,
             kept_dropped: self.kept_dropped,
+            encoded_bytes: self.encoded_bytes.load(Ordering::Relaxed),
+            encodings_not_kept: self.encodings_not_kept.load(Ordering::Relaxed),
         }
+    }
+
+    /// Keeps `encoded`, a newest reading's encoding, in `slot` (from
+    /// [`NewestReading`]) if the budget has room, and returns it.
+    pub fn keep_encoding(&self, slot: &OnceLock<Bytes>, encoded: Bytes) -> Bytes {
+        let len = encoded.len();
+        let before = self.encoded_bytes.fetch_add(len, Ordering::Relaxed);
+        if before + len > self.limits.max_encoded_bytes {
+            self.encoded_bytes.fetch_sub(len, Ordering::Relaxed);
+            self.encodings_not_kept.fetch_add(1, Ordering::Relaxed);
+        } else if slot.set(encoded.clone()).is_err() {
+            // Another page kept the same encoding first.
+            self.encoded_bytes.fetch_sub(len, Ordering::Relaxed);
+        }
+        encoded
     }
 
     #[cfg(test)]
@@ -327,10 +408,12 @@ impl Devices {
     }
 }
 
-/// Where a device's newest reading is.
+/// Where a device's newest reading is; with the slot its encoding is to
+/// be kept in when it is not encoded yet.
 pub(super) enum NewestReading<'a> {
-    Buffered(u64),
-    Kept(&'a Reading),
+    Encoded(&'a Bytes),
+    Buffered(u64, &'a OnceLock<Bytes>),
+    Kept(&'a Reading, &'a OnceLock<Bytes>),
     None,
 }
 
@@ -341,7 +424,7 @@ mod tests {
     #[test]
     fn a_device_record_is_as_large_as_documented() {
         #[cfg(target_pointer_width = "64")]
-        assert_eq!(std::mem::size_of::<Device>(), 160);
+        assert_eq!(std::mem::size_of::<Device>(), 200);
     }
 
     #[test]

@@ -38,8 +38,9 @@ pub(super) fn list(
         after.as_deref(),
         |id| caller.read.allows(id),
         limit,
+        wire::device_reading,
     );
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(devices.len() * 256);
     let mut fits = devices.len();
     for (i, device) in devices.iter().enumerate() {
         let before = out.len();
@@ -66,11 +67,14 @@ pub(super) fn get(
 ) -> Result<EncodedGetDeviceResponse, ApiError> {
     let device_id = device_id_field(&req.device_id)?;
     caller.may_read(&device_id)?;
-    let device = shared.hub.device(&device_id).ok_or_else(|| {
-        ApiError::NotFound(format!(
-            "device {device_id:?} has not been heard from since the service started"
-        ))
-    })?;
+    let device = shared
+        .hub
+        .device(&device_id, wire::device_reading)
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "device {device_id:?} has not been heard from since the service started"
+            ))
+        })?;
     let mut out = Vec::new();
     wire::put_device_field(wire::GET_DEVICE_DEVICE, &device, &mut out);
     Ok(Encoded::from_bytes(out.into()))

@@ -14,12 +14,12 @@ use std::marker::PhantomData;
 
 use bytes::{BufMut, Bytes};
 use prost::{
-    encoding::{encode_key, encode_varint, DecodeContext, WireType},
+    encoding::{encode_key, encode_varint, encoded_len_varint, DecodeContext, WireType},
     DecodeError, Message,
 };
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use crate::{
     buffer::{ConnectionStatus, DeviceEntry, Reading},
@@ -156,10 +156,25 @@ fn put_reading(reading: &Reading, out: &mut Vec<u8>) {
 /// the epoch).
 fn put_time(field: u32, time: SystemTime, out: &mut Vec<u8>) {
     let time = prost_types::Timestamp::from(time);
-    let start = out.len();
-    put_varint(TIMESTAMP_SECONDS, time.seconds as u64, out);
-    put_varint(TIMESTAMP_NANOS, time.nanos as u64, out);
-    wrap(out, start, field);
+    put_timestamp(field, time.seconds as u64, time.nanos as u64, out);
+}
+
+/// [`put_time`] of a time in microseconds since the epoch, without going
+/// through `SystemTime` (three per device in a page).
+fn put_micros(field: u32, micros: u64, out: &mut Vec<u8>) {
+    put_timestamp(field, micros / 1_000_000, micros % 1_000_000 * 1_000, out);
+}
+
+fn put_timestamp(field: u32, seconds: u64, nanos: u64, out: &mut Vec<u8>) {
+    // Its length is known up front: no `wrap`.
+    let len = |field_value: u64| match field_value {
+        0 => 0,
+        v => 1 + encoded_len_varint(v),
+    };
+    encode_key(field, WireType::LengthDelimited, out);
+    encode_varint((len(seconds) + len(nanos)) as u64, out);
+    put_varint(TIMESTAMP_SECONDS, seconds, out);
+    put_varint(TIMESTAMP_NANOS, nanos, out);
 }
 
 // devicehub.v1.Device's fields (see the proto).
@@ -175,25 +190,29 @@ pub const LIST_DEVICES_DEVICES: u32 = 1;
 pub const LIST_DEVICES_NEXT_PAGE_TOKEN: u32 = 2;
 pub const GET_DEVICE_DEVICE: u32 = 1;
 
-/// Appends `device` as field `field` (a `devicehub.v1.Device`).
+/// A `devicehub.v1.Reading`, as a device's `last_reading` (see
+/// [`put_device_field`]).
+pub fn device_reading(reading: &Reading) -> Bytes {
+    let mut out = Vec::new();
+    put_reading(reading, &mut out);
+    out.into()
+}
+
+/// Appends `device` as field `field` (a `devicehub.v1.Device`); its
+/// `last_reading` was made by [`device_reading`].
 pub fn put_device_field(field: u32, device: &DeviceEntry, out: &mut Vec<u8>) {
     let start = out.len();
     let info = &device.info;
-    let time = |micros| SystemTime::UNIX_EPOCH + Duration::from_micros(micros);
     put_str(DEVICE_ID, &info.device_id, out);
     if let Some(reading) = &device.last_reading {
-        put_reading_field(DEVICE_LAST_READING, reading, out);
+        put_bytes(DEVICE_LAST_READING, reading, out);
     }
-    put_time(DEVICE_FIRST_SEEN, time(info.first_seen_micros), out);
-    put_time(DEVICE_LAST_SEEN, time(info.last_seen_micros), out);
+    put_micros(DEVICE_FIRST_SEEN, info.first_seen_micros, out);
+    put_micros(DEVICE_LAST_SEEN, info.last_seen_micros, out);
     put_varint(DEVICE_READINGS_BUFFERED, info.buffered, out);
     put_varint(DEVICE_STATUS, device_status(info.status) as u64, out);
     if info.status_changed_micros != 0 {
-        put_time(
-            DEVICE_STATUS_CHANGED_AT,
-            time(info.status_changed_micros),
-            out,
-        );
+        put_micros(DEVICE_STATUS_CHANGED_AT, info.status_changed_micros, out);
     }
     wrap(out, start, field);
 }
@@ -536,6 +555,71 @@ mod tests {
         let page = ListReadingsResponse::decode(&list[..]).unwrap();
         let want: Vec<proto::Reading> = readings.iter().map(expected).collect();
         assert_eq!(page.readings, want);
+    }
+
+    #[test]
+    fn devices_encode_as_prost_would() {
+        use crate::buffer::{DeviceEntry, DeviceInfo};
+        let reading = Reading::new(
+            7,
+            "dev-1",
+            "devices/dev-1/readings",
+            SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 5),
+            bytes::Bytes::from_static(br#"{"t":21.5}"#),
+            1,
+            false,
+        );
+        let time = |micros| {
+            Some(prost_types::Timestamp::from(
+                SystemTime::UNIX_EPOCH + Duration::from_micros(micros),
+            ))
+        };
+        for (first, last, buffered, status, changed, newest) in [
+            (0, 0, 0, ConnectionStatus::Unknown, 0, None),
+            (
+                1_000_000,
+                1_000_001,
+                3,
+                ConnectionStatus::Online,
+                999_999,
+                Some(&reading),
+            ),
+            (
+                1_700_000_000_123_456,
+                u64::MAX / 2,
+                u64::MAX,
+                ConnectionStatus::Offline,
+                1,
+                None,
+            ),
+        ] {
+            let info = DeviceInfo {
+                device_id: "dev-1".into(),
+                first_seen_micros: first,
+                last_seen_micros: last,
+                buffered,
+                status,
+                status_changed_micros: changed,
+            };
+            let device = DeviceEntry {
+                info,
+                last_reading: newest.map(device_reading),
+            };
+            let mut out = Vec::new();
+            put_device_field(GET_DEVICE_DEVICE, &device, &mut out);
+            let want = proto::GetDeviceResponse {
+                device: Some(proto::Device {
+                    device_id: "dev-1".into(),
+                    last_reading: newest.map(expected),
+                    first_seen: time(first),
+                    last_seen: time(last),
+                    readings_buffered: buffered,
+                    status: device_status(status) as i32,
+                    status_changed_at: (changed != 0).then(|| time(changed)).flatten(),
+                }),
+            };
+            assert_eq!(out, want.encode_to_vec(), "{want:?}");
+        }
     }
 
     /// Appends a random JSON document as text: every kind of value, nested,

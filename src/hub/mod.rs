@@ -22,6 +22,7 @@
 //! also published to [`live::Live`], which they read without a lock (its
 //! module docs say why that keeps a delivery's cost flat as cores grow).
 
+use bytes::Bytes;
 use std::{
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -281,9 +282,13 @@ impl ReadingHub {
         stored.map_or(first, |s| s.min(first))
     }
 
-    /// A listed device.
-    pub fn device(&self, device_id: &str) -> Option<DeviceEntry> {
-        self.read().device(device_id)
+    /// A listed device; see [`ReadingBuffer::device`].
+    pub fn device(
+        &self,
+        device_id: &str,
+        encode: impl Fn(&Reading) -> Bytes,
+    ) -> Option<DeviceEntry> {
+        self.read().device(device_id, encode)
     }
 
     /// A page of listed devices; see [`ReadingBuffer::devices`].
@@ -293,8 +298,9 @@ impl ReadingHub {
         after: Option<&str>,
         visible: impl Fn(&str) -> bool,
         limit: usize,
+        encode: impl Fn(&Reading) -> Bytes,
     ) -> (Vec<DeviceEntry>, bool) {
-        self.read().devices(prefix, after, visible, limit)
+        self.read().devices(prefix, after, visible, limit, encode)
     }
 
     /// Lists devices known from before this process (the store's records),

@@ -80,6 +80,8 @@ struct Metrics {
     devices_not_listed: Counter,
     kept_bytes: IntGauge,
     kept_dropped: Counter,
+    devices_encoded_bytes: IntGauge,
+    devices_not_kept: Counter,
     store: Option<StoreMetrics>,
 }
 
@@ -138,6 +140,8 @@ impl Metrics {
             devices_not_listed: counter(&r, "devicehub_devices_not_listed_total", "New devices not listed because --max-devices were known.")?,
             kept_bytes: gauge(&r, "devicehub_devices_kept_bytes", "Payload bytes of devices' newest readings kept after eviction (bounded by --devices-max-bytes).")?,
             kept_dropped: counter(&r, "devicehub_devices_last_readings_dropped_total", "Devices' newest readings not kept after eviction because --devices-max-bytes was full.")?,
+            devices_encoded_bytes: gauge(&r, "devicehub_devices_encoded_bytes", "Bytes of devices' newest readings kept encoded for device pages (at most 32 MiB).")?,
+            devices_not_kept: counter(&r, "devicehub_devices_encodings_not_kept_total", "Devices' newest readings encoded for a page and not kept because those 32 MiB were full (encoded again for the next page).")?,
             store: match sources.store {
                 None => None,
                 Some(_) => Some(StoreMetrics {
@@ -181,6 +185,9 @@ impl Metrics {
         set(&self.devices_not_listed, hub.devices.not_listed);
         self.kept_bytes.set(hub.devices.kept_bytes as i64);
         set(&self.kept_dropped, hub.devices.kept_dropped);
+        self.devices_encoded_bytes
+            .set(hub.devices.encoded_bytes as i64);
+        set(&self.devices_not_kept, hub.devices.encodings_not_kept);
         set(&self.watch_gaps, hub.watcher_gaps);
         set(&self.watch_behind_live, hub.watcher_behind_live);
         self.live_encoded_bytes.set(hub.live_encoded_bytes as i64);
