@@ -375,12 +375,12 @@ impl ReadingBuffer {
     pub fn device(
         &self,
         device_id: &str,
-        encode: impl Fn(&Reading) -> Bytes,
+        encode: impl Fn(&Reading) -> Vec<u8>,
     ) -> Option<DeviceEntry> {
         Some(self.device_entry(self.devices.get(device_id)?, encode))
     }
 
-    fn device_entry(&self, device: &Device, encode: impl Fn(&Reading) -> Bytes) -> DeviceEntry {
+    fn device_entry(&self, device: &Device, encode: impl Fn(&Reading) -> Vec<u8>) -> DeviceEntry {
         let (info, newest) = device.view();
         let last_reading = match newest {
             NewestReading::Encoded(encoded) => Some(encoded.clone()),
@@ -405,7 +405,7 @@ impl ReadingBuffer {
         after: Option<&str>,
         visible: impl Fn(&str) -> bool,
         limit: usize,
-        encode: impl Fn(&Reading) -> Bytes,
+        encode: impl Fn(&Reading) -> Vec<u8>,
     ) -> (Vec<DeviceEntry>, bool) {
         let mut listed = self
             .devices
@@ -816,9 +816,9 @@ mod tests {
     }
 
     /// The tests' encoding of a device's newest reading.
-    fn described(reading: &Reading) -> Bytes {
+    fn described(reading: &Reading) -> Vec<u8> {
         let payload = String::from_utf8_lossy(&reading.payload);
-        format!("{}:{payload}", reading.seq).into()
+        format!("{}:{payload}", reading.seq).into_bytes()
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub mod broker;
 mod buffer;
 pub mod cli;
 pub mod config;
+mod encoding_budget;
 mod grpc;
 pub mod health;
 mod hub;

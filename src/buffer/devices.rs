@@ -16,9 +16,8 @@
 //! device list's protobuf message), made by the first page that needs it
 //! and dropped when a newer reading arrives: a page of 100 devices then
 //! copies 100 encodings instead of copying and transcoding 100 payloads
-//! (BENCHMARKS.md, "Devices"). Pages are served under the buffer's read
-//! lock, so the slot is a `OnceLock` and its budget (`max_encoded_bytes`,
-//! counted when full) an atomic.
+//! (BENCHMARKS.md, "Devices"), within `max_encoded_bytes` (see
+//! `encoding_budget.rs`: pages fill it under the buffer's read lock).
 //!
 //! Memory per known device: the record (`Device`, 200 bytes on 64-bit
 //! targets, checked by a test, and the slab's tag), its id once (shared
@@ -31,17 +30,14 @@
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     ops::Bound,
-    sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
-        Arc, OnceLock,
-    },
+    sync::{Arc, OnceLock},
 };
 
 use bytes::Bytes;
 use slab::Slab;
 
 use super::{Reading, Source};
-use crate::config::DeviceLimits;
+use crate::{config::DeviceLimits, encoding_budget::EncodingBudget};
 
 /// A device's connection status, from its status messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -129,12 +125,12 @@ impl Device {
         (info, newest)
     }
 
-    /// Sets the newest reading (`None`: none is known any more), dropping
-    /// the encoding of the previous one from `encoded_bytes`.
-    fn set_newest(&mut self, seq: Option<u64>, encoded_bytes: &mut AtomicUsize) {
+    /// Sets the newest reading (`None`: none is known any more), giving
+    /// the encoding of the previous one back to `budget`.
+    fn set_newest(&mut self, seq: Option<u64>, budget: &EncodingBudget) {
         self.newest_reading = seq;
         if let Some(old) = self.encoded.take() {
-            *encoded_bytes.get_mut() -= old.len();
+            budget.release(old.len());
         }
     }
 }
@@ -170,7 +166,6 @@ pub struct DeviceStats {
 }
 
 /// Every device, by id and in order.
-#[derive(Default)]
 pub(super) struct Devices {
     records: Slab<Device>,
     /// Each record's key: one hash lookup per stored message.
@@ -183,16 +178,20 @@ pub(super) struct Devices {
     kept_bytes: usize,
     not_listed: u64,
     kept_dropped: u64,
-    /// Atomics: encodings are kept by pages, under the buffer's read lock.
-    encoded_bytes: AtomicUsize,
-    encodings_not_kept: AtomicU64,
+    encoded: EncodingBudget,
 }
 
 impl Devices {
     pub fn new(limits: DeviceLimits) -> Self {
         Self {
+            records: Slab::new(),
+            by_id: HashMap::new(),
+            listed: BTreeMap::new(),
+            encoded: EncodingBudget::new(limits.max_encoded_bytes),
             limits,
-            ..Self::default()
+            kept_bytes: 0,
+            not_listed: 0,
+            kept_dropped: 0,
         }
     }
 
@@ -245,7 +244,7 @@ impl Devices {
         device.last_seen_micros = micros;
         match kind {
             MessageKind::Reading => {
-                device.set_newest(Some(seq), &mut self.encoded_bytes);
+                device.set_newest(Some(seq), &self.encoded);
                 if let Some(kept) = device.kept.take() {
                     self.kept_bytes -= kept.payload.len();
                 }
@@ -333,10 +332,10 @@ impl Devices {
                 device.kept = Some(reading);
             } else {
                 self.kept_dropped += 1;
-                device.set_newest(None, &mut self.encoded_bytes);
+                device.set_newest(None, &self.encoded);
             }
         } else if device.newest_reading == Some(seq) {
-            device.set_newest(None, &mut self.encoded_bytes);
+            device.set_newest(None, &self.encoded);
         }
         if device.seqs.is_empty() && !device.listed {
             self.by_id.remove(device_id);
@@ -382,24 +381,18 @@ impl Devices {
             not_listed: self.not_listed,
             kept_bytes: self.kept_bytes,
             kept_dropped: self.kept_dropped,
-            encoded_bytes: self.encoded_bytes.load(Ordering::Relaxed),
-            encodings_not_kept: self.encodings_not_kept.load(Ordering::Relaxed),
+            encoded_bytes: self.encoded.bytes(),
+            encodings_not_kept: self.encoded.not_kept(),
         }
     }
 
     /// Keeps `encoded`, a newest reading's encoding, in `slot` (from
     /// [`NewestReading`]) if the budget has room, and returns it.
-    pub fn keep_encoding(&self, slot: &OnceLock<Bytes>, encoded: Bytes) -> Bytes {
-        let len = encoded.len();
-        let before = self.encoded_bytes.fetch_add(len, Ordering::Relaxed);
-        if before + len > self.limits.max_encoded_bytes {
-            self.encoded_bytes.fetch_sub(len, Ordering::Relaxed);
-            self.encodings_not_kept.fetch_add(1, Ordering::Relaxed);
-        } else if slot.set(encoded.clone()).is_err() {
-            // Another page kept the same encoding first.
-            self.encoded_bytes.fetch_sub(len, Ordering::Relaxed);
+    pub fn keep_encoding(&self, slot: &OnceLock<Bytes>, encoded: Vec<u8>) -> Bytes {
+        match self.encoded.keep(slot, encoded) {
+            Ok(kept) => kept.clone(),
+            Err(encoded) => encoded.into(),
         }
-        encoded
     }
 
     #[cfg(test)]

@@ -192,10 +192,10 @@ pub const GET_DEVICE_DEVICE: u32 = 1;
 
 /// A `devicehub.v1.Reading`, as a device's `last_reading` (see
 /// [`put_device_field`]).
-pub fn device_reading(reading: &Reading) -> Bytes {
+pub fn device_reading(reading: &Reading) -> Vec<u8> {
     let mut out = Vec::new();
     put_reading(reading, &mut out);
-    out.into()
+    out
 }
 
 /// Appends `device` as field `field` (a `devicehub.v1.Device`); its
@@ -603,7 +603,7 @@ mod tests {
             };
             let device = DeviceEntry {
                 info,
-                last_reading: newest.map(device_reading),
+                last_reading: newest.map(|r| device_reading(r).into()),
             };
             let mut out = Vec::new();
             put_device_field(GET_DEVICE_DEVICE, &device, &mut out);

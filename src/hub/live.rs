@@ -57,6 +57,7 @@ use tokio::sync::Notify;
 
 use crate::{
     buffer::{Reading, ReadingFilter},
+    encoding_budget::EncodingBudget,
     sync,
 };
 
@@ -95,7 +96,7 @@ pub struct Live {
     wake: [Shard; WAKE_SHARDS],
     /// Bytes of encoded messages kept, given back as batches are dropped,
     /// and messages not kept because that budget was full.
-    encoded_bytes: Arc<Budget>,
+    encoded_bytes: Arc<EncodingBudget>,
     /// Reads that found their next reading no longer in the ring.
     behind: AtomicU64,
     /// What the ring holds, for eviction. Taken by pushers only, which the
@@ -109,13 +110,6 @@ pub struct Live {
 struct Shard {
     notify: Notify,
     sleepers: AtomicUsize,
-}
-
-/// What encoded messages may take, shared by every batch.
-#[derive(Default)]
-struct Budget {
-    bytes: AtomicUsize,
-    not_kept: AtomicU64,
 }
 
 /// Counts a waiter on a shard while it lives (a wait may be cancelled).
@@ -165,7 +159,7 @@ pub struct LiveBatch {
     no: u64,
     first_seq: u64,
     entries: Box<[LiveEntry]>,
-    encoded_bytes: Arc<Budget>,
+    encoded_bytes: Arc<EncodingBudget>,
 }
 
 struct LiveEntry {
@@ -191,7 +185,7 @@ impl Drop for LiveBatch {
             .filter_map(|e| e.encoded.get())
             .map(Bytes::len)
             .sum();
-        self.encoded_bytes.bytes.fetch_sub(kept, Ordering::Relaxed);
+        self.encoded_bytes.release(kept);
     }
 }
 
@@ -199,29 +193,23 @@ impl LiveEntry {
     /// The reading's message: kept from whoever encoded it first, else
     /// encoded now by `encode` (which appends it to a buffer), and kept if
     /// the budget allows.
-    fn message(&self, encode: &impl Fn(&Reading, &mut Vec<u8>), budget: &Budget) -> Cow<'_, [u8]> {
+    fn message(
+        &self,
+        encode: &impl Fn(&Reading, &mut Vec<u8>),
+        budget: &EncodingBudget,
+    ) -> Cow<'_, [u8]> {
         if let Some(kept) = self.encoded.get() {
             return Cow::Borrowed(kept);
         }
         let mut message = Vec::with_capacity(2 * self.reading.payload.len() + 64);
         encode(&self.reading, &mut message);
-        let len = message.len();
-        if len > LIVE_ENCODED_ONE {
+        if message.len() > LIVE_ENCODED_ONE {
             return Cow::Owned(message);
         }
-        if budget.bytes.fetch_add(len, Ordering::Relaxed) + len > LIVE_ENCODED_BYTES {
-            budget.bytes.fetch_sub(len, Ordering::Relaxed);
-            budget.not_kept.fetch_add(1, Ordering::Relaxed);
-            return Cow::Owned(message);
+        match budget.keep(&self.encoded, message) {
+            Ok(kept) => Cow::Borrowed(kept),
+            Err(message) => Cow::Owned(message),
         }
-        // Two watchers may encode the same reading at once: the first to
-        // set it wins, the other gives its bytes back.
-        let mut ours = Some(Bytes::from(message));
-        let kept = self.encoded.get_or_init(|| ours.take().unwrap_or_default());
-        if ours.is_some() {
-            budget.bytes.fetch_sub(len, Ordering::Relaxed);
-        }
-        Cow::Borrowed(kept)
     }
 }
 
@@ -260,7 +248,7 @@ impl Live {
             floor: AtomicU64::new(0),
             start_seq: AtomicU64::new(next_seq),
             wake: Default::default(),
-            encoded_bytes: Arc::default(),
+            encoded_bytes: Arc::new(EncodingBudget::new(LIVE_ENCODED_BYTES)),
             behind: AtomicU64::new(0),
             held: Mutex::default(),
         }
@@ -274,8 +262,8 @@ impl Live {
     /// What the ring holds and has done; see [`LiveStats`].
     pub fn stats(&self) -> LiveStats {
         LiveStats {
-            encoded_bytes: self.encoded_bytes.bytes.load(Ordering::Relaxed),
-            not_kept: self.encoded_bytes.not_kept.load(Ordering::Relaxed),
+            encoded_bytes: self.encoded_bytes.bytes(),
+            not_kept: self.encoded_bytes.not_kept(),
             behind: self.behind.load(Ordering::Relaxed),
         }
     }
@@ -726,9 +714,7 @@ mod tests {
         // A full budget: encoded, not kept, counted.
         let live = Live::new(1);
         live.publish(vec![reading(1, "d", b"1")], 2, 1);
-        live.encoded_bytes
-            .bytes
-            .store(LIVE_ENCODED_BYTES, Ordering::Relaxed);
+        live.encoded_bytes.fill();
         let read = live.read_after(0, &mut 0, &all, 512, 1 << 20).unwrap();
         let messages = WatchBatch::Live(read.runs).messages(encode);
         assert_eq!(messages, [(1, Bytes::from("<1>"))]);

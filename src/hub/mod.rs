@@ -22,7 +22,6 @@
 //! also published to [`live::Live`], which they read without a lock (its
 //! module docs say why that keeps a delivery's cost flat as cores grow).
 
-use bytes::Bytes;
 use std::{
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -286,7 +285,7 @@ impl ReadingHub {
     pub fn device(
         &self,
         device_id: &str,
-        encode: impl Fn(&Reading) -> Bytes,
+        encode: impl Fn(&Reading) -> Vec<u8>,
     ) -> Option<DeviceEntry> {
         self.read().device(device_id, encode)
     }
@@ -298,7 +297,7 @@ impl ReadingHub {
         after: Option<&str>,
         visible: impl Fn(&str) -> bool,
         limit: usize,
-        encode: impl Fn(&Reading) -> Bytes,
+        encode: impl Fn(&Reading) -> Vec<u8>,
     ) -> (Vec<DeviceEntry>, bool) {
         self.read().devices(prefix, after, visible, limit, encode)
     }
