@@ -23,7 +23,7 @@ use std::{
 use bytes::Bytes;
 
 use super::wire::put_reading_field;
-use crate::buffer::Reading;
+use crate::{buffer::Reading, sync};
 
 /// How many of the newest readings' encodings are kept for pages. A page
 /// of older readings is encoded for itself (and caches nothing).
@@ -85,9 +85,8 @@ impl EncodedReadings {
         encoded
     }
 
-    // Poisoning: the window is valid between statements; keep using it.
     fn window(&self) -> MutexGuard<'_, Window> {
-        self.window.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.window)
     }
 }
 
