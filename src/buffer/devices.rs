@@ -36,7 +36,7 @@ use std::{
 use bytes::Bytes;
 use slab::Slab;
 
-use super::{Reading, Source};
+use super::{Reading, ReadingBuffer, Source};
 use crate::{config::DeviceLimits, encoding_budget::EncodingBudget};
 
 /// A device's connection status, from its status messages.
@@ -410,9 +410,90 @@ pub(super) enum NewestReading<'a> {
     None,
 }
 
+/// A device as the device list shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceEntry {
+    pub info: DeviceInfo,
+    /// Its newest reading, buffered or kept, as the lister's `encode` made
+    /// it (now or for an earlier page).
+    pub last_reading: Option<Bytes>,
+}
+
+/// The device list, served from the buffer: the records above, with each
+/// newest reading read from the buffer (or the kept copy) and encoded.
+impl ReadingBuffer {
+    /// A listed device, its newest reading as `encode` makes it. The
+    /// encoding is kept for later calls (within a budget; see
+    /// `buffer/devices.rs`), so `encode` must make the same bytes of the
+    /// same reading every time.
+    pub fn device(
+        &self,
+        device_id: &str,
+        encode: impl Fn(&Reading) -> Vec<u8>,
+    ) -> Option<DeviceEntry> {
+        Some(self.device_entry(self.devices.get(device_id)?, encode))
+    }
+
+    fn device_entry(&self, device: &Device, encode: impl Fn(&Reading) -> Vec<u8>) -> DeviceEntry {
+        let (info, newest) = device.view();
+        let last_reading = match newest {
+            NewestReading::Encoded(encoded) => Some(encoded.clone()),
+            NewestReading::Buffered(seq, keep) => self.get(seq).map(|slot| {
+                let encoded = encode(&self.reading(seq, slot));
+                self.devices.keep_encoding(keep, encoded)
+            }),
+            NewestReading::Kept(reading, keep) => {
+                Some(self.devices.keep_encoding(keep, encode(reading)))
+            }
+            NewestReading::None => None,
+        };
+        DeviceEntry { info, last_reading }
+    }
+
+    /// Up to `limit` listed devices whose id starts with `prefix`, after
+    /// `after` when given, that `visible` lets through, in id order, as
+    /// [`Self::device`] gives them; and whether more follow.
+    pub fn devices(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        visible: impl Fn(&str) -> bool,
+        limit: usize,
+        encode: impl Fn(&Reading) -> Vec<u8>,
+    ) -> (Vec<DeviceEntry>, bool) {
+        let mut listed = self
+            .devices
+            .listed_from(prefix, after)
+            .filter(|(id, _)| visible(id));
+        let page: Vec<DeviceEntry> = listed
+            .by_ref()
+            .take(limit)
+            .map(|(_, device)| self.device_entry(device, &encode))
+            .collect();
+        (page, listed.next().is_some())
+    }
+
+    /// Lists a device known from before this process; see
+    /// `Devices::restore`.
+    pub fn restore_device(&mut self, info: DeviceInfo, newest: Option<Reading>) {
+        self.devices.restore(info, newest);
+    }
+
+    /// A device's connection status (unknown for a device never heard from).
+    pub fn device_status(&self, device_id: &str) -> ConnectionStatus {
+        self.devices.status(device_id)
+    }
+
+    pub fn device_stats(&self) -> DeviceStats {
+        self.devices.stats()
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{at, buffer, push, FIRST};
     use super::*;
+    use crate::buffer::NewReading;
 
     #[test]
     fn a_device_record_is_as_large_as_documented() {
@@ -436,5 +517,203 @@ mod tests {
         ] {
             assert_eq!(ConnectionStatus::parse(payload), want, "{payload:?}");
         }
+    }
+
+    #[test]
+    fn device_index_is_dropped_with_the_last_reading_of_an_unlisted_device() {
+        let mut buf = buffer(2, usize::MAX).with_device_limits(DeviceLimits {
+            max_devices: 1,
+            max_kept_bytes: 1 << 20,
+            ..DeviceLimits::default()
+        });
+        push(&mut buf, "a", 1, "1");
+        push(&mut buf, "b", 2, "2");
+        push(&mut buf, "b", 3, "3");
+        // "a" is listed: known after its reading left the buffer.
+        assert!(buf.devices.indexed("a"));
+        assert_eq!(buf.devices.seqs("a").map(VecDeque::len), Some(0));
+        push(&mut buf, "c", 4, "4");
+        push(&mut buf, "d", 5, "5");
+        push(&mut buf, "d", 6, "6");
+        // "c" was over the limit: indexed only while it had a reading.
+        assert!(!buf.devices.indexed("c"));
+        assert_eq!(buf.devices.seqs("d").map(VecDeque::len), Some(2));
+        assert_eq!(buf.device_stats().not_listed, 3);
+    }
+
+    fn push_kind(
+        buf: &mut ReadingBuffer,
+        device: &str,
+        secs: u64,
+        kind: MessageKind,
+        payload: &str,
+    ) {
+        let topic = format!("devices/{device}/other");
+        buf.push(NewReading {
+            kind,
+            device_id: device,
+            topic: &topic,
+            payload: payload.as_bytes(),
+            qos: 1,
+            retained: true,
+            received_at: at(secs),
+        });
+    }
+
+    #[test]
+    fn devices_keep_their_newest_reading_status_and_times() {
+        let mut buf = buffer(3, usize::MAX).with_device_limits(DeviceLimits {
+            max_devices: 10,
+            max_kept_bytes: 5,
+            ..DeviceLimits::default()
+        });
+        push(&mut buf, "a", 1, "a-1");
+        push_kind(
+            &mut buf,
+            "a",
+            2,
+            MessageKind::Status(Some(ConnectionStatus::Online)),
+            "online",
+        );
+        push(&mut buf, "b", 3, "b-1");
+        let a = buf.device("a", described).unwrap();
+        assert_eq!(a.last_reading.unwrap(), format!("{FIRST}:a-1"));
+        assert_eq!(
+            (a.info.first_seen_micros, a.info.last_seen_micros),
+            (1_000_000, 2_000_000)
+        );
+        assert_eq!(
+            (a.info.status, a.info.status_changed_micros),
+            (ConnectionStatus::Online, 2_000_000)
+        );
+        assert_eq!(a.info.buffered, 2);
+
+        // a's reading is evicted: kept (3 bytes of a 5-byte budget). A reply
+        // or a repeated status does not replace it or move the status time.
+        push_kind(&mut buf, "a", 4, MessageKind::Reply, "{}");
+        push_kind(
+            &mut buf,
+            "a",
+            5,
+            MessageKind::Status(Some(ConnectionStatus::Online)),
+            "online",
+        );
+        let a = buf.device("a", described).unwrap();
+        assert_eq!(a.last_reading.unwrap(), format!("{FIRST}:a-1"));
+        assert_eq!(a.info.status_changed_micros, 2_000_000);
+        assert_eq!(a.info.last_seen_micros, 5_000_000);
+        assert_eq!(buf.device_stats().kept_bytes, 3);
+
+        // b's reading is evicted too: 3 more bytes do not fit the budget.
+        push_kind(
+            &mut buf,
+            "a",
+            6,
+            MessageKind::Status(Some(ConnectionStatus::Offline)),
+            "offline",
+        );
+        let b = buf.device("b", described).unwrap();
+        assert_eq!((b.last_reading, b.info.buffered), (None, 0));
+        assert_eq!(buf.device_stats().kept_dropped, 1);
+        let a = buf.device("a", described).unwrap();
+        assert_eq!(
+            (a.info.status, a.info.status_changed_micros),
+            (ConnectionStatus::Offline, 6_000_000)
+        );
+        assert_eq!(buf.device_status("a"), ConnectionStatus::Offline);
+        assert_eq!(buf.device_status("nobody"), ConnectionStatus::Unknown);
+
+        // A new reading replaces the kept copy and frees its budget.
+        push(&mut buf, "a", 7, "a-2");
+        let a = buf.device("a", described).unwrap();
+        assert_eq!(a.last_reading.unwrap(), format!("{}:a-2", FIRST + 6));
+        assert_eq!(buf.device_stats().kept_bytes, 0);
+        assert!(buf.device("", described).is_none() && buf.device("c", described).is_none());
+    }
+
+    /// The tests' encoding of a device's newest reading.
+    fn described(reading: &Reading) -> Vec<u8> {
+        let payload = String::from_utf8_lossy(&reading.payload);
+        format!("{}:{payload}", reading.seq).into_bytes()
+    }
+
+    #[test]
+    fn a_devices_newest_reading_is_encoded_once_until_a_newer_one_arrives() {
+        use std::cell::Cell;
+        let calls = Cell::new(0);
+        let encode = |reading: &Reading| {
+            calls.set(calls.get() + 1);
+            described(reading)
+        };
+        let mut buf = buffer(2, usize::MAX).with_device_limits(DeviceLimits {
+            max_devices: 10,
+            max_kept_bytes: 100,
+            max_encoded_bytes: 20,
+        });
+        let first = push(&mut buf, "a", 1, "a-1");
+        let one = format!("{first}:a-1");
+        for _ in 0..3 {
+            let (page, _) = buf.devices("", None, |_| true, 10, encode);
+            assert_eq!(page[0].last_reading.as_ref().unwrap(), &one);
+        }
+        assert_eq!(calls.get(), 1);
+        assert_eq!(buf.device_stats().encoded_bytes, one.len());
+
+        // A reply and a status leave it; its eviction keeps it (with the
+        // kept copy).
+        push_kind(&mut buf, "a", 2, MessageKind::Reply, "{}");
+        push_kind(&mut buf, "a", 3, MessageKind::Status(None), "?");
+        assert_eq!(buf.device("a", encode).unwrap().last_reading.unwrap(), one);
+        assert_eq!(calls.get(), 1);
+
+        // A newer reading replaces it and its bytes.
+        let second = push(&mut buf, "a", 4, "a-2");
+        let two = format!("{second}:a-2");
+        assert_eq!(buf.device("a", encode).unwrap().last_reading.unwrap(), two);
+        assert_eq!(buf.device("a", encode).unwrap().last_reading.unwrap(), two);
+        assert_eq!(calls.get(), 2);
+        assert_eq!(buf.device_stats().encoded_bytes, two.len());
+
+        // Past the budget: encoded every time, counted, still right.
+        push(&mut buf, "bb", 5, "a much longer payload than 20 bytes");
+        for _ in 0..2 {
+            let b = buf.device("bb", encode).unwrap().last_reading.unwrap();
+            assert!(b.ends_with(b":a much longer payload than 20 bytes"));
+        }
+        assert_eq!(calls.get(), 4);
+        let stats = buf.device_stats();
+        assert_eq!(
+            (stats.encoded_bytes, stats.encodings_not_kept),
+            (two.len(), 2)
+        );
+    }
+
+    #[test]
+    fn devices_page_in_id_order_by_prefix() {
+        let mut buf = buffer(1000, usize::MAX);
+        for id in [
+            "pump-2", "fan-1", "pump-10", "pump-1", "fan-2", "pumpkin", "",
+        ] {
+            push(&mut buf, id, 1, "x");
+        }
+        let ids = |page: &[DeviceEntry]| -> Vec<String> {
+            page.iter().map(|d| d.info.device_id.to_string()).collect()
+        };
+        let (page, more) = buf.devices("pump-", None, |_| true, 2, described);
+        assert_eq!(
+            (ids(&page), more),
+            (vec!["pump-1".into(), "pump-10".into()], true)
+        );
+        let (page, more) = buf.devices("pump-", Some("pump-10"), |_| true, 2, described);
+        assert_eq!((ids(&page), more), (vec!["pump-2".into()], false));
+        let (page, _) = buf.devices("", None, |id| id != "fan-2", 10, described);
+        assert_eq!(
+            ids(&page),
+            ["fan-1", "pump-1", "pump-10", "pump-2", "pumpkin"]
+        );
+        // A cursor before the prefix starts at the prefix.
+        let (page, _) = buf.devices("pump", Some("a"), |_| true, 1, described);
+        assert_eq!(ids(&page), ["pump-1"]);
+        assert_eq!(buf.device_stats().known, 6);
     }
 }
