@@ -17,9 +17,11 @@
 //!   store: `postgres/` with its writer task, history reads, retention and,
 //!   for replicas, the tail that follows the table; the migrations are in
 //!   `migrations/`);
-//! - `buffer` (+ `buffer/arena.rs`, `buffer/devices.rs`): the bounded
-//!   in-memory readings and what is known of each device, no async;
-//! - `hub`: the shared buffer, the watchers' wake-ups and counters;
+//! - `buffer/`: the bounded in-memory readings (storing, `query.rs` reading,
+//!   `arena.rs` payloads) and what is known of each device (`devices.rs`),
+//!   no async;
+//! - `hub/`: the shared buffer, the watchers' wake-ups and counters, and
+//!   (`live.rs`) the newest readings published to watchers without a lock;
 //! - `replies`: pairs device replies with the calls waiting for them;
 //! - `grpc/`: the `DeviceHub` service, a file per RPC family, auth (the
 //!   token interceptor and scope checks), conversions, page tokens, the one
@@ -33,7 +35,8 @@
 //! - `per_client`: how much one client may hold (watchers, commands);
 //! - `health`: the gRPC health statuses (the MQTT link, shutdown), and the
 //!   `devicehub health` probe;
-//! - `sync`: the lock helpers shared by the above; `log_limit`: rate-limited,
+//! - `sync`: the lock helpers shared by the above; `encoding_budget`:
+//!   encodings kept for reuse within a byte budget; `log_limit`: rate-limited,
 //!   truncated log lines for what peers send;
 //! - `broker` (feature `embedded-broker`): the embedded rumqttd;
 //! - `simulate` (feature `simulator`): simulated devices.
