@@ -34,6 +34,39 @@ pub struct Config {
     pub auth: Option<AuthConfig>,
     /// The PostgreSQL store. `None`: readings live in memory only.
     pub store: Option<StoreConfig>,
+    /// What the gRPC port holds at once, and how long it waits for peers.
+    pub connections: ConnectionLimits,
+}
+
+/// Caps on the gRPC port's connections and TLS handshakes (overall and per
+/// remote IP) and the waits on peers; over a cap a connection is closed at
+/// once (counted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub max_handshakes: usize,
+    pub max_handshakes_per_ip: usize,
+    /// How long a TLS handshake may take.
+    pub handshake_timeout: Duration,
+    /// How long a connection may stay open without a request.
+    pub idle_timeout: Duration,
+    /// HTTP/2 streams (calls) one connection has open at once; more wait.
+    pub max_streams_per_connection: u32,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_connections_per_ip: 256,
+            max_handshakes: 256,
+            max_handshakes_per_ip: 32,
+            handshake_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(10),
+            max_streams_per_connection: 256,
+        }
+    }
 }
 
 /// Where readings are kept beyond memory.

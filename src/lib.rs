@@ -121,8 +121,6 @@ use crate::{
 
 /// Largest request message the service accepts. Commands are at most 256 KiB.
 const MAX_REQUEST_BYTES: usize = 1 << 20;
-/// HTTP/2 streams (calls) open at once on one connection; more wait.
-const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 /// Streams a client may open and reset before the server handles them (the
 /// "rapid reset" flood, CVE-2023-44487) before the connection is closed.
 const MAX_PENDING_RESETS: usize = 20;
@@ -304,14 +302,22 @@ pub async fn run(
         };
         spawn_metrics(addr, registry, sources, shutdown.clone()).await?;
     }
+
+    // Accepting starts now; tonic takes the connections once it serves.
+    let addr = listener.local_addr()?;
+    let tls_on = tls.is_some();
+    let (incoming, connection_counters) =
+        listener::incoming(listener, tls, config.connections.clone(), shutdown.clone());
     tokio::spawn(log_stats(
-        hub.clone(),
-        replies.clone(),
-        link.counters.clone(),
-        authenticator.clone(),
+        Stats {
+            hub: hub.clone(),
+            replies: replies.clone(),
+            ingest: link.counters.clone(),
+            connections: connection_counters,
+            auth: authenticator.clone(),
+        },
         shutdown.clone(),
     ));
-
     // Both reflection versions: grpcurl before 1.8.8 only asks v1alpha.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -329,11 +335,10 @@ pub async fn run(
         config.max_commands_per_client,
         shutdown.clone(),
     );
-    let addr = listener.local_addr()?;
     info!(
         %addr,
         broker = %format!("{}:{}", config.mqtt.host, config.mqtt.port),
-        tls = tls.is_some(),
+        tls = tls_on,
         auth = config.auth.is_some(),
         "gRPC listening"
     );
@@ -346,8 +351,9 @@ pub async fn run(
 
     // Outermost first: CORS answers preflights, gRPC-Web is translated to
     // gRPC, then every call is observed as gRPC.
-    let server = bounded_server()
+    let server = bounded_server(&config.connections)
         .accept_http1(true)
+        .layer(listener::MarkOpened)
         .layer(web::cors(&config.cors_allowed_origins))
         .layer(tonic_web::GrpcWebLayer::new())
         .layer(calls)
@@ -355,10 +361,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(devicehub)
-        .serve_with_incoming_shutdown(
-            listener::incoming(listener, tls, shutdown.clone()),
-            health::stopping(health, shutdown.clone()),
-        );
+        .serve_with_incoming_shutdown(incoming, health::stopping(health, shutdown.clone()));
     // Shutdown waits for calls to end, but not for ever: a call waiting a
     // minute for a device's reply, or a client that stopped reading, would
     // keep the process alive after SIGTERM.
@@ -385,9 +388,9 @@ pub async fn run(
 
 /// The gRPC server with what tonic and hyper leave open to a hostile or
 /// broken client closed.
-fn bounded_server() -> Server {
+fn bounded_server(limits: &config::ConnectionLimits) -> Server {
     Server::builder()
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .max_concurrent_streams(limits.max_streams_per_connection)
         .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
         .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
@@ -413,15 +416,25 @@ async fn spawn_metrics(
     Ok(())
 }
 
-/// Logs the buffer and watcher counters every [`STATS_INTERVAL`] and once at
-/// shutdown, for operators (metrics can come later).
-async fn log_stats(
+/// What the stats line reads.
+struct Stats {
     hub: ReadingHub,
     replies: ReplyRouter,
     ingest: Arc<mqtt::IngestCounters>,
+    connections: Arc<listener::ListenerCounters>,
     auth: Authenticator,
-    shutdown: CancellationToken,
-) {
+}
+
+/// Logs the buffer, watcher and connection counters every
+/// [`STATS_INTERVAL`] and once at shutdown, for operators without metrics.
+async fn log_stats(sources: Stats, shutdown: CancellationToken) {
+    let Stats {
+        hub,
+        replies,
+        ingest,
+        connections,
+        auth,
+    } = sources;
     let mut interval = tokio::time::interval(STATS_INTERVAL);
     interval.tick().await; // the first tick is immediate
     loop {
@@ -453,6 +466,7 @@ async fn log_stats(
             replies_late = replies.late,
             replies_unmatched = replies.unmatched,
             token_cache_evictions = auth.cache_evictions(),
+            connections_closed = ?connections.closed(),
             "stats"
         );
         if stopping {

@@ -12,6 +12,17 @@ use devicehub::proto::{
 };
 use tonic::{transport::Channel, Code, Request};
 
+/// A client connecting from `source`, one of the loopback addresses.
+async fn connect_from(service: &TestService, source: &str) -> DeviceHubClient<Channel> {
+    let channel = Channel::from_shared(service.url())
+        .unwrap()
+        .local_address(Some(source.parse().unwrap()))
+        .connect()
+        .await
+        .unwrap();
+    DeviceHubClient::new(channel)
+}
+
 async fn connect(service: &TestService) -> DeviceHubClient<Channel> {
     // A channel of its own: a connection of its own.
     let channel = Channel::from_shared(service.url())
@@ -46,8 +57,9 @@ async fn one_client_cannot_take_every_watcher() {
         "{status:?}"
     );
 
-    // Another connection still gets its watchers.
-    let mut other = connect(&service).await;
+    // Another client (another address: without auth a client is its
+    // remote IP) still gets its watchers.
+    let mut other = connect_from(&service, "127.0.0.2").await;
     other
         .watch_readings(WatchReadingsRequest::default())
         .await
@@ -308,8 +320,8 @@ async fn one_client_cannot_take_every_command_slot() {
         status.message().contains("--max-commands-per-client"),
         "{status:?}"
     );
-    // Another connection is not held up.
-    let mut other = connect(&service).await;
+    // Another client (another address) is not held up.
+    let mut other = connect_from(&service, "127.0.0.2").await;
     other
         .send_command(SendCommandRequest {
             device_id: "slow".into(),

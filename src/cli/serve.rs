@@ -8,8 +8,8 @@ use rumqttc::QoS;
 
 use super::{login::read, *};
 use crate::config::{
-    AuthConfig, BrokerUrl, BufferLimits, Config, ConfigError, DeviceLimits, GrpcTls, MqttConfig,
-    Secret, StoreConfig,
+    AuthConfig, BrokerUrl, BufferLimits, Config, ConfigError, ConnectionLimits, DeviceLimits,
+    GrpcTls, MqttConfig, Secret, StoreConfig,
 };
 
 /// The largest `--max-reading-bytes`: 4 MiB less room for the topic (up to
@@ -119,7 +119,8 @@ pub struct ServeArgs {
     pub max_watchers: u32,
 
     /// Most WatchReadings streams one client keeps open at once: per token
-    /// subject with auth, else per connection. More get RESOURCE_EXHAUSTED.
+    /// subject with auth, else per remote IP address. More get
+    /// RESOURCE_EXHAUSTED.
     #[arg(long, env = "DEVICEHUB_MAX_WATCHERS_PER_CLIENT", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_watchers_per_client: u32,
@@ -127,7 +128,7 @@ pub struct ServeArgs {
     /// Most commands one client has in progress at once (waiting for the
     /// broker's acknowledgement or the device's reply), over SendCommand and
     /// StreamCommands together: per token subject with auth, else per
-    /// connection. More get RESOURCE_EXHAUSTED.
+    /// remote IP address. More get RESOURCE_EXHAUSTED.
     #[arg(long, env = "DEVICEHUB_MAX_COMMANDS_PER_CLIENT", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_commands_per_client: u32,
@@ -166,6 +167,67 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub grpc_security: GrpcSecurityArgs,
+
+    #[command(flatten)]
+    pub connections: ConnectionArgs,
+}
+
+/// What the gRPC port holds at once and how long it waits for a peer. Over
+/// a cap a new connection is closed at once and counted
+/// (`connections_closed` in the stats line).
+#[derive(Debug, Clone, Args)]
+pub struct ConnectionArgs {
+    /// Most gRPC connections open at once.
+    #[arg(long, env = "DEVICEHUB_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Most gRPC connections open at once from one remote IP address.
+    #[arg(long, env = "DEVICEHUB_MAX_CONNECTIONS_PER_IP", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_ip: u32,
+
+    /// Most TLS handshakes in progress at once (with --tls-cert).
+    #[arg(long, env = "DEVICEHUB_MAX_TLS_HANDSHAKES", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tls_handshakes: u32,
+
+    /// Most TLS handshakes in progress at once from one remote IP address.
+    #[arg(long, env = "DEVICEHUB_MAX_TLS_HANDSHAKES_PER_IP", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tls_handshakes_per_ip: u32,
+
+    /// How long a TLS handshake may take before the connection is closed:
+    /// a duration like 5s or 500ms.
+    #[arg(long, env = "DEVICEHUB_TLS_HANDSHAKE_TIMEOUT", default_value = "5s",
+          value_parser = humantime::parse_duration)]
+    pub tls_handshake_timeout: Duration,
+
+    /// How long a connection may stay open before its first request (a
+    /// duration like 10s); then it is closed.
+    #[arg(long, env = "DEVICEHUB_CONNECTION_IDLE_TIMEOUT", default_value = "10s",
+          value_parser = humantime::parse_duration)]
+    pub connection_idle_timeout: Duration,
+
+    /// Most calls (HTTP/2 streams) one connection has open at once; the
+    /// client queues further ones.
+    #[arg(long, env = "DEVICEHUB_MAX_STREAMS_PER_CONNECTION", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_connection: u32,
+}
+
+impl ConnectionArgs {
+    fn limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections as usize,
+            max_connections_per_ip: self.max_connections_per_ip as usize,
+            max_handshakes: self.max_tls_handshakes as usize,
+            max_handshakes_per_ip: self.max_tls_handshakes_per_ip as usize,
+            handshake_timeout: self.tls_handshake_timeout,
+            idle_timeout: self.connection_idle_timeout,
+            max_streams_per_connection: self.max_streams_per_connection,
+        }
+    }
 }
 
 /// TLS and caller authentication on the gRPC port, and the opt-in to run
@@ -325,6 +387,7 @@ impl ServeArgs {
             cors_allowed_origins: cors_origins(&self.cors_allowed_origins)?,
             grpc_tls: self.grpc_security.tls()?,
             auth: self.grpc_security.auth()?,
+            connections: self.connections.limits(),
             store: self.store_url.as_ref().map(|url| StoreConfig {
                 url: Secret::new(url.as_str()),
                 password: std::env::var(STORE_PASSWORD_ENV).ok().map(Secret::new),

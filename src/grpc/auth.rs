@@ -29,7 +29,7 @@ use jsonwebtoken::{decode, decode_header, errors::ErrorKind, Algorithm, Decoding
 use tonic::{metadata::MetadataMap, Request, Status};
 
 use super::error::ApiError;
-use crate::{config::AuthConfig, scope::DeviceSet, sync};
+use crate::{config::AuthConfig, listener::ConnInfo, scope::DeviceSet, sync};
 
 /// The read scope, and its prefix for a narrowed one.
 const READ_SCOPE: &str = "readings:read";
@@ -185,8 +185,14 @@ impl Authenticator {
             // Joins the call's span (telemetry/calls.rs), entered here.
             tracing::Span::current().record("caller", caller.subject.as_str());
         }
-        caller.client = match (caller.subject.as_str(), request.remote_addr()) {
-            ("", Some(peer)) => format!("peer {peer}").into(),
+        let peer = request
+            .extensions()
+            .get::<ConnInfo>()
+            .and_then(ConnInfo::remote_addr);
+        // Without a token, a client is its address, not its connection: ten
+        // connections from one host share one client's limits.
+        caller.client = match (caller.subject.as_str(), peer) {
+            ("", Some(peer)) => format!("peer {}", peer.ip()).into(),
             ("", None) => "peer unknown".into(),
             (subject, _) => format!("sub {subject}").into(),
         };

@@ -24,7 +24,10 @@ mod link;
 mod publish;
 mod tls;
 
-use std::sync::{atomic::AtomicU64, Arc, Mutex, MutexGuard};
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc, Mutex, MutexGuard,
+};
 
 use rumqttc::{AsyncClient, MqttOptions, TlsConfiguration, Transport};
 use tokio::{sync::watch, task::JoinHandle};
@@ -80,6 +83,15 @@ pub struct IngestCounters {
     pub connects: AtomicU64,
     /// Connections lost after they were up.
     pub disconnects: AtomicU64,
+}
+
+impl IngestCounters {
+    /// Messages from devices not stored, by reason, as
+    /// `devicehub_readings_rejected_total{reason}` shows them: the one list
+    /// of reasons, read by the metrics and the stats line.
+    pub fn rejected(&self) -> Vec<(&'static str, u64)> {
+        vec![("too_large", self.rejected_too_large.load(Ordering::Relaxed))]
+    }
 }
 
 /// The running MQTT link: its publisher and the event loop task.

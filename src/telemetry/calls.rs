@@ -35,7 +35,9 @@ use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 use prost::Message as _;
-use tonic::{transport::server::TcpConnectInfo, Code};
+use tonic::Code;
+
+use crate::listener::ConnInfo;
 use tracing::{field::Empty, Span};
 
 use super::traces;
@@ -306,8 +308,8 @@ where
             .clone();
         let peer = request
             .extensions()
-            .get::<TcpConnectInfo>()
-            .and_then(TcpConnectInfo::remote_addr);
+            .get::<ConnInfo>()
+            .and_then(ConnInfo::remote_addr);
         let span = tracing::info_span!(
             "rpc",
             otel.name = %request.uri().path().trim_start_matches('/'),
