@@ -279,12 +279,15 @@ async fn a_slow_watcher_gets_gaps_while_fast_watchers_and_ingestion_get_everythi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_watcher_limit_is_resource_exhausted_and_slots_come_back() {
     let broker = embedded_broker();
-    // One connection opens them all: the per-client limit is out of the way.
+    // One connection opens them all: the per-client and per-connection
+    // limits are out of the way.
     let args = [
         "--max-watchers",
         "1000",
         "--max-watchers-per-client",
         "1000",
+        "--max-streams-per-connection",
+        "1024",
     ];
     let service = TestService::start_ready(config(&broker, &args)).await;
     let mut client = service.client().await;
