@@ -391,6 +391,9 @@ impl Service {
                 "5000",
                 "--max-watchers-per-client",
                 "5000",
+                // Fan-out opens its watchers over few connections.
+                "--max-streams-per-connection",
+                "5000",
             ])
             .args(extra)
             // The harness reads the startup lines logged at info; pass a
