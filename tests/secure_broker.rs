@@ -279,13 +279,12 @@ fn tls_and_login_flags_are_checked_at_startup() {
     assert!(!format!("{config:?}").contains("hunter2"));
 }
 
-/// Publish → WatchReadings latency of small QoS 0 readings (1 000/s) right
-/// after a QoS 1 burst, through the shipped config stays low: the median
-/// under 5 ms, with room for a debug build on a busy machine (about 1.5 ms
-/// here). Without the config's `set_tcp_nodelay true`, a release build held
-/// each such reading ~10 ms (p50 9.7 ms instead of 0.3 ms); in this short
-/// debug run the same omission shows only as sporadic 13-40 ms stalls, so
-/// this guards the shipped path rather than proving the setting alone.
+/// Small QoS 0 readings right after a QoS 1 burst, through the shipped
+/// config, all reach the watcher in order. Their latency is not asserted
+/// here (a timed test only measures the machine it runs on): scenario 3 of
+/// the benchmark measures it. Without the config's `set_tcp_nodelay true`, a
+/// release build held each such reading ~10 ms (p50 9.7 ms instead of
+/// 0.3 ms), so this test also checks that the shipped config keeps it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_stay_prompt_after_a_burst_through_the_shipped_config() {
     use devicehub::proto::{watch_readings_response::Event, WatchReadingsRequest};
@@ -339,7 +338,8 @@ async fn readings_stay_prompt_after_a_burst_through_the_shipped_config() {
                 .await
                 .unwrap()
                 .unwrap();
-            if matches!(message.event, Some(Event::Reading(_))) {
+            if let Some(Event::Reading(reading)) = message.event {
+                assert_eq!(reading.payload, format!("q0 {i}").as_bytes(), "in order");
                 break;
             }
         }
@@ -347,14 +347,20 @@ async fn readings_stay_prompt_after_a_burst_through_the_shipped_config() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     latencies.sort();
-    let median = latencies[latencies.len() / 2];
     eprintln!(
-        "QoS 0 after a QoS 1 burst: median {median:?}, max {:?}",
+        "QoS 0 after a QoS 1 burst: median {:?}, max {:?} (informational)",
+        latencies[latencies.len() / 2],
         latencies.last()
     );
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/mosquitto/mosquitto.conf"),
+    )
+    .unwrap();
     assert!(
-        median < Duration::from_millis(5),
-        "median {median:?}: {latencies:?}"
+        shipped
+            .lines()
+            .any(|line| line.trim() == "set_tcp_nodelay true"),
+        "the shipped mosquitto.conf must keep `set_tcp_nodelay true`"
     );
     service.stop().await;
 }
