@@ -448,7 +448,7 @@ async fn log_stats(sources: Stats, shutdown: CancellationToken) {
             buffered = stats.buffer.readings,
             buffered_bytes = stats.buffer.bytes,
             evicted = stats.buffer.evicted,
-            rejected_too_large = ingest.rejected_too_large.load(Ordering::Relaxed),
+            rejected = ?ingest.rejected(),
             mqtt_connects = ingest.connects.load(Ordering::Relaxed),
             mqtt_disconnects = ingest.disconnects.load(Ordering::Relaxed),
             next_seq = stats.buffer.next_seq,

@@ -71,6 +71,29 @@ fn rejected_by_brokers(c: char) -> bool {
     c.is_control() || (0xFDD0..=0xFDEF).contains(&code) || code & 0xFFFE == 0xFFFE
 }
 
+/// The longest level of a topic a device publishes on that is stored, in
+/// bytes: a device id's limit, so that a level that may be a device id
+/// fits the store's indexes (PostgreSQL's btree refuses rows over ~2.7 kB).
+pub const MAX_TOPIC_LEVEL_BYTES: usize = MAX_DEVICE_ID_BYTES;
+
+/// Checks that a topic a message arrived on can be stored and answered:
+/// nothing MQTT brokers reject ([`check_topic_text`]: U+0000, which
+/// PostgreSQL `text` refuses, and the other control characters), and no
+/// level over [`MAX_TOPIC_LEVEL_BYTES`].
+pub fn check_received_topic(topic: &str) -> Result<(), TopicError> {
+    check_topic_text(topic)?;
+    match topic
+        .split('/')
+        .find(|level| level.len() > MAX_TOPIC_LEVEL_BYTES)
+    {
+        Some(level) => Err(TopicError(format!(
+            "has a level of {} bytes; the limit is {MAX_TOPIC_LEVEL_BYTES}",
+            level.len()
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Checks an MQTT topic filter (MQTT 3.1.1 section 4.7): non-empty, at most
 /// [`MAX_TOPIC_BYTES`], nothing brokers reject ([`check_topic_text`]), `+`
 /// alone in its level, `#` alone in the last level.
@@ -312,6 +335,19 @@ fn render(levels: &[&str], placeholder_level: Option<usize>, value: &str) -> Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn received_topics() {
+        assert!(check_received_topic("devices/sensor-1/readings").is_ok());
+        let longest = format!("devices/{}/readings", "x".repeat(MAX_TOPIC_LEVEL_BYTES));
+        assert!(check_received_topic(&longest).is_ok());
+        let error = check_received_topic(&format!("devices/{}x/readings", "x".repeat(256)))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(error, "has a level of 257 bytes; the limit is 256");
+        assert!(check_received_topic("devices/a\0b/readings").is_err());
+        assert!(check_received_topic("devices/a\u{7}b/readings").is_err());
+    }
 
     #[test]
     fn device_ids() {

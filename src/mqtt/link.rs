@@ -19,7 +19,7 @@ use tracing::{debug, info, trace, warn};
 use super::{
     leave::{sleep_until, Group, Leaving},
     publish::PublishError,
-    IngestCounters, LinkState, Shared,
+    IngestCounters, LinkState, Rejection, Shared,
 };
 use crate::{
     buffer::{ConnectionStatus, MessageKind, NewReading},
@@ -27,7 +27,7 @@ use crate::{
     log_limit::{truncated, LogLimit},
     replies::{ReplyRouter, Routed},
     store::{Ingest, StoredReading},
-    topic::TopicTemplate,
+    topic::{check_received_topic, TopicTemplate},
 };
 
 /// Reconnect backoff bounds.
@@ -63,8 +63,9 @@ pub(super) struct Driver {
     counters: Arc<IngestCounters>,
 }
 
-/// Readings over the size limit, rate-limited.
-static TOO_LARGE_LOG: LogLimit = LogLimit::new();
+/// Messages not stored ([`Rejection`]), rate-limited: a device may send
+/// nothing else.
+static REJECTED_LOG: LogLimit = LogLimit::new();
 
 impl Driver {
     pub(super) fn new(
@@ -185,7 +186,7 @@ impl Driver {
                     }
                     batch.clear();
                     // Publishes with nothing to store (another replica's
-                    // reply, one too large) wait for the batch before them;
+                    // reply, one rejected) wait for the batch before them;
                     // when that is committed already, no commit would come
                     // to acknowledge them, and the broker, its window full,
                     // would stop sending.
@@ -356,7 +357,7 @@ impl Driver {
                     .iter()
                     .map(|(publish, reading)| StoredReading::new(reading, publish.payload.clone()))
                     .collect::<Vec<_>>();
-                // Publishes not stored (too large) are acknowledged with the
+                // Publishes not stored (rejected) are acknowledged with the
                 // batch before them, keeping acknowledgements in order.
                 let id = match stored.is_empty() {
                     true => Some(writer.last_sent()),
@@ -379,7 +380,7 @@ impl Driver {
         let received_at = SystemTime::now();
         batch
             .iter()
-            .filter(|publish| self.fits(publish))
+            .filter(|publish| self.admissible(publish))
             .filter_map(|publish| {
                 // Replies and status messages are buffered like readings;
                 // replies are routed to a waiting SendCommand call if there
@@ -428,25 +429,41 @@ impl Driver {
             .collect()
     }
 
-    /// Whether `publish` is small enough to keep; counts and logs
-    /// (rate-limited) one that is not. Too large for the buffer's promise
-    /// that every reading fits one gRPC message, it is not stored, and a
-    /// reply that large is not routed either.
-    fn fits(&self, publish: &Publish) -> bool {
+    /// Whether `publish` can be stored; counts and logs (rate-limited) one
+    /// that cannot, which is still acknowledged, so that the broker does
+    /// not deliver it again (a retained one would come back on every
+    /// connection and, refused by the store, stop every commit). Too large
+    /// for the buffer's promise that every reading fits one gRPC message,
+    /// or on a topic the store or a command could not hold, it is not
+    /// stored, and a reply is not routed either.
+    fn admissible(&self, publish: &Publish) -> bool {
         let bytes = publish.payload.len();
-        if bytes <= self.max_reading_bytes {
+        let refused = if bytes > self.max_reading_bytes {
+            Some((
+                Rejection::TooLarge,
+                format!(
+                    "larger than --max-reading-bytes ({bytes} > {})",
+                    self.max_reading_bytes
+                ),
+            ))
+        } else if publish.topic.contains(char::REPLACEMENT_CHARACTER) {
+            // What the patched rumqttc puts for bytes that are not UTF-8.
+            Some((Rejection::InvalidUtf8, "topic is not UTF-8".to_owned()))
+        } else {
+            check_received_topic(&publish.topic)
+                .err()
+                .map(|error| (Rejection::InvalidTopic, format!("topic {error}")))
+        };
+        let Some((why, detail)) = refused else {
             return true;
-        }
-        self.counters
-            .rejected_too_large
-            .fetch_add(1, Ordering::Relaxed);
-        if let Some(left_out) = TOO_LARGE_LOG.allow() {
+        };
+        self.counters.reject(why);
+        if let Some(left_out) = REJECTED_LOG.allow() {
             warn!(
                 topic = truncated(&publish.topic),
-                bytes,
-                limit = self.max_reading_bytes,
+                reason = why.reason(),
                 similar_lines_left_out = left_out,
-                "reading larger than --max-reading-bytes; not stored"
+                "message from a device not stored: {detail}"
             );
         }
         false

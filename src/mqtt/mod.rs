@@ -76,21 +76,61 @@ impl Shared {
 /// What the link counts, read by the stats line and `/metrics` alike.
 #[derive(Debug, Default)]
 pub struct IngestCounters {
-    /// Readings not stored because they were larger than
-    /// `--max-reading-bytes`.
-    pub rejected_too_large: AtomicU64,
+    /// Messages from devices not stored, by [`Rejection`].
+    rejected: [AtomicU64; Rejection::ALL.len()],
     /// Connections the broker accepted (CONNACK).
     pub connects: AtomicU64,
     /// Connections lost after they were up.
     pub disconnects: AtomicU64,
 }
 
+/// Why a message from a device was not stored. It is acknowledged all the
+/// same (the broker must not deliver it again: it would be refused again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// Larger than `--max-reading-bytes`.
+    TooLarge,
+    /// Its topic was not UTF-8 (read with U+FFFD in place of the invalid
+    /// bytes: vendor/rumqttc/PATCH.md).
+    InvalidUtf8,
+    /// Its topic holds U+0000, another control character or a Unicode
+    /// noncharacter, or a level over `topic::MAX_TOPIC_LEVEL_BYTES`.
+    InvalidTopic,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 3] = [Self::TooLarge, Self::InvalidUtf8, Self::InvalidTopic];
+
+    /// The `reason` label of `devicehub_readings_rejected_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::TooLarge => "too_large",
+            Self::InvalidUtf8 => "invalid_utf8",
+            Self::InvalidTopic => "invalid_topic",
+        }
+    }
+}
+
 impl IngestCounters {
-    /// Messages from devices not stored, by reason, as
+    /// Counts one message not stored.
+    pub fn reject(&self, why: Rejection) {
+        self.rejected[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Messages from devices not stored at ingest, by reason, as
     /// `devicehub_readings_rejected_total{reason}` shows them: the one list
-    /// of reasons, read by the metrics and the stats line.
+    /// of these reasons, read by the metrics and the stats line. (The store
+    /// counts the rows PostgreSQL refuses: `refused_by_store`.)
     pub fn rejected(&self) -> Vec<(&'static str, u64)> {
-        vec![("too_large", self.rejected_too_large.load(Ordering::Relaxed))]
+        Rejection::ALL
+            .iter()
+            .map(|&why| {
+                (
+                    why.reason(),
+                    self.rejected[why as usize].load(Ordering::Relaxed),
+                )
+            })
+            .collect()
     }
 }
 

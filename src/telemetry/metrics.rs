@@ -168,10 +168,9 @@ impl Metrics {
         let set =
             |counter: &Counter, value: u64| counter.inc_by(value.saturating_sub(counter.get()));
         set(&self.received, buffer.readings as u64 + buffer.evicted);
-        set(
-            &self.rejected.with_label_values(&["too_large"]),
-            load(&link.rejected_too_large),
-        );
+        for (reason, count) in link.rejected() {
+            set(&self.rejected.with_label_values(&[reason]), count);
+        }
         set(&self.evicted, buffer.evicted);
         self.buffer_readings.set(buffer.readings as i64);
         self.buffer_bytes.set(buffer.bytes as i64);
@@ -216,6 +215,10 @@ impl Metrics {
             set(
                 &metrics.retention_deleted,
                 load(&counters.retention_deleted),
+            );
+            set(
+                &self.rejected.with_label_values(&["refused_by_store"]),
+                load(&counters.refused_readings),
             );
         }
     }

@@ -110,6 +110,9 @@ pub struct StoreCounters {
     pub errors: AtomicU64,
     /// Readings deleted by retention.
     pub retention_deleted: AtomicU64,
+    /// Readings the database refused for their content, left out of their
+    /// commits.
+    pub refused_readings: AtomicU64,
 }
 
 /// Where the table stands at startup.

@@ -10,10 +10,11 @@
 //! NOTIFY wakes every instance's tail), and the committed batch id tells
 //! the MQTT event loop what it may acknowledge. While the database fails, the task retries the same
 //! readings with backoff and health says NOT_SERVING; the queue fills and
-//! ingest waits (see `store`).
+//! ingest waits (see `store`). A reading the database refuses for its
+//! content is left out and counted; the rest of its batch commits.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -29,6 +30,7 @@ use super::{micros, Postgres, StoreStart};
 use crate::{
     buffer::{ConnectionStatus, MessageKind},
     hub::{Committed, ReadingHub},
+    log_limit::{truncated, LogLimit},
     store::StoredReading,
 };
 
@@ -41,6 +43,8 @@ const QUEUE_BATCHES: usize = 4_096;
 /// Retry backoff bounds while the database fails.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Readings the database refused, rate-limited.
+static REFUSED_LOG: LogLimit = LogLimit::new();
 /// How often an idle writer checks that the database answers, for health.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -163,8 +167,13 @@ impl Task {
     }
 
     /// Commits `batches` (retrying until it works or shutdown), then pushes
-    /// them into memory and reports them committed. `false`: shutdown came
-    /// first.
+    /// them into memory and reports them committed. A reading the database
+    /// refuses for its content is left out, counted and logged, and the
+    /// rest commit: halves of a refused piece are tried in turn, down to the
+    /// one reading, so a batch with one bad row costs about twice its
+    /// depth in statements, and it never blocks the readings behind it.
+    /// (Ingest refuses what it knows the table cannot hold; this is for
+    /// what it does not know.) `false`: shutdown came first.
     async fn commit(&mut self, batches: &mut [Batch]) -> bool {
         for reading in batches.iter_mut().flat_map(|b| b.readings.iter_mut()) {
             let at = micros(reading.received_at).max(self.newest_micros);
@@ -175,25 +184,70 @@ impl Task {
         let Some(last_id) = batches.last().map(|b| b.id) else {
             return true;
         };
-        let counters = &self.store.shared.counters;
-        let mut backoff = BACKOFF_MIN;
         let started = std::time::Instant::now();
-        let first_seq = loop {
-            match insert(&self.store, &readings, self.replicas).await {
-                Ok(first_seq) => break first_seq,
+        // Pieces to insert, in order: all of them, or the halves of a
+        // piece refused.
+        let mut pieces = VecDeque::from([&readings[..]]);
+        while let Some(piece) = pieces.pop_front() {
+            let Some(inserted) = self.insert_retrying(piece).await else {
+                return false;
+            };
+            match inserted {
+                Ok(first_seq) => self.pushed(first_seq, piece),
+                Err(error) if piece.len() == 1 => self.refused(piece[0], &error),
+                Err(_) => {
+                    let (front, back) = piece.split_at(piece.len() / 2);
+                    pieces.push_front(back);
+                    pieces.push_front(front);
+                }
+            }
+        }
+        debug!(
+            readings = readings.len(),
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            "readings committed"
+        );
+        self.committed.send_replace(last_id);
+        true
+    }
+
+    /// Inserts `readings`, retrying with backoff while the database fails
+    /// for any reason but their content. `Some(Err)`: it refused them for
+    /// their content; `None`: shutdown came first.
+    async fn insert_retrying(
+        &self,
+        readings: &[&StoredReading],
+    ) -> Option<Result<u64, sqlx::Error>> {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            match insert(&self.store, readings, self.replicas).await {
+                Ok(first_seq) => {
+                    self.set_up(true, None);
+                    return Some(Ok(first_seq));
+                }
+                Err(error) if refused_for_content(&error) => return Some(Err(error)),
                 Err(error) => {
-                    counters.errors.fetch_add(1, Ordering::Relaxed);
+                    self.store
+                        .shared
+                        .counters
+                        .errors
+                        .fetch_add(1, Ordering::Relaxed);
                     self.set_up(false, Some(&error));
                     warn!(%error, readings = readings.len(), retry_in = ?backoff, "committing readings to PostgreSQL failed; not acknowledging them");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = self.shutdown.cancelled() => return false,
+                        _ = self.shutdown.cancelled() => return None,
                     }
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
-        };
-        self.set_up(true, None);
+        }
+    }
+
+    /// Counts readings committed from `first_seq` on and pushes them into
+    /// memory.
+    fn pushed(&self, first_seq: u64, readings: &[&StoredReading]) {
+        let counters = &self.store.shared.counters;
         counters.commits.fetch_add(1, Ordering::Relaxed);
         counters
             .committed_readings
@@ -205,16 +259,20 @@ impl Task {
         };
         self.hub
             .push_committed(first_seq, readings.iter().map(|r| r.as_new()), from);
-        let last = first_seq + readings.len() as u64 - 1;
-        debug!(
-            first_seq,
-            last,
-            readings = readings.len(),
-            took_ms = started.elapsed().as_secs_f64() * 1e3,
-            "readings committed"
-        );
-        self.committed.send_replace(last_id);
-        true
+    }
+
+    /// Counts and logs (rate-limited) a reading the database refused.
+    fn refused(&self, reading: &StoredReading, error: &sqlx::Error) {
+        let counters = &self.store.shared.counters;
+        counters.refused_readings.fetch_add(1, Ordering::Relaxed);
+        if let Some(left_out) = REFUSED_LOG.allow() {
+            warn!(
+                topic = truncated(&reading.topic),
+                error = truncated(&error.to_string()),
+                similar_lines_left_out = left_out,
+                "PostgreSQL refused a reading for its content; not stored (acknowledged all the same)"
+            );
+        }
     }
 
     /// Checks that the database answers while nothing is being written.
@@ -233,6 +291,15 @@ impl Task {
             _ => {}
         }
     }
+}
+
+/// Whether the database refused a statement for what it held (SQLSTATE
+/// class 22, data exception, such as U+0000 in `text`; class 23, integrity
+/// constraint violation; 54000, such as an index row too large), not for
+/// being unreachable or busy: the same rows would be refused again.
+fn refused_for_content(error: &sqlx::Error) -> bool {
+    let code = error.as_database_error().and_then(|e| e.code());
+    code.is_some_and(|code| code.starts_with("22") || code.starts_with("23") || code == "54000")
 }
 
 /// Numbers and inserts `readings` and updates their devices' records in

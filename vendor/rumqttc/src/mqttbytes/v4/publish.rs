@@ -58,7 +58,11 @@ impl Publish {
 
         let variable_header_index = fixed_header.fixed_header_len;
         bytes.advance(variable_header_index);
-        let topic = read_mqtt_string(&mut bytes)?;
+        // devicehub's patch (PATCH.md): a topic that is not UTF-8, which MQTT
+        // forbids but some brokers forward, is read with U+FFFD in place of
+        // the invalid bytes instead of failing the connection: a failed
+        // connection gets the same message again on the next one, forever.
+        let topic = String::from_utf8_lossy(&read_mqtt_bytes(&mut bytes)?).into_owned();
 
         // Packet identifier exists where QoS > 0
         let pkid = match qos {
