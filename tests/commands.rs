@@ -433,3 +433,47 @@ async fn a_command_stream_ends_unavailable_when_the_service_stops() {
     assert!(status.message().contains("shutting down"), "{status:?}");
     drop(requests);
 }
+
+/// A result nested `depth` arrays deep: `[[...[1]...]]`.
+fn nested_result(depth: usize) -> Value {
+    (0..depth).fold(json!(1), |inner, _| json!([inner]))
+}
+
+/// A device's reply with a result nested deeper than clients decode: the
+/// outcome is returned, the result left out and the message says so; one
+/// as deep as allowed (31 levels) comes back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_result_too_deep_for_clients_is_left_out_and_said_so() {
+    let broker = embedded_broker();
+    let service = TestService::start_ready(config(&broker, &[])).await;
+    let mut client = service.client().await;
+    let deep: ReplyPolicy = Arc::new(|_: &str, envelope: &Value| {
+        let depth = envelope["params"]["depth"].as_u64()? as usize;
+        let reply = json!({"id": envelope["id"], "status": "ok", "message": "done", "result": nested_result(depth)});
+        Some((Duration::ZERO, reply))
+    });
+    let _devices = Responder::start(&broker, "responder-deep", deep).await;
+    for (depth, kept) in [(31, true), (32, false), (100, false)] {
+        let request = with_params(
+            command("d-deep", "DEEP", Some(5000)),
+            json!({"depth": depth}),
+        );
+        let reply = client
+            .send_command(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .reply
+            .unwrap();
+        assert_eq!(reply.status(), CommandStatus::Ok, "depth {depth}");
+        assert_eq!(reply.result.is_some(), kept, "depth {depth}");
+        match kept {
+            true => assert_eq!(reply.message, "done"),
+            false => assert_eq!(
+                reply.message,
+                "done (devicehub left out the result: nested deeper than 31 arrays and objects)"
+            ),
+        }
+    }
+    service.stop().await;
+}

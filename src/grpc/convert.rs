@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use prost_types::{value::Kind, ListValue, Struct, Timestamp, Value};
 
-use super::{auth::Caller, commands::MAX_REPLY_TIMEOUT, error::ApiError};
+use super::{auth::Caller, commands::MAX_REPLY_TIMEOUT, error::ApiError, wire::MAX_JSON_DEPTH};
 use crate::{
     buffer::ReadingFilter,
     proto,
@@ -102,17 +102,50 @@ pub(super) fn reply_timeout(
         })
 }
 
+/// How many arrays and objects deep a reply's `result` may nest and be
+/// returned: one level less than a reading's JSON ([`MAX_JSON_DEPTH`]), as
+/// a reply reaches clients one message deeper (StreamCommandsResponse,
+/// SendCommandResponse, CommandReply, Value). serde_json parsed it (its own
+/// limit is 128 levels), but clients' decoders stop at 100 message levels.
+pub(super) const MAX_RESULT_DEPTH: usize = MAX_JSON_DEPTH - 1;
+
 pub(super) fn reply_to_proto(reply: DeviceReply) -> proto::CommandReply {
     let status = match reply.ok {
         true => proto::CommandStatus::Ok,
         false => proto::CommandStatus::Error,
     };
+    let mut message = reply.message;
+    let result = match reply.result {
+        Some(result) if json_depth(&result) > MAX_RESULT_DEPTH => {
+            // The device's outcome stands; only what clients could not
+            // decode is left out, and the message says so.
+            let note = format!(
+                "(devicehub left out the result: nested deeper than {MAX_RESULT_DEPTH} arrays and objects)"
+            );
+            message = match message.is_empty() {
+                true => note,
+                false => format!("{message} {note}"),
+            };
+            None
+        }
+        result => result.map(json_to_value),
+    };
     proto::CommandReply {
         status: status.into(),
-        result: reply.result.map(json_to_value),
-        message: reply.message,
+        result,
+        message,
         received_at: Some(Timestamp::from(reply.received_at)),
     }
+}
+
+/// How many arrays and objects deep `json` nests (a scalar: 0).
+fn json_depth(json: &serde_json::Value) -> usize {
+    let inner = match json {
+        serde_json::Value::Array(items) => items.iter().map(json_depth).max(),
+        serde_json::Value::Object(map) => map.values().map(json_depth).max(),
+        _ => return 0,
+    };
+    1 + inner.unwrap_or(0)
 }
 
 /// The JSON envelope published for a command.
@@ -190,6 +223,16 @@ fn value_to_json(value: &Value) -> Result<serde_json::Value, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_depth_counts_arrays_and_objects() {
+        assert_eq!(json_depth(&serde_json::json!(1)), 0);
+        assert_eq!(json_depth(&serde_json::json!([])), 1);
+        assert_eq!(
+            json_depth(&serde_json::json!({"a": [1, {"b": [2]}], "c": 3})),
+            4
+        );
+    }
 
     #[test]
     fn params_round_trip_and_non_finite_numbers_are_refused() {
