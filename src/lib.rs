@@ -292,6 +292,12 @@ pub async fn run(
         ],
         grpc_metrics.as_ref(),
     );
+    // Accepting starts now; tonic takes the connections once it serves.
+    let addr = listener.local_addr()?;
+    let tls_on = tls.is_some();
+    let (incoming, connections) =
+        listener::incoming(listener, tls, config.connections.clone(), shutdown.clone());
+    // After the listener: /metrics reads its counts.
     if let Some(addr) = config.metrics_addr {
         let sources = metrics::Sources {
             hub: hub.clone(),
@@ -299,21 +305,16 @@ pub async fn run(
             link_counters: link.counters.clone(),
             link: link.publisher.link_state(),
             store: store.clone(),
+            listener: connections.clone(),
         };
         spawn_metrics(addr, registry, sources, shutdown.clone()).await?;
     }
-
-    // Accepting starts now; tonic takes the connections once it serves.
-    let addr = listener.local_addr()?;
-    let tls_on = tls.is_some();
-    let (incoming, connection_counters) =
-        listener::incoming(listener, tls, config.connections.clone(), shutdown.clone());
     tokio::spawn(log_stats(
         Stats {
             hub: hub.clone(),
             replies: replies.clone(),
             ingest: link.counters.clone(),
-            connections: connection_counters,
+            connections,
             auth: authenticator.clone(),
         },
         shutdown.clone(),
@@ -421,7 +422,7 @@ struct Stats {
     hub: ReadingHub,
     replies: ReplyRouter,
     ingest: Arc<mqtt::IngestCounters>,
-    connections: Arc<listener::ListenerCounters>,
+    connections: listener::ListenerStats,
     auth: Authenticator,
 }
 

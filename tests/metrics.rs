@@ -1,8 +1,9 @@
 //! `GET /metrics` from the running binary: the counters move with what the
 //! test does (readings published and rejected, a broker stopped and
 //! started, commands answered, failed, late and timed out, a slow watcher
-//! that loses readings, calls failing with known codes), and `promtool
-//! check metrics` accepts the output.
+//! that loses readings, calls failing with known codes, connections over a
+//! cap or idle too long), concurrent scrapes count nothing twice, and
+//! `promtool check metrics` accepts the output.
 
 mod common;
 
@@ -498,4 +499,120 @@ async fn store_metrics_count_commits_and_follow_the_database() {
     wait_for(&metrics, "devicehub_store_up", 1.0).await;
     wait_for(&metrics, "devicehub_store_committed_readings_total", 51.0).await;
     serve.kill().await.unwrap();
+}
+
+/// Scrapes at once count nothing twice: 8 scrapers × 50 scrapes while
+/// readings flow into a buffer of 100, and then the readings received and
+/// evicted are exactly what was published, as no scrape ever saw more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_scrapes_count_each_reading_once() {
+    const N: u64 = 5_000;
+    const KEPT: u64 = 100;
+    let mosquitto = Mosquitto::start();
+    let (mut serve, _grpc, metrics) = start(
+        &mosquitto.url,
+        &["--buffer-max-readings", &KEPT.to_string()],
+    )
+    .await;
+    let device = TestDevice::connect(&mosquitto.url, "device-scrapes", None).await;
+    let publishing = publish_indices(&device, "devices/c1/readings", 0..N);
+    let scrapers: Vec<_> = (0..8)
+        .map(|_| {
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::with_capacity(50);
+                for _ in 0..50 {
+                    let text = scrape(&metrics).await;
+                    seen.push((
+                        sample(&text, "devicehub_readings_received_total"),
+                        sample(&text, "devicehub_readings_evicted_total"),
+                    ));
+                }
+                seen
+            })
+        })
+        .collect();
+    for scraper in scrapers {
+        for (received, evicted) in scraper.await.unwrap() {
+            assert!(received.unwrap() <= N as f64, "received {received:?}");
+            assert!(evicted.unwrap() <= (N - KEPT) as f64, "evicted {evicted:?}");
+        }
+    }
+    publishing.await.unwrap();
+    let text = eventually("every reading stored", || async {
+        let text = scrape(&metrics).await;
+        (sample(&text, "devicehub_readings_received_total")? >= N as f64).then_some(text)
+    })
+    .await;
+    assert_eq!(
+        sample(&text, "devicehub_readings_received_total"),
+        Some(N as f64)
+    );
+    assert_eq!(
+        sample(&text, "devicehub_readings_evicted_total"),
+        Some((N - KEPT) as f64)
+    );
+    assert_eq!(
+        sample(&text, "devicehub_buffer_readings"),
+        Some(KEPT as f64)
+    );
+    let _ = serve.start_kill();
+    let _ = serve.wait().await;
+}
+
+/// The gRPC listener's counts: connections open now, and those it closed
+/// by reason: over `--max-connections-per-ip`, and with no request within
+/// `--connection-idle-timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_open_and_closed_by_reason() {
+    use tokio::net::TcpStream;
+    let closed = |reason| format!("devicehub_connections_closed_total{{reason=\"{reason}\"}}");
+    let mosquitto = Mosquitto::start();
+
+    // Idle connections past the per-IP cap: 3 held, 2 closed at once.
+    let (mut serve, grpc, metrics) = start(
+        &mosquitto.url,
+        &[
+            "--max-connections-per-ip",
+            "3",
+            "--connection-idle-timeout",
+            "60s",
+        ],
+    )
+    .await;
+    let text = scrape(&metrics).await;
+    assert_eq!(sample(&text, "devicehub_connections"), Some(0.0));
+    for reason in [
+        "max_connections",
+        "max_connections_per_ip",
+        "max_handshakes",
+        "max_handshakes_per_ip",
+        "handshake_timeout",
+        "handshake_failed",
+        "no_stream",
+    ] {
+        assert_eq!(sample(&text, &closed(reason)), Some(0.0), "{reason}");
+    }
+    let mut idle = Vec::new();
+    for _ in 0..5 {
+        idle.push(TcpStream::connect(&grpc).await.unwrap());
+    }
+    let text = wait_for(&metrics, &closed("max_connections_per_ip"), 2.0).await;
+    assert_eq!(sample(&text, "devicehub_connections"), Some(3.0));
+    promtool_check(&text);
+    // Closed by the peer: the gauge goes back down.
+    drop(idle);
+    wait_for(&metrics, "devicehub_connections", 0.0).await;
+    let _ = serve.start_kill();
+    let _ = serve.wait().await;
+
+    // A connection with no request, closed when the idle timeout passes.
+    let (mut serve, grpc, metrics) =
+        start(&mosquitto.url, &["--connection-idle-timeout", "200ms"]).await;
+    let _idle = TcpStream::connect(&grpc).await.unwrap();
+    let text = wait_for(&metrics, &closed("no_stream"), 1.0).await;
+    assert_eq!(sample(&text, "devicehub_connections"), Some(0.0));
+    assert_eq!(sample(&text, &closed("max_connections_per_ip")), Some(0.0));
+    let _ = serve.start_kill();
+    let _ = serve.wait().await;
 }

@@ -27,7 +27,7 @@ pub enum Kind {
 }
 
 /// Connections closed by the listener, by reason; read by the stats line
-/// (`connections_closed`).
+/// (`connections_closed`) and `/metrics` (`devicehub_connections_closed_total`).
 #[derive(Debug, Default)]
 pub struct ListenerCounters {
     pub over_connections: AtomicU64,
@@ -91,6 +91,14 @@ impl Slots {
         &self.limits
     }
 
+    /// A read-only view of the counts, for `/metrics` and the stats line.
+    pub fn stats(&self) -> ListenerStats {
+        ListenerStats {
+            counts: self.counts.clone(),
+            counters: self.counters.clone(),
+        }
+    }
+
     /// A slot of `kind` for a peer at `ip`, or `None` (counted) when a cap
     /// is reached.
     pub fn take(&self, kind: Kind, ip: IpAddr) -> Option<Slot> {
@@ -131,11 +139,26 @@ impl Slots {
             ip,
         })
     }
+}
 
-    /// Open connections now.
-    #[cfg(test)]
+/// What the listener holds and has closed, read-only (the accept loop
+/// alone takes and gives back slots).
+#[derive(Clone)]
+pub struct ListenerStats {
+    counts: Arc<Mutex<Counts>>,
+    counters: Arc<ListenerCounters>,
+}
+
+impl ListenerStats {
+    /// Connections open now, TLS handshakes in progress included: what
+    /// `--max-connections` caps.
     pub fn connections(&self) -> usize {
         sync::lock(&self.counts).connections
+    }
+
+    /// See [`ListenerCounters::closed`].
+    pub fn closed(&self) -> [(&'static str, u64); 7] {
+        self.counters.closed()
     }
 }
 
@@ -207,7 +230,7 @@ mod tests {
         assert_eq!(counters.over_connections_per_ip.load(Ordering::Relaxed), 1);
         assert_eq!(counters.over_connections.load(Ordering::Relaxed), 1);
         drop(a1);
-        assert_eq!(slots.connections(), 2);
+        assert_eq!(slots.stats().connections(), 2);
         let _c1 = slots.take(Kind::Connection, c).unwrap();
 
         // Handshakes are counted apart from connections.

@@ -34,8 +34,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::{debug, warn};
 
-pub use limits::ListenerCounters;
-use limits::{Kind, Slot, Slots};
+pub use limits::ListenerStats;
+use limits::{Kind, ListenerCounters, Slot, Slots};
 pub use tls::{ServerTls, ServerTlsError};
 
 use crate::config::ConnectionLimits;
@@ -158,21 +158,21 @@ impl AsyncWrite for Conn {
 
 /// The connections to serve: accepted from `listener` under `limits`, with
 /// TCP_NODELAY, through a TLS handshake when `tls` is given, until
-/// `shutdown`. Returns them with the listener's counters.
+/// `shutdown`. Returns them with a view of the listener's counts.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<ServerTls>,
     limits: ConnectionLimits,
     shutdown: CancellationToken,
-) -> (ReceiverStream<io::Result<Conn>>, Arc<ListenerCounters>) {
+) -> (ReceiverStream<io::Result<Conn>>, ListenerStats) {
     let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
     if let Some(tls) = &tls {
         tokio::spawn(tls.clone().follow_files(shutdown.clone()));
     }
     let slots = Slots::new(limits);
-    let counters = slots.counters.clone();
+    let stats = slots.stats();
     tokio::spawn(accept(listener, tls, slots, tx, shutdown));
-    (ReceiverStream::new(rx), counters)
+    (ReceiverStream::new(rx), stats)
 }
 
 async fn accept(
