@@ -511,3 +511,85 @@ async fn listening_beyond_loopback_needs_tls_and_auth_or_an_explicit_opt_in() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--allow-insecure"));
 }
+
+/// A client sending exactly `authorization: <value>`.
+fn client_sending(channel: &Channel, value: &str) -> Client {
+    DeviceHubClient::with_interceptor(channel.clone(), Bearer(Some(value.parse().unwrap())))
+}
+
+/// A plaintext channel to `url`, once the service answers health checks.
+async fn plain_channel(url: String) -> Channel {
+    let channel = eventually("a plaintext connection", || {
+        let url = url.clone();
+        async move { Channel::from_shared(url).unwrap().connect().await.ok() }
+    })
+    .await;
+    wait_serving(&channel).await;
+    channel
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_not_valid_yet_are_refused_and_the_bearer_scheme_has_any_case() {
+    let broker = embedded_broker();
+    let dir = TempDir::new("grpc-nbf");
+    let es = Signer::es256();
+    let keys = write(dir.path(), "keys.pem", &es.public_pem);
+    let args = [
+        "--auth-jwt-key",
+        &keys,
+        "--auth-jwt-issuer",
+        ISSUER,
+        "--auth-jwt-audience",
+        AUDIENCE,
+    ];
+    let service = TestService::start(config(&broker, &args)).await;
+    let channel = plain_channel(service.url()).await;
+
+    // `nbf` seconds from now (negative: in the past).
+    let valid_from = |from_now: i64| {
+        let mut claims = claims("ops", "readings:read", 3600);
+        claims["iss"] = json!(ISSUER);
+        claims["aud"] = json!(AUDIENCE);
+        claims["nbf"] = json!(claims["iat"].as_i64().unwrap() + from_now);
+        es.sign(&claims)
+    };
+    let later = valid_from(600);
+    let status = client(&channel, Some(&later))
+        .list_readings(list(""))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let message = status.message();
+    assert!(message.contains("not valid yet"), "{status:?}");
+    assert!(
+        !message.contains(&later) && !message.contains("Immature") && !message.contains("internal"),
+        "{status:?}"
+    );
+    client(&channel, Some(&valid_from(-60)))
+        .list_readings(list(""))
+        .await
+        .unwrap();
+    // Within the leeway that `exp` has too (clock skew with the issuer).
+    client(&channel, Some(&valid_from(2)))
+        .list_readings(list(""))
+        .await
+        .unwrap();
+
+    // RFC 7235: the auth scheme is case-insensitive.
+    let token = signed(&es, "ops", "readings:read");
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        client_sending(&channel, &format!("{scheme} {token}"))
+            .list_readings(list(""))
+            .await
+            .unwrap_or_else(|status| panic!("{scheme}: {status:?}"));
+    }
+    for value in [format!("Basic {token}"), format!("Bearer{token}")] {
+        assert_refused(
+            &mut client_sending(&channel, &value),
+            Code::Unauthenticated,
+            "Bearer <token>",
+        )
+        .await;
+    }
+    service.stop().await;
+}

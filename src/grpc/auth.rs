@@ -7,8 +7,9 @@
 //! Tokens are verified with a maintained crate (jsonwebtoken) against the
 //! public keys given with `--auth-jwt-key` (RS256/384/512, PS256/384/512,
 //! ES256/384, EdDSA; a key only verifies its own algorithm family, and
-//! shared-secret HS* tokens are never accepted). `exp` is required;
-//! `iss` and `aud` are checked when configured. Error messages say what is
+//! shared-secret HS* tokens are never accepted). `exp` is required, `nbf`
+//! is checked when present (both with [`LEEWAY_SECS`]); `iss` and `aud` are
+//! checked when configured. Error messages say what is
 //! wrong with a token and never echo it.
 //!
 //! Scopes, in the space-separated `scope` claim: `readings:read`
@@ -207,16 +208,10 @@ impl Keys {
         let value = metadata
             .get("authorization")
             .ok_or_else(|| unauthenticated("missing `authorization: Bearer <token>` metadata"))?;
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| unauthenticated("the authorization metadata is not `Bearer <token>`"))?;
+        let token =
+            value.to_str().ok().and_then(bearer_token).ok_or_else(|| {
+                unauthenticated("the authorization metadata is not `Bearer <token>`")
+            })?;
         let now = now_secs();
         if let Some(hit) = sync::lock(&self.verified).get(token) {
             if now < hit.exp {
@@ -283,6 +278,10 @@ impl Keys {
     fn validation(&self, algorithm: Algorithm) -> Validation {
         let mut validation = Validation::new(algorithm);
         validation.leeway = LEEWAY_SECS;
+        // jsonwebtoken checks `nbf` only when asked: without this a token
+        // minted for later (a pre-issued credential) would work at once.
+        // Optional like in RFC 7519, with the same leeway as `exp`.
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp"]);
         match &self.audience {
             Some(audience) => validation.set_audience(&[audience]),
@@ -293,6 +292,16 @@ impl Keys {
         }
         validation
     }
+}
+
+/// The token of an `authorization` value `Bearer <token>`. The scheme is
+/// case-insensitive (RFC 7235 section 2.1; RFC 6750 uses `Bearer`, but
+/// clients send `bearer` and `BEARER` too), and one or more spaces may
+/// separate it from the token.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// What is wrong with a token, for the client.
@@ -461,6 +470,28 @@ mod tests {
         }
         assert_eq!(sync::lock(&keys.verified).len(), VERIFIED_CACHE);
         assert!(keys.evictions.load(Ordering::Relaxed) > 0);
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for value in [
+            "Bearer t.o.k",
+            "bearer t.o.k",
+            "BEARER t.o.k",
+            "bEaReR   t.o.k ",
+        ] {
+            assert_eq!(bearer_token(value), Some("t.o.k"), "{value:?}");
+        }
+        for value in [
+            "Basic dXNlcg==",
+            "Bearer",
+            "Bearer ",
+            "Bearert.o.k",
+            "t.o.k",
+            "",
+        ] {
+            assert_eq!(bearer_token(value), None, "{value:?}");
+        }
     }
 
     #[test]
