@@ -106,7 +106,13 @@ pub struct GrpcTls {
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
     pub public_keys_pem: Vec<Vec<u8>>,
+    /// The files `public_keys_pem` was read from, re-read whenever they
+    /// change (key rotation without a restart). Empty: the keys were given
+    /// some other way and are never re-read.
+    pub key_files: Vec<PathBuf>,
     pub issuer: Option<String>,
+    /// Required `aud`. Without it a token from the issuer for any other
+    /// service is accepted too (a warning at startup says so).
     pub audience: Option<String>,
 }
 

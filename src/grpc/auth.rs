@@ -9,8 +9,10 @@
 //! ES256/384, EdDSA; a key only verifies its own algorithm family, and
 //! shared-secret HS* tokens are never accepted). `exp` is required, `nbf`
 //! is checked when present (both with [`LEEWAY_SECS`]); `iss` and `aud` are
-//! checked when configured. Error messages say what is
-//! wrong with a token and never echo it.
+//! checked when configured. Error messages say what is wrong with a token
+//! and never echo it. The key files are re-read when they change (the
+//! TLS certificate's [`WatchedFiles`]); a change that does not load keeps
+//! the previous keys.
 //!
 //! Scopes, in the space-separated `scope` claim: `readings:read`
 //! (ListReadings, WatchReadings) and `commands:send` (SendCommand,
@@ -20,17 +22,25 @@
 
 use std::{
     collections::HashMap,
+    path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
     },
 };
 
 use jsonwebtoken::{decode, decode_header, errors::ErrorKind, Algorithm, DecodingKey, Validation};
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::{metadata::MetadataMap, Request, Status};
+use tracing::{info, warn};
 
 use super::error::ApiError;
-use crate::{config::AuthConfig, listener::ConnInfo, scope::DeviceSet, sync};
+use crate::{
+    config::{AuthConfig, WatchedFiles},
+    listener::ConnInfo,
+    scope::DeviceSet,
+    sync,
+};
 
 /// The read scope, and its prefix for a narrowed one.
 const READ_SCOPE: &str = "readings:read";
@@ -108,20 +118,40 @@ struct Key {
 #[derive(Clone)]
 pub struct Authenticator {
     keys: Option<Arc<Keys>>,
+    /// Stops the key files' watcher once the last clone is gone (when the
+    /// service stops): `crate::run` owns no token for it.
+    _watching: Option<Arc<DropGuard>>,
 }
 
 struct Keys {
-    keys: Vec<Key>,
+    /// The keys in use, swapped whole when the files change. A std lock:
+    /// read once per call for an `Arc` clone, never held across an `.await`.
+    current: RwLock<Arc<KeySet>>,
     issuer: Option<String>,
     audience: Option<String>,
+    /// Entries dropped from a full verified cache to make room.
+    evictions: AtomicU64,
+}
+
+/// A set of keys and the tokens verified with them.
+struct KeySet {
+    keys: Vec<Key>,
     /// Tokens already verified, so that a client calling many times with
     /// one token pays for the signature once (ES256 verification is about
     /// half a millisecond, more than the call; see BENCHMARKS.md). An entry
     /// is used only until the token's `exp`. A std mutex held for a lookup
-    /// or an insert.
+    /// or an insert. Per key set, so that a token verified by a key that a
+    /// rotation removed stops working with the rotation, not at its `exp`.
     verified: Mutex<HashMap<String, Verified>>,
-    /// Entries dropped to make room (the cache was full of live tokens).
-    evictions: AtomicU64,
+}
+
+impl KeySet {
+    fn new(keys: Vec<Key>) -> Arc<Self> {
+        Arc::new(Self {
+            keys,
+            verified: Mutex::default(),
+        })
+    }
 }
 
 /// A verified token's caller (without the connection-specific client key)
@@ -144,26 +174,43 @@ impl Authenticator {
     /// From the configuration: `None` lets every call through as [`Caller::anyone`].
     pub fn new(config: Option<&AuthConfig>) -> Result<Self, KeyError> {
         let Some(config) = config else {
-            return Ok(Self { keys: None });
+            return Ok(Self {
+                keys: None,
+                _watching: None,
+            });
         };
-        let mut keys = Vec::new();
-        for pem in &config.public_keys_pem {
-            for block in pem_blocks(pem) {
-                keys.push(public_key(block)?);
-            }
+        // Stamped before the keys are parsed: a change from here on is seen.
+        let files = WatchedFiles::new(config.key_files.clone());
+        let keys = parse_keys(config.public_keys_pem.iter().map(Vec::as_slice))?;
+        if config.audience.is_none() {
+            // Not refused: a single-service issuer may mint no `aud` at
+            // all. But the operator should know what they accept.
+            warn!(
+                issuer = config.issuer.as_deref().unwrap_or("(any)"),
+                keys = keys.len(),
+                "auth without --auth-jwt-audience: any token signed by the configured keys (from the issuer, if set) is accepted, whatever service it was minted for; set --auth-jwt-audience to this service's audience"
+            );
         }
-        if keys.is_empty() {
-            return Err(KeyError("no PEM public key found".into()));
-        }
-        let keys = Keys {
-            keys,
+        let keys = Arc::new(Keys {
+            current: RwLock::new(KeySet::new(keys)),
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
-            verified: Mutex::default(),
             evictions: AtomicU64::new(0),
+        });
+        // Outside a runtime (a unit test, a program that only checks its
+        // configuration) there is nothing to watch with; nothing is re-read.
+        let watching = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if !config.key_files.is_empty() => {
+                let stop = CancellationToken::new();
+                let (watched, paths) = (keys.clone(), config.key_files.clone());
+                runtime.spawn(files.follow(stop.clone(), move || watched.reload(&paths)));
+                Some(Arc::new(stop.drop_guard()))
+            }
+            _ => None,
         };
         Ok(Self {
-            keys: Some(Arc::new(keys)),
+            keys: Some(keys),
+            _watching: watching,
         })
     }
 
@@ -203,6 +250,22 @@ impl Authenticator {
 }
 
 impl Keys {
+    /// Re-reads the key files after a change; if they do not all load (a
+    /// half-written or wrong file), keeps the keys in use and says why
+    /// (the file and what is wrong, never its contents).
+    fn reload(&self, paths: &[PathBuf]) {
+        match read_keys(paths) {
+            Ok(keys) => {
+                let count = keys.len();
+                *sync::write(&self.current) = KeySet::new(keys);
+                info!(keys = count, "JWT keys reloaded");
+            }
+            Err(error) => {
+                warn!(%error, "JWT key files changed but do not load; keeping the previous keys")
+            }
+        }
+    }
+
     fn caller(&self, metadata: &MetadataMap) -> Result<Caller, ApiError> {
         let unauthenticated = |why: &str| ApiError::Unauthenticated(why.to_owned());
         let value = metadata
@@ -213,21 +276,23 @@ impl Keys {
                 unauthenticated("the authorization metadata is not `Bearer <token>`")
             })?;
         let now = now_secs();
-        if let Some(hit) = sync::lock(&self.verified).get(token) {
+        // One set for the whole call, so a reload meanwhile cannot mix them.
+        let set = sync::read(&self.current).clone();
+        if let Some(hit) = sync::lock(&set.verified).get(token) {
             if now < hit.exp {
                 return Ok(hit.caller.clone());
             }
         }
-        let verified = self.verify(token)?;
+        let verified = self.verify(&set, token)?;
         let caller = verified.caller.clone();
-        self.remember(token, verified, now);
+        self.remember(&set, token, verified, now);
         Ok(caller)
     }
 
     /// Keeps `verified` for later calls with the same token, within the
     /// cache's bound: expired entries go first, then any one.
-    fn remember(&self, token: &str, verified: Verified, now: u64) {
-        let mut cache = sync::lock(&self.verified);
+    fn remember(&self, set: &KeySet, token: &str, verified: Verified, now: u64) {
+        let mut cache = sync::lock(&set.verified);
         if cache.len() >= VERIFIED_CACHE {
             cache.retain(|_, v| now < v.exp);
         }
@@ -241,11 +306,11 @@ impl Keys {
     }
 
     /// Checks the token's signature and claims.
-    fn verify(&self, token: &str) -> Result<Verified, ApiError> {
+    fn verify(&self, set: &KeySet, token: &str) -> Result<Verified, ApiError> {
         let unauthenticated = |why: &str| ApiError::Unauthenticated(why.to_owned());
         let header = decode_header(token).map_err(|_| unauthenticated("the token is malformed"))?;
         let mut last = ErrorKind::InvalidAlgorithm;
-        for key in self
+        for key in set
             .keys
             .iter()
             .filter(|k| k.algorithms.contains(&header.alg))
@@ -361,6 +426,36 @@ fn device_set(scopes: &str, name: &str) -> DeviceSet {
     DeviceSet::Patterns(patterns.into())
 }
 
+/// The keys in `pems` (each may hold several); at least one.
+fn parse_keys<'a>(pems: impl Iterator<Item = &'a [u8]>) -> Result<Vec<Key>, KeyError> {
+    let mut keys = Vec::new();
+    for pem in pems {
+        for block in pem_blocks(pem) {
+            keys.push(public_key(block)?);
+        }
+    }
+    if keys.is_empty() {
+        return Err(KeyError("no PEM public key found".into()));
+    }
+    Ok(keys)
+}
+
+/// The keys of the files at `paths`. Unlike at startup, every file must
+/// hold a key: a file caught half-written (empty, or cut inside its first
+/// key) is then refused rather than taken for a rotation to fewer keys. An
+/// error names the file that is wrong.
+fn read_keys(paths: &[PathBuf]) -> Result<Vec<Key>, KeyError> {
+    let mut keys = Vec::new();
+    for path in paths {
+        let pem = std::fs::read(path)
+            .map_err(|error| KeyError(format!("{}: {error}", path.display())))?;
+        let in_file = parse_keys(std::iter::once(pem.as_slice()))
+            .map_err(|KeyError(why)| KeyError(format!("{}: {why}", path.display())))?;
+        keys.extend(in_file);
+    }
+    Ok(keys)
+}
+
 /// The PEM blocks of a file that may hold several keys.
 fn pem_blocks(text: &[u8]) -> Vec<&[u8]> {
     const END: &[u8] = b"-----END ";
@@ -439,12 +534,12 @@ mod tests {
     #[test]
     fn the_verified_cache_is_bounded_and_forgets_expired_tokens() {
         let keys = Keys {
-            keys: Vec::new(),
+            current: RwLock::new(KeySet::new(Vec::new())),
             issuer: None,
             audience: None,
-            verified: Mutex::default(),
             evictions: AtomicU64::new(0),
         };
+        let set = KeySet::new(Vec::new());
         let verified = |exp| Verified {
             caller: Caller::anyone(),
             exp,
@@ -453,22 +548,23 @@ mod tests {
         for i in 0..VERIFIED_CACHE {
             // Half of them already expired.
             keys.remember(
+                &set,
                 &format!("t{i}"),
                 verified(if i % 2 == 0 { 10 } else { 5_000 }),
                 now,
             );
         }
-        keys.remember("one more", verified(5_000), now);
-        assert_eq!(sync::lock(&keys.verified).len(), VERIFIED_CACHE / 2 + 1);
+        keys.remember(&set, "one more", verified(5_000), now);
+        assert_eq!(sync::lock(&set.verified).len(), VERIFIED_CACHE / 2 + 1);
         assert_eq!(
             keys.evictions.load(Ordering::Relaxed),
             0,
             "expired ones went first"
         );
         for i in 0..VERIFIED_CACHE {
-            keys.remember(&format!("live{i}"), verified(5_000), now);
+            keys.remember(&set, &format!("live{i}"), verified(5_000), now);
         }
-        assert_eq!(sync::lock(&keys.verified).len(), VERIFIED_CACHE);
+        assert_eq!(sync::lock(&set.verified).len(), VERIFIED_CACHE);
         assert!(keys.evictions.load(Ordering::Relaxed) > 0);
     }
 
