@@ -511,3 +511,223 @@ async fn listening_beyond_loopback_needs_tls_and_auth_or_an_explicit_opt_in() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--allow-insecure"));
 }
+
+/// A client sending exactly `authorization: <value>`.
+fn client_sending(channel: &Channel, value: &str) -> Client {
+    DeviceHubClient::with_interceptor(channel.clone(), Bearer(Some(value.parse().unwrap())))
+}
+
+/// A plaintext channel to `url`, once the service answers health checks.
+async fn plain_channel(url: String) -> Channel {
+    let channel = eventually("a plaintext connection", || {
+        let url = url.clone();
+        async move { Channel::from_shared(url).unwrap().connect().await.ok() }
+    })
+    .await;
+    wait_serving(&channel).await;
+    channel
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_not_valid_yet_are_refused_and_the_bearer_scheme_has_any_case() {
+    let broker = embedded_broker();
+    let dir = TempDir::new("grpc-nbf");
+    let es = Signer::es256();
+    let keys = write(dir.path(), "keys.pem", &es.public_pem);
+    let args = [
+        "--auth-jwt-key",
+        &keys,
+        "--auth-jwt-issuer",
+        ISSUER,
+        "--auth-jwt-audience",
+        AUDIENCE,
+    ];
+    let service = TestService::start(config(&broker, &args)).await;
+    let channel = plain_channel(service.url()).await;
+
+    // `nbf` seconds from now (negative: in the past).
+    let valid_from = |from_now: i64| {
+        let mut claims = claims("ops", "readings:read", 3600);
+        claims["iss"] = json!(ISSUER);
+        claims["aud"] = json!(AUDIENCE);
+        claims["nbf"] = json!(claims["iat"].as_i64().unwrap() + from_now);
+        es.sign(&claims)
+    };
+    let later = valid_from(600);
+    let status = client(&channel, Some(&later))
+        .list_readings(list(""))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let message = status.message();
+    assert!(message.contains("not valid yet"), "{status:?}");
+    assert!(
+        !message.contains(&later) && !message.contains("Immature") && !message.contains("internal"),
+        "{status:?}"
+    );
+    client(&channel, Some(&valid_from(-60)))
+        .list_readings(list(""))
+        .await
+        .unwrap();
+    // Within the leeway that `exp` has too (clock skew with the issuer).
+    client(&channel, Some(&valid_from(2)))
+        .list_readings(list(""))
+        .await
+        .unwrap();
+
+    // RFC 7235: the auth scheme is case-insensitive.
+    let token = signed(&es, "ops", "readings:read");
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        client_sending(&channel, &format!("{scheme} {token}"))
+            .list_readings(list(""))
+            .await
+            .unwrap_or_else(|status| panic!("{scheme}: {status:?}"));
+    }
+    for value in [format!("Basic {token}"), format!("Bearer{token}")] {
+        assert_refused(
+            &mut client_sending(&channel, &value),
+            Code::Unauthenticated,
+            "Bearer <token>",
+        )
+        .await;
+    }
+    service.stop().await;
+}
+
+/// Reads the binary's log until its "gRPC listening" line; returns the
+/// lines before it and the address it logged.
+async fn startup_log(log: &mut ServiceLog) -> (Vec<String>, String) {
+    let mut lines = Vec::new();
+    loop {
+        let line = within("gRPC listening", log.next_line())
+            .await
+            .unwrap()
+            .expect("log ended");
+        eprintln!("{line}");
+        if line.contains("gRPC listening") {
+            let addr = line
+                .split_whitespace()
+                .find_map(|field| field.strip_prefix("addr="))
+                .unwrap_or_else(|| panic!("addr= in {line}"))
+                .to_owned();
+            return (lines, addr);
+        }
+        lines.push(line);
+    }
+}
+
+/// Replaces the file at `path` as rotation tools do: written aside, renamed
+/// over it.
+fn replace(path: &str, text: &str) {
+    let aside = format!("{path}.new");
+    std::fs::write(&aside, text).unwrap();
+    std::fs::rename(&aside, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_keys_rotated_without_a_restart_and_a_bad_key_file_keeps_the_old_keys() {
+    let dir = TempDir::new("grpc-jwt-reload");
+    let (a, b) = (Signer::es256(), Signer::es256());
+    let keys = write(dir.path(), "jwt.pem", &a.public_pem);
+    let serve = |audience: Option<&str>| {
+        let mut args = vec![
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--embedded-mqtt-addr",
+            "127.0.0.1:0",
+            "--auth-jwt-key",
+            &keys,
+            "--auth-jwt-issuer",
+            ISSUER,
+        ];
+        if let Some(audience) = audience {
+            args.extend(["--auth-jwt-audience", audience]);
+        }
+        spawn_devicehub(&args, &[])
+    };
+
+    // With an audience, no warning about it.
+    let (mut with_audience, mut log) = serve(Some(AUDIENCE));
+    let (startup, _) = startup_log(&mut log).await;
+    assert!(
+        !startup.iter().any(|l| l.contains("--auth-jwt-audience")),
+        "{startup:#?}"
+    );
+    terminate(&mut with_audience).await;
+
+    // Without: a warning, with the issuer as a field, that any audience goes.
+    let (mut service, mut log) = serve(None);
+    let (startup, addr) = startup_log(&mut log).await;
+    let warning = startup
+        .iter()
+        .find(|l| l.contains("WARN") && l.contains("--auth-jwt-audience"))
+        .unwrap_or_else(|| panic!("no audience warning in {startup:#?}"));
+    assert!(
+        warning.contains("any token") && warning.contains(&format!("issuer={ISSUER:?}")),
+        "{warning}"
+    );
+    let (lines, mut later) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = log.next_line().await {
+            eprintln!("{line}");
+            let _ = lines.send(line);
+        }
+    });
+    let channel = plain_channel(format!("http://{addr}")).await;
+
+    let token = |signer: &Signer, subject: &str| {
+        let mut claims = claims(subject, "readings:read", 3600);
+        claims["iss"] = json!(ISSUER);
+        signer.sign(&claims)
+    };
+    let (token_a, token_b) = (token(&a, "ops"), token(&b, "ops"));
+    client(&channel, Some(&token_a))
+        .list_readings(list(""))
+        .await
+        .unwrap();
+    assert_refused(
+        &mut client(&channel, Some(&token_b)),
+        Code::Unauthenticated,
+        "signature",
+    )
+    .await;
+
+    // The key file now holds B: B's tokens get in without a restart, and
+    // A's no longer do (not even the one verified before, while cached).
+    replace(&keys, &b.public_pem);
+    eventually("a token signed by the new key to be accepted", || {
+        let mut client = client(&channel, Some(&token_b));
+        async move { client.list_readings(list("")).await.ok() }
+    })
+    .await;
+    assert_refused(
+        &mut client(&channel, Some(&token_a)),
+        Code::Unauthenticated,
+        "signature",
+    )
+    .await;
+
+    // A key file that does not load: logged (without its contents), and B
+    // still verifies, also a token it signs that was never seen (no cache).
+    let garbage = "-----BEGIN PUBLIC KEY-----\nnot-a-key-8c2e\n-----END PUBLIC KEY-----\n";
+    replace(&keys, garbage);
+    let warning = within("the warning about the bad key file", async {
+        loop {
+            let line = later.recv().await.expect("log ended");
+            if line.contains("JWT key files changed but do not load") {
+                return line;
+            }
+        }
+    })
+    .await;
+    assert!(
+        warning.contains("WARN") && warning.contains("jwt.pem") && !warning.contains("not-a-key"),
+        "{warning}"
+    );
+    client(&channel, Some(&token(&b, "another")))
+        .list_readings(list(""))
+        .await
+        .unwrap();
+    terminate(&mut service).await;
+}

@@ -250,7 +250,9 @@ pub struct GrpcSecurityArgs {
 
     /// PEM public key(s) that sign callers' JWTs (RSA, EC P-256/P-384,
     /// Ed25519); repeat the flag, or put several keys in one file, to
-    /// rotate. With it, DeviceHub calls need `authorization: Bearer <JWT>`.
+    /// rotate. Re-read when the files change (a file that does not load
+    /// keeps the previous keys). With it, DeviceHub calls need
+    /// `authorization: Bearer <JWT>`.
     #[arg(long, env = "DEVICEHUB_AUTH_JWT_KEY", value_delimiter = ',')]
     pub auth_jwt_key: Vec<PathBuf>,
 
@@ -258,7 +260,9 @@ pub struct GrpcSecurityArgs {
     #[arg(long, env = "DEVICEHUB_AUTH_JWT_ISSUER", requires = "auth_jwt_key")]
     pub auth_jwt_issuer: Option<String>,
 
-    /// Required `aud` claim of callers' tokens.
+    /// Required `aud` claim of callers' tokens. Set it: without it, a token
+    /// the issuer minted for any other service is accepted too (warned
+    /// about at startup).
     #[arg(long, env = "DEVICEHUB_AUTH_JWT_AUDIENCE", requires = "auth_jwt_key")]
     pub auth_jwt_audience: Option<String>,
 
@@ -293,6 +297,7 @@ impl GrpcSecurityArgs {
             .collect::<Result<_, _>>()?;
         Ok(Some(AuthConfig {
             public_keys_pem,
+            key_files: self.auth_jwt_key.clone(),
             issuer: self.auth_jwt_issuer.clone(),
             audience: self.auth_jwt_audience.clone(),
         }))

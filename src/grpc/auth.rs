@@ -7,9 +7,12 @@
 //! Tokens are verified with a maintained crate (jsonwebtoken) against the
 //! public keys given with `--auth-jwt-key` (RS256/384/512, PS256/384/512,
 //! ES256/384, EdDSA; a key only verifies its own algorithm family, and
-//! shared-secret HS* tokens are never accepted). `exp` is required;
-//! `iss` and `aud` are checked when configured. Error messages say what is
-//! wrong with a token and never echo it.
+//! shared-secret HS* tokens are never accepted). `exp` is required, `nbf`
+//! is checked when present (both with [`LEEWAY_SECS`]); `iss` and `aud` are
+//! checked when configured. Error messages say what is wrong with a token
+//! and never echo it. The key files are re-read when they change (the
+//! TLS certificate's [`WatchedFiles`]); a change that does not load keeps
+//! the previous keys.
 //!
 //! Scopes, in the space-separated `scope` claim: `readings:read`
 //! (ListReadings, WatchReadings) and `commands:send` (SendCommand,
@@ -19,17 +22,25 @@
 
 use std::{
     collections::HashMap,
+    path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
     },
 };
 
 use jsonwebtoken::{decode, decode_header, errors::ErrorKind, Algorithm, DecodingKey, Validation};
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::{metadata::MetadataMap, Request, Status};
+use tracing::{info, warn};
 
 use super::error::ApiError;
-use crate::{config::AuthConfig, listener::ConnInfo, scope::DeviceSet, sync};
+use crate::{
+    config::{AuthConfig, WatchedFiles},
+    listener::ConnInfo,
+    scope::DeviceSet,
+    sync,
+};
 
 /// The read scope, and its prefix for a narrowed one.
 const READ_SCOPE: &str = "readings:read";
@@ -107,20 +118,40 @@ struct Key {
 #[derive(Clone)]
 pub struct Authenticator {
     keys: Option<Arc<Keys>>,
+    /// Stops the key files' watcher once the last clone is gone (when the
+    /// service stops): `crate::run` owns no token for it.
+    _watching: Option<Arc<DropGuard>>,
 }
 
 struct Keys {
-    keys: Vec<Key>,
+    /// The keys in use, swapped whole when the files change. A std lock:
+    /// read once per call for an `Arc` clone, never held across an `.await`.
+    current: RwLock<Arc<KeySet>>,
     issuer: Option<String>,
     audience: Option<String>,
+    /// Entries dropped from a full verified cache to make room.
+    evictions: AtomicU64,
+}
+
+/// A set of keys and the tokens verified with them.
+struct KeySet {
+    keys: Vec<Key>,
     /// Tokens already verified, so that a client calling many times with
     /// one token pays for the signature once (ES256 verification is about
     /// half a millisecond, more than the call; see BENCHMARKS.md). An entry
     /// is used only until the token's `exp`. A std mutex held for a lookup
-    /// or an insert.
+    /// or an insert. Per key set, so that a token verified by a key that a
+    /// rotation removed stops working with the rotation, not at its `exp`.
     verified: Mutex<HashMap<String, Verified>>,
-    /// Entries dropped to make room (the cache was full of live tokens).
-    evictions: AtomicU64,
+}
+
+impl KeySet {
+    fn new(keys: Vec<Key>) -> Arc<Self> {
+        Arc::new(Self {
+            keys,
+            verified: Mutex::default(),
+        })
+    }
 }
 
 /// A verified token's caller (without the connection-specific client key)
@@ -143,26 +174,43 @@ impl Authenticator {
     /// From the configuration: `None` lets every call through as [`Caller::anyone`].
     pub fn new(config: Option<&AuthConfig>) -> Result<Self, KeyError> {
         let Some(config) = config else {
-            return Ok(Self { keys: None });
+            return Ok(Self {
+                keys: None,
+                _watching: None,
+            });
         };
-        let mut keys = Vec::new();
-        for pem in &config.public_keys_pem {
-            for block in pem_blocks(pem) {
-                keys.push(public_key(block)?);
-            }
+        // Stamped before the keys are parsed: a change from here on is seen.
+        let files = WatchedFiles::new(config.key_files.clone());
+        let keys = parse_keys(config.public_keys_pem.iter().map(Vec::as_slice))?;
+        if config.audience.is_none() {
+            // Not refused: a single-service issuer may mint no `aud` at
+            // all. But the operator should know what they accept.
+            warn!(
+                issuer = config.issuer.as_deref().unwrap_or("(any)"),
+                keys = keys.len(),
+                "auth without --auth-jwt-audience: any token signed by the configured keys (from the issuer, if set) is accepted, whatever service it was minted for; set --auth-jwt-audience to this service's audience"
+            );
         }
-        if keys.is_empty() {
-            return Err(KeyError("no PEM public key found".into()));
-        }
-        let keys = Keys {
-            keys,
+        let keys = Arc::new(Keys {
+            current: RwLock::new(KeySet::new(keys)),
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
-            verified: Mutex::default(),
             evictions: AtomicU64::new(0),
+        });
+        // Outside a runtime (a unit test, a program that only checks its
+        // configuration) there is nothing to watch with; nothing is re-read.
+        let watching = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if !config.key_files.is_empty() => {
+                let stop = CancellationToken::new();
+                let (watched, paths) = (keys.clone(), config.key_files.clone());
+                runtime.spawn(files.follow(stop.clone(), move || watched.reload(&paths)));
+                Some(Arc::new(stop.drop_guard()))
+            }
+            _ => None,
         };
         Ok(Self {
-            keys: Some(Arc::new(keys)),
+            keys: Some(keys),
+            _watching: watching,
         })
     }
 
@@ -202,37 +250,49 @@ impl Authenticator {
 }
 
 impl Keys {
+    /// Re-reads the key files after a change; if they do not all load (a
+    /// half-written or wrong file), keeps the keys in use and says why
+    /// (the file and what is wrong, never its contents).
+    fn reload(&self, paths: &[PathBuf]) {
+        match read_keys(paths) {
+            Ok(keys) => {
+                let count = keys.len();
+                *sync::write(&self.current) = KeySet::new(keys);
+                info!(keys = count, "JWT keys reloaded");
+            }
+            Err(error) => {
+                warn!(%error, "JWT key files changed but do not load; keeping the previous keys")
+            }
+        }
+    }
+
     fn caller(&self, metadata: &MetadataMap) -> Result<Caller, ApiError> {
         let unauthenticated = |why: &str| ApiError::Unauthenticated(why.to_owned());
         let value = metadata
             .get("authorization")
             .ok_or_else(|| unauthenticated("missing `authorization: Bearer <token>` metadata"))?;
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| unauthenticated("the authorization metadata is not `Bearer <token>`"))?;
+        let token =
+            value.to_str().ok().and_then(bearer_token).ok_or_else(|| {
+                unauthenticated("the authorization metadata is not `Bearer <token>`")
+            })?;
         let now = now_secs();
-        if let Some(hit) = sync::lock(&self.verified).get(token) {
+        // One set for the whole call, so a reload meanwhile cannot mix them.
+        let set = sync::read(&self.current).clone();
+        if let Some(hit) = sync::lock(&set.verified).get(token) {
             if now < hit.exp {
                 return Ok(hit.caller.clone());
             }
         }
-        let verified = self.verify(token)?;
+        let verified = self.verify(&set, token)?;
         let caller = verified.caller.clone();
-        self.remember(token, verified, now);
+        self.remember(&set, token, verified, now);
         Ok(caller)
     }
 
     /// Keeps `verified` for later calls with the same token, within the
     /// cache's bound: expired entries go first, then any one.
-    fn remember(&self, token: &str, verified: Verified, now: u64) {
-        let mut cache = sync::lock(&self.verified);
+    fn remember(&self, set: &KeySet, token: &str, verified: Verified, now: u64) {
+        let mut cache = sync::lock(&set.verified);
         if cache.len() >= VERIFIED_CACHE {
             cache.retain(|_, v| now < v.exp);
         }
@@ -246,11 +306,11 @@ impl Keys {
     }
 
     /// Checks the token's signature and claims.
-    fn verify(&self, token: &str) -> Result<Verified, ApiError> {
+    fn verify(&self, set: &KeySet, token: &str) -> Result<Verified, ApiError> {
         let unauthenticated = |why: &str| ApiError::Unauthenticated(why.to_owned());
         let header = decode_header(token).map_err(|_| unauthenticated("the token is malformed"))?;
         let mut last = ErrorKind::InvalidAlgorithm;
-        for key in self
+        for key in set
             .keys
             .iter()
             .filter(|k| k.algorithms.contains(&header.alg))
@@ -283,6 +343,10 @@ impl Keys {
     fn validation(&self, algorithm: Algorithm) -> Validation {
         let mut validation = Validation::new(algorithm);
         validation.leeway = LEEWAY_SECS;
+        // jsonwebtoken checks `nbf` only when asked: without this a token
+        // minted for later (a pre-issued credential) would work at once.
+        // Optional like in RFC 7519, with the same leeway as `exp`.
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp"]);
         match &self.audience {
             Some(audience) => validation.set_audience(&[audience]),
@@ -293,6 +357,16 @@ impl Keys {
         }
         validation
     }
+}
+
+/// The token of an `authorization` value `Bearer <token>`. The scheme is
+/// case-insensitive (RFC 7235 section 2.1; RFC 6750 uses `Bearer`, but
+/// clients send `bearer` and `BEARER` too), and one or more spaces may
+/// separate it from the token.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// What is wrong with a token, for the client.
@@ -350,6 +424,36 @@ fn device_set(scopes: &str, name: &str) -> DeviceSet {
         }
     }
     DeviceSet::Patterns(patterns.into())
+}
+
+/// The keys in `pems` (each may hold several); at least one.
+fn parse_keys<'a>(pems: impl Iterator<Item = &'a [u8]>) -> Result<Vec<Key>, KeyError> {
+    let mut keys = Vec::new();
+    for pem in pems {
+        for block in pem_blocks(pem) {
+            keys.push(public_key(block)?);
+        }
+    }
+    if keys.is_empty() {
+        return Err(KeyError("no PEM public key found".into()));
+    }
+    Ok(keys)
+}
+
+/// The keys of the files at `paths`. Unlike at startup, every file must
+/// hold a key: a file caught half-written (empty, or cut inside its first
+/// key) is then refused rather than taken for a rotation to fewer keys. An
+/// error names the file that is wrong.
+fn read_keys(paths: &[PathBuf]) -> Result<Vec<Key>, KeyError> {
+    let mut keys = Vec::new();
+    for path in paths {
+        let pem = std::fs::read(path)
+            .map_err(|error| KeyError(format!("{}: {error}", path.display())))?;
+        let in_file = parse_keys(std::iter::once(pem.as_slice()))
+            .map_err(|KeyError(why)| KeyError(format!("{}: {why}", path.display())))?;
+        keys.extend(in_file);
+    }
+    Ok(keys)
 }
 
 /// The PEM blocks of a file that may hold several keys.
@@ -430,12 +534,12 @@ mod tests {
     #[test]
     fn the_verified_cache_is_bounded_and_forgets_expired_tokens() {
         let keys = Keys {
-            keys: Vec::new(),
+            current: RwLock::new(KeySet::new(Vec::new())),
             issuer: None,
             audience: None,
-            verified: Mutex::default(),
             evictions: AtomicU64::new(0),
         };
+        let set = KeySet::new(Vec::new());
         let verified = |exp| Verified {
             caller: Caller::anyone(),
             exp,
@@ -444,23 +548,46 @@ mod tests {
         for i in 0..VERIFIED_CACHE {
             // Half of them already expired.
             keys.remember(
+                &set,
                 &format!("t{i}"),
                 verified(if i % 2 == 0 { 10 } else { 5_000 }),
                 now,
             );
         }
-        keys.remember("one more", verified(5_000), now);
-        assert_eq!(sync::lock(&keys.verified).len(), VERIFIED_CACHE / 2 + 1);
+        keys.remember(&set, "one more", verified(5_000), now);
+        assert_eq!(sync::lock(&set.verified).len(), VERIFIED_CACHE / 2 + 1);
         assert_eq!(
             keys.evictions.load(Ordering::Relaxed),
             0,
             "expired ones went first"
         );
         for i in 0..VERIFIED_CACHE {
-            keys.remember(&format!("live{i}"), verified(5_000), now);
+            keys.remember(&set, &format!("live{i}"), verified(5_000), now);
         }
-        assert_eq!(sync::lock(&keys.verified).len(), VERIFIED_CACHE);
+        assert_eq!(sync::lock(&set.verified).len(), VERIFIED_CACHE);
         assert!(keys.evictions.load(Ordering::Relaxed) > 0);
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for value in [
+            "Bearer t.o.k",
+            "bearer t.o.k",
+            "BEARER t.o.k",
+            "bEaReR   t.o.k ",
+        ] {
+            assert_eq!(bearer_token(value), Some("t.o.k"), "{value:?}");
+        }
+        for value in [
+            "Basic dXNlcg==",
+            "Bearer",
+            "Bearer ",
+            "Bearert.o.k",
+            "t.o.k",
+            "",
+        ] {
+            assert_eq!(bearer_token(value), None, "{value:?}");
+        }
     }
 
     #[test]

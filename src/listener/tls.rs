@@ -6,7 +6,6 @@ use std::{
     io,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
-    time::SystemTime,
 };
 
 use rustls::{
@@ -18,10 +17,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::{config::GrpcTls, sync};
-
-/// How often the certificate files are checked for changes.
-pub const CERT_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+use crate::{
+    config::{GrpcTls, WatchedFiles},
+    sync,
+};
 
 /// Why the server's TLS files could not be used. Names the file, never its
 /// contents.
@@ -62,43 +61,31 @@ impl ServerTls {
     }
 
     /// Re-reads the files whenever their modification times change, until
-    /// `shutdown`. A change that does not load (a half-written file) keeps
-    /// the previous configuration and is logged; the next change retries.
+    /// `shutdown` (the same [`WatchedFiles`] as the JWT keys). A change that
+    /// does not load (a half-written file) keeps the previous configuration
+    /// and is logged; the next change retries.
     pub(super) async fn follow_files(self, shutdown: CancellationToken) {
-        let mut seen = self.stamps();
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(CERT_POLL_INTERVAL) => {}
-                _ = shutdown.cancelled() => return,
-            }
-            let now = self.stamps();
-            if now == seen {
-                continue;
-            }
-            seen = now;
-            match server_config(&self.files) {
-                Ok(config) => {
-                    *sync::write(&self.current) = config;
-                    info!(cert = %self.files.cert_chain.display(), "TLS certificate reloaded");
-                }
-                Err(error) => {
-                    warn!(%error, "TLS files changed but do not load; keeping the previous certificate")
-                }
-            }
-        }
-    }
-
-    fn stamps(&self) -> Vec<Option<SystemTime>> {
         let files = &self.files;
-        [
+        let paths = [
             Some(&files.cert_chain),
             Some(&files.key),
             files.client_ca.as_ref(),
         ]
         .into_iter()
         .flatten()
-        .map(|path| std::fs::metadata(path).and_then(|m| m.modified()).ok())
-        .collect()
+        .cloned()
+        .collect();
+        WatchedFiles::new(paths)
+            .follow(shutdown, || match server_config(files) {
+                Ok(config) => {
+                    *sync::write(&self.current) = config;
+                    info!(cert = %files.cert_chain.display(), "TLS certificate reloaded");
+                }
+                Err(error) => {
+                    warn!(%error, "TLS files changed but do not load; keeping the previous certificate")
+                }
+            })
+            .await;
     }
 }
 
