@@ -26,7 +26,8 @@
 //! - `grpc/`: the `DeviceHub` service, a file per RPC family, auth (the
 //!   token interceptor and scope checks), conversions, page tokens, the one
 //!   error → `Status` mapping, wire encoding;
-//! - `listener`: accepting gRPC connections, TLS with certificate reload;
+//! - `listener/`: accepting gRPC connections under caps per peer
+//!   (`limits.rs`), TLS with certificate reload (`tls.rs`);
 //! - `web`: gRPC-Web and CORS for browsers;
 //! - `scope`: device-id patterns a token's scopes grant;
 //! - `telemetry/`: `GET /metrics` (read from the counters the stats line
@@ -37,7 +38,8 @@
 //!   `devicehub health` probe;
 //! - `sync`: the lock helpers shared by the above; `encoding_budget`:
 //!   encodings kept for reuse within a byte budget; `log_limit`: rate-limited,
-//!   truncated log lines for what peers send;
+//!   truncated log lines for what peers send; `watched_files`: the files
+//!   re-read when they change (TLS certificate, JWT keys);
 //! - `broker` (feature `embedded-broker`): the embedded rumqttd;
 //! - `simulate` (feature `simulator`): simulated devices.
 
@@ -62,6 +64,7 @@ mod store;
 mod sync;
 pub mod telemetry;
 pub mod topic;
+mod watched_files;
 mod web;
 
 #[cfg(test)]

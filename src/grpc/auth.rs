@@ -36,10 +36,7 @@ use tracing::{info, warn};
 
 use super::error::ApiError;
 use crate::{
-    config::{AuthConfig, WatchedFiles},
-    listener::ConnInfo,
-    scope::DeviceSet,
-    sync,
+    config::AuthConfig, listener::ConnInfo, scope::DeviceSet, sync, watched_files::WatchedFiles,
 };
 
 /// The read scope, and its prefix for a narrowed one.

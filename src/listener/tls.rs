@@ -17,10 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::{
-    config::{GrpcTls, WatchedFiles},
-    sync,
-};
+use crate::{config::GrpcTls, sync, watched_files::WatchedFiles};
 
 /// Why the server's TLS files could not be used. Names the file, never its
 /// contents.
