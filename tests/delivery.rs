@@ -173,6 +173,52 @@ async fn a_stale_cursor_fails_or_reports_the_exact_gap() {
     service.stop().await;
 }
 
+/// A gap reported in-band moves the resume point past it: the position the
+/// shutdown status gives is the end of the gap (the watcher's device has
+/// nothing after it), so a client resuming there is not told of it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_band_gap_moves_the_resume_point_past_it() {
+    let broker = embedded_broker();
+    let service = TestService::start_ready(config(&broker, &["--buffer-max-readings", "10"])).await;
+    let mut client = service.client().await;
+    let device = TestDevice::connect(&broker, "device-gap-resume", None).await;
+    device.publish("devices/d1/readings", "0").await;
+    let cursor = wait_for_count(&client, "d1", 1).await[0].seq;
+    for i in 1..30 {
+        device.publish("devices/d2/readings", i.to_string()).await;
+    }
+    eventually("d1's reading evicted", || {
+        let client = &client;
+        async move { list_all(client, "d1").await.is_empty().then_some(()) }
+    })
+    .await;
+    let mut stream = watch(
+        &mut client,
+        WatchReadingsRequest {
+            device_id: "d1".into(),
+            after_seq: Some(cursor),
+            gap_policy: GapPolicy::Notify.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let WatchEvent::Gap(gap) = next_event(&mut stream).await else {
+        panic!("expected a gap first")
+    };
+    assert!(gap.last_seq > cursor, "{gap:?}");
+    service.stop().await;
+    let status = within("the shutdown status", stream.message())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status
+            .message()
+            .ends_with(&format!("resume after sequence number {}", gap.last_seq)),
+        "{status:?}"
+    );
+}
+
 /// Collects one watcher's stream in a background task.
 fn collect(
     mut stream: Streaming<devicehub::proto::WatchReadingsResponse>,

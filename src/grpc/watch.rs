@@ -93,20 +93,24 @@ async fn produce(mut watcher: ReadingWatcher, notify_gaps: bool, tx: mpsc::Sende
             _ = tx.closed() => return,
         };
         let event = match batch {
-            Ok(batch) => {
-                last_sent = batch.last_seq().unwrap_or(last_sent);
-                Ok(batch
-                    .messages(encode_reading)
-                    .into_iter()
-                    .map(|(seq, message)| WatchItem {
-                        reading_seq: Some(seq),
-                        // A reading as field 1 is a whole message.
-                        message: Encoded::from_bytes(message),
-                    })
-                    .collect())
-            }
+            Ok(batch) => Ok(batch
+                .messages(encode_reading)
+                .into_iter()
+                .map(|(seq, message)| WatchItem {
+                    resumes_after: Some(seq),
+                    // A reading as field 1 is a whole message.
+                    message: Encoded::from_bytes(message),
+                })
+                .collect()),
             Err(error) => gap(&mut watcher, error, notify_gaps, last_sent),
         };
+        if let Ok(items) = &event {
+            last_sent = items
+                .iter()
+                .rev()
+                .find_map(|item| item.resumes_after)
+                .unwrap_or(last_sent);
+        }
         let ends = event.is_err();
         if tx.send(event).await.is_err() || ends {
             return; // the client went away, or the stream ends
@@ -160,16 +164,18 @@ fn gap(
         last_seq: missed_to,
     };
     Ok(vec![WatchItem {
-        reading_seq: None,
+        // A client that resumes after the gap is not told of it again.
+        resumes_after: Some(missed_to),
         message: Encoded::new(&proto::WatchReadingsResponse {
             event: Some(watch_readings_response::Event::Gap(gap)),
         }),
     }])
 }
 
-/// A message of a watch stream, and the reading it carries if it does.
+/// A message of a watch stream, and the position a client that received it
+/// resumes after: the reading's number, or the last one a gap reports.
 struct WatchItem {
-    reading_seq: Option<u64>,
+    resumes_after: Option<u64>,
     message: EncodedWatchReadingsResponse,
 }
 
@@ -180,7 +186,8 @@ pub struct WatchStream {
     /// The rest of the batch being sent.
     batch: std::vec::IntoIter<WatchItem>,
     shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
-    /// Sequence number of the last reading handed to the transport (or the
+    /// Where a client resumes after what was handed to the transport: the
+    /// last reading's number, or the end of the last gap reported (or the
     /// position the watch started at).
     resume_after: u64,
     done: bool,
@@ -202,7 +209,7 @@ impl Stream for WatchStream {
         }
         loop {
             if let Some(item) = self.batch.next() {
-                if let Some(seq) = item.reading_seq {
+                if let Some(seq) = item.resumes_after {
                     self.resume_after = seq;
                 }
                 return Poll::Ready(Some(Ok(item.message)));
