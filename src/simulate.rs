@@ -8,7 +8,8 @@
 //! - `TURN_ON_FAN` / `TURN_OFF_FAN`: the `fan` field of its readings;
 //! - `PING`: replies `{"pong": true}`.
 //!
-//! Anything else gets an error reply. `--silent-fraction` and
+//! A command whose envelope's `expires_at` has passed is dropped, with no
+//! reply. Anything else gets an error reply. `--silent-fraction` and
 //! `--slow-fraction` make some devices never reply or reply late.
 //!
 //! Connection status, as devices in the field report it: each device
@@ -17,7 +18,7 @@
 //! the connection breaks, e.g. when the simulator is killed), and publishes
 //! `offline` itself when it stops cleanly.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
@@ -40,6 +41,15 @@ enum Replies {
     Prompt,
     Late(Duration),
     Never,
+}
+
+/// Whether an envelope's `expires_at` (RFC 3339) has passed. One that does
+/// not parse has not: the command is carried out, as before the field.
+fn expired(expires_at: &str) -> bool {
+    let Ok(timestamp) = expires_at.parse::<prost_types::Timestamp>() else {
+        return false;
+    };
+    SystemTime::try_from(timestamp).is_ok_and(|at| at < SystemTime::now())
 }
 
 /// Runs the devices until `shutdown` is cancelled.
@@ -202,11 +212,23 @@ impl Device {
     }
 
     /// Carries out a command envelope; returns the reply, and the new reading
-    /// interval if it changed. `None` for a payload that is not an envelope.
+    /// interval if it changed. `None` for a payload that is not an envelope,
+    /// or one that expired.
     fn carry_out(&mut self, payload: &[u8]) -> Option<(Value, Option<Duration>)> {
         let envelope: Value = serde_json::from_slice(payload).ok()?;
         let id = envelope.get("id")?.as_str()?.to_owned();
         let command = envelope.get("command")?.as_str()?;
+        if let Some(expires_at) = envelope.get("expires_at").and_then(Value::as_str) {
+            if expired(expires_at) {
+                // Nobody waits for its reply, and acting now would surprise
+                // whoever sent it: dropped, as devices should.
+                info!(
+                    device = self.device_id,
+                    id, expires_at, "command arrived after it expired; not carried out"
+                );
+                return None;
+            }
+        }
         let params = envelope.get("params").cloned().unwrap_or(Value::Null);
         let ok = |result: Value| json!({"id": id, "status": "ok", "result": result});
         let error = |message: String| json!({"id": id, "status": "error", "message": message});

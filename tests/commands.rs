@@ -477,3 +477,102 @@ async fn a_reply_result_too_deep_for_clients_is_left_out_and_said_so() {
     }
     service.stop().await;
 }
+
+/// The time an envelope's `expires_at` names.
+fn expires_at(envelope: &Value) -> std::time::SystemTime {
+    let text = envelope["expires_at"].as_str().expect("expires_at");
+    let timestamp: prost_types::Timestamp = text.parse().expect("RFC 3339");
+    timestamp.try_into().unwrap()
+}
+
+/// The envelope says until when the command is valid: its reply timeout,
+/// or a minute without one; the simulator drops one that arrives after it
+/// (as a broker's queue for an offline device's session would deliver it)
+/// and carries out the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_expire_and_the_simulator_drops_expired_ones() {
+    use std::time::SystemTime;
+    let mosquitto = Mosquitto::start();
+    let service = TestService::start_ready(config(&mosquitto.url, &[])).await;
+    let mut client = service.client().await;
+    let mut device =
+        TestDevice::connect(&mosquitto.url, "expiry-device", Some("devices/+/commands")).await;
+    for (timeout_ms, valid_for) in [(Some(3000), 3), (None, 60)] {
+        let sent = SystemTime::now();
+        let request = command("e1", "PING", timeout_ms);
+        match timeout_ms {
+            // Nobody replies: only the envelope matters here.
+            Some(_) => {
+                let mut waiting = client.clone();
+                tokio::spawn(async move { waiting.send_command(request).await });
+            }
+            None => {
+                client.send_command(request).await.unwrap();
+            }
+        }
+        let envelope: Value = serde_json::from_slice(&device.next_message().await.payload).unwrap();
+        let valid = expires_at(&envelope).duration_since(sent).unwrap();
+        let want = Duration::from_secs(valid_for);
+        assert!(
+            valid >= want && valid < want + Duration::from_secs(5),
+            "{valid:?} for {timeout_ms:?}"
+        );
+    }
+    drop(device);
+
+    // The simulator: an expired command, then a fresh one, on its topic.
+    let url = mosquitto.url.to_string();
+    let mut simulator = tokio::process::Command::new(env!("CARGO_BIN_EXE_devicehub"))
+        .args([
+            "simulate",
+            "--mqtt-url",
+            &url,
+            "--devices",
+            "1",
+            "--interval-ms",
+            "60000",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut watcher =
+        TestDevice::connect(&mosquitto.url, "expiry-watcher", Some("devices/sim-1/+")).await;
+    eventually("the simulated device online", || {
+        let client = client.clone();
+        async move {
+            let device = client
+                .clone()
+                .get_device(devicehub::proto::GetDeviceRequest {
+                    device_id: "sim-1".into(),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .device?;
+            (device.status() == devicehub::proto::DeviceStatus::Online).then_some(())
+        }
+    })
+    .await;
+    let publisher = TestDevice::connect(&mosquitto.url, "expiry-sender", None).await;
+    let expired = json!({"id": "late", "command": "PING", "expires_at": "2020-01-01T00:00:00Z"});
+    let fresh = json!({"id": "fresh", "command": "PING", "expires_at": "2999-01-01T00:00:00Z"});
+    for envelope in [expired, fresh] {
+        publisher
+            .publish("devices/sim-1/commands", envelope.to_string())
+            .await;
+    }
+    // Replies come in order: the fresh one's is the first reply if the
+    // expired one was dropped.
+    let reply = loop {
+        let message = watcher.next_message().await;
+        if message.topic == "devices/sim-1/replies" {
+            break serde_json::from_slice::<Value>(&message.payload).unwrap();
+        }
+    };
+    assert_eq!(reply["id"], "fresh", "{reply}");
+    simulator.start_kill().unwrap();
+    simulator.wait().await.unwrap();
+    service.stop().await;
+}

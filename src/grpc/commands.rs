@@ -2,7 +2,11 @@
 //! shared MQTT client, acknowledged by the broker and, when asked, answered
 //! by the device.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -31,6 +35,11 @@ const MAX_COMMAND_PAYLOAD_BYTES: usize = 256 << 10;
 const MAX_COMMAND_BYTES: usize = 256;
 /// Longest `reply_timeout` accepted.
 pub(super) const MAX_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a command sent without a `reply_timeout` stays valid for its
+/// device (the envelope's `expires_at`): long enough for a reconnect, short
+/// enough that a device back from a long absence does not act on orders
+/// nobody remembers giving.
+pub(super) const COMMAND_EXPIRY: Duration = Duration::from_secs(60);
 /// Commands in flight per StreamCommands stream.
 pub const MAX_COMMANDS_IN_FLIGHT: usize = 256;
 
@@ -175,17 +184,24 @@ fn validate(
     };
 
     let id = Uuid::now_v7().to_string();
+    let reply_timeout = req.reply_timeout.map(reply_timeout).transpose()?;
+    // Nobody waits for it after the reply timeout: carried out later, it
+    // would be done while its caller was told it timed out.
+    let expires_at = SystemTime::now() + reply_timeout.unwrap_or(COMMAND_EXPIRY);
     let (payload, field) = match req.payload {
         Some(Payload::RawPayload(raw)) => (raw, "raw_payload"),
         Some(Payload::Params(params)) => {
             let params =
                 struct_to_json(&params).map_err(|reason| ApiError::invalid("params", reason))?;
             (
-                envelope(&id, &req.command, Some(params), traceparent)?,
+                envelope(&id, &req.command, Some(params), traceparent, expires_at)?,
                 "params",
             )
         }
-        None => (envelope(&id, &req.command, None, traceparent)?, "command"),
+        None => (
+            envelope(&id, &req.command, None, traceparent, expires_at)?,
+            "command",
+        ),
     };
     if payload.len() > MAX_COMMAND_PAYLOAD_BYTES {
         return Err(ApiError::invalid(
@@ -198,7 +214,7 @@ fn validate(
     }
     Ok(Command {
         topic: shared.commands_topic.topic_for(&device_id),
-        reply_timeout: req.reply_timeout.map(reply_timeout).transpose()?,
+        reply_timeout,
         id,
         device_id,
         name: req.command,

@@ -148,16 +148,24 @@ fn json_depth(json: &serde_json::Value) -> usize {
     1 + inner.unwrap_or(0)
 }
 
-/// The JSON envelope published for a command.
+/// The JSON envelope published for a command. `expires_at` (RFC 3339, UTC)
+/// tells the device not to carry it out later: a broker that queued it for
+/// an offline device's session would otherwise hand it over whenever the
+/// device returns, however late.
 pub(super) fn envelope(
     command_id: &str,
     command: &str,
     params: Option<serde_json::Map<String, serde_json::Value>>,
     traceparent: Option<String>,
+    expires_at: SystemTime,
 ) -> Result<Bytes, ApiError> {
     let mut envelope = serde_json::Map::new();
     envelope.insert("id".into(), command_id.into());
     envelope.insert("command".into(), command.into());
+    envelope.insert(
+        "expires_at".into(),
+        Timestamp::from(expires_at).to_string().into(),
+    );
     if let Some(params) = params {
         envelope.insert("params".into(), params.into());
     }
@@ -265,11 +273,11 @@ mod tests {
     #[test]
     fn the_envelope_carries_id_command_and_params() {
         let params = serde_json::json!({"on": true}).as_object().cloned();
-        let bytes = envelope("id-1", "TURN_ON_FAN", params, None).unwrap();
+        let bytes = envelope("id-1", "TURN_ON_FAN", params, None, SystemTime::UNIX_EPOCH).unwrap();
         let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(
             json,
-            serde_json::json!({"id": "id-1", "command": "TURN_ON_FAN", "params": {"on": true}})
+            serde_json::json!({"id": "id-1", "command": "TURN_ON_FAN", "params": {"on": true}, "expires_at": "1970-01-01T00:00:00Z"})
         );
     }
 }
