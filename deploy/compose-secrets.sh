@@ -2,8 +2,9 @@
 # Creates what deploy/compose.yaml's demo needs, in deploy/demo-secrets/ (or
 # the directory given): a CA and Mosquitto's certificate (for the host name
 # "mosquitto"), Mosquitto's password file with the accounts devicehub,
-# sim-1, sim-2 and sim-3, and the password files devicehub and the
-# simulator read. Needs openssl and mosquitto_passwd (Debian: mosquitto).
+# sim-1, sim-2 and sim-3, and the password files devicehub and each
+# simulated device read (devices/<id>-password: one password per device, so
+# that the ACL means something: one device's password is no other's). Needs openssl and mosquitto_passwd (Debian: mosquitto).
 # Demo material: random passwords, files readable by the containers' users.
 set -euo pipefail
 out=${1:-"$(dirname "$0")/demo-secrets"}
@@ -21,15 +22,16 @@ rm -f certs/server.csr certs/server.ext certs/ca.srl certs/ca.key
 
 password() { head -c 18 /dev/urandom | base64 | tr -d '/+='; }
 service_password=$(password)
-device_password=$(password)
 printf '%s\n' "$service_password" >devicehub-password
-printf '%s\n' "$device_password" >device-password
-rm -f passwd
+rm -f passwd device-password
+mkdir -p devices
 mosquitto_passwd -c -b passwd devicehub "$service_password"
 for device in sim-1 sim-2 sim-3; do
+  device_password=$(password)
+  printf '%s\n' "$device_password" >"devices/$device-password"
   mosquitto_passwd -b passwd "$device" "$device_password"
 done
 # The containers run as their own users (devicehub, mosquitto).
-chmod 0644 passwd devicehub-password device-password certs/*
-chmod 0755 . certs
+chmod 0644 passwd devicehub-password devices/* certs/*
+chmod 0755 . certs devices
 echo "demo secrets in $out"

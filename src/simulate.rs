@@ -24,11 +24,7 @@ use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
-use crate::{
-    cli::SimulateArgs,
-    config::{ConfigError, Credentials},
-    topic::DEVICE_ID_PLACEHOLDER,
-};
+use crate::{cli::SimulateArgs, config::ConfigError};
 use tokio_util::sync::CancellationToken;
 
 /// Status payloads.
@@ -75,7 +71,6 @@ pub async fn run(args: SimulateArgs, shutdown: CancellationToken) -> Result<(), 
             .map_err(|e| ConfigError::Topic("--device-prefix", e))?;
     }
     let tls = args.login.tls(&args.mqtt_url)?;
-    let login = args.login.credentials()?;
     let silent = (ids.len() as f64 * args.silent_fraction).round() as usize;
     let slow = (ids.len() as f64 * args.slow_fraction).round() as usize;
     info!(devices = ids.len(), silent, slow, broker = %args.mqtt_url, "simulating devices");
@@ -109,12 +104,7 @@ pub async fn run(args: SimulateArgs, shutdown: CancellationToken) -> Result<(), 
             &args.mqtt_url.host,
             args.mqtt_url.port,
         );
-        let credentials = login.as_ref().map(|login| Credentials {
-            username: login
-                .username
-                .replace(DEVICE_ID_PLACEHOLDER, &device.device_id),
-            password: login.password.clone(),
-        });
+        let credentials = args.login.device_credentials(&device.device_id)?;
         crate::mqtt::log_in(&mut options, tls.as_ref(), credentials.as_ref());
         options.set_last_will(LastWill::new(
             &device.status_topic,

@@ -366,17 +366,17 @@ async fn readings_stay_prompt_after_a_burst_through_the_shipped_config() {
 }
 
 /// `devicehub simulate` through the shipped broker: each device logs in
-/// with its own account (`--mqtt-username '{device_id}'`), so the ACL lets
-/// it publish its readings, status and replies and read its commands.
+/// with its own account and password (`--mqtt-username '{device_id}'`,
+/// `--mqtt-password-file 'dir/{device_id}'`), so the ACL lets it publish its
+/// readings, status and replies and read its commands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_simulator_logs_in_as_each_device_through_the_shipped_broker() {
     use devicehub::proto::{DeviceStatus, GetDeviceRequest};
-    const DEVICE_PASSWORD: &str = "sim-secret";
     let pki = Pki::new("devicehub test CA");
     let accounts = [
         ("devicehub", SERVICE_PASSWORD),
-        ("sim-1", DEVICE_PASSWORD),
-        ("sim-2", DEVICE_PASSWORD),
+        ("sim-1", "sim-1-secret"),
+        ("sim-2", "sim-2-secret"),
     ];
     let secure = SecureMosquitto::start(&pki, &accounts);
     let dir = TempDir::new("secure-sim");
@@ -387,11 +387,16 @@ async fn the_simulator_logs_in_as_each_device_through_the_shipped_broker() {
 
     let url = secure.broker.url.to_string();
     let ca = secure.ca_file.display().to_string();
+    for (device, password) in &accounts[1..] {
+        std::fs::write(dir.path().join(format!("{device}.password")), password).unwrap();
+    }
+    let passwords = dir.path().join("{device_id}.password");
     let mut simulator = tokio::process::Command::new(env!("CARGO_BIN_EXE_devicehub"))
         .args(["simulate", "--mqtt-url", &url, "--mqtt-ca", &ca])
         .args(["--mqtt-username", "{device_id}", "--devices", "2"])
         .args(["--interval-ms", "200"])
-        .env("DEVICEHUB_MQTT_PASSWORD", DEVICE_PASSWORD)
+        .arg("--mqtt-password-file")
+        .arg(&passwords)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)

@@ -11,6 +11,7 @@ use clap::Args;
 use crate::{
     config::{BrokerUrl, ConfigError, Credentials, Secret},
     mqtt::{self, ClientIdentity},
+    topic::DEVICE_ID_PLACEHOLDER,
 };
 
 /// The environment variable the broker password may come from. Not a flag:
@@ -89,7 +90,29 @@ impl MqttLoginArgs {
 
     /// The broker login, if a user name is given.
     pub(crate) fn credentials(&self) -> Result<Option<Credentials>, ConfigError> {
-        let password = match &self.mqtt_password_file {
+        self.credentials_of(None)
+    }
+
+    /// The broker login of one simulated device: `{device_id}` in the user
+    /// name and in the password file's path stands for `device_id`, so that
+    /// each device logs in with an account (and a password) of its own.
+    pub(crate) fn device_credentials(
+        &self,
+        device_id: &str,
+    ) -> Result<Option<Credentials>, ConfigError> {
+        self.credentials_of(Some(device_id))
+    }
+
+    fn credentials_of(&self, device_id: Option<&str>) -> Result<Option<Credentials>, ConfigError> {
+        let for_device = |text: &str| match device_id {
+            Some(id) => text.replace(DEVICE_ID_PLACEHOLDER, id),
+            None => text.to_owned(),
+        };
+        let password_file = self
+            .mqtt_password_file
+            .as_ref()
+            .map(|path| PathBuf::from(for_device(&path.to_string_lossy())));
+        let password = match &password_file {
             Some(path) => {
                 let text = read("--mqtt-password-file", path)?;
                 let text = String::from_utf8(text).map_err(|_| ConfigError::ReadFile {
@@ -104,7 +127,7 @@ impl MqttLoginArgs {
         };
         match (&self.mqtt_username, password) {
             (Some(username), password) => Ok(Some(Credentials {
-                username: username.clone(),
+                username: for_device(username),
                 password: password.unwrap_or_else(|| Secret::new("")),
             })),
             (None, Some(_)) => Err(ConfigError::PasswordWithoutUsername),

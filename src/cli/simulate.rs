@@ -18,10 +18,11 @@ pub struct SimulateArgs {
     )]
     pub mqtt_url: BrokerUrl,
 
-    /// TLS and login of every device; in --mqtt-username, `{device_id}`
-    /// stands for each device's id (brokers that give every device an
-    /// account, like the shipped Mosquitto configuration, want
-    /// `--mqtt-username '{device_id}'`).
+    /// TLS and login of every device; in --mqtt-username and
+    /// --mqtt-password-file, `{device_id}` stands for each device's id
+    /// (brokers that give every device an account, like the shipped
+    /// Mosquitto configuration, want `--mqtt-username '{device_id}'`, and a
+    /// password of its own: `--mqtt-password-file 'passwords/{device_id}'`).
     #[command(flatten)]
     pub login: MqttLoginArgs,
 
