@@ -36,11 +36,14 @@ USER devicehub
 # port: set DEVICEHUB_TLS_CERT, DEVICEHUB_TLS_KEY and DEVICEHUB_AUTH_JWT_KEY
 # (files mounted into the container) and DEVICEHUB_MQTT_URL for your broker.
 # Only a demo sets DEVICEHUB_ALLOW_INSECURE=true instead (deploy/compose.yaml).
+# The embedded broker (no TLS, no passwords) stays on the container's
+# loopback: the image never exposes an unauthenticated broker. A trial that
+# wants devices to reach it sets DEVICEHUB_EMBEDDED_MQTT_ADDR=0.0.0.0:1883 and
+# DEVICEHUB_ALLOW_INSECURE_EMBEDDED_BROKER=true.
 ENV DEVICEHUB_GRPC_ADDR=0.0.0.0:50051 \
-    DEVICEHUB_EMBEDDED_MQTT_ADDR=0.0.0.0:1883 \
     DEVICEHUB_METRICS_ADDR=0.0.0.0:9464 \
     DEVICEHUB_LOG_FORMAT=json
-EXPOSE 50051 1883 9464
+EXPOSE 50051 9464
 HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 \
     CMD ["/usr/local/bin/devicehub", "health"]
 STOPSIGNAL SIGTERM

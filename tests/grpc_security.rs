@@ -487,7 +487,20 @@ async fn listening_beyond_loopback_needs_tls_and_auth_or_an_explicit_opt_in() {
     assert!(check(&both).is_ok());
     assert!(check(&["--grpc-addr", "0.0.0.0:50051", "--allow-insecure"]).is_ok());
     let error = check(&["--embedded-mqtt-addr", "0.0.0.0:1883"]).unwrap_err();
+    assert!(
+        error.contains("--embedded-mqtt-addr")
+            && error.contains("--allow-insecure-embedded-broker"),
+        "{error}"
+    );
+    // Opening the gRPC port does not open the broker too.
+    let error = check(&["--embedded-mqtt-addr", "0.0.0.0:1883", "--allow-insecure"]).unwrap_err();
     assert!(error.contains("--embedded-mqtt-addr"), "{error}");
+    assert!(check(&[
+        "--embedded-mqtt-addr",
+        "0.0.0.0:1883",
+        "--allow-insecure-embedded-broker"
+    ])
+    .is_ok());
     assert!(check(&[
         "--embedded-mqtt-addr",
         "0.0.0.0:1883",

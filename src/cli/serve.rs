@@ -38,6 +38,18 @@ pub struct ServeArgs {
     )]
     pub embedded_mqtt_addr: SocketAddr,
 
+    #[cfg(feature = "embedded-broker")]
+    /// Allow --embedded-mqtt-addr beyond loopback: the embedded broker has
+    /// no TLS, passwords or ACL, so anyone who reaches it can publish as any
+    /// device and read every command. Apart from --allow-insecure, which
+    /// covers the gRPC port only: opening one is no reason to open both.
+    #[arg(
+        long,
+        env = "DEVICEHUB_ALLOW_INSECURE_EMBEDDED_BROKER",
+        default_value_t = false
+    )]
+    pub allow_insecure_embedded_broker: bool,
+
     /// MQTT client id. Default: `devicehub-` and a random suffix. Set a
     /// stable one with --mqtt-persistent-session.
     #[arg(long, env = "DEVICEHUB_MQTT_CLIENT_ID")]
@@ -267,8 +279,9 @@ pub struct GrpcSecurityArgs {
     pub auth_jwt_audience: Option<String>,
 
     /// Allow listening beyond loopback without TLS and auth on the gRPC
-    /// port, and the embedded broker (no TLS, no passwords) beyond loopback
-    /// at all. Without it such a configuration refuses to start.
+    /// port. Without it such a configuration refuses to start. (The
+    /// embedded broker beyond loopback has its own opt-in:
+    /// --allow-insecure-embedded-broker.)
     #[arg(long, env = "DEVICEHUB_ALLOW_INSECURE", default_value_t = false)]
     pub allow_insecure: bool,
 }
@@ -305,25 +318,26 @@ impl GrpcSecurityArgs {
 }
 
 impl ServeArgs {
-    /// Refuses to listen beyond loopback without protection, unless
-    /// --allow-insecure: the gRPC port without both TLS and auth, and the
-    /// embedded broker (which has neither) at all.
+    /// Refuses to listen beyond loopback without protection: the gRPC port
+    /// without both TLS and auth (unless --allow-insecure), and the embedded
+    /// broker, which has neither, at all (unless
+    /// --allow-insecure-embedded-broker).
     pub fn check_exposure(&self) -> Result<(), ConfigError> {
         let security = &self.grpc_security;
-        if security.allow_insecure {
-            return Ok(());
-        }
         let protected = security.tls_cert.is_some() && !security.auth_jwt_key.is_empty();
-        if !self.grpc_addr.ip().is_loopback() && !protected {
+        if !self.grpc_addr.ip().is_loopback() && !protected && !security.allow_insecure {
             return Err(ConfigError::Insecure(format!(
                 "--grpc-addr {} is beyond loopback without TLS and auth: set --tls-cert, --tls-key and --auth-jwt-key, or --allow-insecure to accept the risk",
                 self.grpc_addr
             )));
         }
         #[cfg(feature = "embedded-broker")]
-        if self.mqtt_url.is_none() && !self.embedded_mqtt_addr.ip().is_loopback() {
+        if self.mqtt_url.is_none()
+            && !self.embedded_mqtt_addr.ip().is_loopback()
+            && !self.allow_insecure_embedded_broker
+        {
             return Err(ConfigError::Insecure(format!(
-                "--embedded-mqtt-addr {} is beyond loopback, and the embedded broker has no TLS or passwords: use a real broker (--mqtt-url), or --allow-insecure to accept the risk",
+                "--embedded-mqtt-addr {} is beyond loopback, and the embedded broker has no TLS or passwords: use a real broker (--mqtt-url), or --allow-insecure-embedded-broker to accept the risk",
                 self.embedded_mqtt_addr
             )));
         }
