@@ -9,7 +9,11 @@ use tonic_health::pb::health_check_response::ServingStatus;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let telemetry = devicehub::telemetry::init(cli.log_format, cli.otlp_endpoint.as_deref())?;
+    let telemetry = devicehub::telemetry::init(
+        cli.log_format,
+        cli.otlp_endpoint.as_deref(),
+        cli.otlp_sampler,
+    )?;
 
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));

@@ -266,3 +266,153 @@ async fn spans_reach_an_otlp_receiver_with_their_parents() {
     let _ = serve.wait().await;
     receiver.abort();
 }
+
+/// An OTLP receiver on a free port: its address, and the spans it gets.
+fn otlp_receiver() -> (
+    std::net::SocketAddr,
+    mpsc::UnboundedReceiver<(String, Span)>,
+) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let otlp = listener.local_addr().unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let (spans_tx, spans) = mpsc::unbounded_channel();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Receiver(spans_tx)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (otlp, spans)
+}
+
+/// Calls ListDevices with the caller's `traceparent` for `trace_id`,
+/// sampled or not.
+async fn list_devices_traced(
+    client: &mut DeviceHubClient<tonic::transport::Channel>,
+    trace_id: &str,
+    sampled: bool,
+) {
+    let mut request = tonic::Request::new(devicehub::proto::ListDevicesRequest::default());
+    let flags = if sampled { "01" } else { "00" };
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-{flags}")
+            .parse()
+            .unwrap(),
+    );
+    client.list_devices(request).await.unwrap();
+}
+
+/// Waits for a span named `name`, collecting every span up to it.
+async fn spans_until(
+    spans: &mut mpsc::UnboundedReceiver<(String, Span)>,
+    name: &str,
+    trace_id: Option<&str>,
+) -> Vec<Span> {
+    let mut seen = Vec::new();
+    loop {
+        let (_, span) = within(&format!("a span named {name}"), spans.recv())
+            .await
+            .unwrap();
+        let found = span.name == name && trace_id.is_none_or(|t| hex(&span.trace_id) == t);
+        seen.push(span);
+        if found {
+            return seen;
+        }
+    }
+}
+
+/// By default a caller's "not sampled" flag does not hide its calls from
+/// devicehub's traces (`--otlp-sampler always_on`); `parentbased_always_on`
+/// follows it. A call to an unknown method gets one fixed span name, and
+/// its path, truncated, as a field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsampled_callers_are_traced_unless_told_and_unknown_methods_share_one_span_name() {
+    const UNSAMPLED: &str = "11111111111111111111111111111111";
+    const SAMPLED: &str = "22222222222222222222222222222222";
+    const LIST: &str = "devicehub.v1.DeviceHub/ListDevices";
+    for sampler in ["always_on", "parentbased_always_on"] {
+        let (otlp, mut spans) = otlp_receiver();
+        let endpoint = format!("http://{otlp}");
+        let (mut serve, mut log) = spawn_devicehub(
+            &[
+                "serve",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--embedded-mqtt-addr",
+                "127.0.0.1:0",
+                "--otlp-endpoint",
+                &endpoint,
+                "--otlp-sampler",
+                sampler,
+            ],
+            &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+        );
+        let grpc = logged_addr(&mut log, "gRPC listening", "addr=").await;
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = log.next_line().await {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let channel = eventually("a gRPC channel", || {
+            let url = format!("http://{grpc}");
+            async move {
+                tonic::transport::Channel::from_shared(url)
+                    .unwrap()
+                    .connect()
+                    .await
+                    .ok()
+            }
+        })
+        .await;
+        let mut client = DeviceHubClient::new(channel.clone());
+        list_devices_traced(&mut client, UNSAMPLED, false).await;
+        list_devices_traced(&mut client, SAMPLED, true).await;
+        let seen = spans_until(&mut spans, LIST, Some(SAMPLED)).await;
+        let unsampled_seen = || seen.iter().any(|s| hex(&s.trace_id) == UNSAMPLED);
+        match sampler {
+            "always_on" => {
+                if !unsampled_seen() {
+                    spans_until(&mut spans, LIST, Some(UNSAMPLED)).await;
+                }
+            }
+            _ => assert!(!unsampled_seen(), "the caller's flag was followed"),
+        }
+        if sampler == "always_on" {
+            // Methods nobody serves, with long paths, 50 times.
+            let mut grpc_client = tonic::client::Grpc::new(channel);
+            for i in 0..50 {
+                let path = format!("/{}{i}/Nope", "x".repeat(4000));
+                grpc_client.ready().await.unwrap();
+                let status = grpc_client
+                    .unary::<(), (), _>(
+                        tonic::Request::new(()),
+                        http::uri::PathAndQuery::try_from(path).unwrap(),
+                        tonic_prost::ProstCodec::default(),
+                    )
+                    .await
+                    .unwrap_err();
+                assert_eq!(status.code(), tonic::Code::Unimplemented);
+            }
+            let seen = spans_until(&mut spans, "unknown", None).await;
+            let span = seen.last().unwrap();
+            let logged = attribute(span, "path").expect("the path, as a field");
+            assert!(logged.len() < 200 && logged.starts_with("/xxx"), "{logged}");
+            // Their end lines are rate-limited, and none holds a whole path.
+            let failed = || {
+                let lines = lines.lock().unwrap();
+                lines.iter().filter(|l| l.contains("call failed")).count()
+            };
+            eventually("a call failed line", || async {
+                (failed() > 0).then_some(())
+            })
+            .await;
+            assert!(failed() <= 2, "{} lines", failed());
+            let lines = lines.lock().unwrap();
+            assert!(lines.iter().all(|l| l.len() < 2000), "a long line");
+        }
+        terminate(&mut serve).await;
+    }
+}

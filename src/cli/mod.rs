@@ -14,6 +14,8 @@ mod topics;
 
 use clap::{Parser, Subcommand};
 
+use crate::telemetry::Sampling;
+
 pub use health::HealthArgs;
 pub use login::{MqttLoginArgs, MQTT_PASSWORD_ENV};
 pub use serve::{GrpcSecurityArgs, ServeArgs};
@@ -39,6 +41,18 @@ pub struct Cli {
     /// apply.
     #[arg(long, env = "DEVICEHUB_OTLP_ENDPOINT", global = true)]
     pub otlp_endpoint: Option<String>,
+    /// Which server calls' traces to keep: always_on (every call's, even
+    /// when the caller's traceparent says not sampled), traceidratio:R (a
+    /// share R of traces), parentbased_always_on or
+    /// parentbased_traceidratio:R (the caller's sampled flag decides when
+    /// it sent one). Takes precedence over OTEL_TRACES_SAMPLER.
+    #[arg(
+        long,
+        env = "DEVICEHUB_OTLP_SAMPLER",
+        global = true,
+        default_value = "always_on"
+    )]
+    pub otlp_sampler: Sampling,
     #[command(flatten)]
     pub serve: ServeArgs,
 }

@@ -37,10 +37,16 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Regi
 use prost::Message as _;
 use tonic::Code;
 
-use crate::listener::ConnInfo;
+use crate::{
+    listener::ConnInfo,
+    log_limit::{truncated, LogLimit},
+};
 use tracing::{field::Empty, Span};
 
 use super::traces;
+
+/// The end lines of calls to unknown methods and of unauthenticated calls.
+static UNAUTHENTICATED_LOG: LogLimit = LogLimit::new();
 
 /// How a method streams, as the `grpc_type` label says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,10 +183,15 @@ struct MethodMetrics {
     received: IntCounter,
 }
 
-/// A method the server knows: its names for the span and the labels.
+/// A method the server knows (or the one that stands for every other
+/// path): its names for the span and the labels.
 struct Method {
     service: String,
     name: String,
+    /// `package.Service/Method`, as OpenTelemetry names RPC spans.
+    span_name: String,
+    /// A method of the served services, not [`Methods::unknown`].
+    known: bool,
     metrics: Option<MethodMetrics>,
 }
 
@@ -209,6 +220,8 @@ impl Method {
         Self {
             service: service.to_owned(),
             name: name.to_owned(),
+            span_name: format!("{service}/{name}"),
+            known: true,
             metrics,
         }
     }
@@ -260,7 +273,11 @@ impl CallLayer {
                 }
             }
         }
-        let unknown = Arc::new(Method::new("unknown", "unknown", Kind::Unary, metrics));
+        let unknown = Arc::new(Method {
+            span_name: "unknown".into(),
+            known: false,
+            ..Method::new("unknown", "unknown", Kind::Unary, metrics)
+        });
         Self {
             methods: Arc::new(Methods { known, unknown }),
         }
@@ -310,9 +327,17 @@ where
             .extensions()
             .get::<ConnInfo>()
             .and_then(ConnInfo::remote_addr);
+        // The path is what the client sent: a known method's span is named
+        // after it, any other's has one fixed name and the path, truncated,
+        // as a field, so that no peer picks span names or fills the log.
+        let path = match method.known {
+            true => None,
+            false => Some(truncated(request.uri().path())),
+        };
         let span = tracing::info_span!(
             "rpc",
-            otel.name = %request.uri().path().trim_start_matches('/'),
+            otel.name = %method.span_name,
+            path = path.map(tracing::field::display),
             otel.kind = "server",
             otel.status_code = Empty,
             rpc.system = "grpc",
@@ -379,7 +404,18 @@ impl Call {
         let _entered = self.span.enter();
         // Whole microseconds: 104.142, not 104.14287399999999.
         let duration_ms = elapsed.as_micros() as f64 / 1e3;
-        if failed {
+        if !self.method.known || code == Code::Unauthenticated {
+            // Anyone who reaches the port can cause these, as fast as they
+            // like: rate-limited, so they cannot fill the disk.
+            if let Some(left_out) = UNAUTHENTICATED_LOG.allow() {
+                tracing::info!(
+                    code = code_label(code),
+                    duration_ms,
+                    similar_lines_left_out = left_out,
+                    "call failed"
+                );
+            }
+        } else if failed {
             tracing::info!(code = code_label(code), duration_ms, "call failed");
         } else {
             tracing::debug!(code = code_label(code), duration_ms, "call ended");

@@ -24,7 +24,11 @@ use opentelemetry::{
     trace::{TraceContextExt, TracerProvider as _},
 };
 use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider, Resource};
+use opentelemetry_sdk::{
+    propagation::TraceContextPropagator,
+    trace::{Sampler, SdkTracerProvider},
+    Resource,
+};
 use tracing::{Level, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
@@ -38,6 +42,70 @@ static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 /// The filter when `DEVICEHUB_LOG` is not set.
 const DEFAULT_LOG: &str = "info,rumqttd=off";
+
+/// Which server calls' traces are kept (`--otlp-sampler`). By default
+/// every call's: a caller whose `traceparent` says "not sampled" (flag 00)
+/// does not hide its calls from devicehub's operators, whose traces are
+/// theirs to keep; `parentbased_*` follows the caller's flag instead. Named
+/// as OpenTelemetry's `OTEL_TRACES_SAMPLER` values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// The share of traces kept, by trace id: 1.0 keeps every one.
+    pub ratio: f64,
+    /// Whether a caller's sampled flag decides instead, when it sent one.
+    pub follow_parent: bool,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            ratio: 1.0,
+            follow_parent: false,
+        }
+    }
+}
+
+impl std::str::FromStr for Sampling {
+    type Err = String;
+
+    /// `always_on`, `traceidratio:R`, `parentbased_always_on` or
+    /// `parentbased_traceidratio:R`, with R from 0 to 1.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (follow_parent, rest) = match text.strip_prefix("parentbased_") {
+            Some(rest) => (true, rest),
+            None => (false, text),
+        };
+        let ratio = match rest.split_once(':') {
+            None if rest == "always_on" => 1.0,
+            Some(("traceidratio", ratio)) => match ratio.parse::<f64>() {
+                Ok(ratio) if (0.0..=1.0).contains(&ratio) => ratio,
+                _ => return Err(format!("{ratio:?} is not a ratio from 0 to 1")),
+            },
+            _ => {
+                return Err(format!(
+                    "{text:?}: expected always_on, traceidratio:R, parentbased_always_on or parentbased_traceidratio:R"
+                ))
+            }
+        };
+        Ok(Self {
+            ratio,
+            follow_parent,
+        })
+    }
+}
+
+impl Sampling {
+    fn sampler(self) -> Sampler {
+        let own = match self.ratio >= 1.0 {
+            true => Sampler::AlwaysOn,
+            false => Sampler::TraceIdRatioBased(self.ratio),
+        };
+        match self.follow_parent {
+            true => Sampler::ParentBased(Box::new(own)),
+            false => own,
+        }
+    }
+}
 
 /// Why logging or tracing could not start.
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +139,11 @@ impl Telemetry {
 
 /// Installs the subscriber for the process. Call once, inside the tokio
 /// runtime (the OTLP exporter's gRPC client needs it).
-pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Telemetry, TelemetryError> {
+pub fn init(
+    format: LogFormat,
+    otlp_endpoint: Option<&str>,
+    sampling: Sampling,
+) -> Result<Telemetry, TelemetryError> {
     let filter = EnvFilter::try_from_env("DEVICEHUB_LOG").unwrap_or_else(|_| DEFAULT_LOG.into());
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let logs = match format {
@@ -88,7 +160,9 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Telemetry,
     }
     .with_filter(filter);
 
-    let provider = otlp_endpoint.map(exporter).transpose()?;
+    let provider = otlp_endpoint
+        .map(|endpoint| exporter(endpoint, sampling))
+        .transpose()?;
     let traces = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("devicehub"))
@@ -102,7 +176,7 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Telemetry,
     Ok(Telemetry { provider })
 }
 
-fn exporter(endpoint: &str) -> Result<SdkTracerProvider, TelemetryError> {
+fn exporter(endpoint: &str, sampling: Sampling) -> Result<SdkTracerProvider, TelemetryError> {
     if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
         return Err(TelemetryError::Endpoint(endpoint.to_owned()));
     }
@@ -117,6 +191,7 @@ fn exporter(endpoint: &str) -> Result<SdkTracerProvider, TelemetryError> {
         resource = resource.with_service_name("devicehub");
     }
     Ok(SdkTracerProvider::builder()
+        .with_sampler(sampling.sampler())
         .with_batch_exporter(exporter)
         .with_resource(resource.build())
         .build())
@@ -170,5 +245,29 @@ impl Extractor for Headers<'_> {
 
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samplers_parse_like_otel_traces_sampler() {
+        let parse = |text: &str| text.parse::<Sampling>();
+        assert_eq!(parse("always_on"), Ok(Sampling::default()));
+        assert_eq!(
+            parse("parentbased_traceidratio:0.25"),
+            Ok(Sampling {
+                ratio: 0.25,
+                follow_parent: true
+            })
+        );
+        assert_eq!(
+            parse("parentbased_always_on").map(|s| s.follow_parent),
+            Ok(true)
+        );
+        assert!(parse("traceidratio:1.5").is_err());
+        assert!(parse("always_off").is_err());
     }
 }
