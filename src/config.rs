@@ -28,6 +28,9 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// Origins whose pages may call with gRPC-Web (CORS); empty: none.
     pub cors_allowed_origins: Vec<String>,
+    /// Host names requests may name besides loopback ones and IP addresses,
+    /// while there is no auth (DNS rebinding; see `web.rs`).
+    pub allowed_hosts: Vec<String>,
     /// TLS on the gRPC port. `None`: plaintext.
     pub grpc_tls: Option<GrpcTls>,
     /// Bearer-token auth on the DeviceHub service. `None`: anyone may call.

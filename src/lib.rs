@@ -354,13 +354,18 @@ pub async fn run(
     );
 
     // Outermost first: CORS answers preflights, gRPC-Web is translated to
-    // gRPC, then every call is observed as gRPC.
+    // gRPC, then every call is observed as gRPC, refused for a foreign host
+    // included.
     let server = bounded_server(&config.connections)
         .accept_http1(true)
         .layer(listener::MarkOpened)
         .layer(web::cors(&config.cors_allowed_origins))
         .layer(tonic_web::GrpcWebLayer::new())
         .layer(calls)
+        .layer(match config.auth {
+            None => web::HostCheck::new(&config.allowed_hosts),
+            Some(_) => web::HostCheck::off(),
+        })
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -117,3 +117,61 @@ fn cors_origins_are_checked() {
         assert!(error.contains("--cors-allowed-origins"), "{bad}: {error}");
     }
 }
+
+/// A gRPC-Web ListReadings call as a page would send it, to `host`.
+fn grpc_web_call(host: &str) -> Vec<u8> {
+    let body = [0u8, 0, 0, 0, 0];
+    let mut call = format!(
+        "POST /devicehub.v1.DeviceHub/ListReadings HTTP/1.1\r\nHost: {host}\r\n\
+         Content-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    call.extend_from_slice(&body);
+    call
+}
+
+/// DNS rebinding: without auth, a request addressed to a name that is not
+/// loopback's, an IP address or in --allowed-hosts is refused
+/// (PERMISSION_DENIED), over gRPC-Web from a page and over gRPC. (With
+/// auth the check is off: a rebound page has no token.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_for_foreign_host_names_are_refused_without_auth() {
+    use devicehub::proto::{device_hub_client::DeviceHubClient, ListReadingsRequest};
+    let broker = embedded_broker();
+    let service = TestService::start_ready(config(&broker, &["--allowed-hosts", "hub.test"])).await;
+    let addr = service.addr.to_string();
+    let port = service.addr.port();
+    for (host, allowed) in [
+        (format!("rebound.example:{port}"), false),
+        (format!("localhost:{port}"), true),
+        (format!("hub.test:{port}"), true),
+        (addr.clone(), true),
+    ] {
+        let response = http(&addr, &grpc_web_call(&host)).await;
+        let want = if allowed {
+            "grpc-status:0"
+        } else {
+            "grpc-status:7"
+        };
+        assert!(
+            response.contains(want) || header(&response, "grpc-status") == Some(&want[12..]),
+            "{host}: {response}"
+        );
+    }
+    // gRPC: the :authority is what the channel's origin says.
+    let channel = tonic::transport::Endpoint::from_shared(service.url())
+        .unwrap()
+        .origin(format!("http://rebound.example:{port}").parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let status = DeviceHubClient::new(channel)
+        .list_readings(ListReadingsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("--allowed-hosts"), "{status:?}");
+    service.stop().await;
+}

@@ -151,6 +151,14 @@ pub struct ServeArgs {
     #[arg(long, env = "DEVICEHUB_CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub cors_allowed_origins: Vec<String>,
 
+    /// Host names (comma-separated) requests may be addressed to besides
+    /// localhost and IP addresses, while the service runs without auth:
+    /// others are refused with PERMISSION_DENIED, so that a web page cannot
+    /// reach the service through DNS rebinding. Set it to the names clients
+    /// use (`hub.internal`) when they call by name without auth.
+    #[arg(long, env = "DEVICEHUB_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+
     /// Address to serve Prometheus metrics on (`GET /metrics`). Unset: no
     /// metrics listener. Port 0 picks a free port (logged).
     #[arg(long, env = "DEVICEHUB_METRICS_ADDR")]
@@ -404,6 +412,7 @@ impl ServeArgs {
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             metrics_addr: self.metrics_addr,
             cors_allowed_origins: cors_origins(&self.cors_allowed_origins)?,
+            allowed_hosts: self.allowed_hosts.clone(),
             grpc_tls: self.grpc_security.tls()?,
             auth: self.grpc_security.auth()?,
             connections: self.connections.limits(),
