@@ -56,6 +56,10 @@ pub struct ConnectionLimits {
     pub idle_timeout: Duration,
     /// HTTP/2 streams (calls) one connection has open at once; more wait.
     pub max_streams_per_connection: u32,
+    /// Response bytes handed to connections and not yet taken by their
+    /// sockets, over all connections; beyond it calls end with
+    /// RESOURCE_EXHAUSTED.
+    pub max_response_bytes_in_flight: usize,
 }
 
 impl Default for ConnectionLimits {
@@ -68,6 +72,7 @@ impl Default for ConnectionLimits {
             handshake_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(10),
             max_streams_per_connection: 256,
+            max_response_bytes_in_flight: 256 << 20,
         }
     }
 }

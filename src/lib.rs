@@ -366,6 +366,7 @@ pub async fn run(
             None => web::HostCheck::new(&config.allowed_hosts),
             Some(_) => web::HostCheck::off(),
         })
+        .layer(listener::BoundResponses)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -345,3 +345,137 @@ async fn one_client_cannot_take_every_command_slot() {
     greedy.clone().send_command(request).await.unwrap();
     service.stop().await;
 }
+
+/// 1 000 ListReadings of 1 000 readings of 1 kB (1 MB each) on one
+/// connection whose client never reads (a raw HTTP/2 client keeping the
+/// default 64 KiB windows): the service holds at most
+/// --max-response-bytes-in-flight of them, ends the others with
+/// RESOURCE_EXHAUSTED (counted), and its memory stays within that bound.
+/// When the client goes, its charge comes back and others are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_nobody_reads_are_held_under_one_budget() {
+    use prost::Message;
+    const MIB: u64 = 1 << 20;
+    const CALLS: usize = 1000;
+    let broker = embedded_broker();
+    let (broker_url, budget) = (broker.to_string(), (16 * MIB).to_string());
+    let (mut serve, mut log) = spawn_devicehub(
+        &[
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--mqtt-url",
+            &broker_url,
+            "--max-response-bytes-in-flight",
+            &budget,
+            "--max-streams-per-connection",
+            "1000",
+        ],
+        &[],
+    );
+    let pid = serve.id().unwrap();
+    let [addr, metrics] = logged_addrs(&mut log, ["gRPC listening", "metrics listening"]).await;
+    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+    let client = eventually("the service", || {
+        let url = format!("http://{addr}");
+        async move { DeviceHubClient::connect(url).await.ok() }
+    })
+    .await;
+    let device = TestDevice::connect(&broker, "device-kilobytes", None).await;
+    for i in 0..1000 {
+        let mut payload = vec![b'.'; 1000];
+        payload[..4].copy_from_slice(format!("{i:04}").as_bytes());
+        device.publish("devices/kilo/readings", payload).await;
+    }
+    let request = ListReadingsRequest {
+        device_id: "kilo".into(),
+        page_size: 1000,
+        ..Default::default()
+    };
+    eventually("1 000 readings listed", || {
+        let (mut client, request) = (client.clone(), request.clone());
+        async move {
+            let page = client.list_readings(request).await.ok()?.into_inner();
+            (page.readings.len() == 1000).then_some(())
+        }
+    })
+    .await;
+    let baseline = rss(pid);
+
+    // The client that never reads.
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut body = vec![0u8];
+    let message = request.encode_to_vec();
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    let body = bytes::Bytes::from(body);
+    let mut responses = Vec::with_capacity(CALLS);
+    for _ in 0..CALLS {
+        let mut h2 = within("a stream", h2.clone().ready()).await.unwrap();
+        let request =
+            http::Request::post(format!("http://{addr}/devicehub.v1.DeviceHub/ListReadings"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(())
+                .unwrap();
+        let (response, mut send) = h2.send_request(request, false).unwrap();
+        send.send_data(body.clone(), true).unwrap();
+        // Kept, never polled for data: dropping it would reset the stream.
+        responses.push((response, send));
+    }
+    let text = eventually("most calls refused", || async {
+        let text = scrape(&metrics).await;
+        let refused = sample(&text, "devicehub_responses_refused_total")?;
+        (refused >= (CALLS - 20) as f64).then_some(text)
+    })
+    .await;
+    let in_flight = sample(&text, "devicehub_response_bytes_in_flight").unwrap();
+    assert!(
+        in_flight <= (16 * MIB) as f64,
+        "{in_flight} bytes in flight"
+    );
+    let grown = rss(pid).saturating_sub(baseline);
+    // The budget, what h2 keeps per stream beyond the window (a response
+    // in hand each), and the allocator's share; without the budget the
+    // 1 000 responses took about 1 GB.
+    let bound = 16 * MIB + 64 * MIB;
+    assert!(grown <= bound, "grew by {} MiB", grown / MIB);
+    eprintln!(
+        "memory grew by {} MiB (bound {} MiB)",
+        grown / MIB,
+        bound / MIB
+    );
+
+    // A fresh client is served meanwhile (the budget is not all spent: the
+    // stuck connection holds only what fitted), and once the stuck client
+    // is gone everything it held comes back.
+    let page = client
+        .clone()
+        .list_readings(ListReadingsRequest::default())
+        .await;
+    assert!(
+        page.is_ok() || page.as_ref().unwrap_err().code() == Code::ResourceExhausted,
+        "{page:?}"
+    );
+    drop(responses);
+    drop(h2);
+    connection.abort();
+    eventually("the stuck client's charge given back", || async {
+        let text = scrape(&metrics).await;
+        (sample(&text, "devicehub_response_bytes_in_flight") == Some(0.0)).then_some(())
+    })
+    .await;
+    let page = client
+        .clone()
+        .list_readings(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.readings.len(), 1000);
+    let _ = serve.start_kill();
+    let _ = serve.wait().await;
+}

@@ -234,6 +234,14 @@ pub struct ConnectionArgs {
     #[arg(long, env = "DEVICEHUB_MAX_STREAMS_PER_CONNECTION", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_connection: u32,
+
+    /// Most response bytes handed to gRPC connections whose sockets have
+    /// not taken them yet, over all connections (clients that stop
+    /// reading hold theirs); beyond it calls end with RESOURCE_EXHAUSTED.
+    /// At least 8 MiB (two of the largest responses).
+    #[arg(long, env = "DEVICEHUB_MAX_RESPONSE_BYTES_IN_FLIGHT", default_value_t = 256 << 20,
+          value_parser = clap::value_parser!(u64).range(8 << 20..=1 << 32))]
+    pub max_response_bytes_in_flight: u64,
 }
 
 impl ConnectionArgs {
@@ -246,6 +254,7 @@ impl ConnectionArgs {
             handshake_timeout: self.tls_handshake_timeout,
             idle_timeout: self.connection_idle_timeout,
             max_streams_per_connection: self.max_streams_per_connection,
+            max_response_bytes_in_flight: self.max_response_bytes_in_flight as usize,
         }
     }
 }

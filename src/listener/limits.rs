@@ -15,6 +15,7 @@ use std::{
     },
 };
 
+use super::ResponseBudget;
 use crate::{config::ConnectionLimits, sync};
 
 /// What a slot is for.
@@ -92,10 +93,11 @@ impl Slots {
     }
 
     /// A read-only view of the counts, for `/metrics` and the stats line.
-    pub fn stats(&self) -> ListenerStats {
+    pub fn stats(&self, responses: ResponseBudget) -> ListenerStats {
         ListenerStats {
             counts: self.counts.clone(),
             counters: self.counters.clone(),
+            responses,
         }
     }
 
@@ -147,6 +149,8 @@ impl Slots {
 pub struct ListenerStats {
     counts: Arc<Mutex<Counts>>,
     counters: Arc<ListenerCounters>,
+    /// The response bytes in flight (`in_flight.rs`).
+    pub responses: ResponseBudget,
 }
 
 impl ListenerStats {

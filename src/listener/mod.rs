@@ -6,8 +6,10 @@
 //! a slot under caps overall and per remote IP (`limits.rs`) or are closed
 //! at once, counted. A connection that opens no stream (no request) within
 //! `--connection-idle-timeout` is closed, plaintext or TLS, so sockets that
-//! say nothing cannot pile up either.
+//! say nothing cannot pile up either. Responses that clients do not read
+//! are held under one budget of bytes (`in_flight.rs`).
 
+mod in_flight;
 mod limits;
 mod tls;
 
@@ -34,6 +36,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::{debug, warn};
 
+use in_flight::Owed;
+pub use in_flight::{BoundResponses, ResponseBudget};
 pub use limits::ListenerStats;
 use limits::{Kind, ListenerCounters, Slot, Slots};
 pub use tls::{ServerTls, ServerTlsError};
@@ -53,6 +57,8 @@ const ACCEPTED_QUEUE: usize = 64;
 pub struct ConnInfo {
     tcp: TcpConnectInfo,
     opened: Arc<AtomicBool>,
+    /// Response bytes this connection's socket has yet to take.
+    owed: Arc<Owed>,
 }
 
 impl ConnInfo {
@@ -113,6 +119,17 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Gives back the response bytes the socket took (see `in_flight.rs`).
+    /// Under TLS these count ciphertext, a little more than the plaintext
+    /// charged: the charge comes back early, never late.
+    fn took(&self, written: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = written {
+            self.info.owed.written(*n);
+        }
+    }
+}
+
 impl AsyncRead for Conn {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -132,7 +149,9 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.io.as_mut().poll_write(cx, buf)
+        let written = self.io.as_mut().poll_write(cx, buf);
+        self.took(&written);
+        written
     }
 
     fn poll_write_vectored(
@@ -140,7 +159,9 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.io.as_mut().poll_write_vectored(cx, bufs)
+        let written = self.io.as_mut().poll_write_vectored(cx, bufs);
+        self.took(&written);
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -169,9 +190,10 @@ pub fn incoming(
     if let Some(tls) = &tls {
         tokio::spawn(tls.clone().follow_files(shutdown.clone()));
     }
+    let budget = ResponseBudget::new(limits.max_response_bytes_in_flight);
     let slots = Slots::new(limits);
-    let stats = slots.stats();
-    tokio::spawn(accept(listener, tls, slots, tx, shutdown));
+    let stats = slots.stats(budget.clone());
+    tokio::spawn(accept(listener, tls, slots, budget, tx, shutdown));
     (ReceiverStream::new(rx), stats)
 }
 
@@ -179,6 +201,7 @@ async fn accept(
     listener: TcpListener,
     tls: Option<ServerTls>,
     slots: Slots,
+    budget: ResponseBudget,
     tx: mpsc::Sender<io::Result<Conn>>,
     shutdown: CancellationToken,
 ) {
@@ -206,6 +229,7 @@ async fn accept(
         let info = ConnInfo {
             tcp: stream.connect_info(),
             opened: Arc::default(),
+            owed: budget.owed(),
         };
         let conn = |io: Pin<Box<dyn Io>>| Conn {
             io,

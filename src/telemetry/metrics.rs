@@ -196,6 +196,8 @@ impl Sources {
             gauge("devicehub_devices_encoded_bytes", "Bytes of devices' newest readings kept encoded for device pages (at most 32 MiB).", hub.devices.encoded_bytes as f64),
             counter("devicehub_devices_encodings_not_kept_total", "Devices' newest readings encoded for a page and not kept because those 32 MiB were full (encoded again for the next page).", hub.devices.encodings_not_kept),
             gauge("devicehub_connections", "gRPC connections open (TLS handshakes in progress included), counted against --max-connections.", self.listener.connections() as f64),
+            gauge("devicehub_response_bytes_in_flight", "Response bytes handed to gRPC connections and not yet taken by their sockets (bounded by --max-response-bytes-in-flight).", self.listener.responses.in_flight() as f64),
+            counter("devicehub_responses_refused_total", "Calls ended with RESOURCE_EXHAUSTED because --max-response-bytes-in-flight was spent.", self.listener.responses.refused()),
             counters("devicehub_connections_closed_total", "gRPC connections the listener closed, by reason: a cap reached (max_connections, max_connections_per_ip, max_handshakes, max_handshakes_per_ip), handshake_timeout, handshake_failed, no_stream (no request within --connection-idle-timeout).", "reason", self.listener.closed()),
         ];
         if let Some(store) = &self.store {
