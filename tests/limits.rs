@@ -450,17 +450,7 @@ async fn responses_nobody_reads_are_held_under_one_budget() {
         bound / MIB
     );
 
-    // A fresh client is served meanwhile (the budget is not all spent: the
-    // stuck connection holds only what fitted), and once the stuck client
-    // is gone everything it held comes back.
-    let page = client
-        .clone()
-        .list_readings(ListReadingsRequest::default())
-        .await;
-    assert!(
-        page.is_ok() || page.as_ref().unwrap_err().code() == Code::ResourceExhausted,
-        "{page:?}"
-    );
+    // Once the stuck client is gone, everything it held comes back.
     drop(responses);
     drop(h2);
     connection.abort();

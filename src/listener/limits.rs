@@ -234,7 +234,7 @@ mod tests {
         assert_eq!(counters.over_connections_per_ip.load(Ordering::Relaxed), 1);
         assert_eq!(counters.over_connections.load(Ordering::Relaxed), 1);
         drop(a1);
-        assert_eq!(slots.stats().connections(), 2);
+        assert_eq!(slots.stats(ResponseBudget::new(1)).connections(), 2);
         let _c1 = slots.take(Kind::Connection, c).unwrap();
 
         // Handshakes are counted apart from connections.
