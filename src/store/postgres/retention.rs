@@ -59,7 +59,7 @@ async fn delete_before(store: &Postgres, cutoff: SystemTime) -> Result<u64, sqlx
         )
         .bind(cutoff)
         .bind(DELETE_ROWS)
-        .execute(store.pool())
+        .execute(store.write_pool())
         .await?
         .rows_affected();
         if deleted == 0 {
@@ -71,7 +71,7 @@ async fn delete_before(store: &Postgres, cutoff: SystemTime) -> Result<u64, sqlx
             .retention_deleted
             .fetch_add(deleted, Ordering::Relaxed);
         let oldest: Option<i64> = sqlx::query_scalar("SELECT min(seq) FROM readings")
-            .fetch_one(store.pool())
+            .fetch_one(store.write_pool())
             .await?;
         // Only ever raised here (a commit lowers it when the table was
         // empty): as a lower bound it is always safe, since a page that

@@ -277,7 +277,9 @@ impl Task {
 
     /// Checks that the database answers while nothing is being written.
     async fn probe(&self) {
-        let answer = sqlx::query("SELECT 1").execute(self.store.pool()).await;
+        let answer = sqlx::query("SELECT 1")
+            .execute(self.store.write_pool())
+            .await;
         self.set_up(answer.is_ok(), answer.as_ref().err());
     }
 
@@ -393,7 +395,7 @@ async fn insert(
     .bind(&devices.status_changed)
     .bind(received.last().copied().unwrap_or(0))
     .bind(notify)
-    .fetch_one(store.pool())
+    .fetch_one(store.write_pool())
     .await?;
     Ok(first as u64)
 }
