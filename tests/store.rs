@@ -601,3 +601,160 @@ async fn a_store_that_cannot_be_reached_fails_startup_without_its_password() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("--store-url"), "{stderr}");
 }
+
+/// Whether psql holds `readings` in ACCESS EXCLUSIVE mode.
+const READINGS_LOCKED: &str =
+    "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+     WHERE c.relname = 'readings' AND l.mode = 'AccessExclusiveLock' AND l.granted";
+
+/// Locks `readings` from psql for `seconds` (every statement on it waits:
+/// reads and commits alike) and returns once the lock is held.
+async fn lock_readings(pg: &Postgres, seconds: u32) -> std::process::Child {
+    let lock = pg.psql_spawn(&format!(
+        "BEGIN; LOCK TABLE readings IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep({seconds}); COMMIT"
+    ));
+    eventually("psql locking readings", || async {
+        (pg.psql(READINGS_LOCKED) == "1").then_some(())
+    })
+    .await;
+    lock
+}
+
+/// The oldest page, which memory (100 readings) cannot serve.
+fn oldest_page() -> ListReadingsRequest {
+    ListReadingsRequest {
+        oldest_first: true,
+        page_size: 10,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_blocked_in_the_table_leave_the_writer_its_connections() {
+    let pg = Postgres::start();
+    let broker = Mosquitto::start();
+    let args = ["--store-url", &pg.url(), "--buffer-max-readings", "100"];
+    let service = TestService::start_ready(config(&broker.url, &args)).await;
+    let client = service.client().await;
+    let device = TestDevice::connect(&broker.url, "device-locked", None).await;
+    publish_spread(&device, 0, 1_000, DEVICES).await.unwrap();
+    wait_for_rows(&pg, 1_000).await;
+
+    let mut lock = lock_readings(&pg, 8).await;
+    let locked_at = tokio::time::Instant::now();
+    // More reads than there are read connections, each waiting on the lock
+    // (the default read timeout, 10 s, outlasts it) or for a connection.
+    let reads: Vec<_> = (0..20)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .clone()
+                    .list_readings(oldest_page())
+                    .await
+                    .map(|_| ())
+                    .map_err(|status| status.code())
+            })
+        })
+        .collect();
+    // The writer's idle probe (every second) still gets its connection:
+    // with one pool the blocked reads held them all, the probe timed out
+    // after 3 s and health turned NOT_SERVING.
+    while locked_at.elapsed() < Duration::from_millis(6_500) {
+        assert_eq!(
+            service.health().await,
+            ServingStatus::Serving,
+            "health while reads wait on the lock ({:?} in)",
+            locked_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut answered = 0;
+    for read in reads {
+        match read.await.unwrap() {
+            Ok(()) => answered += 1,
+            // No read connection within the acquire timeout.
+            Err(Code::Unavailable) => {}
+            Err(code) => panic!("a blocked read answered {code:?}"),
+        }
+    }
+    assert!(
+        answered > 0,
+        "reads holding a connection answer once it ends"
+    );
+    assert!(lock.wait().unwrap().success());
+    publish_spread(&device, 1_000, 1_000, DEVICES)
+        .await
+        .unwrap();
+    every_payload_stored(&pg, 2_000).await;
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_past_the_read_timeout_answers_unavailable_and_the_writer_goes_on() {
+    let pg = Postgres::start();
+    let broker = Mosquitto::start();
+    let args = [
+        "--store-url",
+        &pg.url(),
+        "--buffer-max-readings",
+        "100",
+        "--store-read-timeout",
+        "300ms",
+    ];
+    let service = TestService::start_ready(config(&broker.url, &args)).await;
+    let client = service.client().await;
+    let device = TestDevice::connect(&broker.url, "device-timeout", None).await;
+    publish_spread(&device, 0, 1_000, DEVICES).await.unwrap();
+    wait_for_rows(&pg, 1_000).await;
+
+    let mut lock = lock_readings(&pg, 4).await;
+    // Readings arrive meanwhile: their commit waits for the lock.
+    let during = publish_spread(&device, 1_000, 500, DEVICES);
+    let started = tokio::time::Instant::now();
+    let status = client
+        .clone()
+        .list_readings(oldest_page())
+        .await
+        .expect_err("the table is locked");
+    let took = started.elapsed();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+    assert!(
+        !status.message().contains("statement") && !status.message().contains("cancel"),
+        "PostgreSQL's text stays in the log: {status:?}"
+    );
+    // A replay from the table too.
+    let mut stream = client
+        .clone()
+        .watch_readings(WatchReadingsRequest {
+            after_seq: Some(0),
+            ..Default::default()
+        })
+        .await
+        .expect("watch starts")
+        .into_inner();
+    let status = within("the replay's answer", stream.message())
+        .await
+        .expect_err("the table is locked");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    // Memory still serves what it holds.
+    let newest = client
+        .clone()
+        .list_readings(ListReadingsRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("the newest page, from memory")
+        .into_inner();
+    assert_eq!(newest.readings.len(), 1);
+
+    assert!(lock.wait().unwrap().success());
+    during.await.unwrap();
+    every_payload_stored(&pg, 1_500).await;
+    assert_eq!(service.health().await, ServingStatus::Serving);
+    let all = list_everything(&client, 1_000).await;
+    assert_indices(&all, 0..1_500);
+    service.stop().await;
+}
