@@ -895,7 +895,14 @@ async fn many_devices_are_restored_in_batches_within_the_budget() {
     wait_for_rows(&pg, DEVICE_COUNT).await;
     service.stop().await;
 
+    // Statements logged from here on: the restore's batches show in them.
+    pg.psql("ALTER SYSTEM SET log_statement = 'all'");
+    pg.psql("SELECT pg_reload_conf()");
     let service = TestService::start_ready(config(&broker.url, &args)).await;
+    let batches = pg.log().matches("FROM devices d LEFT JOIN").count();
+    assert!(batches >= 5, "{batches} statements read the device list");
+    pg.psql("ALTER SYSTEM RESET log_statement");
+    pg.psql("SELECT pg_reload_conf()");
     let devices = list_all_devices(&service.client().await).await;
     let mut ids: Vec<String> = devices.iter().map(|d| d.device_id.clone()).collect();
     ids.sort();
