@@ -18,7 +18,8 @@
 //! reconnect. While the database fails the tail retries with backoff;
 //! memory lags, nothing is skipped. What the tail holds at once is one
 //! fetch (`Postgres::fetch`: at most 1 000 rows and 4 MiB of payloads, and
-//! one row).
+//! one row). The LISTEN and the reads use ingest's pool, not the client
+//! reads' (see `postgres/mod.rs`): busy pages never hold memory back.
 
 use std::{sync::Arc, time::Duration};
 

@@ -11,7 +11,9 @@
 //! the MQTT event loop what it may acknowledge. While the database fails, the task retries the same
 //! readings with backoff and health says NOT_SERVING; the queue fills and
 //! ingest waits (see `store`). A reading the database refuses for its
-//! content is left out and counted; the rest of its batch commits.
+//! content is left out and counted; the rest of its batch commits. Its
+//! statements use ingest's pool, which client reads never take a connection
+//! from (see `postgres/mod.rs`).
 
 use std::{
     collections::{BTreeMap, VecDeque},
