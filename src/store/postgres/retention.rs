@@ -1,7 +1,7 @@
 //! Retention: readings received longer than `--store-retention` ago are
 //! deleted in the background, oldest first, [`DELETE_ROWS`] per statement so
-//! no transaction holds many locks or much WAL at once, on ingest's pool
-//! (a slow DELETE holds up no client read, nor the other way round).
+//! no transaction holds many locks or much WAL at once. It uses ingest's
+//! pool: client reads that take every read connection never delay it.
 
 use std::{
     sync::atomic::Ordering,
