@@ -228,9 +228,10 @@ impl Postgres {
     /// Read in batches of [`DEVICE_BATCH`] devices (keyset pages of the
     /// `devices` primary key), each first without payloads: the newest
     /// readings that fit what is left of the budget, in id order as the
-    /// hub takes them (`Devices::restore`), are then read by number. So at
-    /// no point does more than one batch of records and the budget's worth
-    /// of payloads sit in memory, however many devices the table lists.
+    /// hub takes them (`Devices::restore`), are then read by number. So
+    /// the restore holds the records the hub lists anyway, one batch's rows
+    /// and no more payload bytes than the hub keeps, however many devices
+    /// and however large their readings.
     pub async fn devices(
         &self,
         max: usize,
