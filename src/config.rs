@@ -88,6 +88,10 @@ pub struct StoreConfig {
     /// Readings older than this are deleted in the background. `None`:
     /// kept forever.
     pub retention: Option<Duration>,
+    /// How long one statement of a client read (a page, a replay) may run
+    /// before PostgreSQL cancels it (`statement_timeout` of the read pool's
+    /// connections); ingest's statements have none.
+    pub read_timeout: Duration,
 }
 
 /// TLS on the gRPC port: PEM files, read at startup and again whenever they

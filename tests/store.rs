@@ -601,3 +601,417 @@ async fn a_store_that_cannot_be_reached_fails_startup_without_its_password() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("--store-url"), "{stderr}");
 }
+
+/// Whether psql holds `readings` in ACCESS EXCLUSIVE mode.
+const READINGS_LOCKED: &str =
+    "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+     WHERE c.relname = 'readings' AND l.mode = 'AccessExclusiveLock' AND l.granted";
+
+/// Locks `readings` from psql for `seconds` (every statement on it waits:
+/// reads and commits alike) and returns once the lock is held.
+async fn lock_readings(pg: &Postgres, seconds: u32) -> std::process::Child {
+    let lock = pg.psql_spawn(&format!(
+        "BEGIN; LOCK TABLE readings IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep({seconds}); COMMIT"
+    ));
+    eventually("psql locking readings", || async {
+        (pg.psql(READINGS_LOCKED) == "1").then_some(())
+    })
+    .await;
+    lock
+}
+
+/// The oldest page, which memory (100 readings) cannot serve.
+fn oldest_page() -> ListReadingsRequest {
+    ListReadingsRequest {
+        oldest_first: true,
+        page_size: 10,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_blocked_in_the_table_leave_the_writer_its_connections() {
+    let pg = Postgres::start();
+    let broker = Mosquitto::start();
+    let args = ["--store-url", &pg.url(), "--buffer-max-readings", "100"];
+    let service = TestService::start_ready(config(&broker.url, &args)).await;
+    let client = service.client().await;
+    let device = TestDevice::connect(&broker.url, "device-locked", None).await;
+    publish_spread(&device, 0, 1_000, DEVICES).await.unwrap();
+    wait_for_rows(&pg, 1_000).await;
+
+    let mut lock = lock_readings(&pg, 8).await;
+    let locked_at = tokio::time::Instant::now();
+    // More reads than there are read connections, each waiting on the lock
+    // (the default read timeout, 10 s, outlasts it) or for a connection.
+    let reads: Vec<_> = (0..20)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .clone()
+                    .list_readings(oldest_page())
+                    .await
+                    .map(|_| ())
+                    .map_err(|status| status.code())
+            })
+        })
+        .collect();
+    // The writer's idle probe (every second) still gets its connection:
+    // with one pool the blocked reads held them all, the probe timed out
+    // after 3 s and health turned NOT_SERVING.
+    while locked_at.elapsed() < Duration::from_millis(6_500) {
+        assert_eq!(
+            service.health().await,
+            ServingStatus::Serving,
+            "health while reads wait on the lock ({:?} in)",
+            locked_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut answered = 0;
+    for read in reads {
+        match read.await.unwrap() {
+            Ok(()) => answered += 1,
+            // No read connection within the acquire timeout.
+            Err(Code::Unavailable) => {}
+            Err(code) => panic!("a blocked read answered {code:?}"),
+        }
+    }
+    assert!(
+        answered > 0,
+        "reads holding a connection answer once it ends"
+    );
+    assert!(lock.wait().unwrap().success());
+    publish_spread(&device, 1_000, 1_000, DEVICES)
+        .await
+        .unwrap();
+    every_payload_stored(&pg, 2_000).await;
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_past_the_read_timeout_answers_unavailable_and_the_writer_goes_on() {
+    let pg = Postgres::start();
+    let broker = Mosquitto::start();
+    let args = [
+        "--store-url",
+        &pg.url(),
+        "--buffer-max-readings",
+        "100",
+        "--store-read-timeout",
+        "300ms",
+    ];
+    let service = TestService::start_ready(config(&broker.url, &args)).await;
+    let client = service.client().await;
+    let device = TestDevice::connect(&broker.url, "device-timeout", None).await;
+    publish_spread(&device, 0, 1_000, DEVICES).await.unwrap();
+    wait_for_rows(&pg, 1_000).await;
+
+    let mut lock = lock_readings(&pg, 4).await;
+    // Readings arrive meanwhile: their commit waits for the lock.
+    let during = publish_spread(&device, 1_000, 500, DEVICES);
+    let started = tokio::time::Instant::now();
+    let status = client
+        .clone()
+        .list_readings(oldest_page())
+        .await
+        .expect_err("the table is locked");
+    let took = started.elapsed();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+    assert!(
+        !status.message().contains("statement") && !status.message().contains("cancel"),
+        "PostgreSQL's text stays in the log: {status:?}"
+    );
+    // A replay from the table too.
+    let mut stream = client
+        .clone()
+        .watch_readings(WatchReadingsRequest {
+            after_seq: Some(0),
+            ..Default::default()
+        })
+        .await
+        .expect("watch starts")
+        .into_inner();
+    let status = within("the replay's answer", stream.message())
+        .await
+        .expect_err("the table is locked");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    // Memory still serves what it holds.
+    let newest = client
+        .clone()
+        .list_readings(ListReadingsRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("the newest page, from memory")
+        .into_inner();
+    assert_eq!(newest.readings.len(), 1);
+
+    assert!(lock.wait().unwrap().success());
+    during.await.unwrap();
+    every_payload_stored(&pg, 1_500).await;
+    assert_eq!(service.health().await, ServingStatus::Serving);
+    let all = list_everything(&client, 1_000).await;
+    assert_indices(&all, 0..1_500);
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_page_looks_at_a_bounded_number_of_rows() {
+    // 150 000 rows written straight into the table (the service numbers
+    // from the counter, moved past them), none on the filter's topic: a
+    // page stops after about 100 000 rows with a token to go on.
+    const ROWS: u64 = 150_000;
+    let pg = Postgres::start();
+    let broker = Mosquitto::start();
+    let args = ["--store-url", &pg.url(), "--buffer-max-readings", "100"];
+    TestService::start_ready(config(&broker.url, &args))
+        .await
+        .stop()
+        .await;
+    pg.psql(&format!(
+        "INSERT INTO readings (seq, device_id, topic, payload, qos, retained, received_at, kind) \
+         SELECT s.next_seq + g, 'd' || (g % 10), 'devices/d' || (g % 10) || '/readings', \
+                convert_to(g::text, 'UTF8'), 1, false, now(), 0 \
+         FROM devicehub_sequence s, generate_series(0, {ROWS} - 1) g; \
+         UPDATE devicehub_sequence SET next_seq = next_seq + {ROWS}"
+    ));
+    let service = TestService::start_ready(config(&broker.url, &args)).await;
+    let client = service.client().await;
+    for oldest_first in [true, false] {
+        let mut request = ListReadingsRequest {
+            oldest_first,
+            // Any device (so no device index narrows it), no such topic.
+            topic_filter: "devices/+/nothing".into(),
+            ..Default::default()
+        };
+        let mut pages = 0;
+        loop {
+            let page = client
+                .clone()
+                .list_readings(request.clone())
+                .await
+                .expect("a page")
+                .into_inner();
+            pages += 1;
+            assert!(page.readings.is_empty());
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            request.page_token = page.next_page_token;
+        }
+        assert_eq!(pages, 2, "oldest first: {oldest_first}");
+    }
+    // All of it is there, through the same bound.
+    let all = list_everything(&client, 1_000).await;
+    assert_indices(&all, 0..ROWS);
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_for_one_device_reads_that_devices_rows_only() {
+    const TOTAL: u64 = 10_000;
+    let pg = Postgres::start();
+    let broker = Mosquitto::start();
+    let args = ["--store-url", &pg.url(), "--buffer-max-readings", "100"];
+    let service = TestService::start_ready(config(&broker.url, &args)).await;
+    let client = service.client().await;
+    let device = TestDevice::connect(&broker.url, "device-replay", None).await;
+    publish_spread(&device, 0, TOTAL, DEVICES).await.unwrap();
+    wait_for_rows(&pg, TOTAL).await;
+    let d3: Vec<u64> = pg
+        .psql("SELECT string_agg(convert_from(payload, 'UTF8'), ',' ORDER BY seq) FROM readings WHERE device_id = 'd3'")
+        .split(',')
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(d3.len() as u64, TOTAL / DEVICES);
+    let first: u64 = pg.psql("SELECT min(seq) FROM readings").parse().unwrap();
+    pg.psql("SELECT pg_stat_reset()");
+    let request = WatchReadingsRequest {
+        after_seq: Some(first - 1),
+        device_id: "d3".into(),
+        ..Default::default()
+    };
+    let watched = watch_n(&client, request, d3.len()).await;
+    assert_eq!(watched.iter().map(index_of).collect::<Vec<_>>(), d3);
+    assert!(watched.iter().all(|r| r.device_id == "d3"));
+    // The replay walked the (device_id, seq) index, not every device's rows
+    // by number (statistics reach the view within a second or so).
+    let tuples = |index: &str| -> u64 {
+        pg.psql(&format!(
+            "SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes \
+             WHERE indexrelname = '{index}'"
+        ))
+        .parse()
+        .unwrap()
+    };
+    eventually(
+        "the replay's rows read through the device index",
+        || async { (tuples("readings_device_seq") >= TOTAL / DEVICES - 100).then_some(()) },
+    )
+    .await;
+    let by_number = tuples("readings_pkey");
+    assert!(by_number < TOTAL / 2, "{by_number} rows read by number");
+    service.stop().await;
+}
+
+/// Every listed device, page after page.
+async fn list_all_devices(client: &DeviceHubClient<Channel>) -> Vec<Device> {
+    let mut request = ListDevicesRequest {
+        page_size: 1_000,
+        ..Default::default()
+    };
+    let mut all = Vec::new();
+    loop {
+        let page = client
+            .clone()
+            .list_devices(request.clone())
+            .await
+            .expect("devices")
+            .into_inner();
+        all.extend(page.devices);
+        if page.next_page_token.is_empty() {
+            return all;
+        }
+        request.page_token = page.next_page_token;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_devices_are_restored_in_batches_within_the_budget() {
+    // 5 000 devices, one reading each: five restore batches.
+    const DEVICE_COUNT: u64 = 5_000;
+    let pg = Postgres::start();
+    let broker = Mosquitto::start();
+    let args = ["--store-url", &pg.url(), "--buffer-max-readings", "100"];
+    let service = TestService::start_ready(config(&broker.url, &args)).await;
+    let device = TestDevice::connect(&broker.url, "device-many", None).await;
+    publish_spread(&device, 0, DEVICE_COUNT, DEVICE_COUNT)
+        .await
+        .unwrap();
+    wait_for_rows(&pg, DEVICE_COUNT).await;
+    service.stop().await;
+
+    // Statements logged from here on: the restore's batches show in them.
+    pg.psql("ALTER SYSTEM SET log_statement = 'all'");
+    pg.psql("SELECT pg_reload_conf()");
+    let service = TestService::start_ready(config(&broker.url, &args)).await;
+    let batches = pg.log().matches("FROM devices d LEFT JOIN").count();
+    assert!(batches >= 5, "{batches} statements read the device list");
+    pg.psql("ALTER SYSTEM RESET log_statement");
+    pg.psql("SELECT pg_reload_conf()");
+    let devices = list_all_devices(&service.client().await).await;
+    let mut ids: Vec<String> = devices.iter().map(|d| d.device_id.clone()).collect();
+    ids.sort();
+    let mut want: Vec<String> = (0..DEVICE_COUNT).map(|i| format!("d{i}")).collect();
+    want.sort();
+    assert_eq!(ids, want, "every device, once");
+    for device in &devices {
+        let reading = device.last_reading.as_ref().expect("its newest reading");
+        assert_eq!(format!("d{}", index_of(reading)), device.device_id);
+    }
+    service.stop().await;
+
+    // A budget for 1 000 payload bytes: all listed, about that many kept.
+    let mut small = args.to_vec();
+    small.extend(["--devices-max-bytes", "1000"]);
+    let service = TestService::start_ready(config(&broker.url, &small)).await;
+    let devices = list_all_devices(&service.client().await).await;
+    assert_eq!(devices.len() as u64, DEVICE_COUNT);
+    let kept: usize = devices
+        .iter()
+        .filter_map(|d| d.last_reading.as_ref())
+        .map(|r| r.payload.len())
+        .sum();
+    assert!((900..=1_000).contains(&kept), "{kept} bytes kept");
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_store_scans_during_a_burst_lose_nothing() {
+    const HISTORY: u64 = 5_000;
+    const BURST: u64 = 20_000;
+    const SCANNERS: usize = 100;
+    let pg = Postgres::start();
+    let broker = burst_broker();
+    let args = [
+        "--store-url",
+        &pg.url(),
+        "--buffer-max-readings",
+        "100",
+        "--mqtt-client-id",
+        "devicehub-store-scans",
+        "--mqtt-persistent-session",
+    ];
+    let service = TestService::start_ready(config(&broker.url, &args)).await;
+    let client = service.client().await;
+    let device = TestDevice::connect(&broker.url, "device-scans", None).await;
+    publish_spread(&device, 0, HISTORY, DEVICES).await.unwrap();
+    wait_for_rows(&pg, HISTORY).await;
+
+    let burst = publish_spread(&device, HISTORY, BURST, DEVICES);
+    let done = tokio_util::sync::CancellationToken::new();
+    // Each scanner walks the oldest pages (the table's: memory holds 100
+    // readings) over and over, a device's or everyone's.
+    let scanners: Vec<_> = (0..SCANNERS)
+        .map(|i| {
+            let client = client.clone();
+            let done = done.clone();
+            tokio::spawn(async move {
+                let (mut answered, mut refused) = (0u64, 0u64);
+                let mut request = ListReadingsRequest {
+                    oldest_first: true,
+                    page_size: 200,
+                    device_id: match i % 2 {
+                        0 => String::new(),
+                        _ => format!("d{}", i % DEVICES as usize),
+                    },
+                    ..Default::default()
+                };
+                while !done.is_cancelled() {
+                    match client.clone().list_readings(request.clone()).await {
+                        Ok(page) => {
+                            answered += 1;
+                            let token = page.into_inner().next_page_token;
+                            // Back to the oldest page after five.
+                            request.page_token = match answered % 5 {
+                                0 => String::new(),
+                                _ => token,
+                            };
+                        }
+                        Err(status) if status.code() == Code::Unavailable => refused += 1,
+                        Err(status) => panic!("a scan failed: {status:?}"),
+                    }
+                }
+                (answered, refused)
+            })
+        })
+        .collect();
+    // Health stays SERVING throughout: the writer has its own connections.
+    let deadline = tokio::time::Instant::now() + PATIENCE * 6;
+    while !burst.is_finished() || count(&pg, "") < HISTORY + BURST {
+        assert_eq!(service.health().await, ServingStatus::Serving);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the burst is not stored after {:?}",
+            PATIENCE * 6
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    done.cancel();
+    let (mut answered, mut refused) = (0, 0);
+    for scanner in scanners {
+        let (a, r) = scanner.await.unwrap();
+        answered += a;
+        refused += r;
+    }
+    eprintln!("{answered} pages answered, {refused} UNAVAILABLE (no read connection in time)");
+    assert!(answered >= SCANNERS as u64, "the scans ran");
+    burst.await.unwrap();
+    every_payload_stored(&pg, HISTORY + BURST).await;
+    assert_eq!(service.health().await, ServingStatus::Serving);
+    service.stop().await;
+}

@@ -180,6 +180,15 @@ pub struct ServeArgs {
           value_parser = humantime::parse_duration)]
     pub store_retention: Option<Duration>,
 
+    /// How long one PostgreSQL statement of a client read (a ListReadings
+    /// page or a WatchReadings replay from the table) may run before the
+    /// database cancels it and the call answers UNAVAILABLE, so that slow
+    /// reads give their connection back: a duration like 10s or 500ms.
+    /// Commits have no such limit. Needs --store-url.
+    #[arg(long, env = "DEVICEHUB_STORE_READ_TIMEOUT", requires = "store_url",
+          default_value = "10s", value_parser = humantime::parse_duration)]
+    pub store_read_timeout: Duration,
+
     /// Seconds shutdown (SIGTERM) waits for calls and streams to end before
     /// it closes the remaining connections and exits.
     #[arg(long, env = "DEVICEHUB_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
@@ -429,6 +438,7 @@ impl ServeArgs {
                 url: Secret::new(url.as_str()),
                 password: std::env::var(STORE_PASSWORD_ENV).ok().map(Secret::new),
                 retention: self.store_retention,
+                read_timeout: self.store_read_timeout,
             }),
         })
     }

@@ -51,7 +51,15 @@
 //! device id order so concurrent writers cannot deadlock on them. At startup
 //! the rows, joined with their newest readings, are loaded into the memory
 //! records (`buffer/devices.rs`), which stay the read path: the list
-//! survives restarts without a scan of history.
+//! survives restarts without a scan of history. They are read in batches in
+//! id order, and only the newest readings the hub's budget keeps are read.
+//!
+//! # Readers and the writer
+//! Client reads from the table (pages, replays) have a pool of their own,
+//! bounded in connections, in the wait for one and in each statement's
+//! time; the writer, retention and the tail have another (see
+//! `postgres/mod.rs`). A read that cannot be served answers UNAVAILABLE;
+//! it never takes a connection ingest needs.
 
 pub mod postgres;
 

@@ -171,6 +171,44 @@ impl Postgres {
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 
+    /// Starts psql running `sql` (one or more statements, one transaction)
+    /// in the background and returns it: for a lock held while the test
+    /// goes on. Wait for it, or kill it.
+    pub fn psql_spawn(&self, sql: &str) -> std::process::Child {
+        let port = self.port.to_string();
+        let args = [
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "devicehub",
+            "-d",
+            "devicehub",
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ];
+        let program = self.bin.join("psql");
+        let mut command = if self.as_root {
+            let mut command = Command::new("runuser");
+            command.args(["-u", UNPRIVILEGED, "--"]).arg(program);
+            command
+        } else {
+            Command::new(program)
+        };
+        command
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("psql starts")
+    }
+
     /// What the server logged.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()

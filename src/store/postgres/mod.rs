@@ -1,9 +1,11 @@
-//! The PostgreSQL store: [`Postgres`], a cheap handle over a connection pool.
+//! The PostgreSQL store: [`Postgres`], a cheap handle over two connection
+//! pools.
 //!
 //! - this file: connecting, the migrations (`migrations/` at the crate
 //!   root, embedded at build time and run at startup, each once, recorded
-//!   in `_sqlx_migrations`), and reading back: the device list at startup,
-//!   pages and the replay of a resume cursor older than the memory window;
+//!   in `_sqlx_migrations`), and reading back: the device list at startup
+//!   (in batches of [`DEVICE_BATCH`]), pages and the replay of a resume
+//!   cursor older than the memory window;
 //! - [`writer`]: the writer task that commits what ingest hands it;
 //! - [`retention`]: deletes readings past `--store-retention`;
 //! - [`tail`]: with replicas, makes memory follow every instance's commits.
@@ -13,6 +15,17 @@
 //! ranges first (received times never go backwards as numbers go up, as in
 //! the memory buffer), so pages walk the primary key or the
 //! `(device_id, seq)` index.
+//!
+//! # Readers cannot starve the writer
+//! Ingest's path (the writer, retention, the tail) has a pool of its own,
+//! [`WRITE_CONNECTIONS`], which no client call ever takes a connection
+//! from. Client reads (pages, replays) share a separate pool of
+//! [`READ_CONNECTIONS`]: a read that cannot get one within
+//! [`READ_ACQUIRE_TIMEOUT`] answers UNAVAILABLE instead of queueing, and
+//! every read statement runs under `statement_timeout`
+//! (`--store-read-timeout`, set on each read connection), so a slow or
+//! blocked read gives its connection back. A page looks at no more than
+//! [`MAX_SCAN_ROWS`] rows, and holds one fetch at a time.
 
 /// The columns [`reading`] decodes, in its order, then the message's kind
 /// and status (`writer::kind_of`).
@@ -30,7 +43,7 @@ mod writer;
 use std::{
     str::FromStr,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::{Duration, SystemTime},
@@ -46,17 +59,28 @@ use tokio::sync::watch;
 use crate::{
     buffer::{CursorError, DeviceInfo, ListPage, ListQuery, Reading, ReadingFilter},
     config::StoreConfig,
+    log_limit::LogLimit,
 };
 
 pub use retention::spawn_retention;
 pub use tail::spawn_tail;
 pub use writer::{spawn_writer, Writer};
 
-/// Connections the pool keeps at most: the writer's, the retention task's,
-/// and pages and replays read concurrently.
-const MAX_CONNECTIONS: u32 = 8;
-/// How long a call waits for a connection before giving up (unavailable).
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connections of ingest's pool: one each for the writer (its commits and
+/// idle probes), retention, the tail's LISTEN and the tail's reads. Each
+/// task uses one at a time, so none ever waits for another's.
+const WRITE_CONNECTIONS: u32 = 4;
+/// How long ingest's tasks wait for a connection before the attempt fails
+/// (and is retried with backoff, as any failure).
+const WRITE_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connections client reads (pages, replays) use at once, at most.
+const READ_CONNECTIONS: u32 = 8;
+/// How long a read waits for a connection before it answers UNAVAILABLE:
+/// short, so that reads beyond what the pool serves are refused rather
+/// than queued without end.
+const READ_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Devices read per statement while restoring the device list at startup.
+const DEVICE_BATCH: i64 = 1_000;
 /// Rows fetched per statement while filling a page or a replay batch (or
 /// following the table, with replicas), and the payload bytes one fetch
 /// holds at most (beyond them, one row more).
@@ -83,14 +107,21 @@ pub enum StoreError {
     Query(#[from] sqlx::Error),
 }
 
-/// The store handle. Clones share the pool.
+/// The store handle. Clones share the pools.
 #[derive(Clone)]
 pub struct Postgres {
     shared: Arc<Shared>,
 }
 
 struct Shared {
-    pool: PgPool,
+    /// Ingest's: the writer, retention and the tail, never client calls.
+    write_pool: PgPool,
+    /// Client reads', each statement under the read timeout.
+    read_pool: PgPool,
+    /// Payload bytes of newest readings the device list restored at startup
+    /// may hold: the hub's budget for them (`set_restore_budget`), so no
+    /// more is read than it keeps.
+    restore_bytes: AtomicUsize,
     /// Whether the last statement the writer ran (a commit or its idle
     /// probe) succeeded: health follows it.
     up: watch::Sender<bool>,
@@ -134,15 +165,26 @@ impl Postgres {
             options = options.password(password.expose());
         }
         options = options.application_name("devicehub");
-        let pool = PgPoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            // No ping before every statement (a round trip each): a
-            // connection the server dropped fails its statement, which the
-            // writer retries and a page reports as UNAVAILABLE, and the pool
-            // then replaces it.
-            .test_before_acquire(false)
-            .connect_with(options)
+        // No ping before every statement (a round trip each): a connection
+        // the server dropped fails its statement, which the writer retries
+        // and a page reports as UNAVAILABLE, and the pool then replaces it.
+        let pool_options = |connections, acquire| {
+            PgPoolOptions::new()
+                .max_connections(connections)
+                .acquire_timeout(acquire)
+                .test_before_acquire(false)
+        };
+        let pool = pool_options(WRITE_CONNECTIONS, WRITE_ACQUIRE_TIMEOUT)
+            .connect_with(options.clone())
+            .await
+            .map_err(StoreError::Connect)?;
+        // Set at connection start (no statement of its own), for every
+        // statement of the connection. At least 1 ms: 0 would turn the
+        // timeout off.
+        let timeout_ms = config.read_timeout.as_millis().clamp(1, i32::MAX as u128);
+        let read_options = options.options([("statement_timeout", timeout_ms.to_string())]);
+        let read_pool = pool_options(READ_CONNECTIONS, READ_ACQUIRE_TIMEOUT)
+            .connect_with(read_options)
             .await
             .map_err(StoreError::Connect)?;
         MIGRATOR.run(&pool).await?;
@@ -158,7 +200,9 @@ impl Postgres {
         let newest_micros: Option<i64> = row.try_get(2)?;
         let store = Self {
             shared: Arc::new(Shared {
-                pool,
+                write_pool: pool,
+                read_pool,
+                restore_bytes: AtomicUsize::new(usize::MAX),
                 up: watch::channel(true).0,
                 oldest_seq: AtomicU64::new(oldest.map_or(u64::MAX, |s| s as u64)),
                 counters: StoreCounters::default(),
@@ -171,44 +215,94 @@ impl Postgres {
         Ok((store, start))
     }
 
+    /// The hub keeps at most `bytes` of restored devices' newest payloads:
+    /// [`Postgres::devices`] reads no more than that.
+    pub fn set_restore_budget(&self, bytes: usize) {
+        self.shared.restore_bytes.store(bytes, Ordering::Relaxed);
+    }
+
     /// The device records (at most `max`, in id order), each with its newest
-    /// reading unless retention deleted it: the device list as it was.
+    /// reading unless retention deleted it or it is past the restore budget
+    /// ([`Postgres::set_restore_budget`]): the device list as it was.
+    ///
+    /// Read in batches of [`DEVICE_BATCH`] devices (keyset pages of the
+    /// `devices` primary key), each first without payloads: the newest
+    /// readings that fit what is left of the budget, in id order as the
+    /// hub takes them (`Devices::restore`), are then read by number. So
+    /// the restore holds the records the hub lists anyway, one batch's rows
+    /// and no more payload bytes than the hub keeps, however many devices
+    /// and however large their readings.
     pub async fn devices(
         &self,
         max: usize,
     ) -> Result<Vec<(DeviceInfo, Option<Reading>)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT r.seq, r.device_id, r.topic, r.payload, r.qos, r.retained, \
-                    (extract(epoch FROM r.received_at) * 1000000)::int8, \
-                    d.device_id, \
-                    (extract(epoch FROM d.first_seen) * 1000000)::int8, \
-                    (extract(epoch FROM d.last_seen) * 1000000)::int8, \
-                    d.status, \
-                    (extract(epoch FROM d.status_changed_at) * 1000000)::int8 \
-             FROM devices d LEFT JOIN readings r ON r.seq = d.last_reading_seq \
-             ORDER BY d.device_id LIMIT $1",
-        )
-        .bind(i64::try_from(max).unwrap_or(i64::MAX))
-        .fetch_all(self.pool())
-        .await?;
-        let mut devices = Vec::with_capacity(rows.len());
-        for row in rows {
-            let newest = match row.try_get::<Option<i64>, _>(0)? {
-                Some(_) => Some(reading(&row)?),
-                None => None,
-            };
-            let micros = |i: usize| -> Result<u64, sqlx::Error> {
-                Ok(row.try_get::<Option<i64>, _>(i)?.unwrap_or(0).max(0) as u64)
-            };
-            let info = DeviceInfo {
-                device_id: row.try_get::<&str, _>(7)?.into(),
-                first_seen_micros: micros(8)?,
-                last_seen_micros: micros(9)?,
-                buffered: 0,
-                status: writer::status_of(row.try_get(10)?),
-                status_changed_micros: micros(11)?,
-            };
-            devices.push((info, newest));
+        let mut budget = self.shared.restore_bytes.load(Ordering::Relaxed);
+        let mut devices = Vec::new();
+        let mut after = String::new();
+        while devices.len() < max {
+            let batch = DEVICE_BATCH.min(i64::try_from(max - devices.len()).unwrap_or(i64::MAX));
+            let rows = sqlx::query(
+                "SELECT d.device_id, \
+                        (extract(epoch FROM d.first_seen) * 1000000)::int8, \
+                        (extract(epoch FROM d.last_seen) * 1000000)::int8, \
+                        d.status, \
+                        (extract(epoch FROM d.status_changed_at) * 1000000)::int8, \
+                        r.seq, octet_length(r.payload) \
+                 FROM devices d LEFT JOIN readings r ON r.seq = d.last_reading_seq \
+                 WHERE d.device_id > $1 ORDER BY d.device_id LIMIT $2",
+            )
+            .bind(&after)
+            .bind(batch)
+            .fetch_all(self.read_pool())
+            .await?;
+            let Some(last) = rows.last() else { break };
+            after = last.try_get::<String, _>(0)?;
+            let mut records = Vec::with_capacity(rows.len());
+            let mut wanted = Vec::new();
+            for row in &rows {
+                let micros = |i: usize| -> Result<u64, sqlx::Error> {
+                    Ok(row.try_get::<Option<i64>, _>(i)?.unwrap_or(0).max(0) as u64)
+                };
+                let info = DeviceInfo {
+                    device_id: row.try_get::<&str, _>(0)?.into(),
+                    first_seen_micros: micros(1)?,
+                    last_seen_micros: micros(2)?,
+                    buffered: 0,
+                    status: writer::status_of(row.try_get(3)?),
+                    status_changed_micros: micros(4)?,
+                };
+                let newest = row.try_get::<Option<i64>, _>(5)?;
+                let len = row.try_get::<Option<i32>, _>(6)?.unwrap_or(0).max(0) as usize;
+                // The hub's rule: a payload that does not fit is left out,
+                // and a smaller one after it may still fit.
+                let kept = newest.filter(|_| len <= budget);
+                if let Some(seq) = kept {
+                    budget -= len;
+                    wanted.push(seq);
+                }
+                records.push((info, kept));
+            }
+            let mut newest = std::collections::HashMap::with_capacity(wanted.len());
+            if !wanted.is_empty() {
+                let rows = sqlx::query(concat!(
+                    "SELECT ",
+                    reading_columns!(),
+                    " FROM readings WHERE seq = ANY($1)"
+                ))
+                .bind(&wanted)
+                .fetch_all(self.read_pool())
+                .await?;
+                for row in &rows {
+                    let reading = reading(row)?;
+                    newest.insert(reading.seq as i64, reading);
+                }
+            }
+            // A reading missing now was deleted by retention in between.
+            devices.extend(
+                records
+                    .into_iter()
+                    .map(|(info, seq)| (info, seq.and_then(|s| newest.remove(&s)))),
+            );
         }
         Ok(devices)
     }
@@ -240,13 +334,19 @@ impl Postgres {
     /// (or deleted by retention).
     pub async fn next_seq(&self) -> Result<u64, StoreError> {
         let next: i64 = sqlx::query_scalar("SELECT next_seq FROM devicehub_sequence WHERE id = 1")
-            .fetch_one(self.pool())
+            .fetch_one(self.read_pool())
             .await?;
         Ok(next as u64)
     }
 
-    fn pool(&self) -> &PgPool {
-        &self.shared.pool
+    /// Ingest's pool: the writer, retention, the tail.
+    fn write_pool(&self) -> &PgPool {
+        &self.shared.write_pool
+    }
+
+    /// Client reads' pool.
+    fn read_pool(&self) -> &PgPool {
+        &self.shared.read_pool
     }
 
     /// One page of readings for `query`, with the memory buffer's meaning
@@ -285,6 +385,7 @@ impl Postgres {
         while lo < hi {
             let Fetched { rows, more } = self
                 .fetch(
+                    self.read_pool(),
                     query.filter.device_id.as_deref(),
                     lo,
                     hi,
@@ -329,6 +430,8 @@ impl Postgres {
     /// For a watcher whose cursor `after` is older than the memory window,
     /// which starts at `below`: the next readings after `after` (and before
     /// `below`) matching `filter`, and the last sequence number looked at.
+    /// A watcher of one device reads that device's rows only (its index),
+    /// not everyone's to filter them here.
     ///
     /// Numbers are committed without gaps, so a missing number means
     /// retention deleted it: that is reported as an eviction.
@@ -338,8 +441,16 @@ impl Postgres {
         below: u64,
         filter: &ReadingFilter,
     ) -> Result<(Vec<Reading>, u64), CursorError> {
+        let device_id = filter.device_id.as_deref();
         let Fetched { rows, more } = self
-            .fetch(None, after + 1, below, true, FETCH_ROWS)
+            .fetch(
+                self.read_pool(),
+                device_id,
+                after + 1,
+                below,
+                true,
+                FETCH_ROWS,
+            )
             .await
             .map_err(unavailable)?;
         let readings: Vec<Reading> = rows
@@ -347,11 +458,25 @@ impl Postgres {
             .map(reading)
             .collect::<Result<_, _>>()
             .map_err(unavailable)?;
-        let first_seq = readings.first().map_or(below, |r| r.seq);
-        if first_seq > after + 1 {
+        // The first number still kept after `after`. All devices' rows: the
+        // first one read. One device's: the table's oldest, asked after the
+        // fetch; retention only ever deletes from the oldest up, so if
+        // `after + 1` is still kept now it was when the fetch ran, which
+        // then missed nothing.
+        let first_kept = match device_id {
+            None => readings.first().map_or(below, |r| r.seq),
+            Some(_) => {
+                let oldest: Option<i64> = sqlx::query_scalar("SELECT min(seq) FROM readings")
+                    .fetch_one(self.read_pool())
+                    .await
+                    .map_err(unavailable)?;
+                oldest.map_or(below, |s| (s.max(0) as u64).min(below))
+            }
+        };
+        if first_kept > after + 1 {
             return Err(CursorError::Evicted {
                 missed_from: after + 1,
-                missed_to: first_seq - 1,
+                missed_to: first_kept - 1,
             });
         }
         let cursor = readings.last().map_or(after, |r| r.seq);
@@ -375,7 +500,7 @@ impl Postgres {
              ORDER BY received_at, seq LIMIT 1",
         )
         .bind(micros(at) as i64)
-        .fetch_optional(self.pool())
+        .fetch_optional(self.read_pool())
         .await?;
         Ok(seq.map(|s| s as u64))
     }
@@ -385,6 +510,7 @@ impl Postgres {
     /// one row).
     pub(super) async fn fetch(
         &self,
+        pool: &PgPool,
         device_id: Option<&str>,
         lo: u64,
         hi: u64,
@@ -434,7 +560,7 @@ impl Postgres {
         if let Some(device_id) = device_id {
             statement = statement.bind(device_id);
         }
-        let rows_got = statement.fetch_all(self.pool()).await?;
+        let rows_got = statement.fetch_all(pool).await?;
         let mut bytes = 0;
         for row in &rows_got {
             bytes += row.try_get_raw(3)?.as_bytes().map_or(0, <[u8]>::len) as i64;
@@ -488,9 +614,16 @@ fn reading(row: &PgRow) -> Result<Reading, sqlx::Error> {
     ))
 }
 
-/// A failed read: logged here with its cause, reported to the caller as the
-/// store being unavailable.
+/// Failed reads, rate-limited: when the read pool is exhausted, every
+/// caller beyond it fails at once.
+static READ_FAILED_LOG: LogLimit = LogLimit::new();
+
+/// A failed read (no connection within [`READ_ACQUIRE_TIMEOUT`], the read
+/// timeout, the database down): logged here with its cause, reported to
+/// the caller as the store being unavailable (UNAVAILABLE: try again).
 fn unavailable(error: sqlx::Error) -> CursorError {
-    tracing::warn!(%error, "reading from the PostgreSQL store failed");
+    if let Some(left_out) = READ_FAILED_LOG.allow() {
+        tracing::warn!(%error, similar_lines_left_out = left_out, "reading from the PostgreSQL store failed");
+    }
     CursorError::Unavailable
 }

@@ -1,6 +1,7 @@
 //! Retention: readings received longer than `--store-retention` ago are
 //! deleted in the background, oldest first, [`DELETE_ROWS`] per statement so
-//! no transaction holds many locks or much WAL at once.
+//! no transaction holds many locks or much WAL at once. It uses ingest's
+//! pool: client reads that take every read connection never delay it.
 
 use std::{
     sync::atomic::Ordering,
@@ -59,7 +60,7 @@ async fn delete_before(store: &Postgres, cutoff: SystemTime) -> Result<u64, sqlx
         )
         .bind(cutoff)
         .bind(DELETE_ROWS)
-        .execute(store.pool())
+        .execute(store.write_pool())
         .await?
         .rows_affected();
         if deleted == 0 {
@@ -71,7 +72,7 @@ async fn delete_before(store: &Postgres, cutoff: SystemTime) -> Result<u64, sqlx
             .retention_deleted
             .fetch_add(deleted, Ordering::Relaxed);
         let oldest: Option<i64> = sqlx::query_scalar("SELECT min(seq) FROM readings")
-            .fetch_one(store.pool())
+            .fetch_one(store.write_pool())
             .await?;
         // Only ever raised here (a commit lowers it when the table was
         // empty): as a lower bound it is always safe, since a page that

@@ -18,7 +18,8 @@
 //! reconnect. While the database fails the tail retries with backoff;
 //! memory lags, nothing is skipped. What the tail holds at once is one
 //! fetch (`Postgres::fetch`: at most 1 000 rows and 4 MiB of payloads, and
-//! one row).
+//! one row). The LISTEN and the reads use ingest's pool, not the client
+//! reads' (see `postgres/mod.rs`): busy pages never hold memory back.
 
 use std::{sync::Arc, time::Duration};
 
@@ -87,7 +88,7 @@ async fn listen(store: Postgres, wake: Arc<Notify>, shutdown: CancellationToken)
     let mut backoff = BACKOFF_MIN;
     loop {
         let listened = async {
-            let mut listener = PgListener::connect_with(store.pool()).await?;
+            let mut listener = PgListener::connect_with(store.write_pool()).await?;
             listener.listen(CHANNEL).await?;
             Ok::<_, sqlx::Error>(listener)
         };
@@ -126,7 +127,14 @@ async fn listen(store: Postgres, wake: Arc<Notify>, shutdown: CancellationToken)
 /// memory; returns whether more may follow.
 async fn catch_up(store: &Postgres, hub: &ReadingHub) -> Result<bool, sqlx::Error> {
     let fetched = store
-        .fetch(None, hub.next_seq(), u64::MAX, true, FETCH_ROWS)
+        .fetch(
+            store.write_pool(),
+            None,
+            hub.next_seq(),
+            u64::MAX,
+            true,
+            FETCH_ROWS,
+        )
         .await?;
     let mut run: Vec<(Reading, MessageKind)> = Vec::new();
     for row in &fetched.rows {

@@ -11,7 +11,9 @@
 //! the MQTT event loop what it may acknowledge. While the database fails, the task retries the same
 //! readings with backoff and health says NOT_SERVING; the queue fills and
 //! ingest waits (see `store`). A reading the database refuses for its
-//! content is left out and counted; the rest of its batch commits.
+//! content is left out and counted; the rest of its batch commits. Its
+//! statements use ingest's pool, which client reads never take a connection
+//! from (see `postgres/mod.rs`).
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -277,7 +279,9 @@ impl Task {
 
     /// Checks that the database answers while nothing is being written.
     async fn probe(&self) {
-        let answer = sqlx::query("SELECT 1").execute(self.store.pool()).await;
+        let answer = sqlx::query("SELECT 1")
+            .execute(self.store.write_pool())
+            .await;
         self.set_up(answer.is_ok(), answer.as_ref().err());
     }
 
@@ -393,7 +397,7 @@ async fn insert(
     .bind(&devices.status_changed)
     .bind(received.last().copied().unwrap_or(0))
     .bind(notify)
-    .fetch_one(store.pool())
+    .fetch_one(store.write_pool())
     .await?;
     Ok(first as u64)
 }
