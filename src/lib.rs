@@ -238,7 +238,12 @@ pub async fn run(
         replicas,
     );
     if let Some((postgres, _)) = &store {
-        hub.restore_devices(postgres.devices(config.devices.max_devices).await?);
+        // No more of the newest readings than the hub keeps of them.
+        let devices = &config.devices;
+        let restored = postgres
+            .devices(devices.max_devices, devices.max_kept_bytes)
+            .await?;
+        hub.restore_devices(restored);
     }
     // The MQTT link stops after the gRPC server, so calls in progress can
     // still publish while streams drain; and also if this future is dropped.

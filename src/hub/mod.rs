@@ -137,11 +137,6 @@ impl ReadingHub {
         store: Option<Postgres>,
         replicas: bool,
     ) -> Self {
-        if let Some(store) = &store {
-            // Restoring the device list reads no more newest readings than
-            // the buffer keeps of them.
-            store.set_restore_budget(devices.max_kept_bytes);
-        }
         let buffer = ReadingBuffer::new(limits, first_seq).with_device_limits(devices);
         let live = Live::new(buffer.next_seq());
         let shared = Shared {

@@ -43,7 +43,7 @@ mod writer;
 use std::{
     str::FromStr,
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc,
     },
     time::{Duration, SystemTime},
@@ -118,10 +118,6 @@ struct Shared {
     write_pool: PgPool,
     /// Client reads', each statement under the read timeout.
     read_pool: PgPool,
-    /// Payload bytes of newest readings the device list restored at startup
-    /// may hold: the hub's budget for them (`set_restore_budget`), so no
-    /// more is read than it keeps.
-    restore_bytes: AtomicUsize,
     /// Whether the last statement the writer ran (a commit or its idle
     /// probe) succeeded: health follows it.
     up: watch::Sender<bool>,
@@ -202,7 +198,6 @@ impl Postgres {
             shared: Arc::new(Shared {
                 write_pool: pool,
                 read_pool,
-                restore_bytes: AtomicUsize::new(usize::MAX),
                 up: watch::channel(true).0,
                 oldest_seq: AtomicU64::new(oldest.map_or(u64::MAX, |s| s as u64)),
                 counters: StoreCounters::default(),
@@ -215,15 +210,10 @@ impl Postgres {
         Ok((store, start))
     }
 
-    /// The hub keeps at most `bytes` of restored devices' newest payloads:
-    /// [`Postgres::devices`] reads no more than that.
-    pub fn set_restore_budget(&self, bytes: usize) {
-        self.shared.restore_bytes.store(bytes, Ordering::Relaxed);
-    }
-
     /// The device records (at most `max`, in id order), each with its newest
-    /// reading unless retention deleted it or it is past the restore budget
-    /// ([`Postgres::set_restore_budget`]): the device list as it was.
+    /// reading unless retention deleted it or it is past `max_bytes` of
+    /// newest payloads (what the hub keeps of them, `--devices-max-bytes`):
+    /// the device list as it was.
     ///
     /// Read in batches of [`DEVICE_BATCH`] devices (keyset pages of the
     /// `devices` primary key), each first without payloads: the newest
@@ -235,8 +225,9 @@ impl Postgres {
     pub async fn devices(
         &self,
         max: usize,
+        max_bytes: usize,
     ) -> Result<Vec<(DeviceInfo, Option<Reading>)>, StoreError> {
-        let mut budget = self.shared.restore_bytes.load(Ordering::Relaxed);
+        let mut budget = max_bytes;
         let mut devices = Vec::new();
         let mut after = String::new();
         while devices.len() < max {
