@@ -51,7 +51,7 @@ use std::{
 
 use bytes::Bytes;
 use sqlx::{
-    postgres::{PgConnectOptions, PgPoolOptions, PgRow},
+    postgres::{PgConnectOptions, PgPoolOptions, PgRow, PgSslMode},
     PgPool, Row,
 };
 use tokio::sync::watch;
@@ -151,6 +151,24 @@ pub struct StoreStart {
     pub newest_micros: u64,
 }
 
+/// Whether a store `url` whose host is `host` gets `sslmode=require`: when
+/// neither the URL nor `PGSSLMODE` chose a mode and the host is not this
+/// machine (a loopback name or address, or a Unix socket directory).
+fn tls_required(url: &str, host: &str) -> bool {
+    let chosen = url
+        .split_once('?')
+        .is_some_and(|(_, query)| query.split('&').any(|p| p.starts_with("sslmode=")))
+        || std::env::var_os("PGSSLMODE").is_some();
+    let local = host.starts_with('/')
+        || host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    !chosen && !local
+}
+
 impl Postgres {
     /// Connects, runs the pending migrations and reads where the table
     /// stands.
@@ -161,6 +179,16 @@ impl Postgres {
             options = options.password(password.expose());
         }
         options = options.application_name("devicehub");
+        if tls_required(config.url.expose(), options.get_host()) {
+            // sqlx's default, `prefer`, falls back to plaintext without a
+            // word when the server offers no TLS: beyond this machine that
+            // would send readings (and the password) in the clear.
+            tracing::info!(
+                host = options.get_host(),
+                "PostgreSQL beyond loopback without sslmode in the URL: sslmode=require"
+            );
+            options = options.ssl_mode(PgSslMode::Require);
+        }
         // No ping before every statement (a round trip each): a connection
         // the server dropped fails its statement, which the writer retries
         // and a page reports as UNAVAILABLE, and the pool then replaces it.
@@ -617,4 +645,40 @@ fn unavailable(error: sqlx::Error) -> CursorError {
         tracing::warn!(%error, similar_lines_left_out = left_out, "reading from the PostgreSQL store failed");
     }
     CursorError::Unavailable
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tls_required;
+
+    #[test]
+    fn tls_is_required_beyond_loopback_unless_the_url_chose() {
+        // The test environment must not choose for the URLs.
+        if std::env::var_os("PGSSLMODE").is_some() {
+            return;
+        }
+        for (url, host) in [
+            ("postgres://u@db.internal/d", "db.internal"),
+            ("postgres://u@10.0.0.5:5432/d", "10.0.0.5"),
+            (
+                "postgres://u@db.internal/d?application_name=x",
+                "db.internal",
+            ),
+        ] {
+            assert!(tls_required(url, host), "{url}");
+        }
+        for (url, host) in [
+            ("postgres://u@localhost/d", "localhost"),
+            ("postgres://u@127.0.0.1:5432/d", "127.0.0.1"),
+            ("postgres://u@[::1]/d", "[::1]"),
+            ("postgres:///d?host=/run/postgresql", "/run/postgresql"),
+            ("postgres://u@db.internal/d?sslmode=disable", "db.internal"),
+            (
+                "postgres://u@db.internal/d?x=1&sslmode=verify-full",
+                "db.internal",
+            ),
+        ] {
+            assert!(!tls_required(url, host), "{url}");
+        }
+    }
 }
