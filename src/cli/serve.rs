@@ -203,7 +203,7 @@ pub struct ServeArgs {
 
 /// What the gRPC port holds at once and how long it waits for a peer. Over
 /// a cap a new connection is closed at once and counted
-/// (`connections_closed` in the stats line).
+/// (`devicehub_connections_closed_total{reason}`, `connections_closed` in the stats line).
 #[derive(Debug, Clone, Args)]
 pub struct ConnectionArgs {
     /// Most gRPC connections open at once.
