@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use common::{secure::*, tempdir::TempDir, *};
 use devicehub::proto::{device_hub_client::DeviceHubClient, ListReadingsRequest};
@@ -82,20 +82,14 @@ async fn fresh_client_is_served(channel: Channel) {
         .expect("a fresh client was served while idle and stalled peers held their sockets");
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path.to_string_lossy().into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sockets_and_stalled_handshakes_do_not_stop_new_tls_clients() {
     let broker = embedded_broker();
     let pki = Pki::new("connections test CA");
     let dir = TempDir::new("connections");
     let server = pki.server();
-    let cert = write(dir.path(), "server.crt", &server.cert);
-    let key = write(dir.path(), "server.key", &server.key);
+    let cert = dir.write("server.crt", &server.cert);
+    let key = dir.write("server.key", &server.key);
     let args = [
         "--tls-cert",
         &cert,

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::{path::Path, process::Stdio};
+use std::process::Stdio;
 
 use common::{secure::*, tempdir::TempDir, tokens::*, *};
 use devicehub::proto::{
@@ -24,12 +24,6 @@ use tonic::{
 
 const ISSUER: &str = "devicehub-tests";
 const AUDIENCE: &str = "devicehub";
-
-fn write(dir: &Path, name: &str, text: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
-}
 
 /// Sends `authorization: Bearer <token>` on every call, when it has one.
 #[derive(Clone)]
@@ -106,15 +100,11 @@ async fn tokens_and_scopes_decide_who_sees_and_commands_what() {
     let dir = TempDir::new("grpc-security");
     let server = pki.server();
     let (es, ed, rsa) = (Signer::es256(), Signer::ed25519(), Signer::rs256());
-    let cert = write(dir.path(), "server.crt", &server.cert);
-    let key = write(dir.path(), "server.key", &server.key);
+    let cert = dir.write("server.crt", &server.cert);
+    let key = dir.write("server.key", &server.key);
     // Two keys in one file (rotation), a third as a second flag.
-    let keys = write(
-        dir.path(),
-        "keys.pem",
-        &(es.public_pem.clone() + &ed.public_pem),
-    );
-    let rsa_key = write(dir.path(), "rsa.pem", &rsa.public_pem);
+    let keys = dir.write("keys.pem", &(es.public_pem.clone() + &ed.public_pem));
+    let rsa_key = dir.write("rsa.pem", &rsa.public_pem);
     let args = [
         "--tls-cert",
         &cert,
@@ -135,7 +125,7 @@ async fn tokens_and_scopes_decide_who_sees_and_commands_what() {
 
     // `devicehub health` (the container healthcheck) over TLS, trusting the
     // CA; without it, it cannot get an answer.
-    let ca = write(dir.path(), "ca.crt", &pki.ca_cert);
+    let ca = dir.write("ca.crt", &pki.ca_cert);
     let addr = service.addr.to_string();
     let probe = |extra: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_devicehub"))
@@ -326,7 +316,7 @@ async fn tokens_and_scopes_decide_who_sees_and_commands_what() {
     // grpcurl, as a person would use it: reflection without a token, calls
     // with one.
     let grpcurl = which("grpcurl").expect("grpcurl (scripts/test.sh installs it)");
-    let ca = write(dir.path(), "ca.crt", &pki.ca_cert);
+    let ca = dir.write("ca.crt", &pki.ca_cert);
     let run = |extra: &[&str]| {
         let mut command = std::process::Command::new(&grpcurl);
         command
@@ -372,9 +362,9 @@ async fn mutual_tls_and_certificates_rotated_without_a_restart() {
     let (pki, clients) = (Pki::new("server CA"), Pki::new("client CA"));
     let dir = TempDir::new("grpc-mtls");
     let server = pki.server();
-    let cert = write(dir.path(), "server.crt", &server.cert);
-    let key = write(dir.path(), "server.key", &server.key);
-    let client_ca = write(dir.path(), "clients.crt", &clients.ca_cert);
+    let cert = dir.write("server.crt", &server.cert);
+    let key = dir.write("server.key", &server.key);
+    let client_ca = dir.write("clients.crt", &clients.ca_cert);
     let args = [
         "--tls-cert",
         &cert,
@@ -409,9 +399,9 @@ async fn mutual_tls_and_certificates_rotated_without_a_restart() {
 
     // grpcurl with a client certificate gets through; without, it does not.
     let grpcurl = which("grpcurl").expect("grpcurl (scripts/test.sh installs it)");
-    let ca = write(dir.path(), "server-ca.crt", &pki.ca_cert);
-    let client_cert = write(dir.path(), "client.crt", &identity.cert);
-    let client_key = write(dir.path(), "client.key", &identity.key);
+    let ca = dir.write("server-ca.crt", &pki.ca_cert);
+    let client_cert = dir.write("client.crt", &identity.cert);
+    let client_key = dir.write("client.key", &identity.key);
     let grpcurl_list = |with_cert: bool| {
         let mut command = std::process::Command::new(&grpcurl);
         command.args(["-cacert", &ca, "-servername", "localhost"]);
@@ -546,7 +536,7 @@ async fn tokens_not_valid_yet_are_refused_and_the_bearer_scheme_has_any_case() {
     let broker = embedded_broker();
     let dir = TempDir::new("grpc-nbf");
     let es = Signer::es256();
-    let keys = write(dir.path(), "keys.pem", &es.public_pem);
+    let keys = dir.write("keys.pem", &es.public_pem);
     let args = [
         "--auth-jwt-key",
         &keys,
@@ -641,7 +631,7 @@ fn replace(path: &str, text: &str) {
 async fn jwt_keys_rotated_without_a_restart_and_a_bad_key_file_keeps_the_old_keys() {
     let dir = TempDir::new("grpc-jwt-reload");
     let (a, b) = (Signer::es256(), Signer::es256());
-    let keys = write(dir.path(), "jwt.pem", &a.public_pem);
+    let keys = dir.write("jwt.pem", &a.public_pem);
     let serve = |audience: Option<&str>| {
         let mut args = vec![
             "serve",

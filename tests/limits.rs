@@ -358,26 +358,15 @@ async fn responses_nobody_reads_are_held_under_one_budget() {
     const MIB: u64 = 1 << 20;
     const CALLS: usize = 1000;
     let broker = embedded_broker();
-    let (broker_url, budget) = (broker.to_string(), (16 * MIB).to_string());
-    let (mut serve, mut log) = spawn_devicehub(
-        &[
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--mqtt-url",
-            &broker_url,
-            "--max-response-bytes-in-flight",
-            &budget,
-            "--max-streams-per-connection",
-            "1000",
-        ],
-        &[],
-    );
+    let budget = (16 * MIB).to_string();
+    let extra = [
+        "--max-response-bytes-in-flight",
+        &budget,
+        "--max-streams-per-connection",
+        "1000",
+    ];
+    let (mut serve, addr, metrics) = serve_with_metrics(&broker, &extra).await;
     let pid = serve.id().unwrap();
-    let [addr, metrics] = logged_addrs(&mut log, ["gRPC listening", "metrics listening"]).await;
-    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
     let client = eventually("the service", || {
         let url = format!("http://{addr}");
         async move { DeviceHubClient::connect(url).await.ok() }

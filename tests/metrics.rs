@@ -10,7 +10,6 @@ mod common;
 use std::{process::Stdio, time::Duration};
 
 use common::*;
-use devicehub::config::BrokerUrl;
 use devicehub::proto::{device_hub_client::DeviceHubClient, SendCommandRequest};
 
 async fn wait_for(addr: &str, name: &str, want: f64) -> String {
@@ -62,32 +61,12 @@ fn promtool_check(text: &str) {
     );
 }
 
-/// Starts the binary against `broker` with a metrics listener; returns it
-/// with its gRPC and metrics addresses.
-async fn start(broker: &BrokerUrl, extra: &[&str]) -> (tokio::process::Child, String, String) {
-    let url = broker.to_string();
-    let mut args = vec![
-        "serve",
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--mqtt-url",
-        &url,
-    ];
-    args.extend_from_slice(extra);
-    let (serve, mut log) = spawn_devicehub(&args, &[]);
-    let [grpc, metrics] = logged_addrs(&mut log, ["gRPC listening", "metrics listening"]).await;
-    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
-    wait_for(&metrics, "devicehub_mqtt_up", 1.0).await;
-    (serve, grpc, metrics)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_follow_what_happens_and_pass_promtool() {
     let mosquitto = Mosquitto::start();
     let port = mosquitto.url.port;
-    let (mut serve, grpc, metrics) = start(&mosquitto.url, &["--max-reading-bytes", "100"]).await;
+    let (mut serve, grpc, metrics) =
+        serve_with_metrics(&mosquitto.url, &["--max-reading-bytes", "100"]).await;
 
     let device = TestDevice::connect(&mosquitto.url, "device-metrics", None).await;
     for i in 0..5 {
@@ -157,7 +136,8 @@ async fn calls_replies_and_a_slow_watcher_move_the_counters() {
     use tokio_stream::StreamExt;
 
     let mosquitto = Mosquitto::start();
-    let (mut serve, grpc, metrics) = start(&mosquitto.url, &["--buffer-max-readings", "100"]).await;
+    let (mut serve, grpc, metrics) =
+        serve_with_metrics(&mosquitto.url, &["--buffer-max-readings", "100"]).await;
     let mut client = eventually("a gRPC client", || {
         let url = format!("http://{grpc}");
         async move { DeviceHubClient::connect(url).await.ok() }
@@ -466,7 +446,8 @@ async fn store_metrics_count_commits_and_follow_the_database() {
     let pg = postgres::Postgres::start();
     let mosquitto = Mosquitto::start();
     let url = pg.url();
-    let (mut serve, _grpc, metrics) = start(&mosquitto.url, &["--store-url", &url]).await;
+    let (mut serve, _grpc, metrics) =
+        serve_with_metrics(&mosquitto.url, &["--store-url", &url]).await;
     wait_for(&metrics, "devicehub_store_up", 1.0).await;
     let device = TestDevice::connect(&mosquitto.url, "device-store-metrics", None).await;
     for i in 0..50 {
@@ -509,7 +490,7 @@ async fn concurrent_scrapes_count_each_reading_once() {
     const N: u64 = 5_000;
     const KEPT: u64 = 100;
     let mosquitto = Mosquitto::start();
-    let (mut serve, _grpc, metrics) = start(
+    let (mut serve, _grpc, metrics) = serve_with_metrics(
         &mosquitto.url,
         &["--buffer-max-readings", &KEPT.to_string()],
     )
@@ -570,7 +551,7 @@ async fn connections_open_and_closed_by_reason() {
     let mosquitto = Mosquitto::start();
 
     // Idle connections past the per-IP cap: 3 held, 2 closed at once.
-    let (mut serve, grpc, metrics) = start(
+    let (mut serve, grpc, metrics) = serve_with_metrics(
         &mosquitto.url,
         &[
             "--max-connections-per-ip",
@@ -608,7 +589,7 @@ async fn connections_open_and_closed_by_reason() {
 
     // A connection with no request, closed when the idle timeout passes.
     let (mut serve, grpc, metrics) =
-        start(&mosquitto.url, &["--connection-idle-timeout", "200ms"]).await;
+        serve_with_metrics(&mosquitto.url, &["--connection-idle-timeout", "200ms"]).await;
     let _idle = TcpStream::connect(&grpc).await.unwrap();
     let text = wait_for(&metrics, &closed("no_stream"), 1.0).await;
     assert_eq!(sample(&text, "devicehub_connections"), Some(0.0));

@@ -122,22 +122,11 @@ impl Service {
     /// Starts the binary against `broker` (with the store at `store_url`,
     /// if any).
     async fn start(broker: &BrokerUrl, store_url: Option<&str>) -> Self {
-        let url = broker.to_string();
-        let mut args = vec![
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--mqtt-url",
-            &url,
-        ];
-        if let Some(store_url) = store_url {
-            args.extend(["--store-url", store_url]);
-        }
-        let (process, mut log) = spawn_devicehub(&args, &[]);
-        let [grpc, metrics] = logged_addrs(&mut log, ["gRPC listening", "metrics listening"]).await;
-        tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+        let extra = match store_url {
+            Some(url) => vec!["--store-url", url],
+            None => vec![],
+        };
+        let (process, grpc, metrics) = serve_with_metrics(broker, &extra).await;
         let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
             .unwrap()
             .connect()

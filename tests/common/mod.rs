@@ -924,3 +924,32 @@ pub async fn startup_error(args: &[&str], env: &[(&str, &str)]) -> String {
     assert!(!output.status.success(), "it started: {stderr}");
     stderr
 }
+
+/// Starts the binary against `broker` with a metrics listener (and
+/// `extra` flags) and waits until it is subscribed; returns it with its
+/// gRPC and metrics addresses. Its log is read and dropped.
+pub async fn serve_with_metrics(
+    broker: &BrokerUrl,
+    extra: &[&str],
+) -> (tokio::process::Child, String, String) {
+    let url = broker.to_string();
+    let mut args = vec![
+        "serve",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--mqtt-url",
+        &url,
+    ];
+    args.extend_from_slice(extra);
+    let (serve, mut log) = spawn_devicehub(&args, &[]);
+    let [grpc, metrics] = logged_addrs(&mut log, ["gRPC listening", "metrics listening"]).await;
+    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+    eventually("the service subscribed", || async {
+        let text = scrape(&metrics).await;
+        (sample(&text, "devicehub_mqtt_up") == Some(1.0)).then_some(())
+    })
+    .await;
+    (serve, grpc, metrics)
+}

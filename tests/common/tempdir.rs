@@ -17,6 +17,15 @@ impl TempDir {
     pub fn path(&self) -> &Path {
         &self.0
     }
+
+    /// Writes `text` to the file `name` in the directory; returns its path,
+    /// as a flag takes it.
+    #[allow(dead_code)] // not every test binary writes files
+    pub fn write(&self, name: &str, text: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    }
 }
 
 impl Drop for TempDir {
