@@ -36,7 +36,8 @@
 //! - `per_client`: how much one client may hold (watchers, commands);
 //! - `health`: the gRPC health statuses (the MQTT link, shutdown), and the
 //!   `devicehub health` probe;
-//! - `sync`: the lock helpers shared by the above; `encoding_budget`:
+//! - `sync`: the lock helpers shared by the above; `backoff`: the one retry
+//!   backoff (with jitter) after failures; `encoding_budget`:
 //!   encodings kept for reuse within a byte budget; `log_limit`: rate-limited,
 //!   truncated log lines for what peers send; `watched_files`: the files
 //!   re-read when they change (TLS certificate, JWT keys);
@@ -44,6 +45,7 @@
 //! - `simulate` (feature `simulator`): simulated devices.
 
 #[cfg(feature = "embedded-broker")]
+mod backoff;
 pub mod broker;
 mod buffer;
 pub mod cli;

@@ -22,6 +22,7 @@ use super::{
     IngestCounters, LinkState, Rejection, Shared,
 };
 use crate::{
+    backoff::Backoff,
     buffer::{ConnectionStatus, MessageKind, NewReading},
     config::MqttConfig,
     log_limit::{truncated, LogLimit},
@@ -29,10 +30,6 @@ use crate::{
     store::{Ingest, StoredReading},
     topic::{check_received_topic, TopicTemplate},
 };
-
-/// Reconnect backoff bounds.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// How long a clean MQTT disconnect may take at shutdown.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -108,7 +105,7 @@ impl Driver {
     }
 
     pub(super) async fn run(mut self, mut eventloop: EventLoop, shutdown: CancellationToken) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::default();
         let mut batch = Vec::new();
         let mut committed = match &self.ingest {
             Ingest::Durable(writer) => Some(writer.committed()),
@@ -199,25 +196,25 @@ impl Driver {
                 }
                 Ok(event) => {
                     if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
-                        backoff = BACKOFF_MIN;
+                        backoff.reset();
                     }
                     self.handle(event);
                 }
                 Err(error) => {
                     self.connection_lost(&mut eventloop, &error);
+                    let wait = backoff.next_wait();
                     match refusal(&error) {
                         Some(reason) => {
-                            warn!(broker = %self.broker, %error, retry_in = ?backoff, "MQTT connection failed: {reason}")
+                            warn!(broker = %self.broker, %error, retry_in = ?wait, "MQTT connection failed: {reason}")
                         }
                         None => {
-                            warn!(broker = %self.broker, %error, retry_in = ?backoff, "MQTT connection failed")
+                            warn!(broker = %self.broker, %error, retry_in = ?wait, "MQTT connection failed")
                         }
                     }
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = shutdown.cancelled() => break,
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
         }

@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 
 use super::{writer::kind_of, Postgres, FETCH_ROWS};
 use crate::{
+    backoff::Backoff,
     buffer::{MessageKind, Reading},
     hub::{Committed, ReadingHub},
 };
@@ -39,9 +40,6 @@ use crate::{
 const CHANNEL: &str = "devicehub_readings";
 /// How often the tail looks for new rows when no notification came.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
-/// Retry backoff bounds while the database fails.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Starts the tail: `hub` follows the table from its next sequence number
 /// on, until `shutdown`.
@@ -58,24 +56,23 @@ pub fn spawn_tail(store: Postgres, hub: ReadingHub, shutdown: CancellationToken)
 
 /// Reads what is new whenever woken up, and every [`POLL_INTERVAL`].
 async fn follow(store: &Postgres, hub: &ReadingHub, wake: &Notify) {
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::default();
     loop {
         match catch_up(store, hub).await {
             // A full fetch: there may be more right away.
             Ok(true) => continue,
             Ok(false) => {
-                if backoff > BACKOFF_MIN {
+                if !backoff.is_reset() {
                     info!("following the PostgreSQL store again");
-                    backoff = BACKOFF_MIN;
+                    backoff.reset();
                 }
                 let _ = tokio::time::timeout(POLL_INTERVAL, wake.notified()).await;
             }
             Err(error) => {
-                if backoff == BACKOFF_MIN {
+                if backoff.is_reset() {
                     warn!(%error, "reading new rows from the PostgreSQL store failed; memory lags behind it until it works");
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                tokio::time::sleep(backoff.next_wait()).await;
             }
         }
     }
@@ -85,7 +82,7 @@ async fn follow(store: &Postgres, hub: &ReadingHub, wake: &Notify) {
 /// a connection of its own. (Its own task: `follow` never cancels a
 /// receive half-way.)
 async fn listen(store: Postgres, wake: Arc<Notify>, shutdown: CancellationToken) {
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::default();
     loop {
         let listened = async {
             let mut listener = PgListener::connect_with(store.write_pool()).await?;
@@ -95,7 +92,7 @@ async fn listen(store: Postgres, wake: Arc<Notify>, shutdown: CancellationToken)
         let error = tokio::select! {
             listener = listened => match listener {
                 Ok(mut listener) => {
-                    backoff = BACKOFF_MIN;
+                    backoff.reset();
                     // Rows committed before LISTEN took effect.
                     wake.notify_one();
                     loop {
@@ -114,12 +111,12 @@ async fn listen(store: Postgres, wake: Arc<Notify>, shutdown: CancellationToken)
             },
             _ = shutdown.cancelled() => return,
         };
-        debug!(%error, retry_in = ?backoff, "LISTEN on the PostgreSQL store failed; polling meanwhile");
+        let wait = backoff.next_wait();
+        debug!(%error, retry_in = ?wait, "LISTEN on the PostgreSQL store failed; polling meanwhile");
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => return,
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 

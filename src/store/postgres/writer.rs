@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 
 use super::{micros, Postgres, StoreStart};
 use crate::{
+    backoff::Backoff,
     buffer::{ConnectionStatus, MessageKind},
     hub::{Committed, ReadingHub},
     log_limit::{truncated, LogLimit},
@@ -42,9 +43,6 @@ pub const QUEUE_BYTES: usize = 64 << 20;
 pub const MAX_COMMIT_ROWS: usize = 10_000;
 /// Network reads queued at most (each holds a few readings).
 const QUEUE_BATCHES: usize = 4_096;
-/// Retry backoff bounds while the database fails.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Readings the database refused, rate-limited.
 static REFUSED_LOG: LogLimit = LogLimit::new();
 /// How often an idle writer checks that the database answers, for health.
@@ -220,7 +218,7 @@ impl Task {
         &self,
         readings: &[&StoredReading],
     ) -> Option<Result<u64, sqlx::Error>> {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::default();
         loop {
             match insert(&self.store, readings, self.replicas).await {
                 Ok(first_seq) => {
@@ -235,12 +233,12 @@ impl Task {
                         .errors
                         .fetch_add(1, Ordering::Relaxed);
                     self.set_up(false, Some(&error));
-                    warn!(%error, readings = readings.len(), retry_in = ?backoff, "committing readings to PostgreSQL failed; not acknowledging them");
+                    let wait = backoff.next_wait();
+                    warn!(%error, readings = readings.len(), retry_in = ?wait, "committing readings to PostgreSQL failed; not acknowledging them");
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = self.shutdown.cancelled() => return None,
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
         }
