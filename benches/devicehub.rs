@@ -12,7 +12,8 @@
 //!                             # store (needs PostgreSQL's server binaries, as the tests do),
 //!                             # store-ingest (its ingest rows only), replicas (two
 //!                             # instances next to one; always through Mosquitto),
-//!                             # contention (the delivery path in-process, no broker)
+//!                             # contention (the delivery path in-process, no broker),
+//!                             # scan (ingest next to a loop of ListReadings matching nothing)
 //! ```
 //!
 //! The service runs as its own process (the `devicehub` binary, pointed at
@@ -189,6 +190,10 @@ async fn run(sizes: Sizes, smoke: bool, mosquitto: bool, only: Option<Vec<String
     }
     if wanted("query") {
         query_and_memory(&table, &broker.url, sizes).await;
+        ran += 1;
+    }
+    if wanted("scan") {
+        scan_next_to_ingest(&table, &broker.url, sizes).await;
         ran += 1;
     }
     if wanted("commands") {
@@ -1405,6 +1410,156 @@ async fn query_and_memory(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
         "/s",
         "device pages of 100; baseline: health checks",
     );
+    service.stop().await;
+}
+
+/// Scenario 13: ListReadings whose filter matches nothing, against a buffer
+/// of `sizes.query_readings`, next to ingest. Such a call looks at readings
+/// under the buffer's read lock, which ingest's pushes wait for: publish →
+/// watcher latency at `sizes.latency_rate` without, then with, one client
+/// calling it in a tight loop (first pages, the most a call looks at), same
+/// service and watcher, back to back. Also the call's own latency next to a
+/// health check, and one walk through all its pages following the tokens.
+async fn scan_next_to_ingest(table: &Table, broker: &BrokerUrl, sizes: Sizes) {
+    let service = Service::start(broker, &[]).await;
+    let mut client = service.client().await;
+    let epoch = Instant::now();
+    publish(
+        broker,
+        4,
+        sizes.query_readings,
+        sizes.query_devices,
+        QoS::AtLeastOnce,
+        None,
+        epoch,
+    )
+    .await;
+    let deadline = Instant::now() + PATIENCE;
+    while stored_count(&mut client).await < sizes.query_readings && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let count = stored_count(&mut client).await;
+    settle_cpu(&service).await;
+    // Topics are "devices/dev-N/readings": this matches none of them, and
+    // its `+` at the device level keeps the device index out of it (a
+    // literal device there would be looked up, not scanned).
+    let nothing = ListReadingsRequest {
+        topic_filter: "devices/+/nothing".into(),
+        page_size: 100,
+        ..Default::default()
+    };
+
+    let (_health, floor) = health_floor(&service, sizes.query_iterations).await;
+    let times = time_calls(sizes.query_iterations, || {
+        let (mut client, request) = (client.clone(), nothing.clone());
+        async move {
+            client.list_readings(request).await.unwrap();
+        }
+    })
+    .await;
+    for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
+        table.row(
+            &format!("13. scan: match-nothing page {label} (µs)"),
+            percentile(&times, p) / 1e3,
+            percentile(&floor, p) / 1e3,
+            "µs",
+            &format!("{count} buffered, first page; baseline: a health check"),
+        );
+    }
+    // What a client following tokens to the end pays, in pages and time.
+    let (start, mut pages, mut token) = (Instant::now(), 0u64, String::new());
+    loop {
+        let page = client
+            .list_readings(ListReadingsRequest {
+                page_token: token,
+                ..nothing.clone()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(page.readings.is_empty(), "the filter matches nothing");
+        if page.next_page_token.is_empty() || start.elapsed() > PATIENCE {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let walk = start.elapsed();
+    table.row(
+        "13. scan: match-nothing, every page (ms)",
+        walk.as_secs_f64() * 1e3,
+        percentile(&floor, 0.5) / 1e3 * pages as f64 / 1e3,
+        "ms",
+        &format!("{pages} pages to the end of {count}; baseline: as many health checks (p50)"),
+    );
+
+    let watchers = watchers(&service, 1, epoch).await;
+    let (delivered, latencies) = (watchers.delivered.clone(), watchers.latencies.clone());
+    // Rounds alternate without and with the loop, so that the machine's
+    // drift (other builders share it) falls on both alike.
+    let (mut quiet, mut loud) = (Vec::new(), Vec::new());
+    let (mut calls, mut looped) = (0u64, Duration::ZERO);
+    let per_round = sizes.latency_readings / 2;
+    for looping in [false, true, false, true] {
+        latencies.lock().unwrap().clear();
+        let before = delivered.load(Ordering::Relaxed);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lister = looping.then(|| {
+            let (mut client, request, stop) = (client.clone(), nothing.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (start, mut calls) = (Instant::now(), 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    client.list_readings(request.clone()).await.unwrap();
+                    calls += 1;
+                }
+                (calls, start.elapsed())
+            })
+        });
+        publish(
+            broker,
+            1,
+            per_round,
+            100,
+            QoS::AtLeastOnce,
+            Some(sizes.latency_rate),
+            epoch,
+        )
+        .await;
+        settle(before + per_round, Duration::from_secs(2), async || {
+            delivered.load(Ordering::Relaxed)
+        })
+        .await;
+        stop.store(true, Ordering::Relaxed);
+        if let Some(task) = lister {
+            let (n, took) = bounded("the list loop", task).await.unwrap();
+            (calls, looped) = (calls + n, looped + took);
+        }
+        let round = latencies.lock().unwrap().clone();
+        match looping {
+            true => loud.extend(round),
+            false => quiet.extend(round),
+        }
+    }
+    quiet.sort_unstable();
+    loud.sort_unstable();
+    let calls_per_sec = calls as f64 / looped.as_secs_f64().max(1e-9);
+    for (name, p) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
+        table.row(
+            &format!(
+                "13. scan: latency {name} at {}/s, list loop (µs)",
+                sizes.latency_rate
+            ),
+            percentile(&loud, p) / 1e3,
+            percentile(&quiet, p) / 1e3,
+            "µs",
+            &format!(
+                "publish → watcher, {count} buffered, {calls_per_sec:.0} match-nothing calls/s; baseline: no loop, rounds alternating in the same run ({} and {} readings)",
+                loud.len(),
+                quiet.len()
+            ),
+        );
+    }
+    drop(watchers);
     service.stop().await;
 }
 

@@ -448,3 +448,130 @@ async fn hostile_payloads_are_kept_raw_and_nothing_stalls() {
     assert_eq!(listed.len(), payloads.len());
     service.stop().await;
 }
+
+/// Every page of `request` from the first, following tokens until one is
+/// empty, as the grpcurl and Python clients do: the pages' readings.
+async fn follow_pages(
+    client: &DeviceHubClient<Channel>,
+    request: ListReadingsRequest,
+) -> Vec<Vec<Reading>> {
+    let mut client = client.clone();
+    let mut pages = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_readings(ListReadingsRequest {
+                page_token,
+                ..request.clone()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages.push(page.readings);
+        if page.next_page_token.is_empty() {
+            return pages;
+        }
+        page_token = page.next_page_token;
+        assert!(pages.len() < 1000, "tokens that never end");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_matching_few_readings_page_in_bounded_steps_to_the_end() {
+    // More readings than one call looks at (4 096), three of them command
+    // replies (buffered like readings): listing by a filter that matches
+    // few or none returns short or empty pages with tokens, and following
+    // them finds exactly the matching readings, once, in order. The topic
+    // filters have `+` at the device level: a literal device there would
+    // be served from the device index instead of a scan.
+    const TOTAL: u64 = 10_000;
+    let broker = embedded_broker();
+    let service = TestService::start_ready(config(&broker, &[])).await;
+    let client = service.client().await;
+    let device = TestDevice::connect(&broker, "device-scan", None).await;
+    let replies_at = [10, 5_000, TOTAL - 1];
+    for i in 0..TOTAL {
+        let kind = match replies_at.contains(&i) {
+            true => "replies",
+            false => "readings",
+        };
+        device
+            .publish(&format!("devices/d{}/{kind}", i % 2), i.to_string())
+            .await;
+    }
+    list_until(
+        "every reading buffered",
+        &client,
+        ListReadingsRequest {
+            page_size: 1,
+            ..Default::default()
+        },
+        |readings| (readings.first().map(index_of) == Some(TOTAL - 1)).then_some(()),
+    )
+    .await;
+
+    for oldest_first in [true, false] {
+        let in_order = |mut indices: Vec<u64>| {
+            if !oldest_first {
+                indices.reverse();
+            }
+            indices
+        };
+        for (request, want) in [
+            (
+                ListReadingsRequest {
+                    topic_filter: "devices/+/nothing".into(),
+                    ..Default::default()
+                },
+                vec![],
+            ),
+            (
+                ListReadingsRequest {
+                    topic_filter: "devices/+/replies".into(),
+                    ..Default::default()
+                },
+                in_order(replies_at.to_vec()),
+            ),
+            (
+                ListReadingsRequest {
+                    topic_filter: "devices/+/replies".into(),
+                    page_size: 1,
+                    ..Default::default()
+                },
+                in_order(replies_at.to_vec()),
+            ),
+            // Through the device index: d0's 5 000 readings are over the
+            // bound too.
+            (
+                ListReadingsRequest {
+                    device_id: "d0".into(),
+                    topic_filter: "devices/+/replies".into(),
+                    ..Default::default()
+                },
+                in_order(vec![10, 5_000]),
+            ),
+            (
+                ListReadingsRequest {
+                    device_id: "d1".into(),
+                    topic_filter: "devices/+/nothing".into(),
+                    ..Default::default()
+                },
+                vec![],
+            ),
+        ] {
+            let what = format!("{request:?} oldest_first {oldest_first}");
+            let pages = follow_pages(
+                &client,
+                ListReadingsRequest {
+                    oldest_first,
+                    ..request
+                },
+            )
+            .await;
+            assert!(pages.len() > 1, "the first page is cut short: {what}");
+            let got: Vec<u64> = pages.concat().iter().map(index_of).collect();
+            assert_eq!(got, want, "{what}");
+        }
+    }
+    service.stop().await;
+}

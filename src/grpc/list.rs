@@ -46,6 +46,9 @@ pub(super) async fn list(
         })
         .filter(|&i| i > 0)
         .unwrap_or(encoded.len());
+    // The page may be empty and still go on (the buffer stopped looking
+    // after `MAX_EXAMINED_PER_PAGE` readings): its cursor then names where
+    // looking resumes, and the token is sent all the same.
     let next_cursor = page.readings.get(fits).map(|r| r.seq).or(page.next_cursor);
     let mut response = Vec::with_capacity(bytes.min(MAX_PAGE_BYTES) + 64);
     for reading in &encoded[..fits] {

@@ -2,8 +2,12 @@
 //! validated here. A token is the hex form of
 //! a version byte, a hash of the request's filters and order, so that a
 //! token cannot be replayed against a different query, and the cursor: for
-//! ListReadings the sequence number the next page starts at, for
-//! ListDevices the last device id of the page.
+//! ListReadings the sequence number the next page starts looking at (after
+//! a page cut short by `MAX_EXAMINED_PER_PAGE`, the first reading not yet
+//! looked at, matching or not, so nothing is skipped or looked at twice;
+//! otherwise the next matching reading: the same format and meaning, so
+//! tokens issued before the bound still decode and resume), for ListDevices
+//! the last device id of the page.
 use super::error::ApiError;
 use crate::proto::ListReadingsRequest;
 

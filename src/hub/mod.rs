@@ -16,8 +16,10 @@
 //! from the store.
 //!
 //! The lock is a std `RwLock` (see [`crate::sync`]): it is held only to
-//! store the readings of one network read or to copy out at most one batch
-//! of readings, never across an `.await`, JSON decoding or gRPC encoding.
+//! store the readings of one network read, to copy out at most one batch
+//! of readings, or to look at no more than `MAX_EXAMINED_PER_PAGE`
+//! (`buffer/query.rs`) readings for a page, whatever its filter matches;
+//! never across an `.await`, JSON decoding or gRPC encoding.
 //! Watchers following the newest readings do not take it: each push is
 //! also published to [`live::Live`], which they read without a lock (its
 //! module docs say why that keeps a delivery's cost flat as cores grow).
