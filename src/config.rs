@@ -206,7 +206,7 @@ pub struct DeviceLimits {
     /// eviction from the buffer.
     pub max_kept_bytes: usize,
     /// Most bytes of devices' newest readings kept encoded for pages (not a
-    /// flag: in the README's memory formula).
+    /// flag: in docs/api.md's memory formula).
     pub max_encoded_bytes: usize,
 }
 

@@ -166,7 +166,7 @@ fn rss(pid: u32) -> u64 {
 /// The binary, a watcher that keeps up (every reading it gets is encoded
 /// and shared through the window), one that has stopped reading, and 300
 /// readings of 1 MB: the process's memory stays within the bounds the
-/// README's worst-case formula gives for them, where the window alone used
+/// worst-case formula of docs/api.md gives for them, where the window alone used
 /// to grow by every reading (8 192 of them, bounded by count only).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_bounded_with_large_readings_and_watchers() {
@@ -256,7 +256,7 @@ async fn memory_stays_bounded_with_large_readings_and_watchers() {
     let grown = peak
         .load(std::sync::atomic::Ordering::Relaxed)
         .saturating_sub(baseline);
-    // The README's formula for this run: --buffer-max-bytes (64) + the
+    // docs/api.md's formula for this run: --buffer-max-bytes (64) + the
     // encoded window (64) + 2 watchers × 8 × 1 MiB (16) + 10 MQTT packets
     // of 1 MB (10) = 154 MiB, and the allocator's share (glibc keeps freed
     // megabyte blocks in per-thread arenas; 184-224 MiB were measured over
