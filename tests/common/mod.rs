@@ -684,7 +684,16 @@ pub async fn end_to_end(broker: &BrokerUrl) {
         assert_eq!(response.topic, "devices/d1/commands");
         let message = device.next_message().await;
         assert_eq!(message.topic, "devices/d1/commands");
-        let envelope: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+        let mut envelope: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+        // Until when the device may carry it out (tests/commands.rs checks
+        // the value): RFC 3339.
+        let expires_at = envelope["expires_at"].take();
+        let expires_at = expires_at.as_str().expect("expires_at");
+        assert!(
+            expires_at.parse::<prost_types::Timestamp>().is_ok(),
+            "{expires_at}"
+        );
+        envelope.as_object_mut().unwrap().remove("expires_at");
         assert_eq!(
             envelope,
             serde_json::json!({"id": response.command_id, "command": "TURN_ON_FAN", "params": {"speed": 3}})
