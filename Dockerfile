@@ -6,7 +6,7 @@
 #
 # The runtime stage runs as an unprivileged user and stops cleanly on SIGTERM
 # (devicehub is PID 1 and handles it: health NOT_SERVING, streams ended with a
-# resume point, MQTT disconnected, exit 0 within --shutdown-timeout-secs).
+# resume point, MQTT disconnected, exit 0 within --shutdown-timeout).
 # BuildKit builds only the stages the target needs: with BINARY set, the
 # Rust builder is never pulled.
 

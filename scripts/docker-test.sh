@@ -113,7 +113,7 @@ containers+=("$name")
 $DOCKER run -d --name "$name" --network host \
   --health-interval 1s --health-start-period 1s \
   -e DEVICEHUB_GRPC_ADDR="$GRPC" -e DEVICEHUB_EMBEDDED_MQTT_ADDR="$MQTT" \
-  -e DEVICEHUB_METRICS_ADDR="$METRICS" -e DEVICEHUB_SHUTDOWN_TIMEOUT_SECS=5 \
+  -e DEVICEHUB_METRICS_ADDR="$METRICS" -e DEVICEHUB_SHUTDOWN_TIMEOUT=5s \
   "$IMAGE" >/dev/null
 health_of() { $DOCKER inspect -f '{{.State.Health.Status}}' "$name"; }
 is_healthy() { [ "$(health_of)" = healthy ]; }

@@ -4,10 +4,7 @@
 //! and everything turns NOT_SERVING when shutdown begins. And [`probe`], the
 //! client side: `devicehub health`, a container's healthcheck.
 
-use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    time::Duration,
-};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -54,7 +51,7 @@ pub async fn probe(args: &HealthArgs) -> Result<health_check_response::ServingSt
             SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
         });
     }
-    let timeout = Duration::from_secs(args.timeout_secs);
+    let timeout = args.timeout();
     let connect = |source| ProbeError::Connect { addr, source };
     let mut endpoint = match &args.tls_ca {
         None => Endpoint::from_shared(format!("http://{addr}")).map_err(connect)?,

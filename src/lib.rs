@@ -44,8 +44,8 @@
 //! - `broker` (feature `embedded-broker`): the embedded rumqttd;
 //! - `simulate` (feature `simulator`): simulated devices.
 
-#[cfg(feature = "embedded-broker")]
 mod backoff;
+#[cfg(feature = "embedded-broker")]
 pub mod broker;
 mod buffer;
 pub mod cli;

@@ -1,7 +1,7 @@
 //! [`PerClient`]: how many of something one client holds at once (watch
 //! streams, commands in progress), so that one client cannot take what the
-//! global limits leave for everyone. A client is a token subject, or a
-//! connection without auth (see `grpc::auth::Caller::client_key`).
+//! global limits leave for everyone. A client is a token subject, or
+//! without auth the remote IP address (see `grpc::auth::Caller::client`).
 
 use std::{
     collections::HashMap,

@@ -67,7 +67,13 @@ pub struct HostCheck {
 impl HostCheck {
     pub fn new(allowed: &[String]) -> Self {
         Self {
-            allowed: Some(allowed.iter().map(|h| h.to_ascii_lowercase()).collect()),
+            // As request hosts are compared: no spaces, case or final dot.
+            allowed: Some(
+                allowed
+                    .iter()
+                    .map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase())
+                    .collect(),
+            ),
         }
     }
 
@@ -155,7 +161,7 @@ mod tests {
 
     #[test]
     fn hosts_allowed_are_loopback_addresses_and_the_named_ones() {
-        let check = HostCheck::new(&["Hub.Example.com".into()]);
+        let check = HostCheck::new(&["Hub.Example.com".into(), " other.test. ".into()]);
         for allowed in [
             "localhost:50051",
             "LOCALHOST",
@@ -166,6 +172,7 @@ mod tests {
             "[fe80::1]",
             "hub.example.com:443",
             "hub.example.com.",
+            "other.test:8080",
         ] {
             assert!(check.allows(allowed), "{allowed}");
         }

@@ -1,6 +1,6 @@
 //! `devicehub health`: the options of the health probe.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Args;
 
@@ -24,7 +24,17 @@ pub struct HealthArgs {
         default_value = "localhost"
     )]
     pub tls_server_name: String,
+    /// How long to wait for the answer: a duration like 3s (the default).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+    /// The old spelling of --timeout, in whole seconds.
+    #[arg(long, hide = true)]
+    pub timeout_secs: Option<u64>,
+}
+
+impl HealthArgs {
     /// How long to wait for the answer.
-    #[arg(long, default_value_t = 3)]
-    pub timeout_secs: u64,
+    pub fn timeout(&self) -> Duration {
+        super::serve::duration(self.timeout, self.timeout_secs, Duration::from_secs(3))
+    }
 }

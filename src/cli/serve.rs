@@ -73,9 +73,15 @@ pub struct ServeArgs {
     #[arg(long, env = "DEVICEHUB_MQTT_SHARE_GROUP")]
     pub mqtt_share_group: Option<String>,
 
-    /// MQTT keep-alive interval in seconds (at least 1; 0 disables it).
-    #[arg(long, env = "DEVICEHUB_MQTT_KEEP_ALIVE_SECS", default_value_t = 30)]
-    pub mqtt_keep_alive_secs: u64,
+    /// MQTT keep-alive interval, whole seconds as a duration like 30s or
+    /// 2m (at most 65535s, MQTT's limit; 0s disables it). Default 30s.
+    #[arg(long, env = "DEVICEHUB_MQTT_KEEP_ALIVE", value_parser = keep_alive)]
+    pub mqtt_keep_alive: Option<Duration>,
+
+    /// The old spelling of --mqtt-keep-alive, in whole seconds.
+    #[arg(long, env = "DEVICEHUB_MQTT_KEEP_ALIVE_SECS", hide = true,
+          value_parser = clap::value_parser!(u64).range(0..=65535))]
+    pub mqtt_keep_alive_secs: Option<u64>,
 
     /// QoS of the readings subscription: 0, 1 or 2.
     #[arg(long, env = "DEVICEHUB_MQTT_SUBSCRIBE_QOS", default_value_t = 1,
@@ -189,10 +195,15 @@ pub struct ServeArgs {
           default_value = "10s", value_parser = humantime::parse_duration)]
     pub store_read_timeout: Duration,
 
-    /// Seconds shutdown (SIGTERM) waits for calls and streams to end before
-    /// it closes the remaining connections and exits.
-    #[arg(long, env = "DEVICEHUB_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
-    pub shutdown_timeout_secs: u64,
+    /// How long shutdown (SIGTERM) waits for calls and streams to end
+    /// before it closes the remaining connections and exits: a duration
+    /// like 10s (the default) or 500ms.
+    #[arg(long, env = "DEVICEHUB_SHUTDOWN_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Option<Duration>,
+
+    /// The old spelling of --shutdown-timeout, in whole seconds.
+    #[arg(long, env = "DEVICEHUB_SHUTDOWN_TIMEOUT_SECS", hide = true)]
+    pub shutdown_timeout_secs: Option<u64>,
 
     #[command(flatten)]
     pub grpc_security: GrpcSecurityArgs,
@@ -244,10 +255,11 @@ pub struct ConnectionArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_connection: u32,
 
-    /// Most response bytes handed to gRPC connections whose sockets have
-    /// not taken them yet, over all connections (clients that stop
-    /// reading hold theirs); beyond it calls end with RESOURCE_EXHAUSTED.
-    /// At least 8 MiB (two of the largest responses).
+    /// Most response bytes handed to gRPC connections and not yet written
+    /// by them, over all connections (clients that stop reading hold
+    /// theirs); one connection may hold a sixteenth (at least 8 MiB, two
+    /// of the largest responses). Beyond either, calls end with
+    /// RESOURCE_EXHAUSTED. At least 8 MiB.
     #[arg(long, env = "DEVICEHUB_MAX_RESPONSE_BYTES_IN_FLIGHT", default_value_t = 256 << 20,
           value_parser = clap::value_parser!(u64).range(8 << 20..=1 << 32))]
     pub max_response_bytes_in_flight: u64,
@@ -401,7 +413,11 @@ impl ServeArgs {
                 host: broker.host.clone(),
                 port: broker.port,
                 client_id,
-                keep_alive: Duration::from_secs(self.mqtt_keep_alive_secs),
+                keep_alive: duration(
+                    self.mqtt_keep_alive,
+                    self.mqtt_keep_alive_secs,
+                    Duration::from_secs(30),
+                ),
                 subscribe_qos,
                 max_packet_bytes: self.mqtt_max_packet_bytes as usize,
                 max_reading_bytes: self.max_reading_bytes as usize,
@@ -427,7 +443,11 @@ impl ServeArgs {
             max_watchers: self.max_watchers as usize,
             max_watchers_per_client: self.max_watchers_per_client as usize,
             max_commands_per_client: self.max_commands_per_client as usize,
-            shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+            shutdown_timeout: duration(
+                self.shutdown_timeout,
+                self.shutdown_timeout_secs,
+                Duration::from_secs(10),
+            ),
             metrics_addr: self.metrics_addr,
             cors_allowed_origins: cors_origins(&self.cors_allowed_origins)?,
             allowed_hosts: self.allowed_hosts.clone(),
@@ -472,4 +492,29 @@ fn default_client_id() -> String {
     // The last 12 hex digits of a UUID v7 are random.
     let uuid = uuid::Uuid::now_v7().simple().to_string();
     format!("devicehub-{}", &uuid[20..])
+}
+
+/// A duration flag (`--shutdown-timeout 10s`), else its old spelling in
+/// whole seconds (`--shutdown-timeout-secs 10`, hidden, kept so that
+/// existing deployments go on working), else `default`.
+pub(super) fn duration(
+    given: Option<Duration>,
+    old_secs: Option<u64>,
+    default: Duration,
+) -> Duration {
+    given
+        .or(old_secs.map(Duration::from_secs))
+        .unwrap_or(default)
+}
+
+/// `--mqtt-keep-alive`: MQTT counts keep-alive in whole seconds, at most
+/// 65 535 (and rumqttc refuses less than one second, but for 0).
+fn keep_alive(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if duration.subsec_nanos() != 0 || duration.as_secs() > 65_535 {
+        return Err(format!(
+            "{text:?}: MQTT's keep-alive is whole seconds, 0s to 65535s"
+        ));
+    }
+    Ok(duration)
 }

@@ -56,7 +56,8 @@ pub struct Caller {
     /// Devices the caller may command.
     pub send: DeviceSet,
     /// Who the per-client limits count against: the token's subject when
-    /// there is one (all its connections together), else the connection.
+    /// there is one (all its connections together), else the remote IP
+    /// address (many connections from one host are one client).
     pub client: Arc<str>,
 }
 

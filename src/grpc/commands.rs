@@ -33,8 +33,6 @@ use crate::telemetry::traces::{traced, traceparent};
 const MAX_COMMAND_PAYLOAD_BYTES: usize = 256 << 10;
 /// Longest command name, in bytes.
 const MAX_COMMAND_BYTES: usize = 256;
-/// Longest `reply_timeout` accepted.
-pub(super) const MAX_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a command sent without a `reply_timeout` stays valid for its
 /// device (the envelope's `expires_at`): long enough for a reconnect, short
 /// enough that a device back from a long absence does not act on orders

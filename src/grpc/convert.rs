@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use prost_types::{value::Kind, ListValue, Struct, Timestamp, Value};
 
-use super::{auth::Caller, commands::MAX_REPLY_TIMEOUT, error::ApiError, wire::MAX_JSON_DEPTH};
+use super::{auth::Caller, error::ApiError, wire::MAX_JSON_DEPTH};
 use crate::{
     buffer::ReadingFilter,
     proto,
@@ -83,6 +83,9 @@ pub(super) fn optional_time(
         .map(Some)
         .map_err(|e| ApiError::invalid(field, format!("is not a valid timestamp: {e}")))
 }
+
+/// Longest `reply_timeout` accepted.
+pub(super) const MAX_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A `reply_timeout` as the well-known Duration defines it (nanos below one
 /// second, no mixed signs; prost would silently normalize), positive and at

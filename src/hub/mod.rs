@@ -1,7 +1,8 @@
 //! [`ReadingHub`]: the one shared [`ReadingBuffer`] behind a lock, the
 //! wake-up signal that lets watchers follow it, and the watcher counters.
-//! It knows nothing of MQTT or gRPC: ingest writes through
-//! [`crate::store::ReadingStore`], the gRPC handlers read.
+//! It knows nothing of MQTT or gRPC: ingest pushes into it (through
+//! `store::Ingest`: at once in memory, or after the store's commit), the
+//! gRPC handlers read.
 //!
 //! With a store, the buffer is a window onto the newest part of the table:
 //! readings arrive through [`ReadingHub::push_committed`] with the numbers

@@ -7,12 +7,19 @@
 //! in hand. Per connection that is bounded by `--max-streams-per-connection`
 //! times a response, but over thousands of connections it is not. So each
 //! data frame a response produces is charged to its connection
-//! ([`BoundResponses`]) and given back as the connection's socket accepts
-//! bytes ([`Owed::written`], from `Conn`'s writes) or when the connection
-//! closes. A frame that does not fit the budget is not sent: the call ends
-//! with RESOURCE_EXHAUSTED in its trailers, counted. Socket writes include
-//! framing (HEADERS, frame headers), so the charge is given back a little
-//! early, never late: a connection never owes more than it was charged.
+//! ([`BoundResponses`]) and given back as the connection writes DATA
+//! frames ([`DataMeter`] reads the HTTP/2 frame headers of what `Conn`
+//! writes: other frames, such as PING acknowledgements or HEADERS, give
+//! nothing back), or when the connection closes. One connection may owe at
+//! most a sixteenth of the budget (and at least two of the largest
+//! responses), so that one client cannot spend it all. A frame that does
+//! not fit is not sent: the call ends with RESOURCE_EXHAUSTED in its
+//! trailers, counted.
+//!
+//! Left over: a stream its client resets drops what h2 buffered of it,
+//! which that connection then owes until it closes; bounded by its share.
+//! Over HTTP/1.1 (gRPC-Web) every byte written counts, chunk framing
+//! included: given back a little early.
 //!
 //! This module never looks into messages: it sees bytes and connections.
 
@@ -32,6 +39,11 @@ use tokio::sync::Semaphore;
 
 use super::ConnInfo;
 
+/// The largest share of the budget one connection may owe: a sixteenth.
+const CONNECTION_SHARE: usize = 16;
+/// And at least this much: two of the largest responses (4 MiB each).
+const MIN_CONNECTION_BYTES: usize = 8 << 20;
+
 /// The one budget, shared by every connection of a listener.
 #[derive(Debug, Clone)]
 pub struct ResponseBudget {
@@ -39,6 +51,8 @@ pub struct ResponseBudget {
     /// added back as sockets take the bytes.
     permits: Arc<Semaphore>,
     max: usize,
+    /// The most one connection may owe.
+    per_connection: usize,
     /// Calls ended with RESOURCE_EXHAUSTED because the budget was spent.
     refused: Arc<AtomicU64>,
 }
@@ -48,6 +62,7 @@ impl ResponseBudget {
         Self {
             permits: Arc::new(Semaphore::new(max)),
             max,
+            per_connection: (max / CONNECTION_SHARE).max(MIN_CONNECTION_BYTES),
             refused: Arc::default(),
         }
     }
@@ -86,6 +101,12 @@ impl Owed {
         let Ok(n32) = u32::try_from(n) else {
             return false;
         };
+        // Only this connection's own frames add to its debt, one at a
+        // time (hyper polls a body from its connection's task): a check
+        // then an add is exact enough.
+        if self.bytes.load(Ordering::Relaxed) + n > self.budget.per_connection {
+            return false;
+        }
         match self.budget.permits.try_acquire_many(n32) {
             Ok(permits) => {
                 permits.forget();
@@ -96,7 +117,8 @@ impl Owed {
         }
     }
 
-    /// The socket took `n` bytes: gives back as much of the charge.
+    /// The connection wrote `n` bytes of DATA: gives back as much of the
+    /// charge.
     pub(super) fn written(&self, n: usize) {
         let mut released = 0;
         let _ = self
@@ -114,6 +136,57 @@ impl Owed {
 impl Drop for Owed {
     fn drop(&mut self) {
         self.budget.permits.add_permits(*self.bytes.get_mut());
+    }
+}
+
+/// Counts the DATA payload bytes in what a connection writes: the bytes
+/// that pay off its charge. HTTP/2 frames are read by their 9-byte headers
+/// (length, type), however the writes split them; a connection whose
+/// first byte written is `H` speaks HTTP/1.1, where every byte counts.
+#[derive(Debug, Default)]
+pub(super) struct DataMeter {
+    http1: Option<bool>,
+    header: [u8; 9],
+    header_len: usize,
+    /// Bytes left of the current frame's payload.
+    remaining: usize,
+    /// Whether the current frame is DATA.
+    data: bool,
+}
+
+impl DataMeter {
+    /// How many of `written`, the next bytes the connection wrote, are
+    /// DATA payload.
+    pub(super) fn data_bytes(&mut self, mut written: &[u8]) -> usize {
+        let Some(&first) = written.first() else {
+            return 0;
+        };
+        if *self.http1.get_or_insert(first == b'H') {
+            return written.len();
+        }
+        let mut data = 0;
+        while !written.is_empty() {
+            if self.remaining > 0 {
+                let take = self.remaining.min(written.len());
+                if self.data {
+                    data += take;
+                }
+                self.remaining -= take;
+                written = &written[take..];
+                continue;
+            }
+            let take = (9 - self.header_len).min(written.len());
+            self.header[self.header_len..self.header_len + take].copy_from_slice(&written[..take]);
+            self.header_len += take;
+            written = &written[take..];
+            if self.header_len == 9 {
+                let [a, b, c, kind, ..] = self.header;
+                self.remaining = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
+                self.data = kind == 0;
+                self.header_len = 0;
+            }
+        }
+        data
     }
 }
 
@@ -227,9 +300,36 @@ impl Body for Bounded {
 mod tests {
     use super::*;
 
+    /// An HTTP/2 frame header: `len` bytes of payload of type `kind`.
+    fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len().to_be_bytes();
+        let mut frame = vec![len[5], len[6], len[7], kind, 0, 0, 0, 0, 1];
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    #[test]
+    fn only_data_payloads_count_however_writes_split_them() {
+        let mut written = frame(4, &[0; 6]); // SETTINGS
+        written.extend(frame(0, &[7; 100])); // DATA
+        written.extend(frame(6, &[0; 8])); // PING ack
+        written.extend(frame(0, &[7; 20])); // DATA
+        for split in [1, 2, 9, 10, 50, written.len()] {
+            let mut meter = DataMeter::default();
+            let counted: usize = written.chunks(split).map(|c| meter.data_bytes(c)).sum();
+            assert_eq!(counted, 120, "in writes of {split}");
+        }
+        let mut http1 = DataMeter::default();
+        assert_eq!(http1.data_bytes(b"HTTP/1.1 200 OK\r\n"), 17);
+        assert_eq!(http1.data_bytes(&[0; 5]), 5);
+    }
+
     #[test]
     fn charges_come_back_as_sockets_take_bytes_or_connections_close() {
-        let budget = ResponseBudget::new(100);
+        let budget = ResponseBudget {
+            per_connection: 100,
+            ..ResponseBudget::new(100)
+        };
         let a = budget.owed();
         let b = budget.owed();
         assert!(a.charge(60));
@@ -243,5 +343,15 @@ mod tests {
         assert_eq!(budget.in_flight(), 40);
         drop(b);
         assert_eq!(budget.in_flight(), 0);
+    }
+
+    #[test]
+    fn one_connection_owes_at_most_its_share() {
+        let budget = ResponseBudget::new(256 << 20);
+        let greedy = budget.owed();
+        assert!(greedy.charge(8 << 20));
+        assert!(greedy.charge(8 << 20));
+        assert!(!greedy.charge(1), "a sixteenth of 256 MiB is 16 MiB");
+        assert!(budget.owed().charge(4 << 20), "others are served");
     }
 }

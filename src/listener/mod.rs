@@ -36,8 +36,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::{debug, warn};
 
-use in_flight::Owed;
 pub use in_flight::{BoundResponses, ResponseBudget};
+use in_flight::{DataMeter, Owed};
 pub use limits::ListenerStats;
 use limits::{Kind, ListenerCounters, Slot, Slots};
 pub use tls::{ServerTls, ServerTlsError};
@@ -78,6 +78,8 @@ impl ConnInfo {
 pub struct Conn {
     io: Pin<Box<dyn Io>>,
     info: ConnInfo,
+    /// Reads what is written for the DATA bytes that pay off `info.owed`.
+    meter: DataMeter,
     idle: Option<Pin<Box<Sleep>>>,
     counters: Arc<ListenerCounters>,
     _slot: Slot,
@@ -120,13 +122,21 @@ impl Conn {
 }
 
 impl Conn {
-    /// Gives back the response bytes the socket took (see `in_flight.rs`).
-    /// Under TLS these count ciphertext, a little more than the plaintext
-    /// charged: the charge comes back early, never late.
-    fn took(&self, written: &Poll<io::Result<usize>>) {
-        if let Poll::Ready(Ok(n)) = written {
-            self.info.owed.written(*n);
+    /// Gives back the response bytes among the first `n` of `bufs`, just
+    /// written (see `in_flight.rs`). Under TLS these are plaintext taken
+    /// into rustls's buffer (bounded, about 64 KiB), on their way to the
+    /// socket.
+    fn took(&mut self, bufs: &[io::IoSlice<'_>], mut n: usize) {
+        let mut data = 0;
+        for buf in bufs {
+            let take = n.min(buf.len());
+            data += self.meter.data_bytes(&buf[..take]);
+            n -= take;
+            if n == 0 {
+                break;
+            }
         }
+        self.info.owed.written(data);
     }
 }
 
@@ -150,7 +160,9 @@ impl AsyncWrite for Conn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let written = self.io.as_mut().poll_write(cx, buf);
-        self.took(&written);
+        if let Poll::Ready(Ok(n)) = written {
+            self.took(&[io::IoSlice::new(buf)], n);
+        }
         written
     }
 
@@ -160,7 +172,9 @@ impl AsyncWrite for Conn {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let written = self.io.as_mut().poll_write_vectored(cx, bufs);
-        self.took(&written);
+        if let Poll::Ready(Ok(n)) = written {
+            self.took(bufs, n);
+        }
         written
     }
 
@@ -234,6 +248,7 @@ async fn accept(
         let conn = |io: Pin<Box<dyn Io>>| Conn {
             io,
             info,
+            meter: DataMeter::default(),
             idle: Some(Box::pin(tokio::time::sleep(slots.limits().idle_timeout))),
             counters: slots.counters.clone(),
             _slot: slot,

@@ -1,6 +1,6 @@
 //! The MQTT side: the one shared `rumqttc` client and the task that drives
-//! it. It knows nothing of gRPC: incoming readings go to a
-//! [`ReadingStore`], replies to the [`ReplyRouter`], and commands come in
+//! it. It knows nothing of gRPC: incoming readings go to the store's
+//! hand-off (`store::Ingest`), replies to the [`ReplyRouter`], and commands come in
 //! through [`CommandPublisher`]. With a store, readings are acknowledged
 //! to the broker only once committed (rumqttc's manual acknowledgements;
 //! see `store`).

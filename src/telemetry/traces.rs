@@ -47,7 +47,8 @@ const DEFAULT_LOG: &str = "info,rumqttd=off";
 /// every call's: a caller whose `traceparent` says "not sampled" (flag 00)
 /// does not hide its calls from devicehub's operators, whose traces are
 /// theirs to keep; `parentbased_*` follows the caller's flag instead. Named
-/// as OpenTelemetry's `OTEL_TRACES_SAMPLER` values.
+/// as OpenTelemetry's `OTEL_TRACES_SAMPLER` values, with the ratio (its
+/// `OTEL_TRACES_SAMPLER_ARG`) after a colon.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sampling {
     /// The share of traces kept, by trace id: 1.0 keeps every one.

@@ -12,6 +12,14 @@ use std::{
 
 use super::tempdir::TempDir;
 
+/// A loopback port nothing listens on now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 /// The user the cluster runs as when the tests run as root.
 const UNPRIVILEGED: &str = "nobody";
 
@@ -49,12 +57,8 @@ impl Postgres {
                 .expect("chown runs");
             assert!(status.success());
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let postgres = Self {
-            port,
+        let mut postgres = Self {
+            port: free_port(),
             settings: settings.to_owned(),
             bin,
             dir,
@@ -74,14 +78,36 @@ impl Postgres {
                 "--no-sync",
             ],
         );
-        postgres.start_again();
+        // The port was free when picked, but another test's process may bind
+        // it before PostgreSQL does: then pick another (a restart, later,
+        // keeps its port: the service has its URL).
+        for attempt in 1.. {
+            let logged = postgres.log().len();
+            let args = postgres.start_args();
+            let output = postgres.output(
+                "pg_ctl",
+                &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            );
+            if output.status.success() {
+                break;
+            }
+            let taken = postgres.log()[logged..].contains("Address already in use");
+            assert!(
+                taken && attempt < 5,
+                "pg_ctl start failed: {}{}\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr),
+                postgres.log()
+            );
+            postgres.port = free_port();
+        }
         postgres.run(
             "createdb",
             &[
                 "-h",
                 "127.0.0.1",
                 "-p",
-                &port.to_string(),
+                &postgres.port.to_string(),
                 "-U",
                 "devicehub",
                 "devicehub",
@@ -109,6 +135,15 @@ impl Postgres {
     /// Starts the cluster (again, after [`Postgres::stop`]) and waits until
     /// it accepts connections (`pg_ctl -w`).
     pub fn start_again(&self) {
+        let args = self.start_args();
+        self.run(
+            "pg_ctl",
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+    }
+
+    /// `pg_ctl`'s arguments to start the cluster on its port and wait.
+    fn start_args(&self) -> Vec<String> {
         let options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 {}",
             self.port,
@@ -116,19 +151,18 @@ impl Postgres {
             self.settings,
         );
         let log = format!("{}/postgres.log", self.dir.path().display());
-        self.run(
-            "pg_ctl",
-            &[
-                "-D",
-                &self.data(),
-                "-o",
-                &options,
-                "-l",
-                &log,
-                "-w",
-                "start",
-            ],
-        );
+        [
+            "-D",
+            &self.data(),
+            "-o",
+            &options,
+            "-l",
+            &log,
+            "-w",
+            "start",
+        ]
+        .map(str::to_owned)
+        .to_vec()
     }
 
     /// Stops the cluster at once (open connections are cut) and waits.

@@ -155,10 +155,12 @@ pub struct StoreStart {
 /// neither the URL nor `PGSSLMODE` chose a mode and the host is not this
 /// machine (a loopback name or address, or a Unix socket directory).
 fn tls_required(url: &str, host: &str) -> bool {
-    let chosen = url
-        .split_once('?')
-        .is_some_and(|(_, query)| query.split('&').any(|p| p.starts_with("sslmode=")))
-        || std::env::var_os("PGSSLMODE").is_some();
+    let chosen = url.split_once('?').is_some_and(|(_, query)| {
+        // sqlx takes both spellings.
+        query
+            .split('&')
+            .any(|p| p.starts_with("sslmode=") || p.starts_with("ssl-mode="))
+    }) || std::env::var_os("PGSSLMODE").is_some();
     let local = host.starts_with('/')
         || host.eq_ignore_ascii_case("localhost")
         || host
@@ -673,6 +675,7 @@ mod tests {
             ("postgres://u@[::1]/d", "[::1]"),
             ("postgres:///d?host=/run/postgresql", "/run/postgresql"),
             ("postgres://u@db.internal/d?sslmode=disable", "db.internal"),
+            ("postgres://u@db.internal/d?ssl-mode=disable", "db.internal"),
             (
                 "postgres://u@db.internal/d?x=1&sslmode=verify-full",
                 "db.internal",

@@ -186,12 +186,23 @@ impl Task {
         };
         let started = std::time::Instant::now();
         // Pieces to insert, in order: all of them, or the halves of a
-        // piece refused.
+        // piece refused. They are taken front first, so what is done
+        // (committed or refused) is always a prefix of `readings`.
         let mut pieces = VecDeque::from([&readings[..]]);
+        let mut done = 0;
         while let Some(piece) = pieces.pop_front() {
             let Some(inserted) = self.insert_retrying(piece).await else {
+                // Shutdown: the batches wholly done are acknowledged, so
+                // the broker does not deliver them again after a restart
+                // (they would be stored twice).
+                if let Some(id) = last_batch_within(batches, done) {
+                    self.committed.send_replace(id);
+                }
                 return false;
             };
+            if inserted.is_ok() || piece.len() == 1 {
+                done += piece.len();
+            }
             match inserted {
                 Ok(first_seq) => self.pushed(first_seq, piece),
                 Err(error) if piece.len() == 1 => self.refused(piece[0], &error),
@@ -293,6 +304,21 @@ impl Task {
             _ => {}
         }
     }
+}
+
+/// The id of the last of `batches` whose readings all lie within the first
+/// `done` of them (taken in order), if any.
+fn last_batch_within(batches: &[Batch], done: usize) -> Option<u64> {
+    let mut end = 0;
+    let mut last = None;
+    for batch in batches {
+        end += batch.readings.len();
+        if end > done {
+            break;
+        }
+        last = Some(batch.id);
+    }
+    last
 }
 
 /// Whether the database refused a statement for what it held (SQLSTATE
