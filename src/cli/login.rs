@@ -96,6 +96,7 @@ impl MqttLoginArgs {
     /// The broker login of one simulated device: `{device_id}` in the user
     /// name and in the password file's path stands for `device_id`, so that
     /// each device logs in with an account (and a password) of its own.
+    #[cfg(feature = "simulator")]
     pub(crate) fn device_credentials(
         &self,
         device_id: &str,
