@@ -226,17 +226,8 @@ impl Postgres {
             "-c",
             sql,
         ];
-        let program = self.bin.join("psql");
-        let mut command = if self.as_root {
-            let mut command = Command::new("runuser");
-            command.args(["-u", UNPRIVILEGED, "--"]).arg(program);
-            command
-        } else {
-            Command::new(program)
-        };
-        command
+        self.command("psql")
             .args(args)
-            .current_dir(self.dir.path())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -263,7 +254,9 @@ impl Postgres {
         );
     }
 
-    fn output(&self, program: &str, args: &[&str]) -> Output {
+    /// PostgreSQL's `program`, as the unprivileged user when the tests run
+    /// as root, in the cluster's directory.
+    fn command(&self, program: &str) -> Command {
         let program = self.bin.join(program);
         let mut command = if self.as_root {
             let mut command = Command::new("runuser");
@@ -272,10 +265,14 @@ impl Postgres {
         } else {
             Command::new(program)
         };
-        // pg_ctl's server must not hold the test's pipes open.
+        command.current_dir(self.dir.path());
         command
+    }
+
+    fn output(&self, program: &str, args: &[&str]) -> Output {
+        // pg_ctl's server must not hold the test's pipes open.
+        self.command(program)
             .args(args)
-            .current_dir(self.dir.path())
             .stdin(std::process::Stdio::null())
             .output()
             .expect("a PostgreSQL program runs")

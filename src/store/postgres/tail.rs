@@ -28,7 +28,11 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{writer::kind_of, Postgres, FETCH_ROWS};
+use super::{
+    reads::{self, FETCH_ROWS},
+    writer::kind_of,
+    Postgres,
+};
 use crate::{
     backoff::Backoff,
     buffer::{MessageKind, Reading},
@@ -135,7 +139,7 @@ async fn catch_up(store: &Postgres, hub: &ReadingHub) -> Result<bool, sqlx::Erro
         .await?;
     let mut run: Vec<(Reading, MessageKind)> = Vec::new();
     for row in &fetched.rows {
-        let reading = super::reading(row)?;
+        let reading = reads::reading(row)?;
         let kind = kind_of(row.try_get("kind")?, row.try_get("status")?);
         // Numbers are contiguous but for what retention deleted: each
         // contiguous run goes in as one push.
