@@ -1,7 +1,7 @@
 //! Browsers: the gRPC port also speaks gRPC-Web (`tonic-web`, over HTTP/1.1
 //! and HTTP/2, server streaming included), and answers CORS for the origins
 //! `--cors-allowed-origins` names. Layered around the whole server, outside
-//! the per-call layer (`telemetry/calls.rs`), which so sees plain gRPC.
+//! the per-call layer (`telemetry/calls/`), which so sees plain gRPC.
 //!
 //! Without auth, a page on any web site could reach a service on loopback
 //! by DNS rebinding (its own name made to resolve to 127.0.0.1: then it is

@@ -228,7 +228,7 @@ impl Authenticator {
             Some(keys) => keys.caller(request.metadata())?,
         };
         if !caller.subject.is_empty() {
-            // Joins the call's span (telemetry/calls.rs), entered here.
+            // Joins the call's span (telemetry/calls/), entered here.
             tracing::Span::current().record("caller", caller.subject.as_str());
         }
         let peer = request

@@ -94,7 +94,7 @@ pub(super) async fn send(
         .await?;
     // At debug: a StreamCommands stream sends thousands a second, and a
     // line each cost 17 % of the command rate (BENCHMARKS.md, issue 16).
-    // Each SendCommand call still logs its own line (telemetry/calls.rs).
+    // Each SendCommand call still logs its own line (telemetry/calls/).
     debug!(
         command_id = command.id,
         device_id = command.device_id,

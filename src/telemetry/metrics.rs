@@ -9,7 +9,7 @@
 //! once. The registry and the exposition format are the `prometheus`
 //! crate's; process metrics come from its process collector. The
 //! `grpc_server_*` metrics are the one exception: counted per call by
-//! `calls.rs` into the same registry, because no other counter sees calls.
+//! `calls/` into the same registry, because no other counter sees calls.
 
 use std::{
     collections::HashMap,

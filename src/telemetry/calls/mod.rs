@@ -21,6 +21,10 @@
 //! counted by reading the five-byte gRPC frame headers as the bodies pass,
 //! added to the shared counters once per HTTP/2 data frame, not per
 //! message; with metrics off nothing is counted.
+//!
+//! - this file: the layer, each call's span and its end;
+//! - [`body`]: the bodies as they pass (messages counted, trailers read);
+//! - [`metrics`]: the `grpc_server_*` metrics and their label values.
 
 use std::{
     collections::HashMap,
@@ -30,10 +34,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
-use http_body::{Body, Frame, SizeHint};
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use http_body::Body;
 use prost::Message as _;
 use tonic::Code;
 
@@ -45,143 +48,16 @@ use tracing::{field::Empty, Span};
 
 use super::traces;
 
+mod body;
+mod metrics;
+
+use body::FrameCounter;
+pub use body::{CallBody, Counted};
+pub use metrics::GrpcMetrics;
+use metrics::{code_label, server_failed, Kind, MethodMetrics, CODES};
+
 /// The end lines of calls to unknown methods and of unauthenticated calls.
 static UNAUTHENTICATED_LOG: LogLimit = LogLimit::new();
-
-/// How a method streams, as the `grpc_type` label says it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Unary,
-    ClientStream,
-    ServerStream,
-    BidiStream,
-}
-
-impl Kind {
-    fn label(self) -> &'static str {
-        match self {
-            Kind::Unary => "unary",
-            Kind::ClientStream => "client_stream",
-            Kind::ServerStream => "server_stream",
-            Kind::BidiStream => "bidi_stream",
-        }
-    }
-}
-
-/// Every status code, in the order of their numbers.
-const CODES: [Code; 17] = [
-    Code::Ok,
-    Code::Cancelled,
-    Code::Unknown,
-    Code::InvalidArgument,
-    Code::DeadlineExceeded,
-    Code::NotFound,
-    Code::AlreadyExists,
-    Code::PermissionDenied,
-    Code::ResourceExhausted,
-    Code::FailedPrecondition,
-    Code::Aborted,
-    Code::OutOfRange,
-    Code::Unimplemented,
-    Code::Internal,
-    Code::Unavailable,
-    Code::DataLoss,
-    Code::Unauthenticated,
-];
-
-/// The label value of a code, as grpc-go spells it.
-fn code_label(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "Canceled",
-        Code::Unknown => "Unknown",
-        Code::InvalidArgument => "InvalidArgument",
-        Code::DeadlineExceeded => "DeadlineExceeded",
-        Code::NotFound => "NotFound",
-        Code::AlreadyExists => "AlreadyExists",
-        Code::PermissionDenied => "PermissionDenied",
-        Code::ResourceExhausted => "ResourceExhausted",
-        Code::FailedPrecondition => "FailedPrecondition",
-        Code::Aborted => "Aborted",
-        Code::OutOfRange => "OutOfRange",
-        Code::Unimplemented => "Unimplemented",
-        Code::Internal => "Internal",
-        Code::Unavailable => "Unavailable",
-        Code::DataLoss => "DataLoss",
-        Code::Unauthenticated => "Unauthenticated",
-    }
-}
-
-/// The codes that say the server failed rather than the request (the ones
-/// gRPC's HTTP mapping turns into 5xx).
-fn server_failed(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unknown
-            | Code::Internal
-            | Code::Unimplemented
-            | Code::Unavailable
-            | Code::DeadlineExceeded
-            | Code::DataLoss
-    )
-}
-
-/// The `grpc_server_*` metrics, registered in the `/metrics` registry.
-pub struct GrpcMetrics {
-    started: IntCounterVec,
-    handled: IntCounterVec,
-    handling: prometheus::HistogramVec,
-    sent: IntCounterVec,
-    received: IntCounterVec,
-}
-
-impl GrpcMetrics {
-    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        const LABELS: [&str; 3] = ["grpc_type", "grpc_service", "grpc_method"];
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(vec.clone()))?;
-            Ok::<_, prometheus::Error>(vec)
-        };
-        let handling = prometheus::HistogramVec::new(
-            HistogramOpts::new(
-                "grpc_server_handling_seconds",
-                "Time from the start of a call to its status, streams included.",
-            ),
-            &LABELS,
-        )?;
-        registry.register(Box::new(handling.clone()))?;
-        Ok(Self {
-            started: counter("grpc_server_started_total", "Calls started.", &LABELS)?,
-            handled: counter(
-                "grpc_server_handled_total",
-                "Calls ended, by status code.",
-                &["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
-            )?,
-            handling,
-            sent: counter(
-                "grpc_server_msg_sent_total",
-                "Response messages sent.",
-                &LABELS,
-            )?,
-            received: counter(
-                "grpc_server_msg_received_total",
-                "Request messages received.",
-                &LABELS,
-            )?,
-        })
-    }
-}
-
-/// One method's metrics with their labels already resolved, so a call
-/// never looks a label set up.
-struct MethodMetrics {
-    started: IntCounter,
-    handled: Vec<IntCounter>,
-    handling: Histogram,
-    sent: IntCounter,
-    received: IntCounter,
-}
 
 /// A method the server knows (or the one that stands for every other
 /// path): its names for the span and the labels.
@@ -522,139 +398,10 @@ where
     }
 }
 
-/// The response body as the server sends it.
-pub type CallBody<B> = Counted<B>;
-
-pin_project_lite::pin_project! {
-    /// A body whose gRPC messages are counted, and for a response, whose
-    /// trailers end the call.
-    pub struct Counted<B> {
-        #[pin]
-        inner: B,
-        frames: FrameCounter,
-        counter: Option<IntCounter>,
-        call: Option<Call>,
-    }
-
-    impl<B> PinnedDrop for Counted<B> {
-        fn drop(this: Pin<&mut Self>) {
-            if let Some(call) = this.project().call.take() {
-                call.abandon();
-            }
-        }
-    }
-}
-
-impl<B: Body<Data = Bytes>> Body for Counted<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let polled = std::task::ready!(this.inner.poll_frame(cx));
-        match &polled {
-            Some(Ok(frame)) => {
-                if let (Some(data), Some(counter)) = (frame.data_ref(), this.counter.as_ref()) {
-                    let messages = this.frames.count(data.chunk());
-                    if messages > 0 {
-                        counter.inc_by(messages);
-                    }
-                }
-                if let Some(trailers) = frame.trailers_ref() {
-                    if let Some(call) = this.call.take() {
-                        call.end(status_in(trailers).unwrap_or(Code::Unknown));
-                    }
-                }
-            }
-            Some(Err(_)) => {
-                if let Some(call) = this.call.take() {
-                    call.end(Code::Internal);
-                }
-            }
-            // A response body that ends without trailers ends no call
-            // (gRPC always sends them); a request body's `call` is None.
-            None => {
-                if let Some(call) = this.call.take() {
-                    call.end(Code::Unknown);
-                }
-            }
-        }
-        Poll::Ready(polled)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Finds gRPC messages in a byte stream: each is a flag byte, a 4-byte
-/// big-endian length and that many bytes, split across frames anyhow.
-#[derive(Default)]
-struct FrameCounter {
-    /// Bytes of the current message's payload still to skip.
-    remaining: u64,
-    /// Header bytes seen of the next message (0 to 4).
-    header: [u8; 5],
-    header_len: usize,
-}
-
-impl FrameCounter {
-    /// Counts the messages whose header ends in `data`.
-    fn count(&mut self, mut data: &[u8]) -> u64 {
-        let mut messages = 0;
-        while !data.is_empty() {
-            if self.remaining > 0 {
-                let skip = data.len().min(self.remaining as usize);
-                self.remaining -= skip as u64;
-                data = &data[skip..];
-                continue;
-            }
-            let take = data.len().min(5 - self.header_len);
-            self.header[self.header_len..self.header_len + take].copy_from_slice(&data[..take]);
-            self.header_len += take;
-            data = &data[take..];
-            if self.header_len == 5 {
-                let [_, a, b, c, d] = self.header;
-                self.remaining = u64::from(u32::from_be_bytes([a, b, c, d]));
-                self.header_len = 0;
-                messages += 1;
-            }
-        }
-        messages
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn framed(payloads: &[&[u8]]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for p in payloads {
-            out.push(0);
-            out.extend_from_slice(&(p.len() as u32).to_be_bytes());
-            out.extend_from_slice(p);
-        }
-        out
-    }
-
-    #[test]
-    fn counts_messages_split_anywhere() {
-        let bytes = framed(&[b"", b"hello", &[7; 300], b"x"]);
-        for split in 1..bytes.len() {
-            let mut counter = FrameCounter::default();
-            let n: u64 = bytes.chunks(split).map(|c| counter.count(c)).sum();
-            assert_eq!(n, 4, "chunks of {split}");
-            assert_eq!((counter.remaining, counter.header_len), (0, 0));
-        }
-    }
+    use prometheus::Registry;
 
     #[test]
     fn reads_grpc_timeout() {
