@@ -1,7 +1,10 @@
 //! devicehub: a typed, streaming gRPC API in front of MQTT devices.
 //!
-//! Data flows one way: MQTT → store → hub → gRPC. The crate root only wires
-//! the parts together; [`run`] does it on a listener the caller bound, so
+//! Data flows one way: MQTT → ingest → hub → gRPC. Ingest hands readings to
+//! the hub, or to the store's writer, which pushes them into the hub once
+//! committed; the hub reads what is older than its memory through its own
+//! `History` trait, which the store implements, so it imports nothing from
+//! the store. The crate root only wires the parts together; [`run`] does it on a listener the caller bound, so
 //! tests and benchmarks start the real server in-process, and [`serve`] adds
 //! what the binary needs (the embedded broker, binding).
 //!
@@ -12,16 +15,17 @@
 //! - `topic`: device ids, topic filters and templates, checked against what
 //!   MQTT brokers refuse;
 //! - `mqtt/`: the shared MQTT client: the event loop and ingest (`link.rs`),
-//!   commands and broker acknowledgements (`publish.rs`);
-//! - `store/`: the hand-off from ingest (memory only, or the PostgreSQL
-//!   store: `postgres/` with its writer task, history reads, retention and,
-//!   for replicas, the tail that follows the table; the migrations are in
-//!   `migrations/`);
+//!   the hand-off to memory or the store (`ingest.rs`), commands and broker
+//!   acknowledgements (`publish.rs`);
+//! - `store/`: the PostgreSQL store (`postgres/`): its writer task, history
+//!   reads (the hub's `History`), retention and, for replicas, the tail that
+//!   follows the table; the migrations are in `migrations/`;
 //! - `buffer/`: the bounded in-memory readings (storing, `query.rs` reading,
 //!   `arena.rs` payloads) and what is known of each device (`devices.rs`),
 //!   no async;
-//! - `hub/`: the shared buffer, the watchers' wake-ups and counters, and
-//!   (`live.rs`) the newest readings published to watchers without a lock;
+//! - `hub/`: the shared buffer, the watchers' wake-ups and counters,
+//!   (`live.rs`) the newest readings published to watchers without a lock,
+//!   and (`history.rs`) the trait through which it reads older readings;
 //! - `replies`: pairs device replies with the calls waiting for them;
 //! - `grpc/`: the `DeviceHub` service, a file per RPC family, auth (the
 //!   token interceptor and scope checks), conversions, page tokens, the one
@@ -113,11 +117,12 @@ use crate::{
     cli::ServeArgs,
     config::{BrokerUrl, ConfigError},
     grpc::{Authenticator, DeviceHubService},
-    hub::ReadingHub,
+    hub::{History, ReadingHub},
     listener::ServerTls,
+    mqtt::Ingest,
     proto::device_hub_server::DeviceHubServer,
     replies::ReplyRouter,
-    store::{Ingest, Postgres},
+    store::Postgres,
     telemetry::{
         calls::{CallLayer, GrpcMetrics},
         metrics,
@@ -236,7 +241,9 @@ pub async fn run(
             .map_or_else(first_seq, |(_, start)| start.next_seq),
         config.max_watchers,
         config.max_watchers_per_client,
-        store.as_ref().map(|(postgres, _)| postgres.clone()),
+        store
+            .as_ref()
+            .map(|(postgres, _)| Arc::new(postgres.clone()) as Arc<dyn History>),
         replicas,
     );
     if let Some((postgres, _)) = &store {

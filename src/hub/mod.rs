@@ -1,14 +1,14 @@
 //! [`ReadingHub`]: the one shared [`ReadingBuffer`] behind a lock, the
 //! wake-up signal that lets watchers follow it, and the watcher counters.
-//! It knows nothing of MQTT or gRPC: ingest pushes into it (through
-//! `store::Ingest`: at once in memory, or after the store's commit), the
-//! gRPC handlers read.
+//! It knows nothing of MQTT, gRPC or PostgreSQL: ingest pushes into it
+//! (through `mqtt::Ingest`: at once in memory, or after the store's
+//! commit), the gRPC handlers read.
 //!
 //! With a store, the buffer is a window onto the newest part of the table:
 //! readings arrive through [`ReadingHub::push_committed`] with the numbers
 //! the database gave them, and pages and watchers that reach back beyond
-//! the window are served from the store ([`ReadingHub::list`],
-//! [`ReadingWatcher::next_batch`]).
+//! the window are served from [`History`] ([`ReadingHub::list`],
+//! [`ReadingWatcher::next_batch`]), which the store implements.
 //!
 //! With replicas, memory follows the table (`store/postgres/tail.rs`) a
 //! little behind the instance that committed: a cursor or page token from
@@ -40,12 +40,13 @@ use crate::{
     },
     config::{BufferLimits, DeviceLimits},
     per_client::{PerClient, Permit},
-    store::Postgres,
     sync,
 };
 
+mod history;
 mod live;
 
+pub use history::History;
 use live::Live;
 pub use live::WatchBatch;
 
@@ -115,7 +116,7 @@ pub struct ReadingHub {
 struct Shared {
     buffer: RwLock<ReadingBuffer>,
     /// Where readings older than the buffer are read from, if anywhere.
-    store: Option<Postgres>,
+    history: Option<Arc<dyn History>>,
     /// One of several replicas: memory follows the store, behind it.
     replicas: bool,
     /// The newest readings as published for watchers, the next sequence
@@ -137,14 +138,14 @@ impl ReadingHub {
         first_seq: u64,
         max_watchers: usize,
         max_watchers_per_client: usize,
-        store: Option<Postgres>,
+        history: Option<Arc<dyn History>>,
         replicas: bool,
     ) -> Self {
         let buffer = ReadingBuffer::new(limits, first_seq).with_device_limits(devices);
         let live = Live::new(buffer.next_seq());
         let shared = Shared {
             buffer: RwLock::new(buffer),
-            store,
+            history,
             replicas,
             live,
             max_watchers,
@@ -258,11 +259,11 @@ impl ReadingHub {
         let (page, complete) = {
             let buffer = self.read();
             let page = buffer.list(query);
-            let complete = match (&self.shared.store, &page) {
+            let complete = match (&self.shared.history, &page) {
                 (None, _) => true,
-                (Some(store), Ok(page)) => {
+                (Some(history), Ok(page)) => {
                     let stats = buffer.stats();
-                    covers(query, page, &stats, store.oldest_seq())
+                    covers(query, page, &stats, history.oldest_seq())
                 }
                 // A token from another replica, ahead of this one.
                 (Some(_), Err(CursorError::Future(_))) => !self.shared.replicas,
@@ -270,8 +271,8 @@ impl ReadingHub {
             };
             (page, complete)
         };
-        match &self.shared.store {
-            Some(store) if !complete => store.list(query).await,
+        match &self.shared.history {
+            Some(history) if !complete => history.list(query).await,
             _ => page,
         }
     }
@@ -280,7 +281,7 @@ impl ReadingHub {
     /// oldest, or the store's.
     pub fn oldest_seq(&self) -> u64 {
         let first = self.read().stats().first_seq;
-        let stored = self.shared.store.as_ref().and_then(Postgres::oldest_seq);
+        let stored = self.shared.history.as_ref().and_then(|h| h.oldest_seq());
         stored.map_or(first, |s| s.min(first))
     }
 
@@ -353,19 +354,19 @@ impl ReadingHub {
     }
 
     /// With replicas: waits (bounded) until memory holds `seq`, if the
-    /// store has committed it.
+    /// history has committed it.
     async fn catch_up_to(&self, seq: u64) {
         let live = &self.shared.live;
         if live.next_seq() > seq {
             return;
         }
-        let Some(store) = &self.shared.store else {
+        let Some(history) = &self.shared.history else {
             return;
         };
-        if store
+        if history
             .next_seq()
             .await
-            .is_ok_and(|committed| committed > seq)
+            .is_some_and(|committed| committed > seq)
         {
             let caught_up = async {
                 while live.next_seq() <= seq {
@@ -473,11 +474,11 @@ impl ReadingWatcher {
                     WATCH_BATCH_BYTES,
                     &self.filter,
                 );
-                let (batch, cursor) = match (scanned, &self.hub.shared.store) {
-                    // Older than memory: replayed from the store, up to
+                let (batch, cursor) = match (scanned, &self.hub.shared.history) {
+                    // Older than memory: replayed from history, up to
                     // where memory starts.
-                    (Err(CursorError::Evicted { missed_to, .. }), Some(store)) => {
-                        store
+                    (Err(CursorError::Evicted { missed_to, .. }), Some(history)) => {
+                        history
                             .scan_after(self.cursor, missed_to + 1, &self.filter)
                             .await
                     }

@@ -19,7 +19,7 @@ use tracing::{debug, info, trace, warn};
 use super::{
     leave::{sleep_until, Group, Leaving},
     publish::PublishError,
-    IngestCounters, LinkState, Rejection, Shared,
+    Ingest, IngestCounters, LinkState, Rejection, Shared,
 };
 use crate::{
     backoff::Backoff,
@@ -27,7 +27,7 @@ use crate::{
     config::MqttConfig,
     log_limit::{truncated, LogLimit},
     replies::{ReplyRouter, Routed},
-    store::{Ingest, StoredReading},
+    store::StoredReading,
     topic::{check_received_topic, TopicTemplate},
 };
 

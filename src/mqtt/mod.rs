@@ -1,11 +1,12 @@
 //! The MQTT side: the one shared `rumqttc` client and the task that drives
-//! it. It knows nothing of gRPC: incoming readings go to the store's
-//! hand-off (`store::Ingest`), replies to the [`ReplyRouter`], and commands come in
-//! through [`CommandPublisher`]. With a store, readings are acknowledged
+//! it. It knows nothing of gRPC: incoming readings go to the hand-off
+//! ([`Ingest`]: the hub, or the store's writer), replies to the
+//! [`ReplyRouter`], and commands come in through [`CommandPublisher`]. With a store, readings are acknowledged
 //! to the broker only once committed (rumqttc's manual acknowledgements;
 //! see `store`).
 //!
 //! - [`link`]: the event loop task: connection, backoff, subscriptions, ingest;
+//! - [`ingest`]: [`Ingest`], memory only or the store;
 //! - [`leave`]: a replica leaving its share group at shutdown;
 //! - [`publish`]: [`CommandPublisher`] and the acknowledgement tracker;
 //! - [`tls`]: the TLS client configuration for `mqtts://` brokers.
@@ -19,6 +20,7 @@
 //! when the request channel is full.
 //!
 
+mod ingest;
 mod leave;
 mod link;
 mod publish;
@@ -33,13 +35,13 @@ use rumqttc::{AsyncClient, MqttOptions, TlsConfiguration, Transport};
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
+pub use ingest::Ingest;
 pub use publish::{CommandPublisher, PublishError};
 pub use tls::{client_config, ClientIdentity, TlsError};
 
 use crate::{
     config::{Credentials, MqttConfig},
     replies::ReplyRouter,
-    store::Ingest,
     sync,
 };
 use link::Driver;

@@ -1,10 +1,12 @@
-//! Where readings are kept, and the hand-off from ingest: [`Ingest`].
+//! Where readings are kept beyond memory: the PostgreSQL store.
 //!
 //! Without a store, readings live in the hub's memory window only: the hub
-//! numbers them and they are visible at once ([`Ingest::Memory`]).
+//! numbers them and they are visible at once (`mqtt::Ingest::Memory`).
 //!
 //! With the PostgreSQL store ([`postgres`]), the database is the record and
-//! memory a window onto its newest part ([`Ingest::Durable`]):
+//! memory a window onto its newest part (`mqtt::Ingest::Durable`); the hub
+//! reads what is older than its window through its `History` trait, which
+//! the store implements (`postgres/reads.rs`):
 //!
 //! 1. the MQTT event loop hands each network read's readings to the
 //!    [`Writer`] (a bounded queue) and goes back to the socket; QoS 1 and 2
@@ -67,21 +69,9 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-use crate::{
-    buffer::{MessageKind, NewReading},
-    hub::ReadingHub,
-};
+use crate::buffer::{MessageKind, NewReading};
 
 pub use postgres::{Postgres, StoreError, Writer};
-
-/// Where the MQTT event loop hands the readings it receives.
-pub enum Ingest {
-    /// Memory only: stored and visible at once, acknowledged by the MQTT
-    /// client as they arrive.
-    Memory(ReadingHub),
-    /// Committed to the store first, acknowledged once committed.
-    Durable(Writer),
-}
 
 /// A reading on its way to the store: [`NewReading`] with owned data.
 #[derive(Debug, Clone)]

@@ -249,7 +249,7 @@ impl Postgres {
 
     /// The number the next commit gets: every number below it is committed
     /// (or deleted by retention).
-    pub async fn next_seq(&self) -> Result<u64, StoreError> {
+    async fn next_seq(&self) -> Result<u64, StoreError> {
         let next: i64 = sqlx::query_scalar("SELECT next_seq FROM devicehub_sequence WHERE id = 1")
             .fetch_one(self.read_pool())
             .await?;

@@ -8,9 +8,12 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use sqlx::{postgres::PgRow, PgPool, Row};
 
+use futures_util::future::BoxFuture;
+
 use super::{micros, writer, Postgres, StoreError};
 use crate::{
     buffer::{CursorError, DeviceInfo, ListPage, ListQuery, Reading, ReadingFilter},
+    hub::History,
     log_limit::LogLimit,
 };
 
@@ -117,7 +120,7 @@ impl Postgres {
 
     /// One page of readings for `query`, with the memory buffer's meaning
     /// (filters, order, cursor, byte budget).
-    pub async fn list(&self, query: &ListQuery) -> Result<ListPage, CursorError> {
+    async fn list(&self, query: &ListQuery) -> Result<ListPage, CursorError> {
         self.list_inner(query).await.map_err(unavailable)
     }
 
@@ -201,7 +204,7 @@ impl Postgres {
     ///
     /// Numbers are committed without gaps, so a missing number means
     /// retention deleted it: that is reported as an eviction.
-    pub async fn scan_after(
+    async fn scan_after(
         &self,
         after: u64,
         below: u64,
@@ -387,4 +390,28 @@ fn unavailable(error: sqlx::Error) -> CursorError {
         tracing::warn!(%error, similar_lines_left_out = left_out, "reading from the PostgreSQL store failed");
     }
     CursorError::Unavailable
+}
+
+/// The hub's view of the table: pages and replays beyond its memory window.
+impl History for Postgres {
+    fn oldest_seq(&self) -> Option<u64> {
+        Postgres::oldest_seq(self)
+    }
+
+    fn next_seq(&self) -> BoxFuture<'_, Option<u64>> {
+        Box::pin(async { Postgres::next_seq(self).await.ok() })
+    }
+
+    fn list<'a>(&'a self, query: &'a ListQuery) -> BoxFuture<'a, Result<ListPage, CursorError>> {
+        Box::pin(Postgres::list(self, query))
+    }
+
+    fn scan_after<'a>(
+        &'a self,
+        after: u64,
+        below: u64,
+        filter: &'a ReadingFilter,
+    ) -> BoxFuture<'a, Result<(Vec<Reading>, u64), CursorError>> {
+        Box::pin(Postgres::scan_after(self, after, below, filter))
+    }
 }
