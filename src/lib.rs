@@ -3,16 +3,22 @@
 //! Data flows one way: MQTT → store → hub → gRPC. The crate root only wires
 //! the parts together; [`run`] does it on a listener the caller bound, so
 //! tests and benchmarks start the real server in-process, and [`serve`] adds
-//! what the binary needs (the embedded broker, binding).
+//! what the binary needs (the embedded broker, binding). Both take plain
+//! configuration ([`Config`], [`ServeConfig`]): the library knows nothing of
+//! the command line, and its errors are about values, not flags.
 //!
 //! Where things live:
-//! - `cli/`: the command line (clap, `DEVICEHUB_*` variables) → [`Config`],
-//!   a file per subcommand and per shared group of flags;
+//! - `main.rs` and `cli/`, the binary's and not the library's: the command
+//!   line (clap, `DEVICEHUB_*` variables, the errors about flags) →
+//!   [`ServeConfig`], `health::Probe`, `simulate::SimulateConfig`; a file
+//!   per subcommand and per shared group of flags (the integration tests
+//!   compile `cli/` too, through `tests/common`);
 //! - `config`: the library's configuration, plain data;
 //! - `topic`: device ids, topic filters and templates, checked against what
 //!   MQTT brokers refuse;
 //! - `mqtt/`: the shared MQTT client: the event loop and ingest (`link.rs`),
-//!   commands and broker acknowledgements (`publish.rs`);
+//!   commands and broker acknowledgements (`publish.rs`), TLS to the broker
+//!   (`tls.rs`, public as [`mqtt_tls`]);
 //! - `store/`: the hand-off from ingest (memory only, or the PostgreSQL
 //!   store: `postgres/` with its writer task, history reads, retention and,
 //!   for replicas, the tail that follows the table; the migrations are in
@@ -48,7 +54,6 @@ mod backoff;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 mod buffer;
-pub mod cli;
 pub mod config;
 mod encoding_budget;
 mod grpc;
@@ -97,8 +102,15 @@ use tonic::{service::interceptor::InterceptedService, transport::Server};
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
-pub use config::Config;
+pub use config::{Config, ServeConfig};
 pub use grpc::MAX_COMMANDS_IN_FLIGHT;
+
+/// TLS to the broker: the rustls client configuration that
+/// [`config::MqttConfig::tls`] (and the simulator's devices) connect with,
+/// built from PEM files' contents.
+pub mod mqtt_tls {
+    pub use crate::mqtt::{client_config, ClientIdentity, TlsError};
+}
 
 /// The watch delivery path without the transport, for the contention
 /// benchmark (`benches/devicehub.rs`, scenario 12). Not a stable API.
@@ -110,8 +122,6 @@ pub mod delivery {
 }
 
 use crate::{
-    cli::ServeArgs,
-    config::{BrokerUrl, ConfigError},
     grpc::{Authenticator, DeviceHubService},
     hub::ReadingHub,
     listener::ServerTls,
@@ -143,8 +153,8 @@ const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why the service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
+    #[error("a share group (replicas) needs a store: the broker hands each reading to one instance of the group, and the shared store is how every instance sees them all")]
+    ShareGroupWithoutStore,
     #[cfg(feature = "embedded-broker")]
     #[error(transparent)]
     Broker(#[from] broker::BrokerError),
@@ -172,36 +182,37 @@ pub enum Error {
 /// The gRPC service name health checks report on.
 pub const SERVICE_NAME: &str = "devicehub.v1.DeviceHub";
 
-/// Starts the embedded broker when no `--mqtt-url` is given, binds the gRPC
+/// Starts the embedded broker if `config` asks for one, binds the gRPC
 /// address and runs the service until `shutdown` is cancelled.
-pub async fn serve(args: &ServeArgs, shutdown: CancellationToken) -> Result<(), Error> {
-    args.check_exposure()?;
-    let broker = match &args.mqtt_url {
-        Some(url) => url.clone(),
-        None => embedded_broker(args).await?,
-    };
-    let config = args.config(&broker)?;
-    let listener = TcpListener::bind(args.grpc_addr)
+pub async fn serve(mut config: ServeConfig, shutdown: CancellationToken) -> Result<(), Error> {
+    start_embedded_broker(&mut config).await?;
+    let addr = config.grpc_addr;
+    let listener = TcpListener::bind(addr)
         .await
-        .map_err(|source| Error::Bind {
-            addr: args.grpc_addr,
-            source,
-        })?;
-    run(config, listener, shutdown).await
+        .map_err(|source| Error::Bind { addr, source })?;
+    run(config.service, listener, shutdown).await
 }
 
+/// Starts the embedded broker `config` asks for, if any, and points the
+/// service at the address it bound.
 #[cfg(feature = "embedded-broker")]
-async fn embedded_broker(args: &ServeArgs) -> Result<BrokerUrl, Error> {
-    let (addr, max) = (args.embedded_mqtt_addr, args.mqtt_max_packet_bytes as usize);
+async fn start_embedded_broker(config: &mut ServeConfig) -> Result<(), Error> {
+    let Some(addr) = config.embedded_broker else {
+        return Ok(());
+    };
+    let mqtt = &mut config.service.mqtt;
+    let max = mqtt.max_packet_bytes;
     let bound = tokio::task::spawn_blocking(move || broker::start(addr, max))
         .await
         .map_err(std::io::Error::other)??;
-    Ok(BrokerUrl::from_addr(bound))
+    mqtt.host = bound.ip().to_string();
+    mqtt.port = bound.port();
+    Ok(())
 }
 
 #[cfg(not(feature = "embedded-broker"))]
-async fn embedded_broker(_: &ServeArgs) -> Result<BrokerUrl, Error> {
-    Err(ConfigError::NoBroker.into())
+async fn start_embedded_broker(_: &mut ServeConfig) -> Result<(), Error> {
+    Ok(())
 }
 
 /// Runs the service on `listener` until `shutdown` is cancelled, then stops
@@ -217,7 +228,7 @@ pub async fn run(
     let tls = config.grpc_tls.as_ref().map(ServerTls::load).transpose()?;
     let replicas = config.mqtt.share_group.is_some();
     if replicas && config.store.is_none() {
-        return Err(ConfigError::ShareGroupWithoutStore.into());
+        return Err(Error::ShareGroupWithoutStore);
     }
     let store = match &config.store {
         Some(store_config) => {
