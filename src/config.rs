@@ -1,12 +1,15 @@
-//! The library's configuration: plain data that [`crate::run`] takes. The
-//! command line (`crate::cli`) builds it; tests and programs that embed the
-//! library may build it themselves.
+//! The library's configuration: plain data that [`crate::run`] and
+//! [`crate::serve`] take. The binary's command line (`src/cli/`) builds it,
+//! and checks the flags it comes from; tests and programs that embed the
+//! library may build it themselves. Loading files is left to whoever builds
+//! it (the TLS client configuration comes built, by [`crate::mqtt_tls`]), so that
+//! nothing here depends on the parts it configures.
 
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 
 use rumqttc::QoS;
 
-use crate::topic::{TopicError, TopicTemplate};
+use crate::topic::TopicTemplate;
 
 /// Everything [`crate::run`] needs.
 #[derive(Debug, Clone)]
@@ -39,6 +42,23 @@ pub struct Config {
     pub store: Option<StoreConfig>,
     /// What the gRPC port holds at once, and how long it waits for peers.
     pub connections: ConnectionLimits,
+}
+
+/// What [`crate::serve`] adds to [`crate::run`]: the address to bind, and
+/// the embedded broker to start.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The service itself. With [`ServeConfig::embedded_broker`],
+    /// `service.mqtt`'s host and port are replaced by the address the
+    /// broker bound.
+    pub service: Config,
+    /// Where the gRPC server listens; port 0 picks a free port (logged).
+    pub grpc_addr: SocketAddr,
+    /// Starts the embedded broker on this address (port 0: a free one) and
+    /// connects to it, with `service.mqtt.max_packet_bytes` as its payload
+    /// limit. `None`: the broker `service.mqtt` names.
+    #[cfg(feature = "embedded-broker")]
+    pub embedded_broker: Option<SocketAddr>,
 }
 
 /// Caps on the gRPC port's connections and TLS handshakes (overall and per
@@ -300,49 +320,6 @@ impl FromStr for BrokerUrl {
             tls,
         })
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{0}: {1}")]
-    Topic(&'static str, TopicError),
-    #[error("--cors-allowed-origins: {0:?} is not an origin (scheme://host[:port], no path)")]
-    CorsOrigin(String),
-    #[error("{0}: {1:?} must not contain '+' or '#'")]
-    Wildcards(&'static str, String),
-    #[cfg(not(feature = "embedded-broker"))]
-    #[error("--mqtt-url is required: this build has no embedded broker")]
-    NoBroker,
-    #[error("--mqtt-client-id must not be empty")]
-    EmptyClientId,
-    #[error("--mqtt-persistent-session needs a stable --mqtt-client-id")]
-    PersistentWithoutId,
-    #[error("{flag} {path}: {source}")]
-    ReadFile {
-        flag: &'static str,
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{0} needs an mqtts:// --mqtt-url")]
-    TlsFlagWithoutTls(&'static str),
-    #[error("--mqtt-client-cert and --mqtt-client-key go together")]
-    HalfClientIdentity,
-    #[error(
-        "a broker password (DEVICEHUB_MQTT_PASSWORD or --mqtt-password-file) needs --mqtt-username"
-    )]
-    PasswordWithoutUsername,
-    #[error("{0}")]
-    Tls(#[from] crate::mqtt::TlsError),
-    #[error("--tls-cert and --tls-key go together; --tls-client-ca needs them")]
-    HalfServerTls,
-    #[error("{0}")]
-    Insecure(String),
-    #[error("--mqtt-share-group needs --store-url: the broker hands each reading to one instance of the group, and the shared store is how every instance sees them all")]
-    ShareGroupWithoutStore,
-    #[error("--mqtt-share-group needs --mqtt-url: the instances of a group share one broker, and an embedded broker is one instance's alone")]
-    ShareGroupEmbedded,
-    #[error("--mqtt-persistent-session works with --mqtt-subscribe-qos 0 or 1, not 2 (the MQTT client library loses QoS 2 state across reconnects)")]
-    PersistentQos2,
 }
 
 #[cfg(test)]

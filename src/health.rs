@@ -2,9 +2,14 @@
 //! status (`""`, what Kubernetes' gRPC probe asks for) follow the MQTT link
 //! and, with one, the store,
 //! and everything turns NOT_SERVING when shutdown begins. And [`probe`], the
-//! client side: `devicehub health`, a container's healthcheck.
+//! client side: `devicehub health`, a container's healthcheck, asking what a
+//! [`Probe`] says.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +24,30 @@ use tonic_health::{
 };
 use tracing::info;
 
-use crate::{cli::HealthArgs, mqtt::LinkState, SERVICE_NAME};
+use crate::{mqtt::LinkState, SERVICE_NAME};
+
+/// What [`probe`] asks, and of whom.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// The service's gRPC address; an unspecified one (0.0.0.0, `::`)
+    /// means this host.
+    pub addr: SocketAddr,
+    /// The service to ask about; empty: the server overall.
+    pub service: String,
+    /// TLS on the gRPC port. `None`: plaintext.
+    pub tls: Option<ProbeTls>,
+    /// How long to wait for the answer, connecting included.
+    pub timeout: Duration,
+}
+
+/// How [`probe`] checks the certificate of a gRPC port with TLS.
+#[derive(Debug, Clone)]
+pub struct ProbeTls {
+    /// PEM file of the CA that signs the certificate.
+    pub ca: PathBuf,
+    /// The name the certificate must carry.
+    pub server_name: String,
+}
 
 /// Why `devicehub health` got no status.
 #[derive(Debug, thiserror::Error)]
@@ -40,10 +68,10 @@ pub enum ProbeError {
     Timeout(SocketAddr),
 }
 
-/// Asks the health service at `args.grpc_addr` for the status of
-/// `args.service`.
-pub async fn probe(args: &HealthArgs) -> Result<health_check_response::ServingStatus, ProbeError> {
-    let mut addr = args.grpc_addr;
+/// Asks the health service at `probe.addr` for the status of
+/// `probe.service`.
+pub async fn probe(probe: &Probe) -> Result<health_check_response::ServingStatus, ProbeError> {
+    let mut addr = probe.addr;
     // A service bound to every interface answers on loopback.
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr {
@@ -51,18 +79,18 @@ pub async fn probe(args: &HealthArgs) -> Result<health_check_response::ServingSt
             SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
         });
     }
-    let timeout = args.timeout();
+    let timeout = probe.timeout;
     let connect = |source| ProbeError::Connect { addr, source };
-    let mut endpoint = match &args.tls_ca {
+    let mut endpoint = match &probe.tls {
         None => Endpoint::from_shared(format!("http://{addr}")).map_err(connect)?,
-        Some(path) => {
-            let ca = std::fs::read(path).map_err(|source| ProbeError::Ca {
-                path: path.clone(),
+        Some(tls) => {
+            let ca = std::fs::read(&tls.ca).map_err(|source| ProbeError::Ca {
+                path: tls.ca.clone(),
                 source,
             })?;
             let tls = ClientTlsConfig::new()
                 .ca_certificate(Certificate::from_pem(ca))
-                .domain_name(&args.tls_server_name);
+                .domain_name(&tls.server_name);
             Endpoint::from_shared(format!("https://{addr}"))
                 .and_then(|e| e.tls_config(tls))
                 .map_err(connect)?
@@ -72,7 +100,7 @@ pub async fn probe(args: &HealthArgs) -> Result<health_check_response::ServingSt
     let call = async {
         let channel = endpoint.connect().await.map_err(connect)?;
         let request = HealthCheckRequest {
-            service: args.service.clone(),
+            service: probe.service.clone(),
         };
         let response = HealthClient::new(channel)
             .check(request)

@@ -4,19 +4,26 @@
 //! the hub, or to the store's writer, which pushes them into the hub once
 //! committed; the hub reads what is older than its memory through its own
 //! `History` trait, which the store implements, so it imports nothing from
-//! the store. The crate root only wires the parts together; [`run`] does it on a listener the caller bound, so
-//! tests and benchmarks start the real server in-process, and [`serve`] adds
-//! what the binary needs (the embedded broker, binding).
+//! the store. The crate root only wires the parts together; [`run`] does it
+//! on a listener the caller bound, so tests and benchmarks start the real
+//! server in-process, and [`serve`] adds what the binary needs (the embedded
+//! broker, binding). Both take plain
+//! configuration ([`Config`], [`ServeConfig`]): the library knows nothing of
+//! the command line, and its errors are about values, not flags.
 //!
 //! Where things live:
-//! - `cli/`: the command line (clap, `DEVICEHUB_*` variables) → [`Config`],
-//!   a file per subcommand and per shared group of flags;
+//! - `main.rs` and `cli/`, the binary's and not the library's: the command
+//!   line (clap, `DEVICEHUB_*` variables, the errors about flags) →
+//!   [`ServeConfig`], `health::Probe`, `simulate::SimulateConfig`; a file
+//!   per subcommand and per shared group of flags (the integration tests
+//!   compile `cli/` too, through `tests/common`);
 //! - `config`: the library's configuration, plain data;
 //! - `topic`: device ids, topic filters and templates, checked against what
 //!   MQTT brokers refuse;
 //! - `mqtt/`: the shared MQTT client: the event loop and ingest (`link.rs`),
 //!   the hand-off to memory or the store (`ingest.rs`), commands and broker
-//!   acknowledgements (`publish.rs`);
+//!   acknowledgements (`publish.rs`), TLS to the broker (`tls.rs`, public as
+//!   [`mqtt_tls`]);
 //! - `store/`: the PostgreSQL store (`postgres/`): its writer task, history
 //!   reads (the hub's `History`), retention and, for replicas, the tail that
 //!   follows the table; the migrations are in `migrations/`;
@@ -52,7 +59,6 @@ mod backoff;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 mod buffer;
-pub mod cli;
 pub mod config;
 mod encoding_budget;
 mod grpc;
@@ -96,13 +102,24 @@ use std::{
 };
 
 use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{service::interceptor::InterceptedService, transport::Server};
-use tonic_health::ServingStatus;
+use tonic::{
+    service::{interceptor::InterceptedService, Routes},
+    transport::Server,
+};
+use tonic_health::{server::HealthReporter, ServingStatus};
 use tracing::{info, warn};
 
-pub use config::Config;
+pub use config::{Config, ServeConfig};
 pub use grpc::MAX_COMMANDS_IN_FLIGHT;
+
+/// TLS to the broker: the rustls client configuration that
+/// [`config::MqttConfig::tls`] (and the simulator's devices) connect with,
+/// built from PEM files' contents.
+pub mod mqtt_tls {
+    pub use crate::mqtt::{client_config, ClientIdentity, TlsError};
+}
 
 /// The watch delivery path without the transport, for the contention
 /// benchmark (`benches/devicehub.rs`, scenario 12). Not a stable API.
@@ -114,15 +131,13 @@ pub mod delivery {
 }
 
 use crate::{
-    cli::ServeArgs,
-    config::{BrokerUrl, ConfigError},
     grpc::{Authenticator, DeviceHubService},
     hub::{History, ReadingHub},
     listener::ServerTls,
     mqtt::Ingest,
     proto::device_hub_server::DeviceHubServer,
     replies::ReplyRouter,
-    store::Postgres,
+    store::{postgres::StoreStart, Postgres},
     telemetry::{
         calls::{CallLayer, GrpcMetrics},
         metrics,
@@ -148,8 +163,8 @@ const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why the service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
+    #[error("a share group (replicas) needs a store: the broker hands each reading to one instance of the group, and the shared store is how every instance sees them all")]
+    ShareGroupWithoutStore,
     #[cfg(feature = "embedded-broker")]
     #[error(transparent)]
     Broker(#[from] broker::BrokerError),
@@ -177,36 +192,37 @@ pub enum Error {
 /// The gRPC service name health checks report on.
 pub const SERVICE_NAME: &str = "devicehub.v1.DeviceHub";
 
-/// Starts the embedded broker when no `--mqtt-url` is given, binds the gRPC
+/// Starts the embedded broker if `config` asks for one, binds the gRPC
 /// address and runs the service until `shutdown` is cancelled.
-pub async fn serve(args: &ServeArgs, shutdown: CancellationToken) -> Result<(), Error> {
-    args.check_exposure()?;
-    let broker = match &args.mqtt_url {
-        Some(url) => url.clone(),
-        None => embedded_broker(args).await?,
-    };
-    let config = args.config(&broker)?;
-    let listener = TcpListener::bind(args.grpc_addr)
+pub async fn serve(mut config: ServeConfig, shutdown: CancellationToken) -> Result<(), Error> {
+    start_embedded_broker(&mut config).await?;
+    let addr = config.grpc_addr;
+    let listener = TcpListener::bind(addr)
         .await
-        .map_err(|source| Error::Bind {
-            addr: args.grpc_addr,
-            source,
-        })?;
-    run(config, listener, shutdown).await
+        .map_err(|source| Error::Bind { addr, source })?;
+    run(config.service, listener, shutdown).await
 }
 
+/// Starts the embedded broker `config` asks for, if any, and points the
+/// service at the address it bound.
 #[cfg(feature = "embedded-broker")]
-async fn embedded_broker(args: &ServeArgs) -> Result<BrokerUrl, Error> {
-    let (addr, max) = (args.embedded_mqtt_addr, args.mqtt_max_packet_bytes as usize);
+async fn start_embedded_broker(config: &mut ServeConfig) -> Result<(), Error> {
+    let Some(addr) = config.embedded_broker else {
+        return Ok(());
+    };
+    let mqtt = &mut config.service.mqtt;
+    let max = mqtt.max_packet_bytes;
     let bound = tokio::task::spawn_blocking(move || broker::start(addr, max))
         .await
         .map_err(std::io::Error::other)??;
-    Ok(BrokerUrl::from_addr(bound))
+    mqtt.host = bound.ip().to_string();
+    mqtt.port = bound.port();
+    Ok(())
 }
 
 #[cfg(not(feature = "embedded-broker"))]
-async fn embedded_broker(_: &ServeArgs) -> Result<BrokerUrl, Error> {
-    Err(ConfigError::NoBroker.into())
+async fn start_embedded_broker(_: &mut ServeConfig) -> Result<(), Error> {
+    Ok(())
 }
 
 /// Runs the service on `listener` until `shutdown` is cancelled, then stops
@@ -222,38 +238,10 @@ pub async fn run(
     let tls = config.grpc_tls.as_ref().map(ServerTls::load).transpose()?;
     let replicas = config.mqtt.share_group.is_some();
     if replicas && config.store.is_none() {
-        return Err(ConfigError::ShareGroupWithoutStore.into());
+        return Err(Error::ShareGroupWithoutStore);
     }
-    let store = match &config.store {
-        Some(store_config) => {
-            if !config.mqtt.persistent_session {
-                warn!("a store without --mqtt-persistent-session: readings the broker sent but devicehub had not committed are lost if it restarts (the broker forgets its clean session)");
-            }
-            Some(Postgres::connect(store_config).await?)
-        }
-        None => None,
-    };
-    let hub = ReadingHub::new(
-        config.buffer,
-        config.devices,
-        store
-            .as_ref()
-            .map_or_else(first_seq, |(_, start)| start.next_seq),
-        config.max_watchers,
-        config.max_watchers_per_client,
-        store
-            .as_ref()
-            .map(|(postgres, _)| Arc::new(postgres.clone()) as Arc<dyn History>),
-        replicas,
-    );
-    if let Some((postgres, _)) = &store {
-        // No more of the newest readings than the hub keeps of them.
-        let devices = &config.devices;
-        let restored = postgres
-            .devices(devices.max_devices, devices.max_kept_bytes)
-            .await?;
-        hub.restore_devices(restored);
-    }
+    let store = open_store(&config).await?;
+    let hub = start_hub(&config, store.as_ref(), replicas).await?;
     // The MQTT link stops after the gRPC server, so calls in progress can
     // still publish while streams drain; and also if this future is dropped.
     let stop_mqtt = CancellationToken::new();
@@ -262,89 +250,33 @@ pub async fn run(
         true => ReplyRouter::for_replicas(),
         false => ReplyRouter::default(),
     };
-    let ingest = match &store {
-        None => Ingest::Memory(hub.clone()),
-        Some((postgres, start)) => {
-            if let Some(retention) = config.store.as_ref().and_then(|s| s.retention) {
-                store::postgres::spawn_retention(postgres.clone(), retention, stop_mqtt.clone());
-            }
-            if replicas {
-                store::postgres::spawn_tail(postgres.clone(), hub.clone(), stop_mqtt.clone());
-            }
-            let writer = store::postgres::spawn_writer(
-                postgres.clone(),
-                hub.clone(),
-                replicas,
-                *start,
-                stop_mqtt.clone(),
-            );
-            Ingest::Durable(writer)
-        }
-    };
+    let ingest = start_ingest(&config, &hub, store.as_ref(), replicas, &stop_mqtt);
     let store = store.map(|(postgres, _)| postgres);
     let link = mqtt::start(&config.mqtt, ingest, replies.clone(), stop_mqtt.clone());
-
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
-    tokio::spawn(health::follow_link(
-        health.clone(),
-        link.publisher.link_state(),
-        store.as_ref().map(Postgres::up),
-        shutdown.clone(),
-    ));
-    // The grpc_server_* metrics exist only with a /metrics endpoint.
-    let registry = prometheus::Registry::new();
-    let grpc_metrics = match config.metrics_addr {
-        Some(_) => Some(GrpcMetrics::register(&registry)?),
-        None => None,
-    };
-    let calls = CallLayer::new(
-        &[
-            proto::FILE_DESCRIPTOR_SET,
-            tonic_health::pb::FILE_DESCRIPTOR_SET,
-            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
-            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-        ],
-        grpc_metrics.as_ref(),
-    );
+    let (health, routes) = start_health(&link, store.as_ref(), &shutdown).await;
+    let (registry, calls) = observe_calls(&config)?;
     // Accepting starts now; tonic takes the connections once it serves.
     let addr = listener.local_addr()?;
     let tls_on = tls.is_some();
     let (incoming, connections) =
         listener::incoming(listener, tls, config.connections.clone(), shutdown.clone());
-    // After the listener: /metrics reads its counts.
-    if let Some(addr) = config.metrics_addr {
-        let sources = metrics::Sources {
-            hub: hub.clone(),
-            replies: replies.clone(),
-            link_counters: link.counters.clone(),
-            link: link.publisher.link_state(),
-            store: store.clone(),
-            listener: connections.clone(),
-        };
-        spawn_metrics(addr, registry, sources, shutdown.clone()).await?;
-    }
-    tokio::spawn(log_stats(
-        Stats {
-            hub: hub.clone(),
-            replies: replies.clone(),
-            ingest: link.counters.clone(),
-            connections,
-            auth: authenticator.clone(),
-        },
-        shutdown.clone(),
-    ));
-    // Both reflection versions: grpcurl before 1.8.8 only asks v1alpha.
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let parts = Parts {
+        hub,
+        replies,
+        link,
+        store,
+        connections,
+        authenticator,
     };
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
-
+    start_reporting(&config, registry, &parts, &shutdown).await?;
+    let routes = add_reflection(routes)?;
+    let Parts {
+        hub,
+        replies,
+        link,
+        authenticator,
+        ..
+    } = parts;
     let service = DeviceHubService::new(
         hub,
         link.publisher.clone(),
@@ -360,13 +292,204 @@ pub async fn run(
         auth = config.auth.is_some(),
         "gRPC listening"
     );
-    // Auth in front of the DeviceHub service only: health and reflection
-    // stay open for probes and grpcurl.
-    let devicehub = InterceptedService::new(
+    let routes = add_devicehub(routes, service, authenticator);
+    let served = serve_until_shutdown(&config, routes, calls, incoming, health, &shutdown).await;
+    stop_link(stop_mqtt, link).await;
+    served?;
+    info!("stopped");
+    Ok(())
+}
+
+/// The parts that run, as `/metrics`, the stats line and the service see
+/// them.
+struct Parts {
+    hub: ReadingHub,
+    replies: ReplyRouter,
+    link: mqtt::MqttLink,
+    store: Option<Postgres>,
+    connections: listener::ListenerStats,
+    authenticator: Authenticator,
+}
+
+/// Connects to the PostgreSQL store, if there is one, and reads where its
+/// table stands.
+async fn open_store(config: &Config) -> Result<Option<(Postgres, StoreStart)>, Error> {
+    let Some(store_config) = &config.store else {
+        return Ok(None);
+    };
+    if !config.mqtt.persistent_session {
+        warn!("a store without --mqtt-persistent-session: readings the broker sent but devicehub had not committed are lost if it restarts (the broker forgets its clean session)");
+    }
+    Ok(Some(Postgres::connect(store_config).await?))
+}
+
+/// The hub, numbering readings on from the store's (or from now), with the
+/// devices the store knows restored.
+async fn start_hub(
+    config: &Config,
+    store: Option<&(Postgres, StoreStart)>,
+    replicas: bool,
+) -> Result<ReadingHub, Error> {
+    let hub = ReadingHub::new(
+        config.buffer,
+        config.devices,
+        store.map_or_else(first_seq, |(_, start)| start.next_seq),
+        config.max_watchers,
+        config.max_watchers_per_client,
+        store.map(|(postgres, _)| Arc::new(postgres.clone()) as Arc<dyn History>),
+        replicas,
+    );
+    if let Some((postgres, _)) = store {
+        // No more of the newest readings than the hub keeps of them.
+        let devices = &config.devices;
+        let restored = postgres
+            .devices(devices.max_devices, devices.max_kept_bytes)
+            .await?;
+        hub.restore_devices(restored);
+    }
+    Ok(hub)
+}
+
+/// Where the MQTT link hands readings: the hub, or the store's writer (with
+/// the store's background tasks: retention, and for replicas the tail),
+/// all stopping with `stop_mqtt`.
+fn start_ingest(
+    config: &Config,
+    hub: &ReadingHub,
+    store: Option<&(Postgres, StoreStart)>,
+    replicas: bool,
+    stop_mqtt: &CancellationToken,
+) -> Ingest {
+    let Some((postgres, start)) = store else {
+        return Ingest::Memory(hub.clone());
+    };
+    if let Some(retention) = config.store.as_ref().and_then(|s| s.retention) {
+        store::postgres::spawn_retention(postgres.clone(), retention, stop_mqtt.clone());
+    }
+    if replicas {
+        store::postgres::spawn_tail(postgres.clone(), hub.clone(), stop_mqtt.clone());
+    }
+    let writer = store::postgres::spawn_writer(
+        postgres.clone(),
+        hub.clone(),
+        replicas,
+        *start,
+        stop_mqtt.clone(),
+    );
+    Ingest::Durable(writer)
+}
+
+/// The gRPC health service, NOT_SERVING until the MQTT link (and the
+/// store) are up, then following them: its reporter, and the routes it
+/// starts.
+async fn start_health(
+    link: &mqtt::MqttLink,
+    store: Option<&Postgres>,
+    shutdown: &CancellationToken,
+) -> (HealthReporter, Routes) {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    tokio::spawn(health::follow_link(
+        health.clone(),
+        link.publisher.link_state(),
+        store.map(Postgres::up),
+        shutdown.clone(),
+    ));
+    (health, Routes::new(health_service))
+}
+
+/// What observes every call (span, log line and, with a `/metrics`
+/// endpoint, the grpc_server_* metrics), and the registry of those metrics.
+fn observe_calls(config: &Config) -> Result<(prometheus::Registry, CallLayer), Error> {
+    // The grpc_server_* metrics exist only with a /metrics endpoint.
+    let registry = prometheus::Registry::new();
+    let grpc_metrics = match config.metrics_addr {
+        Some(_) => Some(GrpcMetrics::register(&registry)?),
+        None => None,
+    };
+    let calls = CallLayer::new(
+        &[
+            proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ],
+        grpc_metrics.as_ref(),
+    );
+    Ok((registry, calls))
+}
+
+/// Starts reporting the counters: `/metrics` if it has an address (after
+/// the listener: it reads its counts), and the stats line.
+async fn start_reporting(
+    config: &Config,
+    registry: prometheus::Registry,
+    parts: &Parts,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    if let Some(addr) = config.metrics_addr {
+        let sources = metrics::Sources {
+            hub: parts.hub.clone(),
+            replies: parts.replies.clone(),
+            link_counters: parts.link.counters.clone(),
+            link: parts.link.publisher.link_state(),
+            store: parts.store.clone(),
+            listener: parts.connections.clone(),
+        };
+        spawn_metrics(addr, registry, sources, shutdown.clone()).await?;
+    }
+    tokio::spawn(log_stats(
+        Stats {
+            hub: parts.hub.clone(),
+            replies: parts.replies.clone(),
+            ingest: parts.link.counters.clone(),
+            connections: parts.connections.clone(),
+            auth: parts.authenticator.clone(),
+        },
+        shutdown.clone(),
+    ));
+    Ok(())
+}
+
+/// `routes` with server reflection, both versions: grpcurl before 1.8.8
+/// only asks v1alpha.
+fn add_reflection(routes: Routes) -> Result<Routes, Error> {
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok(routes
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?))
+}
+
+/// `routes` with the DeviceHub service, behind the token check. Auth is in
+/// front of the DeviceHub service only: health and reflection stay open
+/// for probes and grpcurl.
+fn add_devicehub(
+    routes: Routes,
+    service: DeviceHubService,
+    authenticator: Authenticator,
+) -> Routes {
+    routes.add_service(InterceptedService::new(
         DeviceHubServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES),
         move |request| authenticator.intercept(request),
-    );
+    ))
+}
 
+/// Serves `routes` on `incoming` until `shutdown` is cancelled and the
+/// calls still open end, or the shutdown timeout passes.
+async fn serve_until_shutdown(
+    config: &Config,
+    routes: Routes,
+    calls: CallLayer,
+    incoming: ReceiverStream<std::io::Result<listener::Conn>>,
+    health: HealthReporter,
+    shutdown: &CancellationToken,
+) -> Result<(), tonic::transport::Error> {
     // Outermost first: CORS answers preflights, gRPC-Web is translated to
     // gRPC, then every call is observed as gRPC, refused for a foreign host
     // included.
@@ -381,10 +504,7 @@ pub async fn run(
             Some(_) => web::HostCheck::off(),
         })
         .layer(listener::BoundResponses)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(devicehub)
+        .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, health::stopping(health, shutdown.clone()));
     // Shutdown waits for calls to end, but not for ever: a call waiting a
     // minute for a device's reply, or a client that stopped reading, would
@@ -393,21 +513,22 @@ pub async fn run(
         shutdown.cancelled().await;
         tokio::time::sleep(config.shutdown_timeout).await;
     };
-    let served = tokio::select! {
+    tokio::select! {
         served = server => served,
         () = deadline => {
             warn!(timeout = ?config.shutdown_timeout, "calls still open at the shutdown deadline; closing their connections");
             Ok(())
         }
-    };
+    }
+}
 
+/// Stops the MQTT link, once the gRPC server has: it disconnects, after
+/// acknowledging what the store committed.
+async fn stop_link(stop_mqtt: CancellationToken, link: mqtt::MqttLink) {
     stop_mqtt.cancel();
     if let Err(error) = link.task.await {
         warn!(%error, "MQTT task ended abnormally");
     }
-    served?;
-    info!("stopped");
-    Ok(())
 }
 
 /// The gRPC server with what tonic and hyper leave open to a hostile or

@@ -1,8 +1,16 @@
-//! The `devicehub` binary: parse the command line, set up logging and
-//! tracing, run the library until SIGINT/SIGTERM.
+//! The `devicehub` binary: parse the command line (`cli/`, which the
+//! library knows nothing of), set up logging and tracing, run the library
+//! until SIGINT/SIGTERM.
+
+mod cli;
+// Here rather than in `cli/`: the integration tests compile `cli/` too, and
+// would run these again in every test binary.
+#[cfg(test)]
+#[path = "cli/tests.rs"]
+mod cli_tests;
 
 use clap::Parser;
-use devicehub::cli::{Cli, Command};
+use cli::{Cli, Command, ServeArgs};
 use tokio_util::sync::CancellationToken;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -10,7 +18,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let telemetry = devicehub::telemetry::init(
-        cli.log_format,
+        cli.log_format.into(),
         cli.otlp_endpoint.as_deref(),
         cli.otlp_sampler,
     )?;
@@ -20,12 +28,10 @@ async fn main() -> anyhow::Result<()> {
 
     let result = match cli.command {
         #[cfg(feature = "simulator")]
-        Some(Command::Simulate(args)) => devicehub::simulate::run(*args, shutdown)
-            .await
-            .map_err(anyhow::Error::from),
-        Some(Command::Serve(args)) => devicehub::serve(&args, shutdown).await.map_err(Into::into),
+        Some(Command::Simulate(args)) => simulate(&args, shutdown).await,
+        Some(Command::Serve(args)) => serve(&args, shutdown).await,
         Some(Command::Health(args)) => {
-            let status = devicehub::health::probe(&args).await;
+            let status = devicehub::health::probe(&args.probe()).await;
             telemetry.shutdown();
             match status? {
                 ServingStatus::Serving => {
@@ -38,13 +44,26 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        None => devicehub::serve(&cli.serve, shutdown)
-            .await
-            .map_err(Into::into),
+        None => serve(&cli.serve, shutdown).await,
     };
     // The last spans, also those of a failed start.
     telemetry.shutdown();
     result
+}
+
+/// `devicehub serve`: the flags checked and turned into the library's
+/// configuration, then the service until `shutdown`.
+async fn serve(args: &ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let config = args.serve_config()?;
+    devicehub::serve(config, shutdown).await?;
+    Ok(())
+}
+
+/// `devicehub simulate`: the devices the flags describe, until `shutdown`.
+#[cfg(feature = "simulator")]
+async fn simulate(args: &cli::SimulateArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    devicehub::simulate::run(args.config()?, shutdown).await;
+    Ok(())
 }
 
 /// Cancels `shutdown` on SIGINT (Ctrl-C) or SIGTERM.

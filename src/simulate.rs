@@ -18,18 +18,61 @@
 //! the connection breaks, e.g. when the simulator is killed), and publishes
 //! `offline` itself when it stops cleanly.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
-use crate::{cli::SimulateArgs, config::ConfigError};
+use crate::{
+    config::{BrokerUrl, Credentials},
+    topic::TopicTemplate,
+};
 use tokio_util::sync::CancellationToken;
 
 /// Status payloads.
 const ONLINE: &str = "online";
 const OFFLINE: &str = "offline";
+
+/// What [`run`] simulates, and where.
+#[derive(Debug, Clone)]
+pub struct SimulateConfig {
+    /// The broker every device connects to.
+    pub broker: BrokerUrl,
+    /// TLS to the broker (`mqtts://`), the same for every device. `None`:
+    /// plain TCP.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The devices, in order: the silent ones first, then the slow ones.
+    pub devices: Vec<SimulatedDevice>,
+    /// Where each device publishes readings; no wildcards.
+    pub readings_topic: TopicTemplate,
+    /// Where each device receives commands.
+    pub commands_topic: TopicTemplate,
+    /// Where each device publishes its replies.
+    pub replies_topic: TopicTemplate,
+    /// Where each device publishes `online` and `offline`.
+    pub status_topic: TopicTemplate,
+    /// Time between two readings of one device.
+    pub interval: Duration,
+    /// Share of the devices (the first ones) that never reply, 0 to 1.
+    pub silent_fraction: f64,
+    /// Share of the devices (after the silent ones) that reply late, after
+    /// [`SimulateConfig::slow_reply`], 0 to 1.
+    pub slow_fraction: f64,
+    /// How late slow devices reply.
+    pub slow_reply: Duration,
+}
+
+/// One simulated device: its id (a valid device id) and broker login.
+#[derive(Debug, Clone)]
+pub struct SimulatedDevice {
+    pub id: String,
+    /// The device's own login, if the broker asks for one.
+    pub credentials: Option<Credentials>,
+}
 
 /// How a device answers commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,63 +92,47 @@ fn expired(expires_at: &str) -> bool {
 }
 
 /// Runs the devices until `shutdown` is cancelled.
-pub async fn run(args: SimulateArgs, shutdown: CancellationToken) -> Result<(), ConfigError> {
-    let readings = args.topics.readings()?;
-    let commands = args.topics.commands()?;
-    let replies = args.topics.replies()?;
-    let status = args.topics.status()?;
-    if readings.has_wildcards() {
-        return Err(ConfigError::Wildcards(
-            "--readings-topic",
-            readings.to_string(),
-        ));
-    }
-    let ids: Vec<String> = match readings.fixed_device_id() {
-        Some(id) => vec![id.to_owned()],
-        None => (1..=args.devices)
-            .map(|i| format!("{}{i}", args.device_prefix))
-            .collect(),
-    };
-    for id in &ids {
-        crate::topic::validate_device_id(id)
-            .map_err(|e| ConfigError::Topic("--device-prefix", e))?;
-    }
-    let tls = args.login.tls(&args.mqtt_url)?;
-    let silent = (ids.len() as f64 * args.silent_fraction).round() as usize;
-    let slow = (ids.len() as f64 * args.slow_fraction).round() as usize;
-    info!(devices = ids.len(), silent, slow, broker = %args.mqtt_url, "simulating devices");
+pub async fn run(config: SimulateConfig, shutdown: CancellationToken) {
+    let count = config.devices.len();
+    let silent = (count as f64 * config.silent_fraction).round() as usize;
+    let slow = (count as f64 * config.slow_fraction).round() as usize;
+    info!(devices = count, silent, slow, broker = %config.broker, "simulating devices");
 
     let mut tasks = Vec::new();
-    for (n, device_id) in ids.into_iter().enumerate() {
+    for (n, simulated) in config.devices.into_iter().enumerate() {
         let replies_mode = if n < silent {
             Replies::Never
         } else if n < silent + slow {
-            Replies::Late(Duration::from_millis(args.slow_reply_ms))
+            Replies::Late(config.slow_reply)
         } else {
             Replies::Prompt
         };
+        let device_id = simulated.id;
         if replies_mode != Replies::Prompt {
             info!(device = device_id, replies = ?replies_mode, "device with unusual replies");
         }
         let device = Device {
-            readings_topic: readings.topic_for(&device_id),
-            commands_topic: commands.topic_for(&device_id),
-            replies_topic: replies.topic_for(&device_id),
-            status_topic: status.topic_for(&device_id),
+            readings_topic: config.readings_topic.topic_for(&device_id),
+            commands_topic: config.commands_topic.topic_for(&device_id),
+            replies_topic: config.replies_topic.topic_for(&device_id),
+            status_topic: config.status_topic.topic_for(&device_id),
             device_id,
-            interval: Duration::from_millis(args.interval_ms),
+            interval: config.interval,
             // Spread the devices' start so their readings do not come in bursts.
-            phase: Duration::from_millis(args.interval_ms * n as u64 / u64::from(args.devices)),
+            phase: config.interval.mul_f64(n as f64 / count as f64),
             replies: replies_mode,
             fan: false,
         };
         let mut options = MqttOptions::new(
             format!("devicehub-sim-{}", device.device_id),
-            &args.mqtt_url.host,
-            args.mqtt_url.port,
+            &config.broker.host,
+            config.broker.port,
         );
-        let credentials = args.login.device_credentials(&device.device_id)?;
-        crate::mqtt::log_in(&mut options, tls.as_ref(), credentials.as_ref());
+        crate::mqtt::log_in(
+            &mut options,
+            config.tls.as_ref(),
+            simulated.credentials.as_ref(),
+        );
         options.set_last_will(LastWill::new(
             &device.status_topic,
             OFFLINE,
@@ -117,7 +144,6 @@ pub async fn run(args: SimulateArgs, shutdown: CancellationToken) -> Result<(), 
     for task in tasks {
         let _ = task.await;
     }
-    Ok(())
 }
 
 struct Device {

@@ -447,13 +447,11 @@ async fn mutual_tls_and_certificates_rotated_without_a_restart() {
 async fn listening_beyond_loopback_needs_tls_and_auth_or_an_explicit_opt_in() {
     use clap::Parser;
     let check = |args: &[&str]| {
-        devicehub::cli::Cli::try_parse_from(
-            std::iter::once("devicehub").chain(args.iter().copied()),
-        )
-        .unwrap()
-        .serve
-        .check_exposure()
-        .map_err(|e| e.to_string())
+        cli::Cli::try_parse_from(std::iter::once("devicehub").chain(args.iter().copied()))
+            .unwrap()
+            .serve
+            .check_exposure()
+            .map_err(|e| e.to_string())
     };
     let error = check(&["--grpc-addr", "0.0.0.0:50051"]).unwrap_err();
     assert!(

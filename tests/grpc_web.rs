@@ -96,7 +96,7 @@ async fn browsers_get_grpc_web_and_cors_for_the_allowed_origins_only() {
 #[test]
 fn cors_origins_are_checked() {
     let parse = |origins: &str| {
-        devicehub::cli::Cli::try_parse_from(["devicehub", "--cors-allowed-origins", origins])
+        cli::Cli::try_parse_from(["devicehub", "--cors-allowed-origins", origins])
             .unwrap()
             .serve
             .config(&"mqtt://127.0.0.1:1883".parse().unwrap())

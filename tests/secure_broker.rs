@@ -250,11 +250,9 @@ fn tls_and_login_flags_are_checked_at_startup() {
     let plain = devicehub::config::BrokerUrl::from_addr("127.0.0.1:1883".parse().unwrap());
     let tls: devicehub::config::BrokerUrl = "mqtts://127.0.0.1:8883".parse().unwrap();
     let parse = |args: &[&str]| {
-        devicehub::cli::Cli::try_parse_from(
-            std::iter::once("devicehub").chain(args.iter().copied()),
-        )
-        .unwrap()
-        .serve
+        cli::Cli::try_parse_from(std::iter::once("devicehub").chain(args.iter().copied()))
+            .unwrap()
+            .serve
     };
     let error = |args: &[&str], broker| parse(args).config(broker).unwrap_err().to_string();
     assert!(error(&["--mqtt-ca", "/x"], &plain).contains("--mqtt-ca needs an mqtts://"));

@@ -1,8 +1,10 @@
-//! `devicehub health`: the options of the health probe.
+//! `devicehub health`: the options of the health probe, and the
+//! library's [`Probe`] they describe.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Args;
+use devicehub::health::{Probe, ProbeTls};
 
 /// Options of `devicehub health`.
 #[derive(Debug, Clone, Args)]
@@ -36,5 +38,18 @@ impl HealthArgs {
     /// How long to wait for the answer.
     pub fn timeout(&self) -> Duration {
         super::serve::duration(self.timeout, self.timeout_secs, Duration::from_secs(3))
+    }
+
+    /// The probe these options ask for.
+    pub fn probe(&self) -> Probe {
+        Probe {
+            addr: self.grpc_addr,
+            service: self.service.clone(),
+            tls: self.tls_ca.as_ref().map(|ca| ProbeTls {
+                ca: ca.clone(),
+                server_name: self.tls_server_name.clone(),
+            }),
+            timeout: self.timeout(),
+        }
     }
 }

@@ -8,11 +8,13 @@ use std::{
 
 use clap::Args;
 
-use crate::{
-    config::{BrokerUrl, ConfigError, Credentials, Secret},
-    mqtt::{self, ClientIdentity},
+use devicehub::{
+    config::{BrokerUrl, Credentials, Secret},
+    mqtt_tls::{self, ClientIdentity},
     topic::DEVICE_ID_PLACEHOLDER,
 };
+
+use super::ConfigError;
 
 /// The environment variable the broker password may come from. Not a flag:
 /// a flag's value shows in `ps` and shell history.
@@ -85,7 +87,7 @@ impl MqttLoginArgs {
             cert_chain_pem: cert,
             key_pem: key,
         });
-        Ok(Some(mqtt::client_config(ca.as_deref(), identity)?))
+        Ok(Some(mqtt_tls::client_config(ca.as_deref(), identity)?))
     }
 
     /// The broker login, if a user name is given.

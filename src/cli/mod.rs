@@ -1,10 +1,20 @@
 //! The command line: clap types with a `DEVICEHUB_*` environment fallback for
-//! every flag, and their translation into the library's [`Config`].
-
+//! every flag, their translation into the library's plain configuration
+//! (`devicehub::Config`, `devicehub::ServeConfig`, `health::Probe`,
+//! `simulate::SimulateConfig`), and the errors about flags
+//! ([`ConfigError`]).
 //!
-//! A file per subcommand (`serve.rs`, `simulate.rs`, `health.rs`) and per
-//! group of flags they share (`topics.rs`, `login.rs`).
+//! A module of the binary, not of the library, which knows nothing of clap:
+//! it uses only the library's public API (`devicehub::...`, never `crate::`),
+//! because the integration tests compile it too (`tests/common`), to build
+//! configurations as the command line would.
+//!
+//! A file per subcommand (`serve.rs`, `simulate.rs`, `health.rs`), per
+//! group of flags they share (`topics.rs`, `login.rs`), and the errors
+//! (`error.rs`). Its tests are in `tests.rs`, declared by `main.rs` so that
+//! only the binary's test target runs them.
 
+mod error;
 mod health;
 mod login;
 mod serve;
@@ -14,11 +24,12 @@ mod topics;
 
 use clap::{Parser, Subcommand};
 
-use crate::telemetry::Sampling;
+use devicehub::telemetry::Sampling;
 
+pub use error::ConfigError;
 pub use health::HealthArgs;
-pub use login::{MqttLoginArgs, MQTT_PASSWORD_ENV};
-pub use serve::{GrpcSecurityArgs, ServeArgs};
+pub use login::MqttLoginArgs;
+pub use serve::ServeArgs;
 #[cfg(feature = "simulator")]
 pub use simulate::SimulateArgs;
 pub use topics::TopicArgs;
@@ -57,11 +68,21 @@ pub struct Cli {
     pub serve: ServeArgs,
 }
 
-/// How log lines are written (to stderr).
+/// How log lines are written (to stderr): `--log-format`'s values, for
+/// `devicehub::telemetry::LogFormat`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
+}
+
+impl From<LogFormat> for devicehub::telemetry::LogFormat {
+    fn from(format: LogFormat) -> Self {
+        match format {
+            LogFormat::Text => Self::Text,
+            LogFormat::Json => Self::Json,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,89 +98,4 @@ pub enum Command {
     /// exit 0 when SERVING, 1 otherwise (a container healthcheck that needs
     /// no other tool in the image).
     Health(HealthArgs),
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::BrokerUrl;
-    use std::time::Duration;
-
-    #[test]
-    fn durations_take_humantime_and_the_old_seconds_flags_still_work() {
-        let broker = BrokerUrl::from_addr("127.0.0.1:1883".parse().unwrap());
-        let config = |args: &[&str]| {
-            let cli = Cli::try_parse_from(std::iter::once("devicehub").chain(args.iter().copied()));
-            cli.unwrap().serve.config(&broker).unwrap()
-        };
-        let defaults = config(&[]);
-        assert_eq!(defaults.shutdown_timeout, Duration::from_secs(10));
-        assert_eq!(defaults.mqtt.keep_alive, Duration::from_secs(30));
-        let new = config(&["--shutdown-timeout", "250ms", "--mqtt-keep-alive", "1m"]);
-        assert_eq!(new.shutdown_timeout, Duration::from_millis(250));
-        assert_eq!(new.mqtt.keep_alive, Duration::from_secs(60));
-        let old = config(&[
-            "--shutdown-timeout-secs",
-            "7",
-            "--mqtt-keep-alive-secs",
-            "5",
-        ]);
-        assert_eq!(old.shutdown_timeout, Duration::from_secs(7));
-        assert_eq!(old.mqtt.keep_alive, Duration::from_secs(5));
-        for bad in ["500ms", "1500ms", "65536s"] {
-            let parsed = Cli::try_parse_from(["devicehub", "--mqtt-keep-alive", bad]);
-            assert!(parsed.is_err(), "{bad}");
-        }
-        let health = Cli::try_parse_from(["devicehub", "health", "--timeout-secs", "2"]).unwrap();
-        let Some(Command::Health(args)) = health.command else {
-            panic!("not health")
-        };
-        assert_eq!(args.timeout(), Duration::from_secs(2));
-    }
-
-    #[test]
-    fn defaults_and_fixed_topics_parse() {
-        let cli = Cli::try_parse_from(["devicehub"]).unwrap();
-        assert!(cli.command.is_none());
-        let broker = BrokerUrl::from_addr("127.0.0.1:1883".parse().unwrap());
-        let config = cli.serve.config(&broker).unwrap();
-        assert_eq!(
-            config.mqtt.readings_topic.subscription_filter(),
-            "devices/+/readings"
-        );
-        assert!(config.mqtt.client_id.starts_with("devicehub-"));
-
-        let poc = Cli::try_parse_from([
-            "devicehub",
-            "serve",
-            "--readings-topic=poc/device/sensor",
-            "--commands-topic=poc/device/control",
-            "--fixed-device-id=device",
-        ])
-        .unwrap();
-        let Some(Command::Serve(args)) = poc.command else {
-            panic!("not serve")
-        };
-        let config = args.config(&broker).unwrap();
-        assert_eq!(
-            config.mqtt.commands_topic.topic_for("device"),
-            "poc/device/control"
-        );
-
-        let wild = Cli::try_parse_from(["devicehub", "--commands-topic=a/+/{device_id}"]).unwrap();
-        assert!(wild.serve.config(&broker).is_err());
-        let persistent = Cli::try_parse_from(["devicehub", "--mqtt-persistent-session"]).unwrap();
-        assert!(persistent.serve.config(&broker).is_err());
-        let qos2 = [
-            "devicehub",
-            "--mqtt-persistent-session",
-            "--mqtt-client-id=x",
-            "--mqtt-subscribe-qos=2",
-        ];
-        assert!(Cli::try_parse_from(qos2)
-            .unwrap()
-            .serve
-            .config(&broker)
-            .is_err());
-    }
 }

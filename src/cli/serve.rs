@@ -1,16 +1,20 @@
 //! `devicehub serve`: its options, the exposure check, and their
-//! translation into the library's [`Config`].
+//! translation into the library's [`Config`] and [`ServeConfig`].
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Args;
 use rumqttc::QoS;
 
-use super::{login::read, *};
-use crate::config::{
-    AuthConfig, BrokerUrl, BufferLimits, Config, ConfigError, ConnectionLimits, DeviceLimits,
-    GrpcTls, MqttConfig, Secret, StoreConfig,
+use devicehub::{
+    config::{
+        AuthConfig, BrokerUrl, BufferLimits, Config, ConnectionLimits, DeviceLimits, GrpcTls,
+        MqttConfig, Secret, StoreConfig,
+    },
+    ServeConfig,
 };
+
+use super::{login::read, ConfigError, MqttLoginArgs, TopicArgs};
 
 /// The largest `--max-reading-bytes`: 4 MiB less room for the topic (up to
 /// 64 KiB) and the rest of the message.
@@ -382,6 +386,28 @@ impl ServeArgs {
         Ok(())
     }
 
+    /// What `devicehub serve` runs: the exposure checked, then the
+    /// configuration, connecting to the --mqtt-url or else to the embedded
+    /// broker started on --embedded-mqtt-addr.
+    pub fn serve_config(&self) -> Result<ServeConfig, ConfigError> {
+        self.check_exposure()?;
+        let broker = match &self.mqtt_url {
+            Some(url) => url.clone(),
+            // Where it will listen; `devicehub::serve` puts in the address it
+            // bound (port 0 picks one).
+            #[cfg(feature = "embedded-broker")]
+            None => BrokerUrl::from_addr(self.embedded_mqtt_addr),
+            #[cfg(not(feature = "embedded-broker"))]
+            None => return Err(ConfigError::NoBroker),
+        };
+        Ok(ServeConfig {
+            service: self.config(&broker)?,
+            grpc_addr: self.grpc_addr,
+            #[cfg(feature = "embedded-broker")]
+            embedded_broker: self.mqtt_url.is_none().then_some(self.embedded_mqtt_addr),
+        })
+    }
+
     /// The library configuration, connecting to `broker` (the --mqtt-url, or
     /// the embedded broker's address).
     pub fn config(&self, broker: &BrokerUrl) -> Result<Config, ConfigError> {
@@ -402,10 +428,13 @@ impl ServeArgs {
         };
         let readings_topic = self.topics.readings()?;
         if let Some(group) = &self.mqtt_share_group {
-            crate::topic::validate_device_id(group)
+            devicehub::topic::validate_device_id(group)
                 .map_err(|e| ConfigError::Topic("--mqtt-share-group", e))?;
             if self.mqtt_url.is_none() {
                 return Err(ConfigError::ShareGroupEmbedded);
+            }
+            if self.store_url.is_none() {
+                return Err(ConfigError::ShareGroupWithoutStore);
             }
         }
         Ok(Config {

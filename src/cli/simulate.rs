@@ -1,11 +1,16 @@
-//! `devicehub simulate`: its options.
+//! `devicehub simulate`: its options, and the library's [`SimulateConfig`]
+//! they describe.
+
+use std::time::Duration;
 
 use clap::Args;
+use devicehub::{
+    config::BrokerUrl,
+    simulate::{SimulateConfig, SimulatedDevice},
+};
 
-use super::*;
-use crate::config::BrokerUrl;
+use super::{ConfigError, MqttLoginArgs, TopicArgs};
 
-#[cfg(feature = "simulator")]
 /// Options of `devicehub simulate`.
 #[derive(Debug, Clone, Args)]
 pub struct SimulateArgs {
@@ -60,7 +65,54 @@ pub struct SimulateArgs {
     pub topics: TopicArgs,
 }
 
-#[cfg(feature = "simulator")]
+impl SimulateArgs {
+    /// The devices to simulate: topics checked (devices publish to them, so
+    /// no wildcards), ids checked, each device's login read.
+    pub fn config(&self) -> Result<SimulateConfig, ConfigError> {
+        let readings_topic = self.topics.readings()?;
+        let commands_topic = self.topics.commands()?;
+        let replies_topic = self.topics.replies()?;
+        let status_topic = self.topics.status()?;
+        if readings_topic.has_wildcards() {
+            return Err(ConfigError::Wildcards(
+                "--readings-topic",
+                readings_topic.to_string(),
+            ));
+        }
+        let ids: Vec<String> = match readings_topic.fixed_device_id() {
+            Some(id) => vec![id.to_owned()],
+            None => (1..=self.devices)
+                .map(|i| format!("{}{i}", self.device_prefix))
+                .collect(),
+        };
+        for id in &ids {
+            devicehub::topic::validate_device_id(id)
+                .map_err(|e| ConfigError::Topic("--device-prefix", e))?;
+        }
+        let tls = self.login.tls(&self.mqtt_url)?;
+        let devices = ids
+            .into_iter()
+            .map(|id| {
+                let credentials = self.login.device_credentials(&id)?;
+                Ok(SimulatedDevice { id, credentials })
+            })
+            .collect::<Result<_, ConfigError>>()?;
+        Ok(SimulateConfig {
+            broker: self.mqtt_url.clone(),
+            tls,
+            devices,
+            readings_topic,
+            commands_topic,
+            replies_topic,
+            status_topic,
+            interval: Duration::from_millis(self.interval_ms),
+            silent_fraction: self.silent_fraction,
+            slow_fraction: self.slow_fraction,
+            slow_reply: Duration::from_millis(self.slow_reply_ms),
+        })
+    }
+}
+
 fn fraction(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),

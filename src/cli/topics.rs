@@ -2,7 +2,9 @@
 
 use clap::Args;
 
-use crate::{config::ConfigError, topic::TopicTemplate};
+use devicehub::topic::TopicTemplate;
+
+use super::ConfigError;
 
 /// Topic layout, shared by `serve` and `simulate`.
 #[derive(Debug, Clone, Args)]

@@ -111,88 +111,28 @@ impl Driver {
             Ingest::Durable(writer) => Some(writer.committed()),
             Ingest::Memory(_) => None,
         };
-        // Apart from `self`, so that leaving can start while an ingest
-        // (which borrows `self`) waits.
-        let group = self.replicas.then(|| Group {
-            client: self.client.clone(),
-            shared: self.shared.clone(),
-            filters: [self.subscriptions[0].clone(), self.subscriptions[2].clone()],
-        });
-        let mut leaving: Option<Leaving> = None;
-        loop {
-            let leave_by = leaving.as_ref().map(Leaving::deadline);
-            let event = tokio::select! {
-                event = eventloop.poll() => event,
-                Some(committed) = changed(&mut committed) => {
-                    self.acknowledge(&mut eventloop, committed).await;
-                    continue;
-                }
-                _ = shutdown.cancelled(), if leaving.is_none() => {
-                    leaving = group.as_ref().and_then(Group::leave);
-                    match leaving {
-                        Some(_) => continue,
-                        None => break,
-                    }
-                }
-                _ = sleep_until(leave_by), if leave_by.is_some() => break,
-            };
-            if let (Some(leaving), Ok(event)) = (&mut leaving, &event) {
-                leaving.saw(event);
-            }
+        let mut stop = Stop {
+            shutdown,
+            group: self.replicas.then(|| Group {
+                client: self.client.clone(),
+                shared: self.shared.clone(),
+                filters: [self.subscriptions[0].clone(), self.subscriptions[2].clone()],
+            }),
+            leaving: None,
+        };
+        while let Some(event) = self
+            .next_event(&mut eventloop, &mut committed, &mut stop)
+            .await
+        {
             match event {
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    // rumqttc decodes up to ten packets per read and hands
-                    // them out one by one; the publishes queued right behind
-                    // this one are stored with it, under one lock and one
-                    // wake-up of the watchers. (Popping them is what `poll`
-                    // would do next, without I/O.) The acknowledgements
-                    // rumqttc sent for them in between need nothing from us.
-                    batch.push(publish);
-                    while let Some(
-                        Event::Incoming(Packet::Publish(_))
-                        | Event::Outgoing(Outgoing::PubAck(_) | Outgoing::PubRec(_)),
-                    ) = eventloop.state.events.front()
-                    {
-                        if let Some(Event::Incoming(Packet::Publish(publish))) =
-                            eventloop.state.events.pop_front()
-                        {
-                            batch.push(publish);
-                        }
-                    }
-                    let stop = {
-                        let ingest = self.ingest(&batch);
-                        tokio::pin!(ingest);
-                        loop {
-                            tokio::select! {
-                                _ = &mut ingest => break false,
-                                // Not acknowledged: the broker delivers them
-                                // again. A replica leaving its group goes on (the
-                                // writer ends if it cannot commit, which ends
-                                // the wait).
-                                _ = shutdown.cancelled(), if leaving.is_none() => {
-                                    leaving = group.as_ref().and_then(Group::leave);
-                                    if leaving.is_none() {
-                                        break true;
-                                    }
-                                }
-                            }
-                        }
-                    };
-                    if stop {
+                    take_batch(&mut batch, publish, &mut eventloop);
+                    if !self.store_batch(&batch, &mut stop).await {
                         break;
                     }
                     batch.clear();
-                    // Publishes with nothing to store (another replica's
-                    // reply, one rejected) wait for the batch before them;
-                    // when that is committed already, no commit would come
-                    // to acknowledge them, and the broker, its window full,
-                    // would stop sending.
-                    if let Some(committed) = &committed {
-                        let now = *committed.borrow();
-                        if self.unacked.front().is_some_and(|&(id, ..)| id <= now) {
-                            self.acknowledge(&mut eventloop, now).await;
-                        }
-                    }
+                    self.acknowledge_committed(&mut eventloop, committed.as_ref())
+                        .await;
                 }
                 Ok(event) => {
                     if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
@@ -201,19 +141,12 @@ impl Driver {
                     self.handle(event);
                 }
                 Err(error) => {
-                    self.connection_lost(&mut eventloop, &error);
-                    let wait = backoff.next_wait();
-                    match refusal(&error) {
-                        Some(reason) => {
-                            warn!(broker = %self.broker, %error, retry_in = ?wait, "MQTT connection failed: {reason}")
-                        }
-                        None => {
-                            warn!(broker = %self.broker, %error, retry_in = ?wait, "MQTT connection failed")
-                        }
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = shutdown.cancelled() => break,
+                    let shutdown = &stop.shutdown;
+                    if !self
+                        .wait_to_reconnect(&mut eventloop, &error, &mut backoff, shutdown)
+                        .await
+                    {
+                        break;
                     }
                 }
             }
@@ -222,6 +155,101 @@ impl Driver {
             self.drain(&mut eventloop, committed).await;
         }
         self.disconnect(&mut eventloop).await;
+    }
+
+    /// The next event of the event loop, acknowledging what the store
+    /// commits meanwhile; `None` once the loop is to stop: at shutdown, or
+    /// for a replica once it has left its group.
+    async fn next_event(
+        &mut self,
+        eventloop: &mut EventLoop,
+        committed: &mut Option<watch::Receiver<u64>>,
+        stop: &mut Stop,
+    ) -> Option<Result<Event, ConnectionError>> {
+        loop {
+            let leave_by = stop.leaving.as_ref().map(Leaving::deadline);
+            let event = tokio::select! {
+                event = eventloop.poll() => event,
+                Some(committed) = changed(committed) => {
+                    self.acknowledge(eventloop, committed).await;
+                    continue;
+                }
+                _ = stop.shutdown.cancelled(), if stop.leaving.is_none() => {
+                    match stop.leave() {
+                        true => continue,
+                        false => return None,
+                    }
+                }
+                _ = sleep_until(leave_by), if leave_by.is_some() => return None,
+            };
+            if let (Some(leaving), Ok(event)) = (&mut stop.leaving, &event) {
+                leaving.saw(event);
+            }
+            return Some(event);
+        }
+    }
+
+    /// Stores `batch` (see [`Driver::ingest`]). False when shutdown comes
+    /// first and there is no group to leave: the loop stops, and the
+    /// publishes are not acknowledged, so the broker delivers them again. A
+    /// replica leaving its group goes on (the writer ends if it cannot
+    /// commit, which ends the wait).
+    async fn store_batch(&mut self, batch: &[Publish], stop: &mut Stop) -> bool {
+        let ingest = self.ingest(batch);
+        tokio::pin!(ingest);
+        loop {
+            tokio::select! {
+                _ = &mut ingest => return true,
+                _ = stop.shutdown.cancelled(), if stop.leaving.is_none() => {
+                    if !stop.leave() {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a batch is stored: acknowledges the publishes with nothing to
+    /// store (another replica's reply, one rejected) that wait for a batch
+    /// already committed. No commit would come to acknowledge them, and the
+    /// broker, its window full, would stop sending.
+    async fn acknowledge_committed(
+        &mut self,
+        eventloop: &mut EventLoop,
+        committed: Option<&watch::Receiver<u64>>,
+    ) {
+        let Some(committed) = committed else {
+            return;
+        };
+        let now = *committed.borrow();
+        if self.unacked.front().is_some_and(|&(id, ..)| id <= now) {
+            self.acknowledge(eventloop, now).await;
+        }
+    }
+
+    /// After a connection error: the link is down; logs why, and waits
+    /// before the next poll reconnects. False if shutdown comes first.
+    async fn wait_to_reconnect(
+        &mut self,
+        eventloop: &mut EventLoop,
+        error: &ConnectionError,
+        backoff: &mut Backoff,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        self.connection_lost(eventloop, error);
+        let wait = backoff.next_wait();
+        match refusal(error) {
+            Some(reason) => {
+                warn!(broker = %self.broker, %error, retry_in = ?wait, "MQTT connection failed: {reason}")
+            }
+            None => {
+                warn!(broker = %self.broker, %error, retry_in = ?wait, "MQTT connection failed")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => true,
+            _ = shutdown.cancelled() => false,
+        }
     }
 
     /// Acknowledges the publishes whose batches are committed, up to batch
@@ -507,6 +535,45 @@ impl Driver {
             }
         }
         self.shared.tracker().fail_all(PublishError::ConnectionLost);
+    }
+}
+
+/// How the event loop task ends: at once at shutdown, or for a replica
+/// once it has left its share group (`leave.rs`).
+struct Stop {
+    shutdown: CancellationToken,
+    /// Apart from the [`Driver`], so that leaving can start while an ingest
+    /// (which borrows the driver) waits.
+    group: Option<Group>,
+    leaving: Option<Leaving>,
+}
+
+impl Stop {
+    /// At shutdown: starts leaving the group. False when there is none to
+    /// leave: the loop stops now.
+    fn leave(&mut self) -> bool {
+        self.leaving = self.group.as_ref().and_then(Group::leave);
+        self.leaving.is_some()
+    }
+}
+
+/// `publish` and the publishes queued right behind it, into `batch`.
+/// rumqttc decodes up to ten packets per read and hands them out one by
+/// one; those queued behind this one are stored with it, under one lock and
+/// one wake-up of the watchers. (Popping them is what `poll` would do next,
+/// without I/O.) The acknowledgements rumqttc sent for them in between need
+/// nothing from us.
+fn take_batch(batch: &mut Vec<Publish>, publish: Publish, eventloop: &mut EventLoop) {
+    batch.push(publish);
+    while let Some(
+        Event::Incoming(Packet::Publish(_))
+        | Event::Outgoing(Outgoing::PubAck(_) | Outgoing::PubRec(_)),
+    ) = eventloop.state.events.front()
+    {
+        if let Some(Event::Incoming(Packet::Publish(publish))) = eventloop.state.events.pop_front()
+        {
+            batch.push(publish);
+        }
     }
 }
 

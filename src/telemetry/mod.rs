@@ -10,4 +10,4 @@ pub mod calls;
 pub mod metrics;
 pub mod traces;
 
-pub use traces::{init, Sampling, Telemetry, TelemetryError};
+pub use traces::{init, LogFormat, Sampling, Telemetry, TelemetryError};

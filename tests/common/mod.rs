@@ -3,6 +3,11 @@
 //! the generated tonic client. Waits are on conditions, never fixed sleeps.
 #![allow(dead_code)] // each test binary uses a different part
 
+// The binary's command line, compiled here too, so that tests build their
+// configurations as `devicehub` with the same flags would.
+#[allow(dead_code, unused_imports)]
+#[path = "../../src/cli/mod.rs"]
+pub mod cli;
 pub mod pki;
 pub mod postgres;
 pub mod rng;
@@ -20,8 +25,8 @@ use std::{
 };
 
 use clap::Parser;
+use cli::Cli;
 use devicehub::{
-    cli::Cli,
     config::BrokerUrl,
     proto::{device_hub_client::DeviceHubClient, Reading},
     Config, SERVICE_NAME,
