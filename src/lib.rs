@@ -122,7 +122,7 @@ pub mod mqtt_tls {
 }
 
 /// The watch delivery path without the transport, for the contention
-/// benchmark (`benches/devicehub.rs`, scenario 12). Not a stable API.
+/// benchmark (`benches/devicehub/contention.rs`, scenario 12). Not a stable API.
 #[doc(hidden)]
 pub mod delivery {
     pub use crate::buffer::{MessageKind, NewReading, ReadingFilter};
