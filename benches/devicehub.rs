@@ -28,15 +28,15 @@
 
 // Shared with the tests, which use more of them.
 #[allow(dead_code)]
-#[path = "../tests/common/pki.rs"]
+#[path = "../tests/it/common/pki.rs"]
 mod pki;
 #[allow(dead_code)]
-#[path = "../tests/common/postgres.rs"]
+#[path = "../tests/it/common/postgres.rs"]
 mod postgres;
-#[path = "../tests/common/tempdir.rs"]
+#[path = "../tests/it/common/tempdir.rs"]
 mod tempdir;
 #[allow(dead_code)]
-#[path = "../tests/common/tokens.rs"]
+#[path = "../tests/it/common/tokens.rs"]
 mod tokens;
 
 use std::{

@@ -1,7 +1,7 @@
 //! Limits a hostile or broken client cannot get around: watchers per client,
 //! the size of request metadata, and a shutdown that does not wait for ever.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,8 +1,8 @@
 //! The PostgreSQL store, with real parts: a throwaway PostgreSQL cluster
-//! (Debian's package, `tests/common/postgres.rs`), Mosquitto, and the
+//! (Debian's package, `tests/it/common/postgres.rs`), Mosquitto, and the
 //! service in-process or as the `devicehub` binary (to SIGKILL it).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
