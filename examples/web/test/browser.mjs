@@ -1,7 +1,7 @@
 // Drives the page in a real headless Chromium (Debian's, through
 // puppeteer-core): waits for the newest readings and live ones, sends a
 // command, waits for the device's reply, and prints what it saw as one JSON
-// line. tests/browser.rs runs it against a running service.
+// line. tests/it/browser.rs runs it against a running service.
 //
 // Environment: PAGE_URL (the page, with ?service=...), CHROMIUM (default
 // /usr/bin/chromium), SCREENSHOT (a PNG path, taken at the end, pass or fail),
