@@ -35,7 +35,11 @@ try {
   await page.goto(PAGE_URL, { waitUntil: "load", timeout: TIMEOUT });
   await page.waitForFunction(() => document.querySelectorAll("#newest li").length >= 1, { timeout: TIMEOUT });
   await page.waitForFunction(() => document.querySelectorAll("#live li").length >= 2, { timeout: TIMEOUT });
-  await page.click("#command button");
+  // Enter in a field of the form submits it, as a user may: a click at the
+  // button's position could miss it, as it moves down with every live
+  // reading added above it.
+  await page.focus("#name");
+  await page.keyboard.press("Enter");
   await page.waitForFunction(
     () => document.getElementById("reply").textContent.includes("COMMAND_STATUS"),
     { timeout: TIMEOUT },
