@@ -80,7 +80,7 @@ mod watched_files;
 mod web;
 
 #[cfg(test)]
-#[path = "../tests/common/rng.rs"]
+#[path = "../tests/it/common/rng.rs"]
 mod test_rng;
 
 /// The generated protobuf and gRPC code of `devicehub.v1`.

@@ -24,23 +24,25 @@
 //! Layout: [`args`] the command line; [`support`] what the scenarios share
 //! (the sizes, the broker, the service process, publishers, subscribers and
 //! watchers, measuring and the report's rows); a module per scenario, named
-//! as `--only` names it; [`mosquitto`] the Mosquitto process. This file only
+//! as `--only` names it; [`mosquitto`] the Mosquitto process (the tests' own). This file only
 //! picks the scenarios and runs them in order.
 
 // Shared with the tests, which use more of them.
 #[allow(dead_code)]
-#[path = "../../tests/common/pki.rs"]
+#[path = "../../tests/it/common/pki.rs"]
 mod pki;
 #[allow(dead_code)]
-#[path = "../../tests/common/postgres.rs"]
+#[path = "../../tests/it/common/postgres.rs"]
 mod postgres;
-#[path = "../../tests/common/tempdir.rs"]
+#[path = "../../tests/it/common/tempdir.rs"]
 mod tempdir;
 #[allow(dead_code)]
-#[path = "../../tests/common/tokens.rs"]
+#[path = "../../tests/it/common/tokens.rs"]
 mod tokens;
 
 mod args;
+#[allow(dead_code)]
+#[path = "../../tests/it/common/mosquitto.rs"]
 mod mosquitto;
 mod support;
 

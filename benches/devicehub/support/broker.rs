@@ -27,7 +27,7 @@ impl Broker {
         }
         let port = mosquitto::free_port();
         let conf = format!("listener {port} 127.0.0.1\nallow_anonymous true\n{BENCH_SETTINGS}");
-        let process = mosquitto::Process::start(TempDir::new("bench"), &conf, port);
+        let process = mosquitto::Process::start_quiet(TempDir::new("bench"), &conf, port);
         Self {
             url: BrokerUrl {
                 host: "127.0.0.1".into(),

@@ -1,7 +1,7 @@
 // Drives the page in a real headless Chromium (Debian's, through
 // puppeteer-core): waits for the newest readings and live ones, sends a
 // command, waits for the device's reply, and prints what it saw as one JSON
-// line. tests/browser.rs runs it against a running service.
+// line. tests/it/browser.rs runs it against a running service.
 //
 // Environment: PAGE_URL (the page, with ?service=...), CHROMIUM (default
 // /usr/bin/chromium), SCREENSHOT (a PNG path, taken at the end, pass or fail),
@@ -35,7 +35,11 @@ try {
   await page.goto(PAGE_URL, { waitUntil: "load", timeout: TIMEOUT });
   await page.waitForFunction(() => document.querySelectorAll("#newest li").length >= 1, { timeout: TIMEOUT });
   await page.waitForFunction(() => document.querySelectorAll("#live li").length >= 2, { timeout: TIMEOUT });
-  await page.click("#command button");
+  // Enter in a field of the form submits it, as a user may: a click at the
+  // button's position could miss it, as it moves down with every live
+  // reading added above it.
+  await page.focus("#name");
+  await page.keyboard.press("Enter");
   await page.waitForFunction(
     () => document.getElementById("reply").textContent.includes("COMMAND_STATUS"),
     { timeout: TIMEOUT },

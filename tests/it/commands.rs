@@ -1,7 +1,7 @@
 //! Commands with a round trip: device replies, timeouts, correlation under
 //! load, late and stray replies, against the embedded broker and Mosquitto.
 
-mod common;
+use crate::common;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 

@@ -1,10 +1,10 @@
 //! The PostgreSQL store, with real parts: a throwaway PostgreSQL cluster
-//! (Debian's package, `tests/common/postgres.rs`), Mosquitto, and the
+//! (Debian's package, `tests/it/common/postgres.rs`), Mosquitto, and the
 //! service in-process or as the `devicehub` binary (to SIGKILL it).
 
-mod common;
+use crate::common;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use common::{postgres::Postgres, *};
 use devicehub::proto::{
@@ -449,13 +449,16 @@ async fn a_database_outage_holds_readings_back_and_health_follows() {
         "--mqtt-client-id",
         "devicehub-store-outage",
         "--mqtt-persistent-session",
+        // Memory holds the newest 100: the oldest page needs the table.
+        "--buffer-max-readings",
+        "100",
     ];
     let service = TestService::start_ready(config(&broker.url, &args)).await;
     let client = service.client().await;
     let device = TestDevice::connect(&broker.url, "device-outage", None).await;
-    // A steady stream, so readings arrive before, during and after.
+    // A steady stream, so readings arrive before and during the outage.
     let client_mqtt = device.client.clone();
-    let stream = tokio::spawn(async move {
+    let mut stream = tokio::spawn(async move {
         for i in 0..TOTAL {
             let topic = format!("devices/d{}/readings", i % DEVICES);
             client_mqtt
@@ -470,22 +473,30 @@ async fn a_database_outage_holds_readings_back_and_health_follows() {
     wait_for_rows(&pg, 300).await;
     pg.stop();
     service.wait_for_health(ServingStatus::NotServing).await;
-    let stopped_at = tokio::time::Instant::now();
-    // Pages that need the table answer UNAVAILABLE meanwhile, not wrongly.
-    let status = client
+    // Pages that need the table answer UNAVAILABLE meanwhile, not wrongly
+    // (nor from memory, which lacks them).
+    let oldest = client
         .clone()
         .list_readings(ListReadingsRequest {
             oldest_first: true,
             ..Default::default()
         })
         .await;
-    if let Err(status) = status {
-        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    }
-    tokio::time::sleep_until(stopped_at + Duration::from_secs(10)).await;
+    let status = match oldest {
+        Err(status) => status,
+        Ok(page) => panic!(
+            "the oldest page answered while the database is down: {} readings",
+            page.get_ref().readings.len()
+        ),
+    };
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    // The database stays down until the whole stream is out: what came
+    // after the stop waits, unacknowledged, for it to return.
+    within("the stream published during the outage", &mut stream)
+        .await
+        .unwrap();
     pg.start_again();
     service.wait_for_health(ServingStatus::Serving).await;
-    stream.await.unwrap();
     wait_for_rows(&pg, TOTAL).await;
     let all = list_everything(&client, 1000).await;
     assert_indices(&all, 0..TOTAL);
@@ -511,8 +522,19 @@ async fn retention_deletes_what_is_older_and_nothing_else() {
     wait_for_rows(&pg, 100).await;
     let old = list_everything(&client, 0).await;
     // The newer readings must be younger than the cutoff when the older
-    // ones go: two seconds apart with a four-second retention.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // ones go: received once the newest older one is two seconds old (by
+    // its received_at, the time retention compares), with a four-second
+    // retention.
+    let newest_old = old
+        .iter()
+        .map(|r| SystemTime::try_from(r.received_at.unwrap()).unwrap())
+        .max()
+        .unwrap();
+    eventually("the older readings two seconds old", || async {
+        let age = newest_old.elapsed().unwrap_or_default();
+        (age >= Duration::from_secs(2)).then_some(())
+    })
+    .await;
     publish_spread(&device, 100, 100, DEVICES).await.unwrap();
     wait_for_rows(&pg, 200).await;
     eventually("retention to delete the older readings", || async {

@@ -3,7 +3,7 @@
 //! narrow what a caller sees and commands, grpcurl with a CA and a token,
 //! and the refusal to listen beyond loopback unprotected.
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 

@@ -1,7 +1,7 @@
 //! The `devicehub` binary as a user runs it: `serve` with the embedded broker
 //! on ephemeral ports, `simulate` feeding it, and SIGTERM ending both.
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 

@@ -1,7 +1,7 @@
 //! The service against a real Mosquitto process that the tests start (and
 //! kill, and restart) on an ephemeral loopback port.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! answered for the allowed origins only, and a gRPC-Web call over HTTP/1.1
 //! whose status a page can read.
 
-mod common;
+use crate::common;
 
 use clap::Parser;
 use common::*;

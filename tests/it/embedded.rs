@@ -1,7 +1,7 @@
 //! The service against the embedded broker (rumqttd), driven by the generated
 //! tonic client and real MQTT devices.
 
-mod common;
+use crate::common;
 
 use common::*;
 use devicehub::proto::{

@@ -9,7 +9,7 @@
 //! the retained ones anew. The service is the binary, so that a restart is
 //! a new process and `/metrics` shows the counts.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 

@@ -1,7 +1,7 @@
 //! The service as a person at a terminal uses it: the real grpcurl binary,
 //! with server reflection and no proto file.
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 

@@ -4,7 +4,7 @@
 //! certificate said plainly in the log, never the password; a broker that
 //! authenticates clients by certificate.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! children, and the command envelope the device receives carries the
 //! trace on.
 
-mod common;
+use crate::common;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 

@@ -5,7 +5,7 @@
 //! list and send also over gRPC-Web, the protocol browsers speak.
 //! scripts/test.sh installs the client (`npm ci`) and generates its code.
 
-mod common;
+use crate::common;
 
 use std::{
     net::SocketAddr,

@@ -5,7 +5,7 @@
 //! cap or idle too long), concurrent scrapes count nothing twice, and
 //! `promtool check metrics` accepts the output.
 
-mod common;
+use crate::common;
 
 use std::{process::Stdio, time::Duration};
 

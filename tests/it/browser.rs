@@ -4,7 +4,7 @@
 //! and a command's round trip. scripts/test.sh installs Chromium and builds
 //! the page (`npm ci`, `buf generate`, `npm run build`).
 
-mod common;
+use crate::common;
 
 use std::{process::Stdio, time::Duration};
 

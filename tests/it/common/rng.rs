@@ -1,6 +1,6 @@
 //! A tiny deterministic PRNG (splitmix64) for seeded randomized tests, so a
 //! failure replays exactly. One file shared by the integration tests
-//! (`tests/common`) and the library's unit tests (`src/lib.rs` includes it
+//! (`tests/it/common`) and the library's unit tests (`src/lib.rs` includes it
 //! with `#[path]`, since unit tests cannot reach `tests/`).
 
 /// splitmix64: a seed in, a well-mixed sequence of `u64` out.

@@ -1,5 +1,5 @@
 //! A temporary directory removed when dropped; enough for config files and
-//! broker state. Shared by the integration tests (`tests/common`) and the
+//! broker state. Shared by the integration tests (`tests/it/common`) and the
 //! benchmark harness (which includes this file with `#[path]`).
 
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ impl TempDir {
 
     /// Writes `text` to the file `name` in the directory; returns its path,
     /// as a flag takes it.
-    #[allow(dead_code)] // not every test binary writes files
+    #[allow(dead_code)] // the benchmark harness, which includes this file, writes none
     pub fn write(&self, name: &str, text: &str) -> String {
         let path = self.0.join(name);
         std::fs::write(&path, text).unwrap();

@@ -1,13 +1,13 @@
 //! Shared test harness: the real service in-process on ephemeral ports, real
 //! brokers (embedded rumqttd or a Mosquitto process), real MQTT devices and
 //! the generated tonic client. Waits are on conditions, never fixed sleeps.
-#![allow(dead_code)] // each test binary uses a different part
 
 // The binary's command line, compiled here too, so that tests build their
 // configurations as `devicehub` with the same flags would.
 #[allow(dead_code, unused_imports)]
-#[path = "../../src/cli/mod.rs"]
+#[path = "../../../src/cli/mod.rs"]
 pub mod cli;
+pub mod mosquitto;
 pub mod pki;
 pub mod postgres;
 pub mod rng;
@@ -15,11 +15,12 @@ pub mod secure;
 pub mod tempdir;
 pub mod tokens;
 
+pub use mosquitto::which;
+
 use std::{
     future::Future,
     net::{SocketAddr, TcpListener as StdListener},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Stdio,
     sync::Arc,
     time::Duration,
 };
@@ -283,20 +284,16 @@ impl Drop for TestDevice {
     }
 }
 
-/// A Mosquitto process on a free loopback port, with its own config file.
-/// Killed when dropped.
+/// A Mosquitto process ([`mosquitto::Process`]) and the URL the service
+/// and devices reach it at. Killed when dropped.
 pub struct Mosquitto {
     pub url: BrokerUrl,
-    child: Child,
-    dir: tempdir::TempDir,
+    process: mosquitto::Process,
 }
-
-/// The name of Mosquitto's log file in its directory.
-const MOSQUITTO_LOG: &str = "mosquitto.log";
 
 impl Mosquitto {
     pub fn start() -> Self {
-        Self::start_on(closed_port().port)
+        Self::start_on(mosquitto::free_port())
     }
 
     /// Starts Mosquitto on `port` (a restart keeps the port).
@@ -307,76 +304,32 @@ impl Mosquitto {
     /// Starts Mosquitto on `port`, saving sessions and queued messages in
     /// `persistence` (when given) at a graceful stop.
     pub fn start_with(port: u16, persistence: Option<&std::path::Path>) -> Self {
-        let mut conf = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n"
-        );
-        match persistence {
-            Some(dir) => {
-                // Started as root, mosquitto drops to its own user, which
-                // must be able to write its state here.
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-                conf += &format!(
-                    "persistence true\npersistence_location {}/\n",
-                    dir.display()
-                );
-            }
-            None => conf += "persistence false\n",
-        }
+        let conf = mosquitto::config(port, persistence);
         Self::start_config(tempdir::TempDir::new("mosquitto"), &conf, port, false)
     }
 
-    /// Starts Mosquitto with the configuration `conf` (logging added) in
-    /// `dir`, its working directory, so relative paths in `conf` name files
-    /// there; waits until it listens on `port`.
+    /// Starts Mosquitto with the configuration `conf` in `dir` (see
+    /// [`mosquitto::Process::start`]); `tls` says whether `conf` makes
+    /// `port` a TLS listener, for the URL.
     pub fn start_config(dir: tempdir::TempDir, conf: &str, port: u16, tls: bool) -> Self {
-        let binary = which("mosquitto").expect(
-            "mosquitto is not installed: the tests need it (apt-get install -y mosquitto, or run scripts/test.sh)",
-        );
-        let path = dir.path().join("mosquitto.conf");
-        let logging = "log_dest stderr\nlog_type all\nconnection_messages true\n";
-        std::fs::write(&path, format!("{conf}\n{logging}")).unwrap();
-        // The log goes to stderr, into a file the test opened: no permission
-        // games with the user Mosquitto drops to.
-        let log = std::fs::File::create(dir.path().join(MOSQUITTO_LOG)).unwrap();
-        let child = Command::new(binary)
-            .arg("-c")
-            .arg(&path)
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("mosquitto starts");
-        let mosquitto = Self {
+        Self {
             url: BrokerUrl {
                 host: "127.0.0.1".into(),
                 port,
                 tls,
             },
-            child,
-            dir,
-        };
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let deadline = std::time::Instant::now() + PATIENCE;
-        while std::net::TcpStream::connect(addr).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "mosquitto did not listen on {addr}:\n{}",
-                mosquitto.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            process: mosquitto::Process::start(dir, conf, port),
         }
-        mosquitto
     }
 
     /// Mosquitto's working directory (its config, log and other files).
     pub fn dir(&self) -> &std::path::Path {
-        self.dir.path()
+        self.process.dir()
     }
 
     /// What Mosquitto has logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join(MOSQUITTO_LOG)).unwrap_or_default()
+        self.process.log()
     }
 
     /// Checks Mosquitto's log: the service (client ids starting with
@@ -399,40 +352,15 @@ impl Mosquitto {
     }
 
     /// Stops the broker with SIGTERM (it saves its state, if persistent) and
-    /// waits for the process to end.
-    pub fn stop(mut self) -> u16 {
-        let pid = self.child.id().to_string();
-        let term = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill runs");
-        assert!(term.success());
-        let _ = self.child.wait();
-        self.url.port
+    /// waits for the process to end; returns its port.
+    pub fn stop(self) -> u16 {
+        self.process.stop()
     }
 
-    /// Kills the broker and waits for the process to end.
-    pub fn kill(mut self) -> u16 {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.url.port
+    /// Kills the broker and waits for the process to end; returns its port.
+    pub fn kill(self) -> u16 {
+        self.process.kill()
     }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Finds an executable on PATH.
-pub fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
 }
 
 /// Every buffered reading, oldest first, of `device_id` (empty: all),
@@ -690,7 +618,7 @@ pub async fn end_to_end(broker: &BrokerUrl) {
         let message = device.next_message().await;
         assert_eq!(message.topic, "devices/d1/commands");
         let mut envelope: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
-        // Until when the device may carry it out (tests/commands.rs checks
+        // Until when the device may carry it out (tests/it/commands.rs checks
         // the value): RFC 3339.
         let expires_at = envelope["expires_at"].take();
         let expires_at = expires_at.as_str().expect("expires_at");

@@ -3,7 +3,7 @@
 //! processes in one share group, each with its own client id and a
 //! persistent session.
 
-mod common;
+use crate::common;
 
 use std::{collections::HashSet, time::Duration};
 

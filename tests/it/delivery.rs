@@ -1,8 +1,8 @@
 //! Streams that never lose data silently: resume cursors, gaps, slow
 //! consumers, watcher limits and hostile payloads, against the embedded
-//! broker. (Broker and service restarts are in tests/mosquitto.rs.)
+//! broker. (Broker and service restarts are in tests/it/mosquitto.rs.)
 
-mod common;
+use crate::common;
 
 use std::{
     collections::BTreeSet,

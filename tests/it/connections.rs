@@ -6,7 +6,7 @@
 //! The attackers connect from other loopback addresses (127.0.0.2, .3) than
 //! the fresh client (127.0.0.1), so that per-IP caps apply to them only.
 
-mod common;
+use crate::common;
 
 use std::{net::SocketAddr, time::Duration};
 

@@ -2,7 +2,7 @@
 //! stubs generated from the proto by grpcio-tools at test time, against the
 //! real server.
 
-mod common;
+use crate::common;
 
 use std::{path::Path, process::Stdio};
 

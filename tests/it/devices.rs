@@ -3,7 +3,7 @@
 //! retained `online` messages and `offline` last wills, through the
 //! embedded broker and Mosquitto, with devices killed and reconnected.
 
-mod common;
+use crate::common;
 
 use std::time::SystemTime;
 

@@ -3,7 +3,7 @@
 //! field, never INTERNAL/UNKNOWN, and the service must stay responsive.
 //! Deterministic (seeded) so a failure replays.
 
-mod common;
+use crate::common;
 
 use common::{rng::Rng, *};
 use devicehub::proto::{

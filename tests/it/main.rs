@@ -1,0 +1,36 @@
+//! The integration tests, one binary: a module per area, all sharing
+//! [`common`] (the service in-process or as the `devicehub` binary, real
+//! brokers, devices and clients). One binary links tonic, sqlx and the
+//! support code once, where a binary per file linked them 21 times.
+//!
+//! `cargo test --test it` runs them all; `cargo test --test it store::`
+//! one area; a test's name is its path (`it::store::...` in the output).
+//! They run in parallel, across areas too: each test starts its own
+//! service, brokers and databases on ephemeral ports, and nothing here
+//! sets process-wide state (environment variables, a global subscriber)
+//! that another test could see; what must be process-wide runs in a
+//! process of its own (the `devicehub` binary).
+
+mod common;
+
+mod binary;
+mod browser;
+mod commands;
+mod connections;
+mod delivery;
+mod devices;
+mod embedded;
+mod fuzz;
+mod grpc_security;
+mod grpc_web;
+mod grpcurl;
+mod limits;
+mod metrics;
+mod mosquitto;
+mod node_client;
+mod poison;
+mod python_client;
+mod replicas;
+mod secure_broker;
+mod store;
+mod traces;
