@@ -20,6 +20,7 @@ const LISTEN_PATIENCE: Duration = Duration::from_secs(20);
 /// What the tests' Mosquitto logs: everything, for a failing test's message.
 const LOG_ALL: &str = "log_dest stderr\nlog_type all\nconnection_messages true\n";
 /// What the benchmarks' logs: what went wrong only.
+#[allow(dead_code)] // the benchmarks' (benches/devicehub includes this file)
 const LOG_QUIET: &str = "log_dest stderr\nlog_type error\nlog_type warning\n";
 /// The name of Mosquitto's log file in its directory.
 const LOG: &str = "mosquitto.log";
@@ -42,6 +43,7 @@ impl Process {
     /// Like [`Process::start`], logging only warnings and errors: for the
     /// benchmarks, whose bursts of hundreds of thousands of publishes would
     /// pay for a log line each.
+    #[allow(dead_code)] // the benchmarks'
     pub fn start_quiet(dir: TempDir, conf: &str, port: u16) -> Self {
         Self::start_logging(dir, conf, port, LOG_QUIET)
     }
