@@ -8,8 +8,10 @@
 //! They run in parallel, across areas too: each test starts its own
 //! service, brokers and databases on ephemeral ports, and nothing here
 //! sets process-wide state (environment variables, a global subscriber)
-//! that another test could see; what must be process-wide runs in a
-//! process of its own (the `devicehub` binary).
+//! that another test could see; what must be process-wide (logging, the
+//! OTLP exporter, signal handling) is tested in a process of its own, the
+//! `devicehub` binary. Embedded brokers cannot be stopped (rumqttd): each
+//! test's keeps its threads until the binary ends, serving nobody.
 
 mod common;
 
