@@ -26,6 +26,7 @@ mod fuzz;
 mod grpc_security;
 mod grpc_web;
 mod grpcurl;
+mod layering;
 mod limits;
 mod metrics;
 mod mosquitto;
