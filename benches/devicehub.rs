@@ -2237,7 +2237,7 @@ impl Replicated {
 fn contention(table: &Table, sizes: Sizes) {
     use devicehub::{
         config::{BufferLimits, DeviceLimits},
-        delivery::{encode_reading, MessageKind, NewReading, ReadingFilter, ReadingHub},
+        delivery::{EncodedReadings, MessageKind, NewReading, ReadingFilter, ReadingHub},
     };
     const PUSH: u64 = 32;
     const AHEAD: u64 = 8_192;
@@ -2333,6 +2333,7 @@ fn contention(table: &Table, sizes: Sizes) {
                 None,
                 false,
             );
+            let encoded = Arc::new(EncodedReadings::default());
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -2356,12 +2357,8 @@ fn contention(table: &Table, sizes: Sizes) {
                 runtime.block_on(async {
                     let mut got = 0;
                     while got < n {
-                        got += warm
-                            .next_batch()
-                            .await
-                            .unwrap()
-                            .messages(encode_reading)
-                            .len() as u64;
+                        let batch = warm.next_batch().await.unwrap();
+                        got += encoded.watch_messages(&batch).len() as u64;
                     }
                 });
             }
@@ -2378,6 +2375,7 @@ fn contention(table: &Table, sizes: Sizes) {
             let workers: Vec<_> = (0..threads)
                 .map(|i| {
                     let (hub, progress, barrier) = (hub.clone(), progress.clone(), barrier.clone());
+                    let encoded = encoded.clone();
                     std::thread::spawn(move || {
                         let runtime = tokio::runtime::Builder::new_current_thread()
                             .enable_all()
@@ -2396,7 +2394,7 @@ fn contention(table: &Table, sizes: Sizes) {
                                 let mut round = 0;
                                 while round < n {
                                     let batch = watcher.next_batch().await.unwrap();
-                                    round += batch.messages(encode_reading).len() as u64;
+                                    round += encoded.watch_messages(&batch).len() as u64;
                                     progress[i].0.store(got + round, Ordering::Relaxed);
                                 }
                                 got += round;

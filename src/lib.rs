@@ -105,7 +105,7 @@ pub use grpc::MAX_COMMANDS_IN_FLIGHT;
 #[doc(hidden)]
 pub mod delivery {
     pub use crate::buffer::{MessageKind, NewReading, ReadingFilter};
-    pub use crate::grpc::encode_reading;
+    pub use crate::grpc::EncodedReadings;
     pub use crate::hub::{ReadingHub, ReadingWatcher, WatchBatch};
 }
 
@@ -307,10 +307,13 @@ pub async fn run(
     let tls_on = tls.is_some();
     let (incoming, connections) =
         listener::incoming(listener, tls, config.connections.clone(), shutdown.clone());
+    // Readings' messages kept for every response (and /metrics' counts).
+    let encoded = Arc::new(grpc::EncodedReadings::default());
     // After the listener: /metrics reads its counts.
     if let Some(addr) = config.metrics_addr {
         let sources = metrics::Sources {
             hub: hub.clone(),
+            encoded: encoded.clone(),
             replies: replies.clone(),
             link_counters: link.counters.clone(),
             link: link.publisher.link_state(),
@@ -344,6 +347,7 @@ pub async fn run(
         replies,
         &config.mqtt,
         config.max_commands_per_client,
+        encoded,
         shutdown.clone(),
     );
     info!(
