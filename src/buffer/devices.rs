@@ -502,7 +502,6 @@ mod tests {
         let mut buf = buffer(2, usize::MAX).with_device_limits(DeviceLimits {
             max_devices: 1,
             max_kept_bytes: 1 << 20,
-            ..DeviceLimits::default()
         });
         push(&mut buf, "a", 1, "1");
         push(&mut buf, "b", 2, "2");
@@ -543,7 +542,6 @@ mod tests {
         let mut buf = buffer(3, usize::MAX).with_device_limits(DeviceLimits {
             max_devices: 10,
             max_kept_bytes: 5,
-            ..DeviceLimits::default()
         });
         push(&mut buf, "a", 1, "a-1");
         push_kind(

@@ -367,6 +367,10 @@ mod tests {
         cache.watch_messages(&WatchBatch::Copied(readings.to_vec()))
     }
 
+    fn watch_one(cache: &EncodedReadings, reading: &Reading) -> Vec<(u64, Bytes)> {
+        watch(cache, std::slice::from_ref(reading))
+    }
+
     #[test]
     fn a_message_is_encoded_once_and_its_bytes_are_counted_until_replaced() {
         let cache = EncodedReadings::with_slots(128, KEPT_MAX_BYTES);
@@ -390,14 +394,14 @@ mod tests {
         // A message over a sixteenth of the budget is never kept.
         let cache = EncodedReadings::with_slots(128, 16 << 10);
         let big = reading(1, 1, &"x".repeat(2000));
-        assert_eq!(watch(&cache, &[big.clone()]), [(1, field_of(&big))]);
+        assert_eq!(watch_one(&cache, &big), [(1, field_of(&big))]);
         assert_eq!(cache.stats().bytes, 0);
 
         // A full budget: encoded, not kept, counted.
         let cache = EncodedReadings::with_slots(128, 16 << 10);
         cache.budget.fill();
         let one = reading(1, 1, "1");
-        assert_eq!(watch(&cache, &[one.clone()]), [(1, field_of(&one))]);
+        assert_eq!(watch_one(&cache, &one), [(1, field_of(&one))]);
         let stats = cache.stats();
         assert_eq!((stats.bytes, stats.not_kept), (16 << 10, 1));
     }
@@ -408,11 +412,11 @@ mod tests {
         let before = reading(5, 100, r#"{"before": true}"#);
         // The same number, after memory started over: another reading.
         let after = reading(5, 200, r#"{"after": true}"#);
-        assert_eq!(watch(&cache, &[before.clone()]), [(5, field_of(&before))]);
-        assert_eq!(watch(&cache, &[after.clone()]), [(5, field_of(&after))]);
-        assert_eq!(watch(&cache, &[after.clone()]), [(5, field_of(&after))]);
+        assert_eq!(watch_one(&cache, &before), [(5, field_of(&before))]);
+        assert_eq!(watch_one(&cache, &after), [(5, field_of(&after))]);
+        assert_eq!(watch_one(&cache, &after), [(5, field_of(&after))]);
         assert!(cache.find(5, before.received_at).is_none());
-        assert_eq!(watch(&cache, &[before.clone()]), [(5, field_of(&before))]);
+        assert_eq!(watch_one(&cache, &before), [(5, field_of(&before))]);
         assert_eq!(cache.stats().encodings, 3);
         assert_eq!(cache.stats().bytes, len_of(&[before]));
     }
@@ -432,7 +436,7 @@ mod tests {
         for (i, reading) in all.iter().enumerate() {
             // Asked for twice: the second time from the cache.
             for _ in 0..2 {
-                let sent = watch(&cache, std::slice::from_ref(reading));
+                let sent = watch_one(&cache, reading);
                 assert_eq!(sent, [(reading.seq, field_of(reading))]);
             }
             let stats = cache.stats();
@@ -449,7 +453,7 @@ mod tests {
         // own: the hand finds room all the same.
         for seq in (1000..1000 + 64 * 40).step_by(40) {
             let far = reading(seq, seq, "xxxxxxxxxx");
-            watch(&cache, &[far.clone()]);
+            watch_one(&cache, &far);
             assert!(cache.find(seq, far.received_at).is_some(), "{seq}");
         }
         assert_eq!(cache.stats().not_kept, 0);
