@@ -225,9 +225,6 @@ pub struct DeviceLimits {
     /// Most payload bytes kept of devices' newest readings after their
     /// eviction from the buffer.
     pub max_kept_bytes: usize,
-    /// Most bytes of devices' newest readings kept encoded for pages (not a
-    /// flag: in docs/api.md's memory formula).
-    pub max_encoded_bytes: usize,
 }
 
 impl Default for DeviceLimits {
@@ -235,7 +232,6 @@ impl Default for DeviceLimits {
         Self {
             max_devices: 100_000,
             max_kept_bytes: 16 << 20,
-            max_encoded_bytes: 32 << 20,
         }
     }
 }

@@ -1,19 +1,12 @@
-//! Encoded messages kept for reuse, within a byte budget: the watchers'
-//! ring keeps each newest reading's message (`hub/live.rs`), the device
-//! list each device's newest reading (`buffer/devices.rs`).
+//! The byte budget of the encodings kept for reuse: the one cache of
+//! readings' encoded messages (`grpc/encoded.rs`) reserves what it keeps
+//! here and gives it back when it drops it.
 //!
-//! Both are filled by readers under shared access (no lock, or a read
-//! lock), so a kept encoding sits in a `OnceLock` and the budget is atomic:
-//! two readers may encode the same thing at once, the first to set it wins
-//! and the other gives its bytes back. What is not kept because the budget
-//! was full is counted, for operators.
+//! The cache is filled by readers without a lock, so the budget is atomic:
+//! a reservation is one add, taken back when it went over. What is not kept
+//! because the budget was full is counted, for operators.
 
-use std::sync::{
-    atomic::{AtomicU64, AtomicUsize, Ordering},
-    OnceLock,
-};
-
-use bytes::Bytes;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 pub(crate) struct EncodingBudget {
     max_bytes: usize,
@@ -30,26 +23,13 @@ impl EncodingBudget {
         }
     }
 
-    /// Keeps `encoded` in `slot` if the budget has room and returns what
-    /// the slot holds (ours, or another reader's that won the race); gives
-    /// `encoded` back when the budget is full.
-    pub fn keep<'a>(
-        &self,
-        slot: &'a OnceLock<Bytes>,
-        encoded: Vec<u8>,
-    ) -> Result<&'a Bytes, Vec<u8>> {
-        let len = encoded.len();
+    /// Takes `len` bytes if the budget has room for them.
+    pub fn reserve(&self, len: usize) -> bool {
         if self.bytes.fetch_add(len, Ordering::Relaxed) + len > self.max_bytes {
             self.bytes.fetch_sub(len, Ordering::Relaxed);
-            self.not_kept.fetch_add(1, Ordering::Relaxed);
-            return Err(encoded);
+            return false;
         }
-        let mut ours = Some(Bytes::from(encoded));
-        let kept = slot.get_or_init(|| ours.take().unwrap_or_default());
-        if ours.is_some() {
-            self.release(len);
-        }
-        Ok(kept)
+        true
     }
 
     /// Gives back `len` bytes of kept encodings being dropped.
@@ -57,12 +37,17 @@ impl EncodingBudget {
         self.bytes.fetch_sub(len, Ordering::Relaxed);
     }
 
+    /// Counts an encoding that was not kept for want of room.
+    pub fn count_not_kept(&self) {
+        self.not_kept.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Bytes kept now.
     pub fn bytes(&self) -> usize {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    /// Encodings not kept because the budget was full.
+    /// Encodings not kept for want of room.
     pub fn not_kept(&self) -> u64 {
         self.not_kept.load(Ordering::Relaxed)
     }

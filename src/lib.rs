@@ -126,7 +126,7 @@ pub mod mqtt_tls {
 #[doc(hidden)]
 pub mod delivery {
     pub use crate::buffer::{MessageKind, NewReading, ReadingFilter};
-    pub use crate::grpc::encode_reading;
+    pub use crate::grpc::EncodedReadings;
     pub use crate::hub::{ReadingHub, ReadingWatcher, WatchBatch};
 }
 
@@ -267,6 +267,7 @@ pub async fn run(
         store,
         connections,
         authenticator,
+        encoded: Arc::new(grpc::EncodedReadings::default()),
     };
     start_reporting(&config, registry, &parts, &shutdown).await?;
     let routes = add_reflection(routes)?;
@@ -275,6 +276,7 @@ pub async fn run(
         replies,
         link,
         authenticator,
+        encoded,
         ..
     } = parts;
     let service = DeviceHubService::new(
@@ -283,6 +285,7 @@ pub async fn run(
         replies,
         &config.mqtt,
         config.max_commands_per_client,
+        encoded,
         shutdown.clone(),
     );
     info!(
@@ -309,6 +312,8 @@ struct Parts {
     store: Option<Postgres>,
     connections: listener::ListenerStats,
     authenticator: Authenticator,
+    /// Readings' messages kept for every response (and /metrics' counts).
+    encoded: Arc<grpc::EncodedReadings>,
 }
 
 /// Connects to the PostgreSQL store, if there is one, and reads where its
@@ -432,6 +437,7 @@ async fn start_reporting(
     if let Some(addr) = config.metrics_addr {
         let sources = metrics::Sources {
             hub: parts.hub.clone(),
+            encoded: parts.encoded.clone(),
             replies: parts.replies.clone(),
             link_counters: parts.link.counters.clone(),
             link: parts.link.publisher.link_state(),

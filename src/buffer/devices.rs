@@ -12,32 +12,30 @@
 //! payload is copied into the record, within a byte budget for all such
 //! copies (`max_kept_bytes`, counted when full).
 //!
-//! A device's newest reading is also kept as the caller encoded it (the
-//! device list's protobuf message), made by the first page that needs it
-//! and dropped when a newer reading arrives: a page of 100 devices then
-//! copies 100 encodings instead of copying and transcoding 100 payloads
-//! (BENCHMARKS.md, "Devices"), within `max_encoded_bytes` (see
-//! `encoding_budget.rs`: pages fill it under the buffer's read lock).
+//! The device list hands each newest reading out as a copy, unless the
+//! lister says it already has what it needs of it (`find`, asked with the
+//! reading's number and time: the gRPC side keeps readings' messages, and a
+//! page of 100 devices then copies no payload). The buffer holds no
+//! encodings of its own.
 //!
-//! Memory per known device: the record (`Device`, 200 bytes on 64-bit
+//! Memory per known device: the record (`Device`, 160 bytes on 64-bit
 //! targets, checked by a test, and the slab's tag), its id once (shared
 //! with the index and the readings), the hash map's and the ordered map's
-//! entries for it (about 70 bytes with their slack), a kept reading's
-//! payload and an encoding within their budgets: about 290 bytes plus the
-//! id, the payload and the encoding; 31 MiB for 100 000 devices with
-//! 16-byte ids, without the last two.
+//! entries for it (about 70 bytes with their slack) and a kept reading's
+//! payload within its budget: about 250 bytes plus the id and the payload;
+//! 27 MiB for 100 000 devices with 16-byte ids, without the payloads.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     ops::Bound,
-    sync::{Arc, OnceLock},
+    sync::Arc,
+    time::{Duration, SystemTime},
 };
 
-use bytes::Bytes;
 use slab::Slab;
 
 use super::{Reading, ReadingBuffer, Source};
-use crate::{config::DeviceLimits, encoding_budget::EncodingBudget};
+use crate::config::DeviceLimits;
 
 /// A device's connection status, from its status messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -98,21 +96,16 @@ pub(super) struct Device {
     kept: Option<Reading>,
     status: ConnectionStatus,
     status_changed_micros: u64,
-    /// The newest reading as a page encoded it; empty until one did, and
-    /// whenever `newest_reading` changes.
-    encoded: OnceLock<Bytes>,
 }
 
 impl Device {
     /// What a page shows of this device, with where its newest reading is:
-    /// encoded, buffered (its sequence number) or kept (the copy).
+    /// buffered (its sequence number) or kept (the copy).
     pub fn view(&self) -> (DeviceInfo, NewestReading<'_>) {
-        let slot = &self.encoded;
-        let newest = match (slot.get(), &self.kept, self.newest_reading) {
-            (Some(encoded), ..) => NewestReading::Encoded(encoded),
-            (None, Some(kept), _) => NewestReading::Kept(kept, slot),
-            (None, None, Some(seq)) => NewestReading::Buffered(seq, slot),
-            (None, None, None) => NewestReading::None,
+        let newest = match (&self.kept, self.newest_reading) {
+            (Some(kept), _) => NewestReading::Kept(kept),
+            (None, Some(seq)) => NewestReading::Buffered(seq),
+            (None, None) => NewestReading::None,
         };
         let info = DeviceInfo {
             device_id: self.last_source.device_id.clone(),
@@ -123,15 +116,6 @@ impl Device {
             status_changed_micros: self.status_changed_micros,
         };
         (info, newest)
-    }
-
-    /// Sets the newest reading (`None`: none is known any more), giving
-    /// the encoding of the previous one back to `budget`.
-    fn set_newest(&mut self, seq: Option<u64>, budget: &EncodingBudget) {
-        self.newest_reading = seq;
-        if let Some(old) = self.encoded.take() {
-            budget.release(old.len());
-        }
     }
 }
 
@@ -159,10 +143,6 @@ pub struct DeviceStats {
     pub kept_bytes: usize,
     /// Newest readings not kept because the budget was full.
     pub kept_dropped: u64,
-    /// Bytes of newest readings' encodings kept for pages.
-    pub encoded_bytes: usize,
-    /// Encodings not kept because their budget was full.
-    pub encodings_not_kept: u64,
 }
 
 /// Every device, by id and in order.
@@ -178,7 +158,6 @@ pub(super) struct Devices {
     kept_bytes: usize,
     not_listed: u64,
     kept_dropped: u64,
-    encoded: EncodingBudget,
 }
 
 impl Devices {
@@ -187,7 +166,6 @@ impl Devices {
             records: Slab::new(),
             by_id: HashMap::new(),
             listed: BTreeMap::new(),
-            encoded: EncodingBudget::new(limits.max_encoded_bytes),
             limits,
             kept_bytes: 0,
             not_listed: 0,
@@ -228,7 +206,6 @@ impl Devices {
                     kept: None,
                     status: ConnectionStatus::Unknown,
                     status_changed_micros: 0,
-                    encoded: OnceLock::new(),
                 };
                 self.insert(source.device_id.clone(), device)
             }
@@ -244,7 +221,7 @@ impl Devices {
         device.last_seen_micros = micros;
         match kind {
             MessageKind::Reading => {
-                device.set_newest(Some(seq), &self.encoded);
+                device.newest_reading = Some(seq);
                 if let Some(kept) = device.kept.take() {
                     self.kept_bytes -= kept.payload.len();
                 }
@@ -290,7 +267,6 @@ impl Devices {
             kept,
             status: info.status,
             status_changed_micros: info.status_changed_micros,
-            encoded: OnceLock::new(),
         };
         self.insert(info.device_id, device);
     }
@@ -332,10 +308,10 @@ impl Devices {
                 device.kept = Some(reading);
             } else {
                 self.kept_dropped += 1;
-                device.set_newest(None, &self.encoded);
+                device.newest_reading = None;
             }
         } else if device.newest_reading == Some(seq) {
-            device.set_newest(None, &self.encoded);
+            device.newest_reading = None;
         }
         if device.seqs.is_empty() && !device.listed {
             self.by_id.remove(device_id);
@@ -381,17 +357,6 @@ impl Devices {
             not_listed: self.not_listed,
             kept_bytes: self.kept_bytes,
             kept_dropped: self.kept_dropped,
-            encoded_bytes: self.encoded.bytes(),
-            encodings_not_kept: self.encoded.not_kept(),
-        }
-    }
-
-    /// Keeps `encoded`, a newest reading's encoding, in `slot` (from
-    /// [`NewestReading`]) if the budget has room, and returns it.
-    pub fn keep_encoding(&self, slot: &OnceLock<Bytes>, encoded: Vec<u8>) -> Bytes {
-        match self.encoded.keep(slot, encoded) {
-            Ok(kept) => kept.clone(),
-            Err(encoded) => encoded.into(),
         }
     }
 
@@ -401,50 +366,63 @@ impl Devices {
     }
 }
 
-/// Where a device's newest reading is; with the slot its encoding is to
-/// be kept in when it is not encoded yet.
+/// Where a device's newest reading is.
 pub(super) enum NewestReading<'a> {
-    Encoded(&'a Bytes),
-    Buffered(u64, &'a OnceLock<Bytes>),
-    Kept(&'a Reading, &'a OnceLock<Bytes>),
+    Buffered(u64),
+    Kept(&'a Reading),
     None,
 }
 
 /// A device as the device list shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceEntry {
+pub struct DeviceEntry<K> {
     pub info: DeviceInfo,
-    /// Its newest reading, buffered or kept, as the lister's `encode` made
-    /// it (now or for an earlier page).
-    pub last_reading: Option<Bytes>,
+    /// Its newest reading, buffered or kept.
+    pub last_reading: Option<LastReading<K>>,
+}
+
+/// A device's newest reading as the device list hands it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LastReading<K> {
+    /// What the lister's `find` returned for it.
+    Found(K),
+    /// A copy, as `find` returned nothing.
+    Copied(Reading),
 }
 
 /// The device list, served from the buffer: the records above, with each
-/// newest reading read from the buffer (or the kept copy) and encoded.
+/// newest reading read from the buffer (or the kept copy).
 impl ReadingBuffer {
-    /// A listed device, its newest reading as `encode` makes it. The
-    /// encoding is kept for later calls (within a budget; see
-    /// `buffer/devices.rs`), so `encode` must make the same bytes of the
-    /// same reading every time.
-    pub fn device(
+    /// A listed device and its newest reading: what `find` returns for the
+    /// reading's number and time (something the caller keeps of it), else a
+    /// copy of it.
+    pub fn device<K>(
         &self,
         device_id: &str,
-        encode: impl Fn(&Reading) -> Vec<u8>,
-    ) -> Option<DeviceEntry> {
-        Some(self.device_entry(self.devices.get(device_id)?, encode))
+        find: impl Fn(u64, SystemTime) -> Option<K>,
+    ) -> Option<DeviceEntry<K>> {
+        Some(self.device_entry(self.devices.get(device_id)?, find))
     }
 
-    fn device_entry(&self, device: &Device, encode: impl Fn(&Reading) -> Vec<u8>) -> DeviceEntry {
+    fn device_entry<K>(
+        &self,
+        device: &Device,
+        find: impl Fn(u64, SystemTime) -> Option<K>,
+    ) -> DeviceEntry<K> {
         let (info, newest) = device.view();
+        let found = |seq, received_at| find(seq, received_at).map(LastReading::Found);
         let last_reading = match newest {
-            NewestReading::Encoded(encoded) => Some(encoded.clone()),
-            NewestReading::Buffered(seq, keep) => self.get(seq).map(|slot| {
-                let encoded = encode(&self.reading(seq, slot));
-                self.devices.keep_encoding(keep, encoded)
+            NewestReading::Buffered(seq) => self.get(seq).map(|slot| {
+                // The time as a copy would have it.
+                let received_at =
+                    SystemTime::UNIX_EPOCH + Duration::from_micros(slot.received_micros);
+                found(seq, received_at)
+                    .unwrap_or_else(|| LastReading::Copied(self.reading(seq, slot)))
             }),
-            NewestReading::Kept(reading, keep) => {
-                Some(self.devices.keep_encoding(keep, encode(reading)))
-            }
+            NewestReading::Kept(reading) => Some(
+                found(reading.seq, reading.received_at)
+                    .unwrap_or_else(|| LastReading::Copied(reading.clone())),
+            ),
             NewestReading::None => None,
         };
         DeviceEntry { info, last_reading }
@@ -453,22 +431,22 @@ impl ReadingBuffer {
     /// Up to `limit` listed devices whose id starts with `prefix`, after
     /// `after` when given, that `visible` lets through, in id order, as
     /// [`Self::device`] gives them; and whether more follow.
-    pub fn devices(
+    pub fn devices<K>(
         &self,
         prefix: &str,
         after: Option<&str>,
         visible: impl Fn(&str) -> bool,
         limit: usize,
-        encode: impl Fn(&Reading) -> Vec<u8>,
-    ) -> (Vec<DeviceEntry>, bool) {
+        find: impl Fn(u64, SystemTime) -> Option<K>,
+    ) -> (Vec<DeviceEntry<K>>, bool) {
         let mut listed = self
             .devices
             .listed_from(prefix, after)
             .filter(|(id, _)| visible(id));
-        let page: Vec<DeviceEntry> = listed
+        let page: Vec<DeviceEntry<K>> = listed
             .by_ref()
             .take(limit)
-            .map(|(_, device)| self.device_entry(device, &encode))
+            .map(|(_, device)| self.device_entry(device, &find))
             .collect();
         (page, listed.next().is_some())
     }
@@ -498,7 +476,7 @@ mod tests {
     #[test]
     fn a_device_record_is_as_large_as_documented() {
         #[cfg(target_pointer_width = "64")]
-        assert_eq!(std::mem::size_of::<Device>(), 200);
+        assert_eq!(std::mem::size_of::<Device>(), 160);
     }
 
     #[test]
@@ -524,7 +502,6 @@ mod tests {
         let mut buf = buffer(2, usize::MAX).with_device_limits(DeviceLimits {
             max_devices: 1,
             max_kept_bytes: 1 << 20,
-            ..DeviceLimits::default()
         });
         push(&mut buf, "a", 1, "1");
         push(&mut buf, "b", 2, "2");
@@ -565,7 +542,6 @@ mod tests {
         let mut buf = buffer(3, usize::MAX).with_device_limits(DeviceLimits {
             max_devices: 10,
             max_kept_bytes: 5,
-            ..DeviceLimits::default()
         });
         push(&mut buf, "a", 1, "a-1");
         push_kind(
@@ -576,8 +552,8 @@ mod tests {
             "online",
         );
         push(&mut buf, "b", 3, "b-1");
-        let a = buf.device("a", described).unwrap();
-        assert_eq!(a.last_reading.unwrap(), format!("{FIRST}:a-1"));
+        let a = device(&buf, "a").unwrap();
+        assert_eq!(described(&a).unwrap(), format!("{FIRST}:a-1"));
         assert_eq!(
             (a.info.first_seen_micros, a.info.last_seen_micros),
             (1_000_000, 2_000_000)
@@ -598,8 +574,8 @@ mod tests {
             MessageKind::Status(Some(ConnectionStatus::Online)),
             "online",
         );
-        let a = buf.device("a", described).unwrap();
-        assert_eq!(a.last_reading.unwrap(), format!("{FIRST}:a-1"));
+        let a = device(&buf, "a").unwrap();
+        assert_eq!(described(&a).unwrap(), format!("{FIRST}:a-1"));
         assert_eq!(a.info.status_changed_micros, 2_000_000);
         assert_eq!(a.info.last_seen_micros, 5_000_000);
         assert_eq!(buf.device_stats().kept_bytes, 3);
@@ -612,10 +588,10 @@ mod tests {
             MessageKind::Status(Some(ConnectionStatus::Offline)),
             "offline",
         );
-        let b = buf.device("b", described).unwrap();
-        assert_eq!((b.last_reading, b.info.buffered), (None, 0));
+        let b = device(&buf, "b").unwrap();
+        assert_eq!((described(&b), b.info.buffered), (None, 0));
         assert_eq!(buf.device_stats().kept_dropped, 1);
-        let a = buf.device("a", described).unwrap();
+        let a = device(&buf, "a").unwrap();
         assert_eq!(
             (a.info.status, a.info.status_changed_micros),
             (ConnectionStatus::Offline, 6_000_000)
@@ -625,67 +601,58 @@ mod tests {
 
         // A new reading replaces the kept copy and frees its budget.
         push(&mut buf, "a", 7, "a-2");
-        let a = buf.device("a", described).unwrap();
-        assert_eq!(a.last_reading.unwrap(), format!("{}:a-2", FIRST + 6));
+        let a = device(&buf, "a").unwrap();
+        assert_eq!(described(&a).unwrap(), format!("{}:a-2", FIRST + 6));
         assert_eq!(buf.device_stats().kept_bytes, 0);
-        assert!(buf.device("", described).is_none() && buf.device("c", described).is_none());
+        assert!(device(&buf, "").is_none() && device(&buf, "c").is_none());
     }
 
-    /// The tests' encoding of a device's newest reading.
-    fn described(reading: &Reading) -> Vec<u8> {
-        let payload = String::from_utf8_lossy(&reading.payload);
-        format!("{}:{payload}", reading.seq).into_bytes()
+    /// A listed device, its newest reading copied (nothing is found).
+    fn device(buf: &ReadingBuffer, device_id: &str) -> Option<DeviceEntry<()>> {
+        buf.device(device_id, |_, _| None)
+    }
+
+    /// The tests' description of a device's newest reading.
+    fn described(device: &DeviceEntry<()>) -> Option<String> {
+        match device.last_reading.as_ref()? {
+            LastReading::Copied(reading) => {
+                let payload = String::from_utf8_lossy(&reading.payload);
+                Some(format!("{}:{payload}", reading.seq))
+            }
+            LastReading::Found(()) => panic!("nothing is found"),
+        }
+    }
+
+    fn nothing_found(_: u64, _: SystemTime) -> Option<()> {
+        None
     }
 
     #[test]
-    fn a_devices_newest_reading_is_encoded_once_until_a_newer_one_arrives() {
-        use std::cell::Cell;
-        let calls = Cell::new(0);
-        let encode = |reading: &Reading| {
-            calls.set(calls.get() + 1);
-            described(reading)
-        };
+    fn a_devices_newest_reading_is_what_find_found_for_it_else_a_copy() {
         let mut buf = buffer(2, usize::MAX).with_device_limits(DeviceLimits {
             max_devices: 10,
             max_kept_bytes: 100,
-            max_encoded_bytes: 20,
         });
         let first = push(&mut buf, "a", 1, "a-1");
-        let one = format!("{first}:a-1");
-        for _ in 0..3 {
-            let (page, _) = buf.devices("", None, |_| true, 10, encode);
-            assert_eq!(page[0].last_reading.as_ref().unwrap(), &one);
-        }
-        assert_eq!(calls.get(), 1);
-        assert_eq!(buf.device_stats().encoded_bytes, one.len());
-
-        // A reply and a status leave it; its eviction keeps it (with the
-        // kept copy).
+        // Asked with the reading's number and time; what it found is
+        // handed back as it is, and nothing is copied.
+        let find = |seq: u64, at: SystemTime| Some((seq, at));
+        let found = buf.device("a", find).unwrap().last_reading;
+        assert_eq!(found, Some(LastReading::Found((first, at(1)))));
+        let (page, _) = buf.devices("", None, |_| true, 10, find);
+        assert_eq!(page[0].last_reading, found);
+        // Evicted and kept: the same number and time.
         push_kind(&mut buf, "a", 2, MessageKind::Reply, "{}");
         push_kind(&mut buf, "a", 3, MessageKind::Status(None), "?");
-        assert_eq!(buf.device("a", encode).unwrap().last_reading.unwrap(), one);
-        assert_eq!(calls.get(), 1);
-
-        // A newer reading replaces it and its bytes.
-        let second = push(&mut buf, "a", 4, "a-2");
-        let two = format!("{second}:a-2");
-        assert_eq!(buf.device("a", encode).unwrap().last_reading.unwrap(), two);
-        assert_eq!(buf.device("a", encode).unwrap().last_reading.unwrap(), two);
-        assert_eq!(calls.get(), 2);
-        assert_eq!(buf.device_stats().encoded_bytes, two.len());
-
-        // Past the budget: encoded every time, counted, still right.
-        push(&mut buf, "bb", 5, "a much longer payload than 20 bytes");
-        for _ in 0..2 {
-            let b = buf.device("bb", encode).unwrap().last_reading.unwrap();
-            assert!(b.ends_with(b":a much longer payload than 20 bytes"));
-        }
-        assert_eq!(calls.get(), 4);
-        let stats = buf.device_stats();
+        assert_eq!(buf.device("a", find).unwrap().last_reading, found);
         assert_eq!(
-            (stats.encoded_bytes, stats.encodings_not_kept),
-            (two.len(), 2)
+            described(&device(&buf, "a").unwrap()).unwrap(),
+            format!("{first}:a-1")
         );
+        // A newer reading is another.
+        let second = push(&mut buf, "a", 4, "a-2");
+        let found = buf.device("a", find).unwrap().last_reading;
+        assert_eq!(found, Some(LastReading::Found((second, at(4)))));
     }
 
     #[test]
@@ -696,23 +663,23 @@ mod tests {
         ] {
             push(&mut buf, id, 1, "x");
         }
-        let ids = |page: &[DeviceEntry]| -> Vec<String> {
+        let ids = |page: &[DeviceEntry<()>]| -> Vec<String> {
             page.iter().map(|d| d.info.device_id.to_string()).collect()
         };
-        let (page, more) = buf.devices("pump-", None, |_| true, 2, described);
+        let (page, more) = buf.devices("pump-", None, |_| true, 2, nothing_found);
         assert_eq!(
             (ids(&page), more),
             (vec!["pump-1".into(), "pump-10".into()], true)
         );
-        let (page, more) = buf.devices("pump-", Some("pump-10"), |_| true, 2, described);
+        let (page, more) = buf.devices("pump-", Some("pump-10"), |_| true, 2, nothing_found);
         assert_eq!((ids(&page), more), (vec!["pump-2".into()], false));
-        let (page, _) = buf.devices("", None, |id| id != "fan-2", 10, described);
+        let (page, _) = buf.devices("", None, |id| id != "fan-2", 10, nothing_found);
         assert_eq!(
             ids(&page),
             ["fan-1", "pump-1", "pump-10", "pump-2", "pumpkin"]
         );
         // A cursor before the prefix starts at the prefix.
-        let (page, _) = buf.devices("pump", Some("a"), |_| true, 1, described);
+        let (page, _) = buf.devices("pump", Some("a"), |_| true, 1, nothing_found);
         assert_eq!(ids(&page), ["pump-1"]);
         assert_eq!(buf.device_stats().known, 6);
     }

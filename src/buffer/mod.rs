@@ -49,7 +49,9 @@ mod query;
 
 use arena::{PayloadArena, PayloadRef};
 use devices::Devices;
-pub use devices::{ConnectionStatus, DeviceEntry, DeviceInfo, DeviceStats, MessageKind};
+pub use devices::{
+    ConnectionStatus, DeviceEntry, DeviceInfo, DeviceStats, LastReading, MessageKind,
+};
 pub use query::{CursorError, ListPage, ListQuery, ReadingFilter};
 
 /// Where readings come from: a device and a topic, shared by every stored

@@ -467,7 +467,6 @@ impl ServeArgs {
             devices: DeviceLimits {
                 max_devices: usize::try_from(self.max_devices).unwrap_or(usize::MAX),
                 max_kept_bytes: usize::try_from(self.devices_max_bytes).unwrap_or(usize::MAX),
-                ..DeviceLimits::default()
             },
             max_watchers: self.max_watchers as usize,
             max_watchers_per_client: self.max_watchers_per_client as usize,

@@ -1,5 +1,7 @@
 //! ListDevices and GetDevice: the devices the buffer knows (see
-//! `buffer/devices.rs`), with their newest reading and connection status.
+//! `buffer/devices.rs`), with their newest reading (its message from the
+//! cache shared with watchers and pages, `encoded.rs`) and connection
+//! status.
 
 use super::{
     auth::Caller, convert::device_id_field, error::ApiError, page_token, wire, Encoded,
@@ -33,18 +35,20 @@ pub(super) fn list(
         token => Some(page_token::decode_key(token, hash)?),
     };
 
+    // Newest readings whose messages are kept are not copied out.
+    let encoded = &shared.encoded;
     let (devices, more) = shared.hub.devices(
         &prefix,
         after.as_deref(),
         |id| caller.read.allows(id),
         limit,
-        wire::device_reading,
+        |seq, received_at| encoded.find(seq, received_at),
     );
     let mut out = Vec::with_capacity(devices.len() * 256);
     let mut fits = devices.len();
     for (i, device) in devices.iter().enumerate() {
         let before = out.len();
-        wire::put_device_field(wire::LIST_DEVICES_DEVICES, device, &mut out);
+        encoded.put_device_field(wire::LIST_DEVICES_DEVICES, device, &mut out);
         if i > 0 && out.len() > MAX_PAGE_BYTES {
             out.truncate(before);
             fits = i;
@@ -67,15 +71,18 @@ pub(super) fn get(
 ) -> Result<EncodedGetDeviceResponse, ApiError> {
     let device_id = device_id_field(&req.device_id)?;
     caller.may_read(&device_id)?;
+    let encoded = &shared.encoded;
     let device = shared
         .hub
-        .device(&device_id, wire::device_reading)
+        .device(&device_id, |seq, received_at| {
+            encoded.find(seq, received_at)
+        })
         .ok_or_else(|| {
             ApiError::NotFound(format!(
                 "device {device_id:?} has not been heard from since the service started"
             ))
         })?;
     let mut out = Vec::new();
-    wire::put_device_field(wire::GET_DEVICE_DEVICE, &device, &mut out);
+    encoded.put_device_field(wire::GET_DEVICE_DEVICE, &device, &mut out);
     Ok(Encoded::from_bytes(out.into()))
 }

@@ -2,8 +2,11 @@
 //! filters and an opaque page token.
 
 use super::{
-    auth::Caller, convert::optional_time, error::ApiError, page_token, wire, Encoded,
-    EncodedListReadingsResponse, Shared,
+    auth::Caller,
+    convert::optional_time,
+    encoded::{Keep, READING_FIELD},
+    error::ApiError,
+    page_token, wire, Encoded, EncodedListReadingsResponse, Shared,
 };
 use crate::{
     buffer::{CursorError, ListQuery},
@@ -35,25 +38,27 @@ pub(super) async fn list(
     })?;
 
     // Keep the response under the client's message size limit; at least
-    // one reading is always sent.
-    let encoded = shared.encoded.encode(&page.readings);
-    let mut bytes = 0;
-    let fits = encoded
-        .iter()
-        .position(|e| {
-            bytes += e.len();
-            bytes > MAX_PAGE_BYTES
-        })
-        .filter(|&i| i > 0)
-        .unwrap_or(encoded.len());
+    // one reading is always sent. Each reading's message comes from the
+    // cache shared with streams and other pages (which keeps the newest).
+    let keep = Keep::for_page(shared.hub.next_seq());
+    let guess: usize = page.readings.iter().map(|r| 2 * r.payload.len() + 96).sum();
+    let mut response = Vec::with_capacity(guess.min(MAX_PAGE_BYTES) + 64);
+    let mut fits = page.readings.len();
+    for (i, reading) in page.readings.iter().enumerate() {
+        let before = response.len();
+        shared
+            .encoded
+            .put_field(READING_FIELD, reading, keep, &mut response);
+        if i > 0 && response.len() > MAX_PAGE_BYTES {
+            response.truncate(before);
+            fits = i;
+            break;
+        }
+    }
     // The page may be empty and still go on (the buffer stopped looking
     // after `MAX_EXAMINED_PER_PAGE` readings): its cursor then names where
     // looking resumes, and the token is sent all the same.
     let next_cursor = page.readings.get(fits).map(|r| r.seq).or(page.next_cursor);
-    let mut response = Vec::with_capacity(bytes.min(MAX_PAGE_BYTES) + 64);
-    for reading in &encoded[..fits] {
-        response.extend_from_slice(reading);
-    }
     if let Some(cursor) = next_cursor {
         let token = page_token::encode(cursor, query_hash);
         wire::put_str(wire::LIST_NEXT_PAGE_TOKEN, &token, &mut response);

@@ -10,7 +10,8 @@
 //! - `auth.rs`: the bearer-token interceptor and the scope checks by device;
 //! - `error.rs`: [`ApiError`](error::ApiError), turned into a `Status` in one place;
 //! - `wire.rs`, `encoded.rs`: readings written straight to protobuf wire
-//!   format and shared by every response that carries them (see BENCHMARKS.md).
+//!   format, and the one cache of their messages shared by every response
+//!   that carries them (see BENCHMARKS.md).
 
 mod auth;
 mod commands;
@@ -31,8 +32,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub use auth::{Authenticator, KeyError};
 pub use commands::MAX_COMMANDS_IN_FLIGHT;
-pub use encoded::encode_reading;
-use encoded::EncodedReadings;
+pub use encoded::EncodedReadings;
 pub use wire::Encoded;
 
 use crate::{
@@ -74,8 +74,8 @@ struct Shared {
     /// The topic level that holds the device id in every subscribed topic
     /// (readings and replies), if there is one.
     device_level: Option<usize>,
-    /// The newest listed readings' messages, shared by all pages.
-    encoded: EncodedReadings,
+    /// Readings' messages, shared by every response that carries them.
+    encoded: Arc<EncodedReadings>,
     /// Commands in progress (waiting for the broker or a reply) per client.
     commands_per_client: PerClient,
     shutdown: CancellationToken,
@@ -88,6 +88,7 @@ impl DeviceHubService {
         replies: ReplyRouter,
         topics: &MqttConfig,
         max_commands_per_client: usize,
+        encoded: Arc<EncodedReadings>,
         shutdown: CancellationToken,
     ) -> Self {
         let device_level = match (
@@ -108,7 +109,7 @@ impl DeviceHubService {
             replies,
             commands_topic: topics.commands_topic.clone(),
             device_level,
-            encoded: EncodedReadings::default(),
+            encoded,
             commands_per_client: PerClient::new(max_commands_per_client),
             shutdown,
         };

@@ -19,7 +19,7 @@ use tonic::Status;
 use tracing::{warn, Instrument};
 
 use super::{
-    auth::Caller, encoded::encode_reading, error::ApiError, Encoded, EncodedWatchReadingsResponse,
+    auth::Caller, encoded::EncodedReadings, error::ApiError, Encoded, EncodedWatchReadingsResponse,
     Shared,
 };
 use crate::{
@@ -69,7 +69,8 @@ pub(super) async fn watch(
     }
     let start_cursor = watcher.cursor();
     let (tx, rx) = mpsc::channel(WATCH_QUEUE_BATCHES);
-    tokio::spawn(produce(watcher, notify_gaps, tx).in_current_span());
+    let encoded = shared.encoded.clone();
+    tokio::spawn(produce(watcher, encoded, notify_gaps, tx).in_current_span());
     Ok(WatchStream {
         batches: ReceiverStream::new(rx),
         batch: Vec::new().into_iter(),
@@ -83,9 +84,15 @@ pub(super) async fn watch(
 type WatchEvent = Result<Vec<WatchItem>, Status>;
 
 /// The producer of one stream: reads the buffer from the watcher's cursor
-/// and queues what the stream sends, until the client goes away or the
-/// stream ends with an error.
-async fn produce(mut watcher: ReadingWatcher, notify_gaps: bool, tx: mpsc::Sender<WatchEvent>) {
+/// and queues what the stream sends (each reading's message from `encoded`,
+/// shared by all streams), until the client goes away or the stream ends
+/// with an error.
+async fn produce(
+    mut watcher: ReadingWatcher,
+    encoded: Arc<EncodedReadings>,
+    notify_gaps: bool,
+    tx: mpsc::Sender<WatchEvent>,
+) {
     let mut last_sent = watcher.cursor();
     loop {
         let batch = tokio::select! {
@@ -93,8 +100,8 @@ async fn produce(mut watcher: ReadingWatcher, notify_gaps: bool, tx: mpsc::Sende
             _ = tx.closed() => return,
         };
         let event = match batch {
-            Ok(batch) => Ok(batch
-                .messages(encode_reading)
+            Ok(batch) => Ok(encoded
+                .watch_messages(&batch)
                 .into_iter()
                 .map(|(seq, message)| WatchItem {
                     resumes_after: Some(seq),

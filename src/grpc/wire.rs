@@ -22,7 +22,7 @@ use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::time::SystemTime;
 
 use crate::{
-    buffer::{ConnectionStatus, DeviceEntry, Reading},
+    buffer::{ConnectionStatus, DeviceInfo, Reading},
     proto::DeviceStatus,
 };
 
@@ -105,11 +105,23 @@ impl<M: Message + Default> Message for Encoded<M> {
 }
 
 /// Appends `reading` as field `field` (a `devicehub.v1.Reading`) of the
-/// message being written to `out`.
+/// message being written to `out`. (The service writes a reading's
+/// message once, [`reading_message`], and puts it as a field wherever it
+/// goes: `encoded.rs`.)
+#[cfg(test)]
 pub fn put_reading_field(field: u32, reading: &Reading, out: &mut Vec<u8>) {
     let start = out.len();
     put_reading(reading, out);
     wrap(out, start, field);
+}
+
+/// A `devicehub.v1.Reading`: what `encoded.rs` keeps, and writes as a field
+/// of the messages that carry it with [`put_bytes`].
+pub fn reading_message(reading: &Reading) -> Vec<u8> {
+    // JSON payloads grow as `Value`s: room for most at once.
+    let mut out = Vec::with_capacity(2 * reading.payload.len() + 64);
+    put_reading(reading, &mut out);
+    out
 }
 
 // devicehub.v1.Reading's fields (see the proto).
@@ -190,21 +202,17 @@ pub const LIST_DEVICES_DEVICES: u32 = 1;
 pub const LIST_DEVICES_NEXT_PAGE_TOKEN: u32 = 2;
 pub const GET_DEVICE_DEVICE: u32 = 1;
 
-/// A `devicehub.v1.Reading`, as a device's `last_reading` (see
-/// [`put_device_field`]).
-pub fn device_reading(reading: &Reading) -> Vec<u8> {
-    let mut out = Vec::new();
-    put_reading(reading, &mut out);
-    out
-}
-
-/// Appends `device` as field `field` (a `devicehub.v1.Device`); its
-/// `last_reading` was made by [`device_reading`].
-pub fn put_device_field(field: u32, device: &DeviceEntry, out: &mut Vec<u8>) {
+/// Appends a device as field `field` (a `devicehub.v1.Device`): `info`,
+/// and its `last_reading` as [`reading_message`] made it.
+pub fn put_device_field(
+    field: u32,
+    info: &DeviceInfo,
+    last_reading: Option<&[u8]>,
+    out: &mut Vec<u8>,
+) {
     let start = out.len();
-    let info = &device.info;
     put_str(DEVICE_ID, &info.device_id, out);
-    if let Some(reading) = &device.last_reading {
+    if let Some(reading) = last_reading {
         put_bytes(DEVICE_LAST_READING, reading, out);
     }
     put_micros(DEVICE_FIRST_SEEN, info.first_seen_micros, out);
@@ -241,7 +249,9 @@ pub fn put_str(field: u32, text: &str, out: &mut Vec<u8>) {
     }
 }
 
-fn put_bytes(field: u32, bytes: &[u8], out: &mut Vec<u8>) {
+/// Appends field `field` as bytes, or as an embedded message already
+/// encoded (present even when empty).
+pub fn put_bytes(field: u32, bytes: &[u8], out: &mut Vec<u8>) {
     encode_key(field, WireType::LengthDelimited, out);
     encode_varint(bytes.len() as u64, out);
     out.extend_from_slice(bytes);
@@ -559,7 +569,9 @@ mod tests {
 
     #[test]
     fn devices_encode_as_prost_would() {
-        use crate::buffer::{DeviceEntry, DeviceInfo};
+        use crate::buffer::{DeviceEntry, DeviceInfo, LastReading};
+        use crate::grpc::encoded::EncodedReadings;
+        let cache = EncodedReadings::default();
         let reading = Reading::new(
             7,
             "dev-1",
@@ -601,12 +613,24 @@ mod tests {
                 status,
                 status_changed_micros: changed,
             };
-            let device = DeviceEntry {
-                info,
-                last_reading: newest.map(|r| device_reading(r).into()),
-            };
+            let message = newest.map(reading_message);
             let mut out = Vec::new();
-            put_device_field(GET_DEVICE_DEVICE, &device, &mut out);
+            put_device_field(GET_DEVICE_DEVICE, &info, message.as_deref(), &mut out);
+            // Through the cache: encoded (and kept) the first time, found
+            // the second.
+            for _ in 0..2 {
+                let last_reading = newest.map(|r| match cache.find(r.seq, r.received_at) {
+                    Some(kept) => LastReading::Found(kept),
+                    None => LastReading::Copied(r.clone()),
+                });
+                let device = DeviceEntry {
+                    info: info.clone(),
+                    last_reading,
+                };
+                let mut cached = Vec::new();
+                cache.put_device_field(GET_DEVICE_DEVICE, &device, &mut cached);
+                assert_eq!(cached, out);
+            }
             let want = proto::GetDeviceResponse {
                 device: Some(proto::Device {
                     device_id: "dev-1".into(),
@@ -620,6 +644,8 @@ mod tests {
             };
             assert_eq!(out, want.encode_to_vec(), "{want:?}");
         }
+        // The one reading was encoded once.
+        assert_eq!(cache.stats().encodings, 1);
     }
 
     /// Appends a random JSON document as text: every kind of value, nested,

@@ -1,5 +1,5 @@
 //! [`Live`]: the newest readings, published once per push for every
-//! watcher to read without a lock, each with its encoded message.
+//! watcher to read without a lock.
 //!
 //! Why it exists: every push wakes every watcher. When each woken watcher
 //! took the buffer's read lock, copied its readings out (a payload
@@ -13,12 +13,10 @@
 //! - loads the batch holding its cursor (an `arc-swap` load writes only to
 //!   a slot private to its thread) and takes one reference count per batch,
 //!   never one per reading;
-//! - reads each reading's encoded message from a `OnceLock` (one load of a
-//!   word written once); the first watcher to need a message encodes it,
-//!   and one atomic add per reading, not per watcher, accounts for it;
-//! - copies the messages it sends into one buffer of its own
-//!   ([`WatchBatch::messages`]), so the reference counts tonic takes per
-//!   message are on memory no other core touches;
+//! - hands the readings it picked to its stream as borrowed from the batch
+//!   ([`WatchBatch::readings`]): what the stream makes of them is the
+//!   caller's (the gRPC side keeps each reading's message once for all
+//!   streams, read the same way without a lock);
 //! - waits on one of [`WAKE_SHARDS`] `Notify`s, so re-arming after a
 //!   wake-up spreads over several locks instead of meeting on one; a push
 //!   takes a shard's lock only when someone waits on it, so pushing costs
@@ -37,27 +35,22 @@
 //!
 //! Bounds, whatever the traffic: [`LIVE_BATCHES`] batches, [`LIVE_READINGS`]
 //! readings and [`LIVE_PAYLOAD_BYTES`] of payload copies (the oldest batches
-//! leave first), and [`LIVE_ENCODED_BYTES`] of encoded messages (past it,
-//! a message is encoded for its one stream and not kept, counted). A
-//! watcher holds a
-//! batch that has left the ring only until it has copied from it.
+//! leave first). A watcher holds a batch that has left the ring only until
+//! its stream has copied from it.
 
 use std::{
-    borrow::Cow,
     collections::VecDeque,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex, OnceLock,
+        Arc, Mutex,
     },
 };
 
 use arc_swap::ArcSwapOption;
-use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::{
     buffer::{Reading, ReadingFilter},
-    encoding_budget::EncodingBudget,
     sync,
 };
 
@@ -67,10 +60,6 @@ pub const LIVE_BATCHES: usize = 8192;
 pub const LIVE_READINGS: usize = 65_536;
 /// Payload bytes copied into the ring at most.
 pub const LIVE_PAYLOAD_BYTES: usize = 32 << 20;
-/// Encoded message bytes kept at most.
-pub const LIVE_ENCODED_BYTES: usize = 32 << 20;
-/// A message larger than this is never kept: it would push out hundreds.
-const LIVE_ENCODED_ONE: usize = LIVE_ENCODED_BYTES / 16;
 /// A push of more readings, or more payload bytes, is published as several
 /// batches, so what a watcher holds at once stays small.
 const LIVE_BATCH_READINGS: usize = 512;
@@ -94,9 +83,6 @@ pub struct Live {
     /// empty): pages and watchers older than it skip the search.
     start_seq: AtomicU64,
     wake: [Shard; WAKE_SHARDS],
-    /// Bytes of encoded messages kept, given back as batches are dropped,
-    /// and messages not kept because that budget was full.
-    encoded_bytes: Arc<EncodingBudget>,
     /// Reads that found their next reading no longer in the ring.
     behind: AtomicU64,
     /// What the ring holds, for eviction. Taken by pushers only, which the
@@ -153,23 +139,16 @@ impl Held {
     }
 }
 
-/// Readings pushed together, as published. Immutable but for the encoded
-/// messages, each set at most once.
+/// Readings pushed together, as published. Immutable.
 pub struct LiveBatch {
     no: u64,
     first_seq: u64,
-    entries: Box<[LiveEntry]>,
-    encoded_bytes: Arc<EncodingBudget>,
-}
-
-struct LiveEntry {
-    reading: Reading,
-    encoded: OnceLock<Bytes>,
+    readings: Box<[Reading]>,
 }
 
 impl LiveBatch {
     fn end_seq(&self) -> u64 {
-        self.first_seq + self.entries.len() as u64
+        self.first_seq + self.readings.len() as u64
     }
 
     fn holds(&self, seq: u64) -> bool {
@@ -177,49 +156,9 @@ impl LiveBatch {
     }
 }
 
-impl Drop for LiveBatch {
-    fn drop(&mut self) {
-        let kept: usize = self
-            .entries
-            .iter()
-            .filter_map(|e| e.encoded.get())
-            .map(Bytes::len)
-            .sum();
-        self.encoded_bytes.release(kept);
-    }
-}
-
-impl LiveEntry {
-    /// The reading's message: kept from whoever encoded it first, else
-    /// encoded now by `encode` (which appends it to a buffer), and kept if
-    /// the budget allows.
-    fn message(
-        &self,
-        encode: &impl Fn(&Reading, &mut Vec<u8>),
-        budget: &EncodingBudget,
-    ) -> Cow<'_, [u8]> {
-        if let Some(kept) = self.encoded.get() {
-            return Cow::Borrowed(kept);
-        }
-        let mut message = Vec::with_capacity(2 * self.reading.payload.len() + 64);
-        encode(&self.reading, &mut message);
-        if message.len() > LIVE_ENCODED_ONE {
-            return Cow::Owned(message);
-        }
-        match budget.keep(&self.encoded, message) {
-            Ok(kept) => Cow::Borrowed(kept),
-            Err(message) => Cow::Owned(message),
-        }
-    }
-}
-
 /// Counters for operators.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LiveStats {
-    /// Bytes of encoded messages kept now.
-    pub encoded_bytes: usize,
-    /// Messages not kept because [`LIVE_ENCODED_BYTES`] were.
-    pub not_kept: u64,
     /// Reads that found their next reading not in the ring and read the
     /// buffer instead.
     pub behind: u64,
@@ -248,7 +187,6 @@ impl Live {
             floor: AtomicU64::new(0),
             start_seq: AtomicU64::new(next_seq),
             wake: Default::default(),
-            encoded_bytes: Arc::new(EncodingBudget::new(LIVE_ENCODED_BYTES)),
             behind: AtomicU64::new(0),
             held: Mutex::default(),
         }
@@ -262,8 +200,6 @@ impl Live {
     /// What the ring holds and has done; see [`LiveStats`].
     pub fn stats(&self) -> LiveStats {
         LiveStats {
-            encoded_bytes: self.encoded_bytes.bytes(),
-            not_kept: self.encoded_bytes.not_kept(),
             behind: self.behind.load(Ordering::Relaxed),
         }
     }
@@ -291,10 +227,7 @@ impl Live {
                         && payload + r.payload.len() <= LIVE_BATCH_BYTES)
             }) {
                 payload += reading.payload.len();
-                entries.push(LiveEntry {
-                    reading,
-                    encoded: OnceLock::new(),
-                });
+                entries.push(reading);
             }
             let entries = entries.into_boxed_slice();
             let no = self.next_batch.load(Ordering::Relaxed);
@@ -316,8 +249,7 @@ impl Live {
             let batch = LiveBatch {
                 no,
                 first_seq,
-                entries,
-                encoded_bytes: self.encoded_bytes.clone(),
+                readings: entries,
             };
             self.slot(no).store(Some(Arc::new(batch)));
             self.next_batch.store(no + 1, Ordering::Release);
@@ -443,8 +375,7 @@ impl Live {
             let start = (cursor + 1 - batch.first_seq) as usize;
             let mut picked = Vec::new();
             let mut full = false;
-            for (i, entry) in batch.entries.iter().enumerate().skip(start) {
-                let reading = &entry.reading;
+            for (i, reading) in batch.readings.iter().enumerate().skip(start) {
                 if scanned == max_scan {
                     full = true;
                     break;
@@ -496,55 +427,26 @@ impl WatchBatch {
 
     /// The last reading's sequence number.
     pub fn last_seq(&self) -> Option<u64> {
-        match self {
-            Self::Live(runs) => {
-                let run = runs.last()?;
-                let i = *run.picked.last()? as usize;
-                Some(run.batch.entries[i].reading.seq)
-            }
-            Self::Copied(readings) => readings.last().map(|r| r.seq),
-        }
+        self.readings().last().map(|r| r.seq)
     }
 
-    /// Each reading's sequence number and message: messages kept in the
-    /// ring are copied, the others encoded by `encode`, all into one buffer
-    /// private to this call (see the module docs).
-    pub fn messages(&self, encode: impl Fn(&Reading, &mut Vec<u8>)) -> Vec<(u64, Bytes)> {
-        let mut out = Vec::new();
-        let mut ends = Vec::new();
-        match self {
-            Self::Live(runs) => {
-                for run in runs {
-                    let budget = &run.batch.encoded_bytes;
-                    for &i in &run.picked {
-                        let entry = &run.batch.entries[i as usize];
-                        out.extend_from_slice(&entry.message(&encode, budget));
-                        ends.push((entry.reading.seq, out.len()));
-                    }
-                }
-            }
-            Self::Copied(readings) => {
-                for reading in readings {
-                    encode(reading, &mut out);
-                    ends.push((reading.seq, out.len()));
-                }
-            }
-        }
-        let out = Bytes::from(out);
-        let mut start = 0;
-        ends.into_iter()
-            .map(|(seq, end)| {
-                let message = out.slice(start..end);
-                start = end;
-                (seq, message)
-            })
-            .collect()
+    /// The readings, in order: borrowed from the ring's batches, or copied.
+    pub fn readings(&self) -> impl Iterator<Item = &Reading> {
+        let (runs, copied) = match self {
+            Self::Live(runs) => (&runs[..], &[][..]),
+            Self::Copied(readings) => (&[][..], &readings[..]),
+        };
+        let live = runs
+            .iter()
+            .flat_map(|run| run.picked.iter().map(|&i| &run.batch.readings[i as usize]));
+        live.chain(copied)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use std::time::{Duration, SystemTime};
 
     fn reading(seq: u64, device: &str, payload: &[u8]) -> Reading {
@@ -564,11 +466,10 @@ mod tests {
     fn seqs(read: &LiveRead) -> Vec<u64> {
         let batch = WatchBatch::Live(read_runs(read));
         batch
-            .messages(|r, out| out.extend_from_slice(r.seq.to_string().as_bytes()))
-            .into_iter()
-            .map(|(seq, message)| {
-                assert_eq!(message, seq.to_string().as_bytes());
-                seq
+            .readings()
+            .map(|r| {
+                assert_eq!(r.payload, r.seq.to_string().as_bytes());
+                r.seq
             })
             .collect()
     }
@@ -681,48 +582,24 @@ mod tests {
     }
 
     #[test]
-    fn a_message_is_encoded_once_and_its_bytes_are_counted_until_dropped() {
+    fn a_batch_lends_the_rings_readings_as_a_copied_one_its_own() {
         let live = Live::new(1);
-        push(&live, 1, 101);
+        push(&live, 1, 4);
+        push(&live, 4, 6);
         let all = ReadingFilter::default();
-        let encodes = AtomicUsize::new(0);
-        let encode = |r: &Reading, out: &mut Vec<u8>| {
-            encodes.fetch_add(1, Ordering::Relaxed);
-            out.extend_from_slice(format!("<{}>", r.seq).as_bytes());
-        };
-        for _watcher in 0..3 {
-            let read = live.read_after(0, &mut 0, &all, 512, 1 << 20).unwrap();
-            let messages = WatchBatch::Live(read.runs).messages(encode);
-            assert_eq!(messages.len(), 100);
-            assert_eq!(messages[41], (42, Bytes::from("<42>")));
+        let read = live.read_after(1, &mut 0, &all, 512, 1 << 20).unwrap();
+        let ring = live.batch(0).unwrap();
+        let batch = WatchBatch::Live(read.runs);
+        // The ring's own readings, not copies: the same payload bytes.
+        let first = batch.readings().next().unwrap();
+        assert!(std::ptr::eq(first, &ring.readings[1]));
+        let copied = WatchBatch::Copied(batch.readings().cloned().collect());
+        for batch in [&batch, &copied] {
+            let seqs: Vec<u64> = batch.readings().map(|r| r.seq).collect();
+            assert_eq!(seqs, [2, 3, 4, 5]);
+            assert_eq!(batch.last_seq(), Some(5));
         }
-        assert_eq!(encodes.load(Ordering::Relaxed), 100);
-        let kept: usize = (1..=100u64).map(|s| format!("<{s}>").len()).sum();
-        assert_eq!(live.stats().encoded_bytes, kept);
-        // Dropped with its batch: the count goes back.
-        live.publish(vec![reading(101, "d", b"x")], 102, 101);
-        assert_eq!(live.stats().encoded_bytes, 0);
-
-        // A message over a sixteenth of the budget is never kept.
-        let live = Live::new(1);
-        live.publish(vec![reading(1, "d", b"big")], 2, 1);
-        let huge = |_: &Reading, out: &mut Vec<u8>| out.resize(LIVE_ENCODED_ONE + 1, 0);
-        let read = live.read_after(0, &mut 0, &all, 512, 1 << 20).unwrap();
-        assert_eq!(WatchBatch::Live(read.runs).messages(huge).len(), 1);
-        assert_eq!(live.stats().encoded_bytes, 0);
-
-        // A full budget: encoded, not kept, counted.
-        let live = Live::new(1);
-        live.publish(vec![reading(1, "d", b"1")], 2, 1);
-        live.encoded_bytes.fill();
-        let read = live.read_after(0, &mut 0, &all, 512, 1 << 20).unwrap();
-        let messages = WatchBatch::Live(read.runs).messages(encode);
-        assert_eq!(messages, [(1, Bytes::from("<1>"))]);
-        let stats = live.stats();
-        assert_eq!(
-            (stats.encoded_bytes, stats.not_kept),
-            (LIVE_ENCODED_BYTES, 1)
-        );
+        assert!(WatchBatch::Copied(Vec::new()).last_seq().is_none());
     }
 
     #[tokio::test]

@@ -30,7 +30,7 @@ use std::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use crate::{
@@ -98,10 +98,6 @@ pub struct HubStats {
     pub watcher_gaps: u64,
     /// Readings skipped by those gaps, summed over watchers.
     pub watcher_missed_readings: u64,
-    /// Bytes of encoded messages kept in the watchers' ring, and messages
-    /// not kept there because the ring's budget for them was full.
-    pub live_encoded_bytes: usize,
-    pub live_encodings_not_kept: u64,
     /// Watcher reads that found their next reading behind the ring and
     /// read the buffer under its lock instead.
     pub watcher_behind_live: u64,
@@ -286,24 +282,24 @@ impl ReadingHub {
     }
 
     /// A listed device; see [`ReadingBuffer::device`].
-    pub fn device(
+    pub fn device<K>(
         &self,
         device_id: &str,
-        encode: impl Fn(&Reading) -> Vec<u8>,
-    ) -> Option<DeviceEntry> {
-        self.read().device(device_id, encode)
+        find: impl Fn(u64, SystemTime) -> Option<K>,
+    ) -> Option<DeviceEntry<K>> {
+        self.read().device(device_id, find)
     }
 
     /// A page of listed devices; see [`ReadingBuffer::devices`].
-    pub fn devices(
+    pub fn devices<K>(
         &self,
         prefix: &str,
         after: Option<&str>,
         visible: impl Fn(&str) -> bool,
         limit: usize,
-        encode: impl Fn(&Reading) -> Vec<u8>,
-    ) -> (Vec<DeviceEntry>, bool) {
-        self.read().devices(prefix, after, visible, limit, encode)
+        find: impl Fn(u64, SystemTime) -> Option<K>,
+    ) -> (Vec<DeviceEntry<K>>, bool) {
+        self.read().devices(prefix, after, visible, limit, find)
     }
 
     /// Lists devices known from before this process (the store's records),
@@ -323,8 +319,6 @@ impl ReadingHub {
         let buffer = self.read();
         let live = self.shared.live.stats();
         HubStats {
-            live_encoded_bytes: live.encoded_bytes,
-            live_encodings_not_kept: live.not_kept,
             watcher_behind_live: live.behind,
             buffer: buffer.stats(),
             devices: buffer.device_stats(),
@@ -572,12 +566,11 @@ mod tests {
     /// What a watcher took, as (seq, payload) pairs, until `total` readings
     /// were looked at; `pause` once after its first batch.
     async fn follow(mut watcher: ReadingWatcher, total: u64, pause: Duration) -> Vec<(u64, Bytes)> {
-        let payloads = |r: &Reading, out: &mut Vec<u8>| out.extend_from_slice(&r.payload);
         let mut got = Vec::new();
         while watcher.cursor() < total {
             let batch = watcher.next_batch().await.expect("nothing is evicted");
             let first = got.is_empty();
-            got.extend(batch.messages(payloads));
+            got.extend(batch.readings().map(|r| (r.seq, r.payload.clone())));
             if first {
                 tokio::time::sleep(pause).await;
             }

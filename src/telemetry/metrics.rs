@@ -34,8 +34,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
-    hub::ReadingHub, listener::ListenerStats, mqtt::IngestCounters, mqtt::LinkState,
-    replies::ReplyRouter, store::Postgres,
+    grpc::EncodedReadings, hub::ReadingHub, listener::ListenerStats, mqtt::IngestCounters,
+    mqtt::LinkState, replies::ReplyRouter, store::Postgres,
 };
 
 /// How long one scrape connection may stay open.
@@ -44,6 +44,8 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where the values come from.
 pub struct Sources {
     pub hub: ReadingHub,
+    /// The one cache of readings' messages (the gRPC side's).
+    pub encoded: Arc<EncodedReadings>,
     pub replies: ReplyRouter,
     pub link_counters: Arc<IngestCounters>,
     pub link: watch::Receiver<LinkState>,
@@ -154,6 +156,7 @@ impl Sources {
     fn read(&self) -> Vec<Family> {
         let hub = self.hub.stats();
         let buffer = &hub.buffer;
+        let encoded = self.encoded.stats();
         let replies = self.replies.stats();
         let link = &self.link_counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -175,8 +178,9 @@ impl Sources {
             gauge("devicehub_watchers", "WatchReadings streams open.", hub.watchers as f64),
             counter("devicehub_watch_gaps_total", "Times a watcher found readings it had not received evicted.", hub.watcher_gaps),
             counter("devicehub_watch_behind_live_total", "Watcher reads whose next reading had left the ring of the newest readings (read from the buffer under its lock instead).", hub.watcher_behind_live),
-            gauge("devicehub_live_encoded_bytes", "Bytes of encoded messages kept with the newest readings for watchers (at most 32 MiB).", hub.live_encoded_bytes as f64),
-            counter("devicehub_live_encodings_not_kept_total", "Encoded messages of the newest readings not kept because their 32 MiB were full (each stream then encodes for itself).", hub.live_encodings_not_kept),
+            gauge("devicehub_encoded_readings_bytes", "Bytes of readings' encoded messages kept for the responses that carry them: watch streams, pages, the device list (at most 32 MiB).", encoded.bytes as f64),
+            counter("devicehub_encoded_readings_not_kept_total", "Readings' messages encoded and not kept because those 32 MiB had no room (or a message was over 2 MiB): encoded again for each response.", encoded.not_kept),
+            counter("devicehub_reading_encodings_total", "Readings' messages encoded because none was kept: first uses, messages pushed out by another reading's, those not kept.", encoded.encodings),
             counter("devicehub_watch_missed_readings_total", "Readings watchers missed that way.", hub.watcher_missed_readings),
             gauge("devicehub_mqtt_up", "1 while connected to the broker and subscribed, else 0.", f64::from(u8::from(*self.link.borrow() == LinkState::Ready))),
             counter("devicehub_mqtt_connects_total", "Connections the broker accepted.", load(&link.connects)),
@@ -193,8 +197,6 @@ impl Sources {
             counter("devicehub_devices_not_listed_total", "New devices not listed because --max-devices were known.", hub.devices.not_listed),
             gauge("devicehub_devices_kept_bytes", "Payload bytes of devices' newest readings kept after eviction (bounded by --devices-max-bytes).", hub.devices.kept_bytes as f64),
             counter("devicehub_devices_last_readings_dropped_total", "Devices' newest readings not kept after eviction because --devices-max-bytes was full.", hub.devices.kept_dropped),
-            gauge("devicehub_devices_encoded_bytes", "Bytes of devices' newest readings kept encoded for device pages (at most 32 MiB).", hub.devices.encoded_bytes as f64),
-            counter("devicehub_devices_encodings_not_kept_total", "Devices' newest readings encoded for a page and not kept because those 32 MiB were full (encoded again for the next page).", hub.devices.encodings_not_kept),
             gauge("devicehub_connections", "gRPC connections open (TLS handshakes in progress included), counted against --max-connections.", self.listener.connections() as f64),
             gauge("devicehub_response_bytes_in_flight", "Response bytes handed to gRPC connections and not yet taken by their sockets (bounded by --max-response-bytes-in-flight).", self.listener.responses.in_flight() as f64),
             counter("devicehub_responses_refused_total", "Calls ended with RESOURCE_EXHAUSTED because --max-response-bytes-in-flight was spent.", self.listener.responses.refused()),
