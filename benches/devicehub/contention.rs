@@ -1,6 +1,7 @@
-//! Scenario 12, contention: the watch delivery path (`ReadingWatcher::
-//! next_batch` and `EncodedReadings::watch_messages`, what each WatchReadings stream's
-//! producer runs) from 1, 2, 8 and 32 OS threads at once, in-process, with
+//! Scenario 12, contention: the watch delivery path
+//! (`ReadingWatcher::next_batch` and `EncodedReadings::watch_messages`,
+//! what each WatchReadings stream's producer runs) from 1, 2, 8 and 32 OS
+//! threads at once, in-process, with
 //! no broker and no transport; each thread runs one watcher on a runtime of
 //! its own and takes every reading. The cost per delivery is the watcher
 //! threads' own CPU time (from /proc/thread-self/schedstat, nanoseconds)
