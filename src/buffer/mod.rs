@@ -50,7 +50,7 @@ mod query;
 use arena::{PayloadArena, PayloadRef};
 use devices::Devices;
 pub use devices::{
-    ConnectionStatus, DeviceEntry, DeviceInfo, DeviceStats, LastReading, MessageKind,
+    ConnectionStatus, DeviceEntry, DeviceInfo, DeviceStats, LastReading, MessageKind, Presence,
 };
 pub use query::{CursorError, ListPage, ListQuery, ReadingFilter};
 

@@ -10,10 +10,11 @@
 //! configurations as the command line would.
 //!
 //! A file per subcommand (`serve.rs`, `simulate.rs`, `health.rs`), per
-//! group of flags they share (`topics.rs`, `login.rs`), and the errors
+//! group of flags they share (`topics.rs`, `login.rs`, `commands.rs`), and the errors
 //! (`error.rs`). Its tests are in `tests.rs`, declared by `main.rs` so that
 //! only the binary's test target runs them.
 
+mod commands;
 mod error;
 mod health;
 mod login;
@@ -26,6 +27,7 @@ use clap::{Parser, Subcommand};
 
 use devicehub::telemetry::Sampling;
 
+pub use commands::CommandArgs;
 pub use error::ConfigError;
 pub use health::HealthArgs;
 pub use login::MqttLoginArgs;

@@ -14,7 +14,7 @@ use devicehub::{
     ServeConfig,
 };
 
-use super::{login::read, ConfigError, MqttLoginArgs, TopicArgs};
+use super::{login::read, CommandArgs, ConfigError, MqttLoginArgs, TopicArgs};
 
 /// The largest `--max-reading-bytes`: 4 MiB less room for the topic (up to
 /// 64 KiB) and the rest of the message.
@@ -214,6 +214,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub connections: ConnectionArgs,
+
+    #[command(flatten)]
+    pub commands: CommandArgs,
 }
 
 /// What the gRPC port holds at once and how long it waits for a peer. Over
@@ -482,6 +485,7 @@ impl ServeArgs {
             grpc_tls: self.grpc_security.tls()?,
             auth: self.grpc_security.auth()?,
             connections: self.connections.limits(),
+            commands: self.commands.limits(),
             store: self.store_url.as_ref().map(|url| StoreConfig {
                 url: Secret::new(url.as_str()),
                 password: std::env::var(STORE_PASSWORD_ENV).ok().map(Secret::new),

@@ -15,8 +15,10 @@
 //! the previous keys.
 //!
 //! Scopes, in the space-separated `scope` claim: `readings:read`
-//! (ListReadings, WatchReadings) and `commands:send` (SendCommand,
-//! StreamCommands), each optionally narrowed to devices with a suffix:
+//! (ListReadings, WatchReadings, ListDevices, GetDevice), `commands:send`
+//! (SendCommand, StreamCommands, CancelCommand) and `commands:read`
+//! (GetCommand, ListCommands, WatchCommands), each optionally narrowed to
+//! devices with a suffix:
 //! `readings:read:greenhouse-*`, `commands:send:pump-7` (`*` matches any run
 //! of characters). Without auth configured every caller may do everything.
 
@@ -43,6 +45,8 @@ use crate::{
 const READ_SCOPE: &str = "readings:read";
 /// The send scope, and its prefix for a narrowed one.
 const SEND_SCOPE: &str = "commands:send";
+/// The scope to read persistent commands, and its prefix for a narrowed one.
+const COMMANDS_READ_SCOPE: &str = "commands:read";
 /// Clock skew tolerated on `exp` and `nbf`, in seconds.
 const LEEWAY_SECS: u64 = 5;
 
@@ -55,6 +59,8 @@ pub struct Caller {
     pub read: DeviceSet,
     /// Devices the caller may command.
     pub send: DeviceSet,
+    /// Devices whose persistent commands the caller may read.
+    pub read_commands: DeviceSet,
     /// Who the per-client limits count against: the token's subject when
     /// there is one (all its connections together), else the remote IP
     /// address (many connections from one host are one client).
@@ -68,6 +74,7 @@ impl Caller {
             subject: String::new(),
             read: DeviceSet::All,
             send: DeviceSet::All,
+            read_commands: DeviceSet::All,
             client: Arc::from(""),
         }
     }
@@ -89,6 +96,12 @@ impl Caller {
     /// Checks the send scope for `device_id`.
     pub fn may_send(&self, device_id: &str) -> Result<(), ApiError> {
         check(&self.send, SEND_SCOPE, device_id)
+    }
+
+    /// Checks the scope to read persistent commands: any at all, and for
+    /// `device_id` when one is named.
+    pub fn may_read_commands(&self, device_id: &str) -> Result<(), ApiError> {
+        check(&self.read_commands, COMMANDS_READ_SCOPE, device_id)
     }
 }
 
@@ -403,6 +416,7 @@ impl Claims {
         Caller {
             read: device_set(&self.scope, READ_SCOPE),
             send: device_set(&self.scope, SEND_SCOPE),
+            read_commands: device_set(&self.scope, COMMANDS_READ_SCOPE),
             subject: self.sub,
             client: Arc::from(""),
         }

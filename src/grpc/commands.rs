@@ -11,7 +11,7 @@ use std::{
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rumqttc::QoS;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use tracing::{debug, info_span, Instrument};
@@ -19,15 +19,21 @@ use uuid::Uuid;
 
 use super::{
     auth::Caller,
-    convert::{device_id_field, envelope, reply_timeout, reply_to_proto, struct_to_json},
+    convert::{
+        device_id_field, envelope, reply_timeout, reply_to_proto, state_to_proto, struct_to_json,
+        ttl,
+    },
     error::ApiError,
     wire, Shared,
 };
-use crate::proto::{
-    send_command_request::Payload, SendCommandRequest, SendCommandResponse, StreamCommandsRequest,
-    StreamCommandsResponse,
-};
 use crate::telemetry::traces::{traced, traceparent};
+use crate::{
+    commands::{CommandState, NewCommand, Publication},
+    proto::{
+        self, send_command_request::Payload, SendCommandRequest, SendCommandResponse,
+        StreamCommandsRequest, StreamCommandsResponse,
+    },
+};
 
 /// Largest command payload (envelope or raw), in bytes.
 const MAX_COMMAND_PAYLOAD_BYTES: usize = 256 << 10;
@@ -43,13 +49,17 @@ pub const MAX_COMMANDS_IN_FLIGHT: usize = 256;
 
 /// A validated command, ready to publish.
 struct Command {
-    id: String,
+    id: Uuid,
     device_id: String,
     name: String,
+    params: Option<serde_json::Map<String, serde_json::Value>>,
     topic: String,
     payload: Bytes,
     qos: QoS,
     reply_timeout: Option<Duration>,
+    /// Set for a persistent command: when its `ttl` ends.
+    expires_at: Option<SystemTime>,
+    created_at: SystemTime,
 }
 
 /// Serves one SendCommand call (or one command of a StreamCommands stream).
@@ -72,11 +82,15 @@ pub(super) async fn send(
                 shared.commands_per_client.max()
             ))
         })?;
+    if command.expires_at.is_some() {
+        return send_persistent(shared, command).await;
+    }
+    let command_id = command.id.to_string();
     // Registered before publishing: a device may answer before the
     // broker's acknowledgement reaches us.
     let mut pending = command
         .reply_timeout
-        .map(|_| shared.replies.register(&command.device_id, &command.id))
+        .map(|_| shared.replies.register(&command.device_id, &command_id))
         .transpose()?;
 
     shared
@@ -88,7 +102,7 @@ pub(super) async fn send(
                 otel.kind = "producer",
                 messaging.system = "mqtt",
                 messaging.destination.name = command.topic,
-                messaging.message.id = command.id,
+                messaging.message.id = command_id,
             )
         }))
         .await?;
@@ -96,7 +110,7 @@ pub(super) async fn send(
     // line each cost 17 % of the command rate (BENCHMARKS.md, issue 16).
     // Each SendCommand call still logs its own line (telemetry/calls/).
     debug!(
-        command_id = command.id,
+        command_id,
         device_id = command.device_id,
         command = command.name,
         topic = command.topic,
@@ -105,10 +119,11 @@ pub(super) async fn send(
     );
 
     let mut response = SendCommandResponse {
-        command_id: command.id,
+        command_id,
         topic: command.topic,
         reply: None,
         device_status: wire::device_status(shared.hub.device_status(&command.device_id)) as i32,
+        state: proto::CommandState::Sent as i32,
     };
     let (Some(timeout), Some(pending)) = (command.reply_timeout, pending.as_mut()) else {
         return Ok(response);
@@ -127,6 +142,10 @@ pub(super) async fn send(
         .await
     {
         Ok(Some(reply)) => {
+            response.state = match reply.ok {
+                true => proto::CommandState::Succeeded,
+                false => proto::CommandState::Failed,
+            } as i32;
             response.reply = Some(reply_to_proto(reply));
             Ok(response)
         }
@@ -181,24 +200,36 @@ fn validate(
         }
     };
 
-    let id = Uuid::now_v7().to_string();
+    let id = Uuid::now_v7();
     let reply_timeout = req.reply_timeout.map(reply_timeout).transpose()?;
+    let ttl = req.ttl.map(ttl).transpose()?;
+    let created_at = SystemTime::now();
     // Nobody waits for it after the reply timeout: carried out later, it
-    // would be done while its caller was told it timed out.
-    let expires_at = SystemTime::now() + reply_timeout.unwrap_or(COMMAND_EXPIRY);
-    let (payload, field) = match req.payload {
-        Some(Payload::RawPayload(raw)) => (raw, "raw_payload"),
+    // would be done while its caller was told it timed out. A persistent
+    // command lasts its ttl.
+    let expires_at = created_at + ttl.or(reply_timeout).unwrap_or(COMMAND_EXPIRY);
+    let envelope_id = id.to_string();
+    let (payload, field, params) = match req.payload {
+        Some(Payload::RawPayload(raw)) => (raw, "raw_payload", None),
         Some(Payload::Params(params)) => {
             let params =
                 struct_to_json(&params).map_err(|reason| ApiError::invalid("params", reason))?;
             (
-                envelope(&id, &req.command, Some(params), traceparent, expires_at)?,
+                envelope(
+                    &envelope_id,
+                    &req.command,
+                    Some(params.clone()),
+                    traceparent,
+                    expires_at,
+                )?,
                 "params",
+                Some(params),
             )
         }
         None => (
-            envelope(&id, &req.command, None, traceparent, expires_at)?,
+            envelope(&envelope_id, &req.command, None, traceparent, expires_at)?,
             "command",
+            None,
         ),
     };
     if payload.len() > MAX_COMMAND_PAYLOAD_BYTES {
@@ -216,9 +247,97 @@ fn validate(
         id,
         device_id,
         name: req.command,
+        params,
         payload,
         qos,
+        expires_at: ttl.map(|_| expires_at),
+        created_at,
     })
+}
+
+/// A persistent command: kept, published when its device can take it, and
+/// with a `reply_timeout` waited for until it ends (bounded by both).
+async fn send_persistent(
+    shared: &Shared,
+    command: Command,
+) -> Result<SendCommandResponse, ApiError> {
+    let expires_at = command.expires_at.unwrap_or(command.created_at);
+    // Subscribed before it is accepted: the reply may come at once.
+    let mut changes = command.reply_timeout.map(|_| shared.commands.subscribe());
+    let accepted = shared
+        .commands
+        .submit(NewCommand {
+            id: command.id,
+            device_id: command.device_id.clone(),
+            name: command.name,
+            params: command.params,
+            create_time: command.created_at,
+            expire_time: expires_at,
+            publish: Publication {
+                topic: command.topic.clone(),
+                payload: command.payload,
+                qos: command.qos as u8,
+            },
+        })
+        .await?;
+    debug!(command_id = %accepted.id, device_id = accepted.device_id, state = accepted.state.name(), "persistent command accepted");
+    let mut response = SendCommandResponse {
+        command_id: accepted.id.to_string(),
+        topic: command.topic,
+        reply: None,
+        device_status: wire::device_status(shared.hub.device_status(&command.device_id)) as i32,
+        state: state_to_proto(accepted.state) as i32,
+    };
+    let (Some(timeout), Some(changes)) = (command.reply_timeout, changes.as_mut()) else {
+        return Ok(response);
+    };
+    let until = expires_at
+        .duration_since(SystemTime::now())
+        .unwrap_or_default()
+        .min(timeout);
+    let ended = tokio::time::timeout(until, ended(shared, changes, accepted.id)).await;
+    match ended {
+        Ok(Ok(ended)) if ended.reply.is_some() || ended.state != CommandState::Expired => {
+            response.state = state_to_proto(ended.state) as i32;
+            response.reply = ended.reply.map(reply_to_proto);
+            Ok(response)
+        }
+        Ok(Err(error)) => Err(error),
+        _ => Err(ApiError::NoReply {
+            device_id: command.device_id,
+            command_id: response.command_id,
+            timeout: until,
+        }),
+    }
+}
+
+/// Waits for command `id` to end, following `changes` (and asking the log
+/// when it fell behind them).
+async fn ended(
+    shared: &Shared,
+    changes: &mut broadcast::Receiver<crate::commands::Command>,
+    id: Uuid,
+) -> Result<crate::commands::Command, ApiError> {
+    // It may have ended before the call got here.
+    let current = shared.commands.get(id).await?;
+    if current.state.ended() {
+        return Ok(current);
+    }
+    loop {
+        match changes.recv().await {
+            Ok(change) if change.id == id && change.state.ended() => return Ok(change),
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                let current = shared.commands.get(id).await?;
+                if current.state.ended() {
+                    return Ok(current);
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => {
+                return Err(ApiError::CommandsShutDown);
+            }
+        }
+    }
 }
 
 /// Starts serving one StreamCommands call; see [`serve_stream`].

@@ -10,6 +10,7 @@ use prost_types::{value::Kind, ListValue, Struct, Timestamp, Value};
 use super::{auth::Caller, error::ApiError, wire::MAX_JSON_DEPTH};
 use crate::{
     buffer::ReadingFilter,
+    commands::{self, Command, CommandState},
     proto,
     replies::DeviceReply,
     topic::{literal_level, validate_device_id, validate_topic_filter},
@@ -93,16 +94,96 @@ pub(super) const MAX_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::f
 pub(super) fn reply_timeout(
     timeout: prost_types::Duration,
 ) -> Result<std::time::Duration, ApiError> {
-    let valid = timeout.seconds >= 0 && (0..1_000_000_000).contains(&timeout.nanos);
+    positive_duration(
+        "reply_timeout",
+        timeout,
+        MAX_REPLY_TIMEOUT,
+        &format!("{MAX_REPLY_TIMEOUT:?}"),
+    )
+}
+
+/// A persistent command's `ttl`: positive, at most [`commands::MAX_TTL`].
+pub(super) fn ttl(ttl: prost_types::Duration) -> Result<std::time::Duration, ApiError> {
+    positive_duration("ttl", ttl, commands::MAX_TTL, "30 days")
+}
+
+/// A `field` that is a well-formed Duration, more than zero and at most
+/// `max`.
+fn positive_duration(
+    field: &'static str,
+    duration: prost_types::Duration,
+    max: std::time::Duration,
+    max_text: &str,
+) -> Result<std::time::Duration, ApiError> {
+    let valid = duration.seconds >= 0 && (0..1_000_000_000).contains(&duration.nanos);
     valid
-        .then(|| std::time::Duration::new(timeout.seconds as u64, timeout.nanos as u32))
-        .filter(|t| !t.is_zero() && *t <= MAX_REPLY_TIMEOUT)
+        .then(|| std::time::Duration::new(duration.seconds as u64, duration.nanos as u32))
+        .filter(|t| !t.is_zero() && *t <= max)
         .ok_or_else(|| {
             ApiError::invalid(
-                "reply_timeout",
-                format!("must be more than 0 s and at most {MAX_REPLY_TIMEOUT:?}"),
+                field,
+                format!("must be more than 0 s and at most {max_text}"),
             )
         })
+}
+
+pub(super) fn state_to_proto(state: CommandState) -> proto::CommandState {
+    match state {
+        CommandState::Queued => proto::CommandState::Queued,
+        CommandState::Sent => proto::CommandState::Sent,
+        CommandState::Succeeded => proto::CommandState::Succeeded,
+        CommandState::Failed => proto::CommandState::Failed,
+        CommandState::Expired => proto::CommandState::Expired,
+        CommandState::Cancelled => proto::CommandState::Cancelled,
+    }
+}
+
+/// A request's `states`: known, specified values.
+pub(super) fn states_field(states: &[i32]) -> Result<Vec<CommandState>, ApiError> {
+    states
+        .iter()
+        .map(|&n| {
+            CommandState::ALL
+                .into_iter()
+                .find(|&s| state_to_proto(s) as i32 == n)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "states",
+                        format!("{n} is not a CommandState other than COMMAND_STATE_UNSPECIFIED"),
+                    )
+                })
+        })
+        .collect()
+}
+
+/// A request's `command_id`: a UUID, as SendCommand gives them.
+pub(super) fn command_id_field(id: &str) -> Result<uuid::Uuid, ApiError> {
+    uuid::Uuid::parse_str(id).map_err(|_| {
+        ApiError::invalid(
+            "command_id",
+            "is not a UUID; pass a command_id SendCommand returned",
+        )
+    })
+}
+
+pub(super) fn command_to_proto(command: Command) -> proto::Command {
+    proto::Command {
+        command_id: command.id.to_string(),
+        device_id: command.device_id,
+        command: command.name,
+        params: command.params.map(|params| Struct {
+            fields: params
+                .into_iter()
+                .map(|(k, v)| (k, json_to_value(v)))
+                .collect(),
+        }),
+        state: state_to_proto(command.state) as i32,
+        create_time: Some(command.create_time.into()),
+        expire_time: Some(command.expire_time.into()),
+        update_time: Some(command.update_time.into()),
+        attempts: command.attempts,
+        reply: command.reply.map(reply_to_proto),
+    }
 }
 
 /// How many arrays and objects deep a reply's `result` may nest and be

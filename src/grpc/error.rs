@@ -4,7 +4,11 @@
 use tonic::Status;
 use tracing::error;
 
-use crate::{mqtt::PublishError, replies::TooManyPending};
+use crate::{
+    commands::{CommandError, LogError},
+    mqtt::PublishError,
+    replies::TooManyPending,
+};
 
 /// Everything a call can fail with. Turned into a [`Status`] in one place.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +53,10 @@ pub enum ApiError {
         "the reading store is unavailable; try again (resume after sequence number {resume_after})"
     )]
     StoreUnavailable { resume_after: u64 },
+    #[error("{0}")]
+    Commands(#[from] CommandError),
+    #[error("watcher fell behind: {0} changes were dropped before it read them; list again and watch anew")]
+    ChangesDropped(u64),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -82,6 +90,17 @@ impl From<ApiError> for Status {
             ApiError::ShuttingDown { .. }
             | ApiError::CommandsShutDown
             | ApiError::StoreUnavailable { .. } => Status::unavailable(message),
+            ApiError::Commands(CommandError::NotFound(_)) => Status::not_found(message),
+            ApiError::Commands(CommandError::Ended { .. }) => Status::failed_precondition(message),
+            ApiError::Commands(CommandError::Log(
+                LogError::Full(_) | LogError::DeviceFull { .. },
+            )) => Status::resource_exhausted(message),
+            ApiError::Commands(CommandError::Log(LogError::Unavailable(_))) => {
+                // What the store said goes to the log only.
+                error!(%message, "command store");
+                Status::unavailable("the command store is unavailable; try again")
+            }
+            ApiError::ChangesDropped(_) => Status::data_loss(message),
             ApiError::Internal(_) => {
                 // Details go to the log, never to the client.
                 error!(%message, "internal error");

@@ -3,8 +3,9 @@
 //! below it knows about gRPC.
 //!
 //! - `mod.rs`: [`DeviceHubService`] and its trait impl, one line per RPC;
-//! - `list.rs`, `watch.rs`, `commands.rs`, `devices.rs`: the handlers, one
-//!   file per RPC family;
+//! - `list.rs`, `watch.rs`, `commands.rs`, `lifecycle.rs`, `devices.rs`:
+//!   the handlers, one file per RPC family (`lifecycle.rs`: persistent
+//!   commands' Get, List, Cancel and Watch);
 //! - `convert.rs`: proto ↔ domain conversions and the validation they need;
 //! - `page_token.rs`: ListReadings' opaque page tokens;
 //! - `auth.rs`: the bearer-token interceptor and the scope checks by device;
@@ -19,6 +20,7 @@ mod convert;
 mod devices;
 mod encoded;
 mod error;
+mod lifecycle;
 mod list;
 mod page_token;
 mod watch;
@@ -36,14 +38,17 @@ pub use encoded::EncodedReadings;
 pub use wire::Encoded;
 
 use crate::{
+    commands::Commands,
     config::MqttConfig,
     hub::ReadingHub,
     mqtt::CommandPublisher,
     per_client::PerClient,
     proto::{
-        self, device_hub_server::DeviceHub, GetDeviceRequest, ListDevicesRequest,
-        ListReadingsRequest, SendCommandRequest, SendCommandResponse, StreamCommandsRequest,
-        StreamCommandsResponse, WatchReadingsRequest,
+        self, device_hub_server::DeviceHub, CancelCommandRequest, CancelCommandResponse,
+        GetCommandRequest, GetCommandResponse, GetDeviceRequest, ListCommandsRequest,
+        ListCommandsResponse, ListDevicesRequest, ListReadingsRequest, SendCommandRequest,
+        SendCommandResponse, StreamCommandsRequest, StreamCommandsResponse, WatchCommandsRequest,
+        WatchReadingsRequest,
     },
     replies::ReplyRouter,
     topic::TopicTemplate,
@@ -78,17 +83,31 @@ struct Shared {
     encoded: Arc<EncodedReadings>,
     /// Commands in progress (waiting for the broker or a reply) per client.
     commands_per_client: PerClient,
+    /// Persistent commands.
+    commands: Commands,
+    /// WatchCommands streams open in all (one key), and per client.
+    command_watchers: PerClient,
+    command_watchers_per_client: PerClient,
     shutdown: CancellationToken,
+}
+
+/// What the service is built from besides the hub: how commands go out
+/// and what bounds the calls.
+pub(crate) struct ServiceParts {
+    pub publisher: CommandPublisher,
+    pub replies: ReplyRouter,
+    pub commands: Commands,
+    pub encoded: Arc<EncodedReadings>,
+    pub max_commands_per_client: usize,
+    pub max_watchers: usize,
+    pub max_watchers_per_client: usize,
 }
 
 impl DeviceHubService {
     pub(crate) fn new(
         hub: ReadingHub,
-        publisher: CommandPublisher,
-        replies: ReplyRouter,
+        parts: ServiceParts,
         topics: &MqttConfig,
-        max_commands_per_client: usize,
-        encoded: Arc<EncodedReadings>,
         shutdown: CancellationToken,
     ) -> Self {
         let device_level = match (
@@ -105,12 +124,15 @@ impl DeviceHubService {
         };
         let shared = Shared {
             hub,
-            publisher,
-            replies,
+            publisher: parts.publisher,
+            replies: parts.replies,
             commands_topic: topics.commands_topic.clone(),
             device_level,
-            encoded,
-            commands_per_client: PerClient::new(max_commands_per_client),
+            encoded: parts.encoded,
+            commands_per_client: PerClient::new(parts.max_commands_per_client),
+            commands: parts.commands,
+            command_watchers: PerClient::new(parts.max_watchers),
+            command_watchers_per_client: PerClient::new(parts.max_watchers_per_client),
             shutdown,
         };
         Self {
@@ -190,5 +212,43 @@ impl DeviceHub for DeviceHubService {
         let caller = Caller::of(&request)?;
         let response = devices::get(&self.shared, &caller, request.into_inner())?;
         Ok(Response::new(response))
+    }
+
+    async fn get_command(
+        &self,
+        request: Request<GetCommandRequest>,
+    ) -> Result<Response<GetCommandResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let response = lifecycle::get(&self.shared, &caller, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn list_commands(
+        &self,
+        request: Request<ListCommandsRequest>,
+    ) -> Result<Response<ListCommandsResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let response = lifecycle::list(&self.shared, &caller, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn cancel_command(
+        &self,
+        request: Request<CancelCommandRequest>,
+    ) -> Result<Response<CancelCommandResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let response = lifecycle::cancel(&self.shared, &caller, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    type WatchCommandsStream = lifecycle::WatchCommandsStream;
+
+    async fn watch_commands(
+        &self,
+        request: Request<WatchCommandsRequest>,
+    ) -> Result<Response<Self::WatchCommandsStream>, Status> {
+        let caller = Caller::of(&request)?;
+        let stream = lifecycle::watch(&self.shared, &caller, request.into_inner())?;
+        Ok(Response::new(stream))
     }
 }

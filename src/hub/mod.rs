@@ -36,7 +36,7 @@ use std::{
 use crate::{
     buffer::{
         BufferStats, ConnectionStatus, CursorError, DeviceEntry, DeviceInfo, DeviceStats, ListPage,
-        ListQuery, NewReading, Reading, ReadingBuffer, ReadingFilter,
+        ListQuery, NewReading, Presence, Reading, ReadingBuffer, ReadingFilter,
     },
     config::{BufferLimits, DeviceLimits},
     per_client::{PerClient, Permit},
@@ -313,6 +313,27 @@ impl ReadingHub {
 
     pub fn device_status(&self, device_id: &str) -> ConnectionStatus {
         self.read().device_status(device_id)
+    }
+
+    /// Whether each of `device_ids` is there (see [`Presence`]), under one
+    /// read of the lock.
+    pub fn presence<'a>(
+        &self,
+        device_ids: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<Option<Presence>> {
+        let buffer = self.read();
+        device_ids
+            .into_iter()
+            .map(|id| buffer.presence(id))
+            .collect()
+    }
+
+    /// Returns once a reading numbered `next_seq` or later was pushed.
+    pub async fn pushed(&self, next_seq: u64) {
+        self.shared
+            .live
+            .wait_past(next_seq.saturating_sub(1), 0)
+            .await;
     }
 
     pub fn stats(&self) -> HubStats {

@@ -28,6 +28,8 @@ use tokio::sync::{oneshot, watch};
 use tracing::warn;
 
 use super::{LinkState, Shared};
+use crate::commands::{Publication, Transport, TransportError};
+use futures_util::future::BoxFuture;
 
 /// How long a command waits for the broker's acknowledgement.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -150,6 +152,25 @@ impl CommandPublisher {
     /// The link state, following changes.
     pub fn link_state(&self) -> watch::Receiver<LinkState> {
         self.shared.state.subscribe()
+    }
+}
+
+/// Persistent commands go out through the same client, one publish per
+/// attempt, acknowledged as any command.
+impl Transport for CommandPublisher {
+    fn publish(&self, publication: Publication) -> BoxFuture<'static, Result<(), TransportError>> {
+        let publisher = self.clone();
+        let qos = match publication.qos {
+            0 => QoS::AtMostOnce,
+            2 => QoS::ExactlyOnce,
+            _ => QoS::AtLeastOnce,
+        };
+        Box::pin(async move {
+            publisher
+                .publish(publication.topic, publication.payload, qos)
+                .await
+                .map_err(|e| TransportError(e.to_string()))
+        })
     }
 }
 

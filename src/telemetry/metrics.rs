@@ -34,8 +34,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
-    grpc::EncodedReadings, hub::ReadingHub, listener::ListenerStats, mqtt::IngestCounters,
-    mqtt::LinkState, replies::ReplyRouter, store::Postgres,
+    commands::Commands, grpc::EncodedReadings, hub::ReadingHub, listener::ListenerStats,
+    mqtt::IngestCounters, mqtt::LinkState, replies::ReplyRouter, store::Postgres,
 };
 
 /// How long one scrape connection may stay open.
@@ -54,6 +54,8 @@ pub struct Sources {
     pub store: Option<Postgres>,
     /// The gRPC listener's open connections and closes by reason.
     pub listener: ListenerStats,
+    /// Persistent commands.
+    pub commands: Commands,
 }
 
 /// One metric family as one scrape reads it.
@@ -100,6 +102,18 @@ fn counters(
         help,
         kind: MetricType::COUNTER,
         samples: Samples::By(label, values),
+    }
+}
+
+fn gauges(
+    name: &'static str,
+    help: &'static str,
+    label: &'static str,
+    values: impl IntoIterator<Item = (&'static str, u64)>,
+) -> Family {
+    Family {
+        kind: MetricType::GAUGE,
+        ..counters(name, help, label, values)
     }
 }
 
@@ -202,6 +216,24 @@ impl Sources {
             counter("devicehub_responses_refused_total", "Calls ended with RESOURCE_EXHAUSTED because --max-response-bytes-in-flight was spent.", self.listener.responses.refused()),
             counters("devicehub_connections_closed_total", "gRPC connections the listener closed, by reason: a cap reached (max_connections, max_connections_per_ip, max_handshakes, max_handshakes_per_ip), handshake_timeout, handshake_failed, no_stream (no request within --connection-idle-timeout).", "reason", self.listener.closed()),
         ];
+        let commands = self.commands.feed().counters();
+        let named = |counts: Vec<(crate::commands::CommandState, u64)>| {
+            counts
+                .into_iter()
+                .map(|(state, n)| (state.name(), n))
+                .collect::<Vec<_>>()
+        };
+        families.extend([
+            gauges("devicehub_commands", "Persistent commands kept, by state (as of the last second; with a store, of every instance).", "state", named(self.commands.counts())),
+            counters("devicehub_command_transitions_total", "State changes of persistent commands this instance made, by the state entered.", "state", named(commands.transitions())),
+            counter("devicehub_commands_expired_total", "Persistent commands whose ttl passed before they ended (made EXPIRED by this instance).", commands.expired()),
+            counter("devicehub_commands_refused_total", "Persistent commands refused because --max-queued-commands (or its per-device bound) was reached.", load(&commands.refused)),
+            counter("devicehub_commands_forgotten_early_total", "Ended persistent commands forgotten before --command-retention to keep memory bounded (without a store).", load(&commands.forgotten_early)),
+            counters("devicehub_command_replies_not_recorded_total", "Replies to persistent commands not recorded: stray (the command had ended, or is another device's), queue_full (the recording queue was full).", "reason", [
+                ("stray", load(&commands.stray_replies)),
+                ("queue_full", load(&commands.dropped_replies)),
+            ]),
+        ]);
         if let Some(store) = &self.store {
             let counters = store.counters();
             families.extend([

@@ -197,6 +197,18 @@ async fn random_requests_and_payloads(broker: &devicehub::config::BrokerUrl) {
                     },
                     qos: [None, Some(0), Some(1), Some(2), Some(3), Some(u32::MAX)]
                         [rng.below(6) as usize],
+                    // Persistent now and then, with any ttl, valid or not.
+                    ttl: match rng.below(4) {
+                        0 => Some(prost_types::Duration {
+                            seconds: rng.next() as i64,
+                            nanos: rng.next() as i32,
+                        }),
+                        1 => Some(prost_types::Duration {
+                            seconds: 1 + rng.below(60) as i64,
+                            nanos: 0,
+                        }),
+                        _ => None,
+                    },
                     // Nobody answers here: short waits, or invalid ones.
                     reply_timeout: match rng.below(4) {
                         0 => Some(prost_types::Duration {

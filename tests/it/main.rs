@@ -27,6 +27,7 @@ mod grpc_security;
 mod grpc_web;
 mod grpcurl;
 mod layering;
+mod lifecycle;
 mod limits;
 mod metrics;
 mod mosquitto;

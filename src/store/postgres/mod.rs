@@ -8,7 +8,9 @@
 //!   pages and the replay of a resume cursor older than the memory window;
 //! - [`writer`]: the writer task that commits what ingest hands it;
 //! - [`retention`]: deletes readings past `--store-retention`;
-//! - [`tail`]: with replicas, makes memory follow every instance's commits.
+//! - [`tail`]: with replicas, makes memory follow every instance's commits;
+//! - [`commands`]: persistent commands, their claims and their change tail,
+//!   on a pool of their own.
 //!
 //! Every statement is a constant string with bound parameters; nothing a
 //! client sends becomes SQL text. Time ranges are turned into sequence
@@ -36,6 +38,7 @@ macro_rules! reading_columns {
     };
 }
 
+mod commands;
 mod reads;
 mod retention;
 mod tail;
@@ -102,6 +105,9 @@ struct Shared {
     write_pool: PgPool,
     /// Client reads', each statement under the read timeout.
     read_pool: PgPool,
+    /// Persistent commands' (`commands/`), each statement under the read
+    /// timeout.
+    commands_pool: PgPool,
     /// Whether the last statement the writer ran (a commit or its idle
     /// probe) succeeded: health follows it.
     up: watch::Sender<bool>,
@@ -194,6 +200,10 @@ impl Postgres {
         let timeout_ms = config.read_timeout.as_millis().clamp(1, i32::MAX as u128);
         let read_options = options.options([("statement_timeout", timeout_ms.to_string())]);
         let read_pool = pool_options(READ_CONNECTIONS, READ_ACQUIRE_TIMEOUT)
+            .connect_with(read_options.clone())
+            .await
+            .map_err(StoreError::Connect)?;
+        let commands_pool = pool_options(commands::COMMAND_CONNECTIONS, READ_ACQUIRE_TIMEOUT)
             .connect_with(read_options)
             .await
             .map_err(StoreError::Connect)?;
@@ -212,6 +222,7 @@ impl Postgres {
             shared: Arc::new(Shared {
                 write_pool: pool,
                 read_pool,
+                commands_pool,
                 up: watch::channel(true).0,
                 oldest_seq: AtomicU64::new(oldest.map_or(u64::MAX, |s| s as u64)),
                 counters: StoreCounters::default(),
@@ -264,6 +275,11 @@ impl Postgres {
     /// Client reads' pool.
     fn read_pool(&self) -> &PgPool {
         &self.shared.read_pool
+    }
+
+    /// Persistent commands' pool.
+    fn commands_pool(&self) -> &PgPool {
+        &self.shared.commands_pool
     }
 }
 

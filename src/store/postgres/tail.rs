@@ -49,7 +49,12 @@ const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// on, until `shutdown`.
 pub fn spawn_tail(store: Postgres, hub: ReadingHub, shutdown: CancellationToken) {
     let wake = Arc::new(Notify::new());
-    tokio::spawn(listen(store.clone(), wake.clone(), shutdown.clone()));
+    tokio::spawn(listen(
+        store.write_pool().clone(),
+        CHANNEL,
+        wake.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(async move {
         tokio::select! {
             _ = follow(&store, &hub, &wake) => {}
@@ -82,15 +87,22 @@ async fn follow(store: &Postgres, hub: &ReadingHub, wake: &Notify) {
     }
 }
 
-/// LISTENs on [`CHANNEL`] and wakes [`follow`] for every notification, on
-/// a connection of its own. (Its own task: `follow` never cancels a
-/// receive half-way.)
-async fn listen(store: Postgres, wake: Arc<Notify>, shutdown: CancellationToken) {
+/// LISTENs on `channel` and wakes its follower (here [`follow`]; the
+/// commands' change tail too) for every notification, on a connection of
+/// its own from `pool`. Its own task: the follower never cancels a receive
+/// half-way. The follower is woken after every (re)connection too, to read
+/// what was committed meanwhile.
+pub(super) async fn listen(
+    pool: sqlx::PgPool,
+    channel: &'static str,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Backoff::default();
     loop {
         let listened = async {
-            let mut listener = PgListener::connect_with(store.write_pool()).await?;
-            listener.listen(CHANNEL).await?;
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(channel).await?;
             Ok::<_, sqlx::Error>(listener)
         };
         let error = tokio::select! {

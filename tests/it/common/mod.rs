@@ -8,6 +8,7 @@
 #[path = "../../../src/cli/mod.rs"]
 pub mod cli;
 pub mod mosquitto;
+pub mod paho;
 pub mod pki;
 pub mod postgres;
 pub mod rng;
@@ -610,6 +611,7 @@ pub async fn end_to_end(broker: &BrokerUrl) {
                 payload: Some(Payload::Params(params)),
                 qos: Some(qos),
                 reply_timeout: None,
+                ttl: None,
             })
             .await
             .unwrap()
@@ -639,6 +641,7 @@ pub async fn end_to_end(broker: &BrokerUrl) {
             payload: Some(Payload::RawPayload(b"ON".to_vec().into())),
             qos: None,
             reply_timeout: None,
+            ttl: None,
         })
         .await
         .unwrap()

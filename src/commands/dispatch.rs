@@ -1,0 +1,372 @@
+//! The dispatcher: the task that moves persistent commands along, and
+//! [`Dispatcher::deliver`], the one way a command is published.
+//!
+//! Each round it reads the devices with active commands from the log and
+//! the hub's word on whether each is there ([`Presence`]):
+//! - a device that is reachable (not OFFLINE, or heard from since it said
+//!   so) with QUEUED commands gets them published, oldest first, by a task
+//!   of its own (at most [`DELIVERIES`] at once), one claim at a time so
+//!   that they leave in order;
+//! - a device that went OFFLINE after some of its commands were published
+//!   gets those back to QUEUED (or FAILED after the last attempt): the log
+//!   compares the publish times with the time of the OFFLINE message, so
+//!   doing it twice does nothing;
+//! - every [`TICK`], commands past their `ttl` are EXPIRED and ended ones
+//!   past the retention forgotten.
+//!
+//! A round starts when a command is queued, a delivery or a reply is done,
+//! every [`TICK`] (to see other replicas' commands, and devices that came
+//! back while a round found nothing to do), and, while some device waits,
+//! when the hub takes new messages (at most every [`COALESCE`], so a busy
+//! ingest does not turn into busy rounds). So a device that returns gets
+//! its commands well within a second.
+//!
+//! Replies are recorded by a task of their own, fed through a bounded
+//! queue ([`REPLY_QUEUE`]) that never blocks the MQTT event loop: a reply
+//! that does not fit is dropped and counted, and its command stays SENT
+//! until it is published again or expires.
+
+use std::{
+    collections::HashMap,
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use futures_util::future::{join_all, BoxFuture};
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+use super::{
+    log::{ActiveDevice, CommandLog},
+    Command, CommandLimits, CommandState, Feed, Publication,
+};
+use crate::{buffer::Presence, hub::ReadingHub, replies::DeviceReply, sync};
+
+/// How often a round runs when nothing else starts one.
+pub const TICK: Duration = Duration::from_secs(1);
+/// The shortest time between rounds started by the hub's new messages.
+pub const COALESCE: Duration = Duration::from_millis(20);
+/// Devices delivered to at once.
+pub const DELIVERIES: usize = 64;
+/// Commands one claim takes.
+pub const CLAIM_BATCH: usize = 256;
+/// Replies waiting to be recorded, at most.
+pub const REPLY_QUEUE: usize = 4096;
+
+/// Publishes a command where its device gets it. The MQTT side implements
+/// it; the future resolves once the broker acknowledged the publish.
+pub trait Transport: Send + Sync + 'static {
+    fn publish(&self, publication: Publication) -> BoxFuture<'static, Result<(), TransportError>>;
+}
+
+/// Why a publish failed; the command stays QUEUED.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct TransportError(pub String);
+
+/// The dispatcher's handle. Cheap to clone.
+#[derive(Clone)]
+pub struct Dispatcher {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    log: Arc<dyn CommandLog>,
+    feed: Feed,
+    hub: ReadingHub,
+    transport: Arc<dyn Transport>,
+    limits: CommandLimits,
+    wake: Notify,
+    replies: mpsc::Sender<(String, Uuid, DeviceReply)>,
+    /// One delivery per device at a time on this instance (the log keeps
+    /// instances apart): the device's lock, while anyone holds or waits for
+    /// it. A std mutex held to look up or remove an entry.
+    delivering: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    deliveries: Arc<Semaphore>,
+    /// The log's counts by state, as of the last tick.
+    counts: Mutex<Vec<(CommandState, u64)>>,
+}
+
+impl Dispatcher {
+    /// Starts the dispatcher's task and the replies' task, both until
+    /// `shutdown`.
+    pub fn start(
+        log: Arc<dyn CommandLog>,
+        feed: Feed,
+        hub: ReadingHub,
+        transport: Arc<dyn Transport>,
+        limits: CommandLimits,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (replies, received) = mpsc::channel(REPLY_QUEUE);
+        let dispatcher = Self {
+            shared: Arc::new(Shared {
+                log,
+                feed,
+                hub,
+                transport,
+                limits,
+                wake: Notify::new(),
+                replies,
+                delivering: Mutex::default(),
+                deliveries: Arc::new(Semaphore::new(DELIVERIES)),
+                counts: Mutex::default(),
+            }),
+        };
+        tokio::spawn(dispatcher.clone().run(shutdown.clone()));
+        tokio::spawn(dispatcher.clone().record_replies(received, shutdown));
+        dispatcher
+    }
+
+    /// Starts a round soon.
+    pub fn wake(&self) {
+        self.shared.wake.notify_one();
+    }
+
+    /// Whether `device_id` can take a command now.
+    pub fn reachable(&self, device_id: &str) -> bool {
+        let presence = self.shared.hub.presence([device_id]);
+        presence[0].is_none_or(|p| p.reachable())
+    }
+
+    /// Hands a reply to the replies' task; dropped and counted when its
+    /// queue is full.
+    pub fn reply(&self, device_id: &str, id: Uuid, reply: DeviceReply) {
+        if self
+            .shared
+            .replies
+            .try_send((device_id.to_owned(), id, reply))
+            .is_err()
+        {
+            let counters = self.shared.feed.counters();
+            counters.dropped_replies.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn counts(&self) -> Vec<(CommandState, u64)> {
+        sync::lock(&self.shared.counts).clone()
+    }
+
+    /// Publishes `device_id`'s QUEUED commands, oldest first, as far as the
+    /// in-flight limit lets, and returns those now SENT. Waits for another
+    /// delivery to the device on this instance to end first.
+    pub async fn deliver(&self, device_id: &str) -> Vec<Command> {
+        let lock = {
+            let mut delivering = sync::lock(&self.shared.delivering);
+            delivering.entry(device_id.to_owned()).or_default().clone()
+        };
+        let sent = {
+            let _turn = lock.lock().await;
+            self.deliver_locked(device_id).await
+        };
+        drop(lock);
+        let mut delivering = sync::lock(&self.shared.delivering);
+        // Only the map's reference left: nobody holds or waits for it.
+        if delivering
+            .get(device_id)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            delivering.remove(device_id);
+        }
+        sent
+    }
+
+    async fn deliver_locked(&self, device_id: &str) -> Vec<Command> {
+        let shared = &self.shared;
+        let mut sent = Vec::new();
+        loop {
+            let now = SystemTime::now();
+            let claimed = match shared
+                .log
+                .claim(
+                    device_id,
+                    CLAIM_BATCH,
+                    shared.limits.in_flight_per_device,
+                    now,
+                )
+                .await
+            {
+                Ok(claimed) if claimed.is_empty() => break,
+                Ok(claimed) => claimed,
+                Err(error) => {
+                    warn!(device_id, %error, "claiming commands to publish failed");
+                    break;
+                }
+            };
+            // Created in order and first polled in order: each publish is
+            // queued on the MQTT client when first polled, so they leave
+            // in the order they were accepted.
+            let publishes = claimed.iter().map(|c| {
+                let late = c.expire_time <= SystemTime::now();
+                shared.feed.publishing(c.id);
+                let publish = (!late).then(|| shared.transport.publish(c.publish.clone()));
+                async move {
+                    match publish {
+                        Some(publish) => publish.await.map_err(|e| e.to_string()),
+                        None => Err("its ttl passed".to_owned()),
+                    }
+                }
+            });
+            let outcomes = join_all(publishes).await;
+            let at = SystemTime::now();
+            let (mut published, mut unpublished) = (Vec::new(), Vec::new());
+            for (claimed, outcome) in claimed.iter().zip(outcomes) {
+                match outcome {
+                    Ok(()) => published.push(claimed.id),
+                    Err(reason) => {
+                        debug!(device_id, command_id = %claimed.id, reason, "command not published; stays queued");
+                        unpublished.push(claimed.id);
+                    }
+                }
+            }
+            if let Err(error) = shared.log.release(&unpublished).await {
+                warn!(device_id, %error, "releasing unpublished commands failed; they are claimed until the lease ends");
+            }
+            match shared.log.sent(&published, at).await {
+                Ok(now_sent) => sent.extend(now_sent),
+                Err(error) => {
+                    warn!(device_id, %error, "recording published commands failed; they may be published again")
+                }
+            }
+            if !unpublished.is_empty() || claimed.len() < CLAIM_BATCH {
+                break;
+            }
+        }
+        sent
+    }
+
+    /// The dispatcher's task.
+    async fn run(self, shutdown: CancellationToken) {
+        let shared = &self.shared;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let waiting = self.round().await;
+            let next_seq = shared.hub.next_seq();
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => self.housekeeping().await,
+                () = shared.wake.notified() => {}
+                () = shared.hub.pushed(next_seq), if waiting => {
+                    tokio::time::sleep(COALESCE).await;
+                }
+            }
+        }
+    }
+
+    /// One look at every device with active commands; returns whether some
+    /// device waits to come back.
+    async fn round(&self) -> bool {
+        let shared = &self.shared;
+        let active = match shared.log.active_devices().await {
+            Ok(active) => active,
+            Err(error) => {
+                warn!(%error, "reading the devices with active commands failed");
+                return false;
+            }
+        };
+        let presence = shared
+            .hub
+            .presence(active.iter().map(|d| d.device_id.as_str()));
+        let mut waiting = false;
+        for (device, presence) in active.into_iter().zip(presence) {
+            self.went_away(&device, presence).await;
+            if device.queued == 0 {
+                continue;
+            }
+            if !presence.is_none_or(|p| p.reachable()) {
+                waiting = true;
+                continue;
+            }
+            if sync::lock(&shared.delivering).contains_key(&device.device_id) {
+                continue; // being delivered; its end starts a round
+            }
+            let Ok(permit) = shared.deliveries.clone().try_acquire_owned() else {
+                break; // the next round takes the rest
+            };
+            let dispatcher = self.clone();
+            // Marked before the task runs, so that the next round skips it.
+            sync::lock(&shared.delivering)
+                .entry(device.device_id.clone())
+                .or_default();
+            tokio::spawn(async move {
+                let _permit = permit;
+                dispatcher.deliver(&device.device_id).await;
+                dispatcher.wake();
+            });
+        }
+        waiting
+    }
+
+    /// Sends `device`'s SENT commands back to QUEUED (or FAILED) if it went
+    /// OFFLINE after they were published.
+    async fn went_away(&self, device: &ActiveDevice, presence: Option<Presence>) {
+        let (Some(oldest_sent), Some(away)) = (
+            device.oldest_sent_at,
+            presence.and_then(|p| p.away_since_micros()),
+        ) else {
+            return;
+        };
+        let away = UNIX_EPOCH + Duration::from_micros(away);
+        if away <= oldest_sent {
+            return;
+        }
+        let max_attempts = self.shared.limits.max_attempts;
+        if let Err(error) = self
+            .shared
+            .log
+            .went_away(&device.device_id, away, max_attempts)
+            .await
+        {
+            warn!(device_id = device.device_id, %error, "returning commands of a device that went away failed");
+        }
+    }
+
+    /// Expiry, retention and the counts, once a tick.
+    async fn housekeeping(&self) {
+        let (log, now) = (&self.shared.log, SystemTime::now());
+        if let Err(error) = log.expire(now).await {
+            warn!(%error, "expiring commands failed");
+        }
+        let before = now.checked_sub(self.shared.limits.retention);
+        if let Some(before) = before {
+            if let Err(error) = log.forget(before).await {
+                warn!(%error, "forgetting ended commands failed");
+            }
+        }
+        match log.counts().await {
+            Ok(counts) => *sync::lock(&self.shared.counts) = counts,
+            Err(error) => warn!(%error, "counting commands failed"),
+        }
+    }
+
+    /// The replies' task: records each reply.
+    async fn record_replies(
+        self,
+        mut received: mpsc::Receiver<(String, Uuid, DeviceReply)>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let (device_id, id, reply) = tokio::select! {
+                () = shutdown.cancelled() => return,
+                Some(reply) = received.recv() => reply,
+                else => return,
+            };
+            match self.shared.log.replied(&device_id, id, reply).await {
+                // The device may have room for its next command.
+                Ok(Some(_)) if self.shared.limits.in_flight_per_device.is_some() => self.wake(),
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    let counters = self.shared.feed.counters();
+                    counters.stray_replies.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    warn!(device_id, command_id = %id, %error, "recording a reply failed")
+                }
+            }
+        }
+    }
+}
