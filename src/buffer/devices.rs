@@ -96,6 +96,11 @@ pub(super) struct Device {
     kept: Option<Reading>,
     status: ConnectionStatus,
     status_changed_micros: u64,
+    /// When it last sent something itself: a message that is neither a
+    /// status message nor a retained one (which the broker replays from
+    /// its store, say on devicehub's reconnect). 0: not since this
+    /// process started.
+    active_micros: u64,
 }
 
 impl Device {
@@ -133,22 +138,23 @@ pub struct DeviceInfo {
 }
 
 /// Whether a device is there, as its messages tell: its status and when it
-/// last changed, and when it was last heard from at all.
+/// last changed, and when it last sent something itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Presence {
     pub status: ConnectionStatus,
     /// 0 while the status is unknown.
     pub status_changed_micros: u64,
-    pub last_seen_micros: u64,
+    /// When it last sent something itself (not a status message, not a
+    /// retained message the broker replayed).
+    pub active_micros: u64,
 }
 
 impl Presence {
     /// Whether the device can take a command now: it did not say it went
-    /// away, or it was heard from after it did (a message after its last
-    /// will means it is back, status message or not).
+    /// away, or it sent something itself after it did (a reading or a
+    /// reply after its last will means it is back, status message or not).
     pub fn reachable(&self) -> bool {
-        self.status != ConnectionStatus::Offline
-            || self.last_seen_micros > self.status_changed_micros
+        self.status != ConnectionStatus::Offline || self.active_micros > self.status_changed_micros
     }
 
     /// When it went away, if it is away now.
@@ -207,6 +213,7 @@ impl Devices {
         seq: u64,
         micros: u64,
         kind: MessageKind,
+        retained: bool,
     ) -> Arc<Source> {
         let key = match self.by_id.get(device_id) {
             Some(&key) => key,
@@ -231,6 +238,7 @@ impl Devices {
                     kept: None,
                     status: ConnectionStatus::Unknown,
                     status_changed_micros: 0,
+                    active_micros: 0,
                 };
                 self.insert(source.device_id.clone(), device)
             }
@@ -244,6 +252,9 @@ impl Devices {
         }
         device.seqs.push_back(seq);
         device.last_seen_micros = micros;
+        if !retained && !matches!(kind, MessageKind::Status(_)) {
+            device.active_micros = micros;
+        }
         match kind {
             MessageKind::Reading => {
                 device.newest_reading = Some(seq);
@@ -292,6 +303,8 @@ impl Devices {
             kept,
             status: info.status,
             status_changed_micros: info.status_changed_micros,
+            // Not known from before: away until it sends something.
+            active_micros: 0,
         };
         self.insert(info.device_id, device);
     }
@@ -360,7 +373,7 @@ impl Devices {
         self.find(device_id).map(|d| Presence {
             status: d.status,
             status_changed_micros: d.status_changed_micros,
-            last_seen_micros: d.last_seen_micros,
+            active_micros: d.active_micros,
         })
     }
 

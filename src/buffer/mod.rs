@@ -260,9 +260,14 @@ impl ReadingBuffer {
             .max(self.last_received_micros);
         self.last_received_micros = micros;
 
-        let source = self
-            .devices
-            .record(new.device_id, new.topic, seq, micros, new.kind);
+        let source = self.devices.record(
+            new.device_id,
+            new.topic,
+            seq,
+            micros,
+            new.kind,
+            new.retained,
+        );
         let slot = Slot {
             source,
             received_micros: micros,

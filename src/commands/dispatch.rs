@@ -39,7 +39,7 @@ use tracing::{debug, warn};
 use uuid::Uuid;
 
 use super::{
-    log::{ActiveDevice, CommandLog},
+    log::{ActiveDevice, CommandLog, Replied},
     Command, CommandLimits, CommandState, Feed, Publication,
 };
 use crate::{buffer::Presence, hub::ReadingHub, replies::DeviceReply, sync};
@@ -54,6 +54,14 @@ pub const DELIVERIES: usize = 64;
 pub const CLAIM_BATCH: usize = 256;
 /// Replies waiting to be recorded, at most.
 pub const REPLY_QUEUE: usize = 4096;
+/// How long a reply to a command being published waits before it is
+/// recorded again, and how many times: together longer than a publish may
+/// wait for the broker's acknowledgement.
+pub const REPLY_RETRY: Duration = Duration::from_millis(20);
+pub const REPLY_RETRIES: u32 = 500;
+
+/// A reply to record: the device, the command, the reply, tries so far.
+type PendingReply = (String, Uuid, DeviceReply, u32);
 
 /// Publishes a command where its device gets it. The MQTT side implements
 /// it; the future resolves once the broker acknowledged the publish.
@@ -79,7 +87,7 @@ struct Shared {
     transport: Arc<dyn Transport>,
     limits: CommandLimits,
     wake: Notify,
-    replies: mpsc::Sender<(String, Uuid, DeviceReply)>,
+    replies: mpsc::Sender<PendingReply>,
     /// One delivery per device at a time on this instance (the log keeps
     /// instances apart): the device's lock, while anyone holds or waits for
     /// it. A std mutex held to look up or remove an entry.
@@ -134,12 +142,11 @@ impl Dispatcher {
     /// Hands a reply to the replies' task; dropped and counted when its
     /// queue is full.
     pub fn reply(&self, device_id: &str, id: Uuid, reply: DeviceReply) {
-        if self
-            .shared
-            .replies
-            .try_send((device_id.to_owned(), id, reply))
-            .is_err()
-        {
+        self.queue_reply((device_id.to_owned(), id, reply, 0));
+    }
+
+    fn queue_reply(&self, reply: PendingReply) {
+        if self.shared.replies.try_send(reply).is_err() {
             let counters = self.shared.feed.counters();
             counters.dropped_replies.fetch_add(1, Ordering::Relaxed);
         }
@@ -343,24 +350,34 @@ impl Dispatcher {
         }
     }
 
-    /// The replies' task: records each reply.
+    /// The replies' task: records each reply; one that came while its
+    /// command was being published is recorded again a moment later.
     async fn record_replies(
         self,
-        mut received: mpsc::Receiver<(String, Uuid, DeviceReply)>,
+        mut received: mpsc::Receiver<PendingReply>,
         shutdown: CancellationToken,
     ) {
         loop {
-            let (device_id, id, reply) = tokio::select! {
+            let (device_id, id, reply, tries) = tokio::select! {
                 () = shutdown.cancelled() => return,
                 Some(reply) = received.recv() => reply,
                 else => return,
             };
-            match self.shared.log.replied(&device_id, id, reply).await {
+            let counters = self.shared.feed.counters();
+            match self.shared.log.replied(&device_id, id, reply.clone()).await {
                 // The device may have room for its next command.
-                Ok(Some(_)) if self.shared.limits.in_flight_per_device.is_some() => self.wake(),
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    let counters = self.shared.feed.counters();
+                Ok(Replied::Recorded(_)) if self.shared.limits.in_flight_per_device.is_some() => {
+                    self.wake()
+                }
+                Ok(Replied::Recorded(_)) => {}
+                Ok(Replied::Publishing) if tries < REPLY_RETRIES => {
+                    let dispatcher = self.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(REPLY_RETRY).await;
+                        dispatcher.queue_reply((device_id, id, reply, tries + 1));
+                    });
+                }
+                Ok(Replied::Publishing | Replied::NotActive) => {
                     counters.stray_replies.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(error) => {

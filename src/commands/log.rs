@@ -73,6 +73,19 @@ pub struct Claimed {
     pub publish: Publication,
 }
 
+/// What became of a reply.
+#[derive(Debug, Clone)]
+pub enum Replied {
+    /// It ended its command, now SUCCEEDED or FAILED.
+    Recorded(Command),
+    /// Its command is being published (a fast device answered before the
+    /// broker's acknowledgement was recorded): try again shortly, so that
+    /// the command is SENT first.
+    Publishing,
+    /// Not an active command of that device.
+    NotActive,
+}
+
 /// A device with commands that have not ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActiveDevice {
@@ -129,13 +142,13 @@ pub trait CommandLog: Send + Sync + 'static {
     fn release<'a>(&'a self, ids: &'a [Uuid]) -> BoxFuture<'a, LogResult<()>>;
 
     /// QUEUED or SENT → SUCCEEDED or FAILED with `reply`, if `id` is an
-    /// active command of `device_id`.
+    /// active command of `device_id` and not being published.
     fn replied<'a>(
         &'a self,
         device_id: &'a str,
         id: Uuid,
         reply: DeviceReply,
-    ) -> BoxFuture<'a, LogResult<Option<Command>>>;
+    ) -> BoxFuture<'a, LogResult<Replied>>;
 
     /// `device_id` went OFFLINE at `at`: its SENT commands published before
     /// then go back to QUEUED, or FAILED after `max_attempts`.

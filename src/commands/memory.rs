@@ -17,7 +17,9 @@ use futures_util::future::{self, BoxFuture, FutureExt};
 use uuid::Uuid;
 
 use super::{
-    log::{ActiveDevice, Claimed, CommandLog, CommandPage, CommandQuery, LogError, LogResult},
+    log::{
+        ActiveDevice, Claimed, CommandLog, CommandPage, CommandQuery, LogError, LogResult, Replied,
+    },
     Command, CommandState, Feed, NewCommand, Publication,
 };
 use crate::{replies::DeviceReply, sync};
@@ -377,30 +379,34 @@ impl CommandLog for MemoryLog {
         device_id: &'a str,
         id: Uuid,
         reply: DeviceReply,
-    ) -> BoxFuture<'a, LogResult<Option<Command>>> {
+    ) -> BoxFuture<'a, LogResult<Replied>> {
         let mut inner = self.inner();
         let mut forgotten = 0;
-        let ours = inner
-            .records
-            .get(&id)
-            .is_some_and(|r| r.command.device_id == device_id && !r.command.state.ended());
-        let state = match reply.ok {
-            true => CommandState::Succeeded,
-            false => CommandState::Failed,
-        };
-        let at = reply.received_at;
-        let ended = ours
-            .then(|| {
-                if let Some(record) = inner.records.get_mut(&id) {
-                    record.command.reply = Some(reply);
+        let outcome = match inner.records.get_mut(&id) {
+            Some(r) if r.command.device_id == device_id && !r.command.state.ended() => {
+                if r.claimed {
+                    Replied::Publishing
+                } else {
+                    let state = match reply.ok {
+                        true => CommandState::Succeeded,
+                        false => CommandState::Failed,
+                    };
+                    let at = reply.received_at;
+                    r.command.reply = Some(reply);
+                    match inner.end(id, state, at, &mut forgotten) {
+                        Some(ended) => Replied::Recorded(ended),
+                        None => Replied::NotActive,
+                    }
                 }
-                inner.end(id, state, at, &mut forgotten)
-            })
-            .flatten();
+            }
+            _ => Replied::NotActive,
+        };
         drop(inner);
         self.count_forgotten(forgotten);
-        let ended = ended.map(|c| self.changed(vec![c]).remove(0));
-        future::ready(Ok(ended)).boxed()
+        if let Replied::Recorded(ended) = &outcome {
+            self.changed(vec![ended.clone()]);
+        }
+        future::ready(Ok(outcome)).boxed()
     }
 
     fn went_away<'a>(

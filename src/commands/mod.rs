@@ -42,7 +42,7 @@ use uuid::Uuid;
 
 pub use dispatch::{Dispatcher, Transport, TransportError};
 pub use feed::Feed;
-pub use log::{ActiveDevice, Claimed, CommandLog, CommandPage, CommandQuery, LogError};
+pub use log::{ActiveDevice, Claimed, CommandLog, CommandPage, CommandQuery, LogError, Replied};
 pub use memory::MemoryLog;
 
 pub use crate::config::CommandLimits;

@@ -37,4 +37,5 @@ mod python_client;
 mod replicas;
 mod secure_broker;
 mod store;
+mod store_commands;
 mod traces;

@@ -7,89 +7,15 @@ use crate::common;
 
 use std::{collections::HashSet, time::Duration};
 
-use common::{postgres::Postgres, *};
+use common::{instance::Instance, postgres::Postgres, *};
 use devicehub::proto::{
     device_hub_client::DeviceHubClient, watch_readings_response::Event as WatchEvent,
     ListReadingsRequest, Reading, SendCommandRequest, WatchReadingsRequest,
 };
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
-use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
 
 const DEVICES: u64 = 100;
-
-/// One `devicehub serve` process of the group.
-struct Instance {
-    child: tokio::process::Child,
-    client: DeviceHubClient<Channel>,
-    metrics: String,
-    /// Read on so that the pipe never fills.
-    _log: JoinHandle<()>,
-}
-
-impl Instance {
-    /// Starts instance `name` and waits until it is SERVING (subscribed,
-    /// store up).
-    async fn start(name: &str, broker: &Mosquitto, pg: &Postgres) -> Self {
-        let mqtt_url = format!("mqtt://127.0.0.1:{}", broker.url.port);
-        let client_id = format!("devicehub-{name}");
-        let url = pg.url();
-        let args = [
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--mqtt-url",
-            &mqtt_url,
-            "--mqtt-client-id",
-            &client_id,
-            "--mqtt-persistent-session",
-            "--mqtt-share-group",
-            "hub",
-            "--store-url",
-            &url,
-        ];
-        let (child, mut log) = spawn_devicehub(&args, &[]);
-        let [metrics, grpc] = logged_addrs(&mut log, ["metrics listening", "gRPC listening"]).await;
-        // Shown if the test fails.
-        let prefix = name.to_owned();
-        let _log = tokio::spawn(async move {
-            while let Ok(Some(line)) = log.next_line().await {
-                eprintln!("{prefix}: {line}");
-            }
-        });
-        let url = format!("http://{grpc}");
-        let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
-        eventually(&format!("{name} SERVING"), || {
-            let mut health = HealthClient::new(channel.clone());
-            async move {
-                let request = tonic_health::pb::HealthCheckRequest {
-                    service: "devicehub.v1.DeviceHub".into(),
-                };
-                let status = health.check(request).await.ok()?.into_inner().status();
-                (status == ServingStatus::Serving).then_some(())
-            }
-        })
-        .await;
-        Self {
-            child,
-            client: DeviceHubClient::new(channel),
-            metrics,
-            _log,
-        }
-    }
-
-    /// Readings this instance committed to the store.
-    async fn committed(&self) -> u64 {
-        let text = scrape(&self.metrics).await;
-        sample(&text, "devicehub_store_committed_readings_total").unwrap_or(0.0) as u64
-    }
-
-    async fn metric(&self, name: &str) -> f64 {
-        sample(&scrape(&self.metrics).await, name).unwrap_or(0.0)
-    }
-}
 
 /// Mosquitto with room for bursts.
 fn broker() -> Mosquitto {

@@ -7,6 +7,7 @@
 #[allow(dead_code, unused_imports)]
 #[path = "../../../src/cli/mod.rs"]
 pub mod cli;
+pub mod instance;
 pub mod mosquitto;
 pub mod paho;
 pub mod pki;

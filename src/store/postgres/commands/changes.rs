@@ -88,9 +88,10 @@ async fn catch_up(log: &PgCommandLog, last: &mut i64) -> Result<bool, sqlx::Erro
     const CHANGES: &str = concat!(
         "SELECT ch.seq, ch.state AS change_state, ch.attempts AS change_attempts, ",
         micros_of!("ch.update_time"),
-        " AS change_time, ",
+        " AS change_time, c.* FROM command_changes ch \
+         LEFT JOIN LATERAL (SELECT ",
         command_columns!(),
-        " FROM command_changes ch LEFT JOIN commands c ON c.id = ch.command_id \
+        " FROM commands WHERE commands.id = ch.command_id) c ON true \
          WHERE ch.seq > $1 ORDER BY ch.seq LIMIT $2"
     );
     let rows = sqlx::query(CHANGES)

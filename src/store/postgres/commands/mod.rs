@@ -28,7 +28,7 @@ use super::{micros, Postgres, StoreError};
 use crate::{
     commands::{
         ActiveDevice, Claimed, Command, CommandLog, CommandPage, CommandQuery, CommandState, Feed,
-        LogError, NewCommand, Publication,
+        LogError, NewCommand, Publication, Replied,
     },
     replies::DeviceReply,
 };
@@ -467,24 +467,48 @@ impl PgCommandLog {
         device_id: &str,
         id: Uuid,
         reply: DeviceReply,
-    ) -> Result<Option<Command>, LogError> {
+    ) -> Result<Replied, LogError> {
+        // Not while it is being published: its SENT comes first.
         const REPLIED: &str = changing!(
             "UPDATE commands SET state = $3, reply = $4, payload = NULL, lease_owner = NULL, \
                 update_time = ",
             at!(5),
-            " WHERE id = $1::uuid AND device_id = $2 AND state IN (1, 2) RETURNING commands.*"
+            " WHERE id = $1::uuid AND device_id = $2 AND state IN (1, 2) \
+               AND (lease_until IS NULL OR lease_until <= ",
+            at!(6),
+            ") RETURNING commands.*"
         );
         let state = match reply.ok {
             true => CommandState::Succeeded,
             false => CommandState::Failed,
         };
+        let now = micros(SystemTime::now()) as i64;
         let query = sqlx::query(REPLIED)
             .bind(id.to_string())
             .bind(device_id)
             .bind(state_no(state))
             .bind(reply_json(&reply))
-            .bind(micros(reply.received_at) as i64);
-        Ok(self.change(query).await?.pop())
+            .bind(micros(reply.received_at) as i64)
+            .bind(now);
+        if let Some(ended) = self.change(query).await?.pop() {
+            return Ok(Replied::Recorded(ended));
+        }
+        const PUBLISHING: &str = concat!(
+            "SELECT count(*) FROM commands WHERE id = $1::uuid AND device_id = $2 \
+               AND state = 1 AND lease_until > ",
+            at!(3)
+        );
+        let publishing: i64 = sqlx::query_scalar(PUBLISHING)
+            .bind(id.to_string())
+            .bind(device_id)
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(match publishing {
+            0 => Replied::NotActive,
+            _ => Replied::Publishing,
+        })
     }
 
     async fn went_away(
@@ -644,7 +668,7 @@ impl CommandLog for PgCommandLog {
         device_id: &'a str,
         id: Uuid,
         reply: DeviceReply,
-    ) -> BoxFuture<'a, Result<Option<Command>, LogError>> {
+    ) -> BoxFuture<'a, Result<Replied, LogError>> {
         PgCommandLog::replied(self, device_id, id, reply).boxed()
     }
 
