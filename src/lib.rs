@@ -137,7 +137,7 @@ pub mod delivery {
 }
 
 use crate::{
-    commands::{CommandLog, Commands, MemoryLog},
+    commands::{CommandLog, Commands, MemoryLog, ReplyInbox, ReplyReceiver},
     grpc::{Authenticator, DeviceHubService},
     hub::{History, ReadingHub},
     listener::ServerTls,
@@ -259,6 +259,9 @@ pub async fn run(
     };
     let ingest = start_ingest(&config, &hub, store.as_ref(), replicas, &stop_mqtt);
     let store = store.map(|(postgres, _)| postgres);
+    // Before the link: replies to persistent commands may come first thing.
+    let (log, feed, inbox) = open_commands(&config, store.as_ref(), &stop_mqtt).await?;
+    replies.set_persistent(Arc::new(inbox.0.clone()));
     let link = mqtt::start(&config.mqtt, ingest, replies.clone(), stop_mqtt.clone());
     let (health, routes) = start_health(&link, store.as_ref(), &shutdown).await;
     let (registry, calls) = observe_calls(&config)?;
@@ -267,8 +270,15 @@ pub async fn run(
     let tls_on = tls.is_some();
     let (incoming, connections) =
         listener::incoming(listener, tls, config.connections.clone(), shutdown.clone());
-    let commands = start_commands(&config, &hub, store.as_ref(), &link, &stop_mqtt).await?;
-    replies.set_persistent(Arc::new(commands.clone()));
+    let commands = Commands::start(
+        log,
+        feed,
+        hub.clone(),
+        Arc::new(link.publisher.clone()),
+        config.commands.clone(),
+        inbox,
+        stop_mqtt.clone(),
+    );
     let parts = Parts {
         hub,
         replies,
@@ -398,33 +408,32 @@ fn start_ingest(
     Ingest::Durable(writer)
 }
 
-/// Persistent commands, kept in the store when there is one, else in
-/// memory, published through the MQTT link and stopping with it.
-async fn start_commands(
+/// Where persistent commands are kept (the store when there is one, else
+/// memory), the feed of their changes, and the inbox their replies come
+/// in by; the store's change tail stops with `stop_mqtt`.
+async fn open_commands(
     config: &Config,
-    hub: &ReadingHub,
     store: Option<&Postgres>,
-    link: &mqtt::MqttLink,
     stop_mqtt: &CancellationToken,
-) -> Result<Commands, Error> {
+) -> Result<
+    (
+        Arc<dyn CommandLog>,
+        commands::Feed,
+        (ReplyInbox, ReplyReceiver),
+    ),
+    Error,
+> {
     let feed = commands::Feed::default();
-    let limits = config.commands.clone();
     let log: Arc<dyn CommandLog> = match store {
-        None => Arc::new(MemoryLog::new(feed.clone(), limits.max_queued)),
+        None => Arc::new(MemoryLog::new(feed.clone(), config.commands.max_queued)),
         Some(postgres) => Arc::new(
             postgres
                 .command_log(feed.clone(), stop_mqtt.clone())
                 .await?,
         ),
     };
-    Ok(Commands::start(
-        log,
-        feed,
-        hub.clone(),
-        Arc::new(link.publisher.clone()),
-        limits,
-        stop_mqtt.clone(),
-    ))
+    let inbox = commands::inbox(&feed);
+    Ok((log, feed, inbox))
 }
 
 /// The gRPC health service, NOT_SERVING until the MQTT link (and the

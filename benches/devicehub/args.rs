@@ -123,18 +123,21 @@ pub enum Scenario {
     Contention,
     /// 13: ingest next to a loop of ListReadings matching nothing
     Scan,
+    /// 14: persistent commands queued for offline devices, delivered when they return
+    Queued,
 }
 
 impl Scenario {
     /// The order a run takes them in (`store-ingest` runs as part of
     /// `store`).
-    pub const ORDER: [Self; 12] = [
+    pub const ORDER: [Self; 13] = [
         Self::Ingest,
         Self::Fanout,
         Self::Latency,
         Self::Query,
         Self::Scan,
         Self::Commands,
+        Self::Queued,
         Self::Secure,
         Self::Devices,
         Self::Store,

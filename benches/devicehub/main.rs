@@ -54,6 +54,7 @@ mod ingest;
 mod latency;
 mod metrics;
 mod query;
+mod queued;
 mod replicas;
 mod scan;
 mod secure;
@@ -114,6 +115,7 @@ async fn run_selected(args: &Args, table: &Table, broker: &Broker, sizes: Sizes)
             Scenario::Query => query::run(table, url, sizes).await,
             Scenario::Scan => scan::run(table, url, sizes).await,
             Scenario::Commands => commands::run(table, url, sizes).await,
+            Scenario::Queued => queued::run(table, url, sizes).await,
             Scenario::Secure => secure::run(table, url, sizes).await,
             Scenario::Devices => devices::run(table, url, sizes).await,
             // `store-ingest`: the ingest comparison alone, without the

@@ -21,10 +21,10 @@
 //! ingest does not turn into busy rounds). So a device that returns gets
 //! its commands well within a second.
 //!
-//! Replies are recorded by a task of their own, fed through a bounded
-//! queue ([`REPLY_QUEUE`]) that never blocks the MQTT event loop: a reply
-//! that does not fit is dropped and counted, and its command stays SENT
-//! until it is published again or expires.
+//! Replies are recorded by a task of their own, fed through the
+//! [`ReplyInbox`] (a bounded queue that never blocks the MQTT event loop:
+//! a reply that does not fit is dropped and counted, and its command stays
+//! SENT until it is published again or expires).
 
 use std::{
     collections::HashMap,
@@ -36,13 +36,13 @@ use futures_util::future::{join_all, BoxFuture};
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
-use uuid::Uuid;
 
 use super::{
+    inbox::{PendingReply, ReplyInbox, ReplyReceiver},
     log::{ActiveDevice, CommandLog, Replied},
     Command, CommandLimits, CommandState, Feed, Publication,
 };
-use crate::{buffer::Presence, hub::ReadingHub, replies::DeviceReply, sync};
+use crate::{buffer::Presence, hub::ReadingHub, sync};
 
 /// How often a round runs when nothing else starts one.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -52,16 +52,12 @@ pub const COALESCE: Duration = Duration::from_millis(20);
 pub const DELIVERIES: usize = 64;
 /// Commands one claim takes.
 pub const CLAIM_BATCH: usize = 256;
-/// Replies waiting to be recorded, at most.
-pub const REPLY_QUEUE: usize = 4096;
-/// How long a reply to a command being published waits before it is
-/// recorded again, and how many times: together longer than a publish may
-/// wait for the broker's acknowledgement.
+/// How long a reply to a command being published (or one the store failed
+/// to record) waits before it is recorded again, and how many times:
+/// together longer than a publish may wait for the broker's
+/// acknowledgement.
 pub const REPLY_RETRY: Duration = Duration::from_millis(20);
 pub const REPLY_RETRIES: u32 = 500;
-
-/// A reply to record: the device, the command, the reply, tries so far.
-type PendingReply = (String, Uuid, DeviceReply, u32);
 
 /// Publishes a command where its device gets it. The MQTT side implements
 /// it; the future resolves once the broker acknowledged the publish.
@@ -87,7 +83,7 @@ struct Shared {
     transport: Arc<dyn Transport>,
     limits: CommandLimits,
     wake: Notify,
-    replies: mpsc::Sender<PendingReply>,
+    replies: ReplyInbox,
     /// One delivery per device at a time on this instance (the log keeps
     /// instances apart): the device's lock, while anyone holds or waits for
     /// it. A std mutex held to look up or remove an entry.
@@ -106,9 +102,9 @@ impl Dispatcher {
         hub: ReadingHub,
         transport: Arc<dyn Transport>,
         limits: CommandLimits,
+        (replies, received): (ReplyInbox, ReplyReceiver),
         shutdown: CancellationToken,
     ) -> Self {
-        let (replies, received) = mpsc::channel(REPLY_QUEUE);
         let dispatcher = Self {
             shared: Arc::new(Shared {
                 log,
@@ -124,7 +120,7 @@ impl Dispatcher {
             }),
         };
         tokio::spawn(dispatcher.clone().run(shutdown.clone()));
-        tokio::spawn(dispatcher.clone().record_replies(received, shutdown));
+        tokio::spawn(dispatcher.clone().record_replies(received.0, shutdown));
         dispatcher
     }
 
@@ -137,19 +133,6 @@ impl Dispatcher {
     pub fn reachable(&self, device_id: &str) -> bool {
         let presence = self.shared.hub.presence([device_id]);
         presence[0].is_none_or(|p| p.reachable())
-    }
-
-    /// Hands a reply to the replies' task; dropped and counted when its
-    /// queue is full.
-    pub fn reply(&self, device_id: &str, id: Uuid, reply: DeviceReply) {
-        self.queue_reply((device_id.to_owned(), id, reply, 0));
-    }
-
-    fn queue_reply(&self, reply: PendingReply) {
-        if self.shared.replies.try_send(reply).is_err() {
-            let counters = self.shared.feed.counters();
-            counters.dropped_replies.fetch_add(1, Ordering::Relaxed);
-        }
     }
 
     pub fn counts(&self) -> Vec<(CommandState, u64)> {
@@ -364,17 +347,28 @@ impl Dispatcher {
                 else => return,
             };
             let counters = self.shared.feed.counters();
-            match self.shared.log.replied(&device_id, id, reply.clone()).await {
+            let outcome = self.shared.log.replied(&device_id, id, reply.clone()).await;
+            match outcome {
                 // The device may have room for its next command.
                 Ok(Replied::Recorded(_)) if self.shared.limits.in_flight_per_device.is_some() => {
                     self.wake()
                 }
                 Ok(Replied::Recorded(_)) => {}
-                Ok(Replied::Publishing) if tries < REPLY_RETRIES => {
+                // Published a moment ago, or the store did not answer:
+                // again shortly (the store's outage is logged once).
+                Ok(Replied::Publishing) | Err(_) if tries < REPLY_RETRIES => {
+                    if let Err(error) = &outcome {
+                        if tries == 0 {
+                            warn!(device_id, command_id = %id, %error, "recording a reply failed; trying again");
+                        }
+                    }
                     let dispatcher = self.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep(REPLY_RETRY).await;
-                        dispatcher.queue_reply((device_id, id, reply, tries + 1));
+                        dispatcher
+                            .shared
+                            .replies
+                            .push((device_id, id, reply, tries + 1));
                     });
                 }
                 Ok(Replied::Publishing | Replied::NotActive) => {

@@ -23,8 +23,10 @@ use uuid::Uuid;
 use super::{Command, CommandState};
 use crate::sync;
 
-/// Changes a receiver may be behind before it misses some.
-pub const FEED_CAPACITY: usize = 4096;
+/// Changes a receiver may be behind before it misses some. A change is
+/// freed once every receiver has read it, so only a lagging receiver makes
+/// the feed hold this many (docs/api.md's memory formula).
+pub const FEED_CAPACITY: usize = 1024;
 
 /// The feed of changes. Cheap to clone.
 #[derive(Clone)]

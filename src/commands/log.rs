@@ -25,6 +25,8 @@ pub enum LogError {
     Full(usize),
     #[error("device {device_id:?} already has its maximum of {max} commands that have not ended")]
     DeviceFull { device_id: String, max: usize },
+    #[error("the commands kept in memory already take the most bytes they may ({0}); a store has room for more")]
+    NoRoom(usize),
     /// The store failed; the text is for the log, never for a client.
     #[error("the command store is unavailable: {0}")]
     Unavailable(String),
@@ -77,7 +79,7 @@ pub struct Claimed {
 #[derive(Debug, Clone)]
 pub enum Replied {
     /// It ended its command, now SUCCEEDED or FAILED.
-    Recorded(Command),
+    Recorded(Box<Command>),
     /// Its command is being published (a fast device answered before the
     /// broker's acknowledgement was recorded): try again shortly, so that
     /// the command is SENT first.

@@ -1,11 +1,14 @@
 //! [`MemoryLog`]: persistent commands without a store. A restart loses
 //! them (documented in docs/api.md).
 //!
-//! Bounds: at most `max_queued` active commands (the insert's quota), and
-//! at most [`MemoryLog::new`]'s `max_ended` ended ones, the oldest ended
-//! forgotten first when more end (counted as forgotten early); an ended
+//! Bounds: at most `max_queued` active commands (the insert's quota), at
+//! most [`MemoryLog::new`]'s `max_ended` ended ones, and [`MAX_BYTES`] of
+//! what they hold (published payloads, parameters, replies' results): the
+//! oldest ended are forgotten first to make room (counted as forgotten
+//! early), and a command that would not fit even then is refused. An ended
 //! command gives up its published bytes. So the log holds at most
-//! `max_queued` payloads and `max_queued + max_ended` records.
+//! `max_queued + max_ended` records of a few hundred bytes each, and
+//! [`MAX_BYTES`] besides.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -23,6 +26,9 @@ use super::{
     Command, CommandState, Feed, NewCommand, Publication,
 };
 use crate::{replies::DeviceReply, sync};
+
+/// Most bytes the kept commands' payloads, parameters and replies take.
+pub const MAX_BYTES: usize = 64 << 20;
 
 /// Most commands one ListCommands page looks at, matching or not.
 pub const MAX_EXAMINED_PER_PAGE: usize = 10_000;
@@ -52,6 +58,8 @@ struct Inner {
     /// Acceptance order.
     next_no: u64,
     max_ended: usize,
+    /// What the records' [`Record::bytes`] add up to.
+    bytes: usize,
 }
 
 struct Record {
@@ -63,6 +71,17 @@ struct Record {
     claimed: bool,
     /// Its place in its device's queue.
     no: u64,
+    /// What it holds, as counted against [`MAX_BYTES`].
+    bytes: usize,
+}
+
+/// The bytes a command holds: its payload while it is active (which holds
+/// the parameters too), the parameters again, and its reply's result.
+fn size(payload: Option<&Publication>, params_len: usize, reply: Option<&DeviceReply>) -> usize {
+    let result = reply
+        .and_then(|r| r.result.as_ref())
+        .map_or(0, |r| serde_json::to_vec(r).map_or(0, |v| v.len()));
+    payload.map_or(0, |p| p.payload.len()) + params_len + result
 }
 
 /// A device's active commands.
@@ -131,7 +150,10 @@ impl Inner {
         if record.command.state.ended() {
             return None;
         }
-        record.publish = None;
+        if let Some(publish) = record.publish.take() {
+            record.bytes -= publish.payload.len();
+            self.bytes -= publish.payload.len();
+        }
         record.claimed = false;
         let (device_id, no, expire) = (
             record.command.device_id.clone(),
@@ -161,6 +183,7 @@ impl Inner {
 
     fn remove(&mut self, id: Uuid) {
         if let Some(record) = self.records.remove(&id) {
+            self.bytes -= record.bytes;
             self.counts[record.command.state as usize] -= 1;
             self.order.remove(&id);
         }
@@ -176,7 +199,23 @@ impl CommandLog for MemoryLog {
     ) -> BoxFuture<'_, LogResult<Command>> {
         let mut inner = self.inner();
         let device_active = inner.devices.get(&new.device_id).map_or(0, |q| q.active());
-        let refused = if inner.expiring.len() >= max {
+        let params_len = new
+            .params
+            .as_ref()
+            .map_or(0, |p| serde_json::to_vec(p).map_or(0, |v| v.len()));
+        let bytes = size(Some(&new.publish), params_len, None);
+        let mut forgotten = 0;
+        while inner.bytes + bytes > MAX_BYTES {
+            let Some((_, oldest)) = inner.ended.pop_first() else {
+                break;
+            };
+            inner.remove(oldest);
+            forgotten += 1;
+        }
+        self.count_forgotten(forgotten);
+        let refused = if inner.bytes + bytes > MAX_BYTES {
+            Some(LogError::NoRoom(MAX_BYTES))
+        } else if inner.expiring.len() >= max {
             Some(LogError::Full(max))
         } else if device_active >= per_device {
             Some(LogError::DeviceFull {
@@ -224,8 +263,10 @@ impl CommandLog for MemoryLog {
                 sent_at: None,
                 claimed: false,
                 no,
+                bytes,
             },
         );
+        inner.bytes += bytes;
         drop(inner);
         self.changed(vec![command.clone()]);
         future::ready(Ok(command)).boxed()
@@ -392,9 +433,12 @@ impl CommandLog for MemoryLog {
                         false => CommandState::Failed,
                     };
                     let at = reply.received_at;
+                    let result = size(None, 0, Some(&reply));
+                    r.bytes += result;
                     r.command.reply = Some(reply);
+                    inner.bytes += result;
                     match inner.end(id, state, at, &mut forgotten) {
-                        Some(ended) => Replied::Recorded(ended),
+                        Some(ended) => Replied::Recorded(Box::new(ended)),
                         None => Replied::NotActive,
                     }
                 }
@@ -404,7 +448,7 @@ impl CommandLog for MemoryLog {
         drop(inner);
         self.count_forgotten(forgotten);
         if let Replied::Recorded(ended) = &outcome {
-            self.changed(vec![ended.clone()]);
+            self.changed(vec![(**ended).clone()]);
         }
         future::ready(Ok(outcome)).boxed()
     }

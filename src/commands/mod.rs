@@ -11,7 +11,8 @@
 //!   device can take them, sends commands back to QUEUED when their device
 //!   went away without replying, expires and forgets;
 //! - `feed.rs`: the state changes, in order, for WatchCommands and for calls
-//!   waiting for a reply, and the counters behind `/metrics`.
+//!   waiting for a reply, and the counters behind `/metrics`;
+//! - `inbox.rs`: replies on their way from the MQTT event loop to the log.
 //!
 //! It knows neither gRPC nor MQTT nor PostgreSQL: commands are published
 //! through [`Transport`] (the MQTT side implements it), devices' presence is
@@ -28,6 +29,7 @@
 
 mod dispatch;
 mod feed;
+mod inbox;
 mod log;
 mod memory;
 
@@ -42,11 +44,12 @@ use uuid::Uuid;
 
 pub use dispatch::{Dispatcher, Transport, TransportError};
 pub use feed::Feed;
+pub use inbox::{inbox, ReplyInbox, ReplyReceiver};
 pub use log::{ActiveDevice, Claimed, CommandLog, CommandPage, CommandQuery, LogError, Replied};
 pub use memory::MemoryLog;
 
 pub use crate::config::CommandLimits;
-use crate::replies::{DeviceReply, PersistentReplies};
+use crate::replies::DeviceReply;
 
 /// The longest `ttl` a command may have.
 pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -171,6 +174,7 @@ impl Commands {
         presence: crate::hub::ReadingHub,
         transport: Arc<dyn Transport>,
         limits: CommandLimits,
+        inbox: (ReplyInbox, ReplyReceiver),
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Self {
         let dispatcher = Dispatcher::start(
@@ -179,6 +183,7 @@ impl Commands {
             presence,
             transport,
             limits.clone(),
+            inbox,
             shutdown,
         );
         Self {
@@ -235,12 +240,6 @@ impl Commands {
         }
     }
 
-    /// Records `device_id`'s reply to command `id`, if it is one of ours
-    /// and still active. Never blocks: the dispatcher records it.
-    pub fn reply(&self, device_id: &str, id: Uuid, reply: DeviceReply) {
-        self.shared.dispatcher.reply(device_id, id, reply);
-    }
-
     /// The changes from now on (see [`Feed`]).
     pub fn subscribe(&self) -> broadcast::Receiver<Command> {
         self.shared.feed.subscribe()
@@ -253,18 +252,5 @@ impl Commands {
     /// Active and kept commands by state, as the log last counted them.
     pub fn counts(&self) -> Vec<(CommandState, u64)> {
         self.shared.dispatcher.counts()
-    }
-}
-
-/// Replies to persistent commands reach them through the reply router.
-impl PersistentReplies for Commands {
-    fn active(&self, id: &str) -> Option<bool> {
-        self.shared.feed.active(Uuid::parse_str(id).ok()?)
-    }
-
-    fn record(&self, device_id: &str, id: &str, reply: DeviceReply) {
-        if let Ok(id) = Uuid::parse_str(id) {
-            self.reply(device_id, id, reply);
-        }
     }
 }

@@ -93,7 +93,7 @@ impl From<ApiError> for Status {
             ApiError::Commands(CommandError::NotFound(_)) => Status::not_found(message),
             ApiError::Commands(CommandError::Ended { .. }) => Status::failed_precondition(message),
             ApiError::Commands(CommandError::Log(
-                LogError::Full(_) | LogError::DeviceFull { .. },
+                LogError::Full(_) | LogError::DeviceFull { .. } | LogError::NoRoom(_),
             )) => Status::resource_exhausted(message),
             ApiError::Commands(CommandError::Log(LogError::Unavailable(_))) => {
                 // What the store said goes to the log only.

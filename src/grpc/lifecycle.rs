@@ -25,7 +25,7 @@ use crate::{
 
 /// Messages a WatchCommands stream holds for its client before the feed
 /// backs up (and, past the feed's capacity, the stream ends in DATA_LOSS).
-const WATCH_QUEUE: usize = 64;
+const WATCH_QUEUE: usize = 4;
 
 pub type WatchCommandsStream = ReceiverStream<Result<WatchCommandsResponse, Status>>;
 

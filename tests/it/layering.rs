@@ -1,7 +1,8 @@
 //! The arrows of `lib.rs`'s picture, kept true: which modules may name
 //! which. Data flows one way (MQTT → ingest → hub → gRPC); the hub reads
 //! history through its own trait; nothing below the hub knows gRPC; the
-//! buffer holds no encodings; the library knows nothing of clap. The
+//! buffer holds no encodings; persistent commands reach MQTT and the store
+//! through their own traits; the library knows nothing of clap. The
 //! modules' `//!` docs promise these; an import that breaks one fails here,
 //! named by file and line.
 
@@ -74,10 +75,27 @@ fn the_hub_knows_neither_mqtt_nor_the_store_nor_grpc() {
 fn nothing_below_the_grpc_side_knows_grpc() {
     assert_never(
         &sources(&[
-            "buffer", "hub", "mqtt", "store", "replies", "topic", "config",
+            "buffer", "hub", "mqtt", "store", "replies", "topic", "config", "commands",
         ]),
         &["crate::grpc", "crate::proto", "tonic", "prost"],
         "a module below the gRPC side names gRPC",
+    );
+}
+
+#[test]
+fn persistent_commands_call_neither_mqtt_nor_the_store() {
+    // The MQTT side and the store implement the commands' traits
+    // (`Transport`, `CommandLog`); the commands never name them.
+    assert_never(
+        &sources(&["commands"]),
+        &[
+            "crate::store",
+            "crate::mqtt",
+            "crate::grpc",
+            "sqlx",
+            "rumqttc",
+        ],
+        "the commands name MQTT, the store or gRPC",
     );
 }
 
@@ -100,7 +118,13 @@ fn the_buffer_is_plain_data_without_encodings() {
 fn config_is_plain_data() {
     assert_never(
         &sources(&["config"]),
-        &["crate::mqtt", "crate::store", "crate::grpc", "clap"],
+        &[
+            "crate::mqtt",
+            "crate::store",
+            "crate::grpc",
+            "crate::commands",
+            "clap",
+        ],
         "config names a part it configures",
     );
 }

@@ -22,6 +22,9 @@ pub struct Sizes {
     pub replay_readings: u64,
     /// Readings each watcher thread receives in the contention scenario.
     pub contention_readings: u64,
+    /// Persistent commands queued, and the offline devices they are for.
+    pub queued_commands: u64,
+    pub queued_devices: u64,
 }
 
 pub const FULL: Sizes = Sizes {
@@ -39,6 +42,8 @@ pub const FULL: Sizes = Sizes {
     stored_readings: 10_000_000,
     replay_readings: 1_000_000,
     contention_readings: 200_000,
+    queued_commands: 10_000,
+    queued_devices: 1_000,
 };
 
 pub const SMOKE: Sizes = Sizes {
@@ -56,4 +61,6 @@ pub const SMOKE: Sizes = Sizes {
     stored_readings: 20_000,
     replay_readings: 5_000,
     contention_readings: 5_000,
+    queued_commands: 200,
+    queued_devices: 20,
 };

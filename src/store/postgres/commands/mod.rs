@@ -491,21 +491,21 @@ impl PgCommandLog {
             .bind(micros(reply.received_at) as i64)
             .bind(now);
         if let Some(ended) = self.change(query).await?.pop() {
-            return Ok(Replied::Recorded(ended));
+            return Ok(Replied::Recorded(Box::new(ended)));
         }
-        const PUBLISHING: &str = concat!(
+        // Not changed: ended, not ours, or claimed at that moment. Still
+        // active now means it was claimed (and maybe published since):
+        // worth another try.
+        let active: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM commands WHERE id = $1::uuid AND device_id = $2 \
-               AND state = 1 AND lease_until > ",
-            at!(3)
-        );
-        let publishing: i64 = sqlx::query_scalar(PUBLISHING)
-            .bind(id.to_string())
-            .bind(device_id)
-            .bind(now)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        Ok(match publishing {
+               AND state IN (1, 2)",
+        )
+        .bind(id.to_string())
+        .bind(device_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(match active {
             0 => Replied::NotActive,
             _ => Replied::Publishing,
         })
