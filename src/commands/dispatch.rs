@@ -1,12 +1,16 @@
 //! The dispatcher: the task that moves persistent commands along, and
 //! [`Dispatcher::deliver`], the one way a command is published.
 //!
-//! Each round it reads the devices with active commands from the log and
-//! the hub's word on whether each is there ([`Presence`]):
-//! - a device that is reachable (not OFFLINE, or heard from since it said
-//!   so) with QUEUED commands gets them published, oldest first, by a task
-//!   of its own (at most [`DELIVERIES`] at once), one claim at a time so
-//!   that they leave in order;
+//! Each round looks at the devices with active commands (read from the log
+//! when something changed here, and every tick) and the hub's word on
+//! whether each is there ([`Presence`]):
+//! - a device that is reachable (not OFFLINE, or it sent something itself
+//!   since it said so) with QUEUED commands gets them published, oldest
+//!   first: the devices ready in a round are delivered to by tasks of
+//!   [`DEVICES_PER_DELIVERY`] devices each (at most [`DELIVERIES`] at once),
+//!   each one claim (one transaction with a store), one wave of publishes
+//!   and one record of what went out at a time, so that each device's
+//!   commands leave in order and a store sees few statements;
 //! - a device that went OFFLINE after some of its commands were published
 //!   gets those back to QUEUED (or FAILED after the last attempt): the log
 //!   compares the publish times with the time of the OFFLINE message, so
@@ -14,12 +18,12 @@
 //! - every [`TICK`], commands past their `ttl` are EXPIRED and ended ones
 //!   past the retention forgotten.
 //!
-//! A round starts when a command is queued, a delivery or a reply is done,
-//! every [`TICK`] (to see other replicas' commands, and devices that came
-//! back while a round found nothing to do), and, while some device waits,
-//! when the hub takes new messages (at most every [`COALESCE`], so a busy
-//! ingest does not turn into busy rounds). So a device that returns gets
-//! its commands well within a second.
+//! A round starts every [`TICK`] (which also sees commands queued here and
+//! on other replicas), when a delivery, a cancel or (with an in-flight
+//! limit) a reply is done, and, while some device waits, when the hub takes
+//! new messages (at most every [`COALESCE`], so a busy ingest does not turn
+//! into busy rounds, and from the list already read). So a device that
+//! returns gets its commands well within a second.
 //!
 //! Replies are recorded by a task of their own, fed through the
 //! [`ReplyInbox`] (a bounded queue that never blocks the MQTT event loop:
@@ -48,10 +52,15 @@ use crate::{buffer::Presence, hub::ReadingHub, sync};
 pub const TICK: Duration = Duration::from_secs(1);
 /// The shortest time between rounds started by the hub's new messages.
 pub const COALESCE: Duration = Duration::from_millis(20);
-/// Devices delivered to at once.
-pub const DELIVERIES: usize = 64;
-/// Commands one claim takes.
+/// Ticks between two counts of the commands by state.
+pub const COUNT_EVERY: u64 = 10;
+/// Deliveries at once, each to up to [`DEVICES_PER_DELIVERY`] devices.
+pub const DELIVERIES: usize = 16;
+pub const DEVICES_PER_DELIVERY: usize = 256;
+/// Commands of one device one claim takes, and of all its devices: a
+/// wave of publishes well within the MQTT client's queue (1 024).
 pub const CLAIM_BATCH: usize = 256;
+pub const CLAIM_TOTAL: usize = 512;
 /// How long a reply to a command being published (or one the store failed
 /// to record) waits before it is recorded again, and how many times:
 /// together longer than a publish may wait for the broker's
@@ -139,55 +148,58 @@ impl Dispatcher {
         sync::lock(&self.shared.counts).clone()
     }
 
-    /// Publishes `device_id`'s QUEUED commands, oldest first, as far as the
-    /// in-flight limit lets, and returns those now SENT. Waits for another
-    /// delivery to the device on this instance to end first.
-    pub async fn deliver(&self, device_id: &str) -> Vec<Command> {
-        let lock = {
+    /// Publishes the QUEUED commands of `device_ids`, each device's oldest
+    /// first, as far as the in-flight limit lets, and returns those now
+    /// SENT. Waits for other deliveries to these devices on this instance
+    /// to end first.
+    pub async fn deliver(&self, device_ids: &[String]) -> Vec<Command> {
+        let mut ids = device_ids.to_vec();
+        // One order for every delivery: two never wait for each other.
+        ids.sort_unstable();
+        ids.dedup();
+        let locks: Vec<_> = {
             let mut delivering = sync::lock(&self.shared.delivering);
-            delivering.entry(device_id.to_owned()).or_default().clone()
+            ids.iter()
+                .map(|id| delivering.entry(id.clone()).or_default().clone())
+                .collect()
         };
-        let sent = {
-            let _turn = lock.lock().await;
-            self.deliver_locked(device_id).await
-        };
-        drop(lock);
+        let mut turns = Vec::with_capacity(locks.len());
+        for lock in &locks {
+            turns.push(lock.clone().lock_owned().await);
+        }
+        let sent = self.deliver_locked(ids.clone()).await;
+        drop(turns);
+        drop(locks);
         let mut delivering = sync::lock(&self.shared.delivering);
-        // Only the map's reference left: nobody holds or waits for it.
-        if delivering
-            .get(device_id)
-            .is_some_and(|l| Arc::strong_count(l) == 1)
-        {
-            delivering.remove(device_id);
+        for id in &ids {
+            // Only the map's reference left: nobody holds or waits for it.
+            if delivering
+                .get(id)
+                .is_some_and(|l| Arc::strong_count(l) == 1)
+            {
+                delivering.remove(id);
+            }
         }
         sent
     }
 
-    async fn deliver_locked(&self, device_id: &str) -> Vec<Command> {
+    async fn deliver_locked(&self, device_ids: Vec<String>) -> Vec<Command> {
         let shared = &self.shared;
         let mut sent = Vec::new();
         loop {
             let now = SystemTime::now();
-            let claimed = match shared
-                .log
-                .claim(
-                    device_id,
-                    CLAIM_BATCH,
-                    shared.limits.in_flight_per_device,
-                    now,
-                )
-                .await
-            {
-                Ok(claimed) if claimed.is_empty() => break,
+            let in_flight = shared.limits.in_flight_per_device;
+            let limits = (CLAIM_BATCH, CLAIM_TOTAL);
+            let claimed = match shared.log.claim(&device_ids, limits, in_flight, now).await {
                 Ok(claimed) => claimed,
                 Err(error) => {
-                    warn!(device_id, %error, "claiming commands to publish failed");
+                    warn!(devices = device_ids.len(), %error, "claiming commands to publish failed");
                     break;
                 }
             };
             // Created in order and first polled in order: each publish is
-            // queued on the MQTT client when first polled, so they leave
-            // in the order they were accepted.
+            // queued on the MQTT client when first polled, so each
+            // device's leave in the order they were accepted.
             let publishes = claimed.iter().map(|c| {
                 let late = c.expire_time <= SystemTime::now();
                 shared.feed.publishing(c.id);
@@ -206,40 +218,59 @@ impl Dispatcher {
                 match outcome {
                     Ok(()) => published.push(claimed.id),
                     Err(reason) => {
-                        debug!(device_id, command_id = %claimed.id, reason, "command not published; stays queued");
+                        debug!(device_id = claimed.device_id, command_id = %claimed.id, reason, "command not published; stays queued");
                         unpublished.push(claimed.id);
                     }
                 }
             }
             if let Err(error) = shared.log.release(&unpublished).await {
-                warn!(device_id, %error, "releasing unpublished commands failed; they are claimed until the lease ends");
+                warn!(%error, "releasing unpublished commands failed; they are claimed until the lease ends");
             }
             match shared.log.sent(&published, at).await {
                 Ok(now_sent) => sent.extend(now_sent),
                 Err(error) => {
-                    warn!(device_id, %error, "recording published commands failed; they may be published again")
+                    warn!(%error, "recording published commands failed; they may be published again")
                 }
             }
-            if !unpublished.is_empty() || claimed.len() < CLAIM_BATCH {
+            if !unpublished.is_empty() {
+                break; // the link is down: the next round tries again
+            }
+            // A full claim: there may be more.
+            if claimed.len() < CLAIM_TOTAL {
                 break;
             }
         }
         sent
     }
 
-    /// The dispatcher's task.
+    /// The dispatcher's task. The devices with active commands are read
+    /// from the log when something changed here (a wake-up) and every
+    /// tick (for other replicas' changes); rounds started by the hub's new
+    /// messages look at that list again.
     async fn run(self, shutdown: CancellationToken) {
         let shared = &self.shared;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut active, mut stale, mut ticks) = (Vec::new(), true, 0u64);
         loop {
-            let waiting = self.round().await;
+            if stale {
+                match shared.log.active_devices().await {
+                    Ok(now) => active = now,
+                    Err(error) => warn!(%error, "reading the devices with active commands failed"),
+                }
+            }
+            let (waiting, changed) = self.round(&active).await;
+            stale = changed;
             let next_seq = shared.hub.next_seq();
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return,
-                _ = tick.tick() => self.housekeeping().await,
-                () = shared.wake.notified() => {}
+                _ = tick.tick() => {
+                    self.housekeeping(ticks).await;
+                    ticks += 1;
+                    stale = true;
+                }
+                () = shared.wake.notified() => stale = true,
                 () = shared.hub.pushed(next_seq), if waiting => {
                     tokio::time::sleep(COALESCE).await;
                 }
@@ -247,23 +278,18 @@ impl Dispatcher {
         }
     }
 
-    /// One look at every device with active commands; returns whether some
-    /// device waits to come back.
-    async fn round(&self) -> bool {
+    /// One look at `active`, the devices with active commands; returns
+    /// whether some device waits to come back, and whether this changed
+    /// what the log holds.
+    async fn round(&self, active: &[ActiveDevice]) -> (bool, bool) {
         let shared = &self.shared;
-        let active = match shared.log.active_devices().await {
-            Ok(active) => active,
-            Err(error) => {
-                warn!(%error, "reading the devices with active commands failed");
-                return false;
-            }
-        };
         let presence = shared
             .hub
             .presence(active.iter().map(|d| d.device_id.as_str()));
-        let mut waiting = false;
-        for (device, presence) in active.into_iter().zip(presence) {
-            self.went_away(&device, presence).await;
+        let (mut waiting, mut changed) = (false, false);
+        let mut ready = Vec::new();
+        for (device, presence) in active.iter().zip(presence) {
+            changed |= self.went_away(device, presence).await;
             if device.queued == 0 {
                 continue;
             }
@@ -274,49 +300,60 @@ impl Dispatcher {
             if sync::lock(&shared.delivering).contains_key(&device.device_id) {
                 continue; // being delivered; its end starts a round
             }
+            ready.push(device.device_id.clone());
+        }
+        for devices in ready.chunks(DEVICES_PER_DELIVERY) {
             let Ok(permit) = shared.deliveries.clone().try_acquire_owned() else {
                 break; // the next round takes the rest
             };
-            let dispatcher = self.clone();
-            // Marked before the task runs, so that the next round skips it.
-            sync::lock(&shared.delivering)
-                .entry(device.device_id.clone())
-                .or_default();
+            let (dispatcher, devices) = (self.clone(), devices.to_vec());
+            // Marked before the task runs, so that the next round skips them.
+            {
+                let mut delivering = sync::lock(&shared.delivering);
+                for id in &devices {
+                    delivering.entry(id.clone()).or_default();
+                }
+            }
             tokio::spawn(async move {
                 let _permit = permit;
-                dispatcher.deliver(&device.device_id).await;
+                dispatcher.deliver(&devices).await;
                 dispatcher.wake();
             });
         }
-        waiting
+        (waiting, changed)
     }
 
     /// Sends `device`'s SENT commands back to QUEUED (or FAILED) if it went
-    /// OFFLINE after they were published.
-    async fn went_away(&self, device: &ActiveDevice, presence: Option<Presence>) {
+    /// OFFLINE after they were published; returns whether it did.
+    async fn went_away(&self, device: &ActiveDevice, presence: Option<Presence>) -> bool {
         let (Some(oldest_sent), Some(away)) = (
             device.oldest_sent_at,
             presence.and_then(|p| p.away_since_micros()),
         ) else {
-            return;
+            return false;
         };
         let away = UNIX_EPOCH + Duration::from_micros(away);
         if away <= oldest_sent {
-            return;
+            return false;
         }
         let max_attempts = self.shared.limits.max_attempts;
-        if let Err(error) = self
+        match self
             .shared
             .log
             .went_away(&device.device_id, away, max_attempts)
             .await
         {
-            warn!(device_id = device.device_id, %error, "returning commands of a device that went away failed");
+            Ok(changed) => changed > 0,
+            Err(error) => {
+                warn!(device_id = device.device_id, %error, "returning commands of a device that went away failed");
+                false
+            }
         }
     }
 
-    /// Expiry, retention and the counts, once a tick.
-    async fn housekeeping(&self) {
+    /// Expiry and retention once a tick, the counts every
+    /// [`COUNT_EVERY`] ticks (with a store they count the whole table).
+    async fn housekeeping(&self, tick: u64) {
         let (log, now) = (&self.shared.log, SystemTime::now());
         if let Err(error) = log.expire(now).await {
             warn!(%error, "expiring commands failed");
@@ -327,9 +364,11 @@ impl Dispatcher {
                 warn!(%error, "forgetting ended commands failed");
             }
         }
-        match log.counts().await {
-            Ok(counts) => *sync::lock(&self.shared.counts) = counts,
-            Err(error) => warn!(%error, "counting commands failed"),
+        if tick % COUNT_EVERY == 0 {
+            match log.counts().await {
+                Ok(counts) => *sync::lock(&self.shared.counts) = counts,
+                Err(error) => warn!(%error, "counting commands failed"),
+            }
         }
     }
 

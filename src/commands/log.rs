@@ -71,6 +71,7 @@ pub struct CommandPage {
 #[derive(Debug, Clone)]
 pub struct Claimed {
     pub id: Uuid,
+    pub device_id: String,
     pub expire_time: SystemTime,
     pub publish: Publication,
 }
@@ -119,15 +120,16 @@ pub trait CommandLog: Send + Sync + 'static {
     /// ended in `state`; `Err(None)`: not known.
     fn cancel(&self, id: Uuid) -> BoxFuture<'_, LogResult<Result<Command, Option<CommandState>>>>;
 
-    /// Claims up to `limit` of `device_id`'s QUEUED commands that have not
-    /// expired by `now`, oldest first, and no more than leave at most
-    /// `in_flight` SENT or claimed. None while another claim of the device
-    /// (this instance's or another's) is being published, so a device's
-    /// commands go out in order.
+    /// Claims, for each of `device_ids`, up to `limits.0` of its QUEUED
+    /// commands that have not expired by `now`, oldest first, and no more
+    /// than leave at most `in_flight` SENT or claimed; at most `limits.1`
+    /// in all; returned in order for each device. None of a device while another claim of it (this
+    /// instance's or another's) is being published, so a device's commands
+    /// go out in order.
     fn claim<'a>(
         &'a self,
-        device_id: &'a str,
-        limit: usize,
+        device_ids: &'a [String],
+        limits: (usize, usize),
         in_flight: Option<u32>,
         now: SystemTime,
     ) -> BoxFuture<'a, LogResult<Vec<Claimed>>>;

@@ -328,42 +328,52 @@ impl CommandLog for MemoryLog {
 
     fn claim<'a>(
         &'a self,
-        device_id: &'a str,
-        limit: usize,
+        device_ids: &'a [String],
+        (limit, total): (usize, usize),
         in_flight: Option<u32>,
         now: SystemTime,
     ) -> BoxFuture<'a, LogResult<Vec<Claimed>>> {
         let mut inner = self.inner();
         let inner = &mut *inner;
-        let Some(queue) = inner.devices.get_mut(device_id) else {
-            return future::ready(Ok(Vec::new())).boxed();
-        };
-        if !queue.claimed.is_empty() {
-            return future::ready(Ok(Vec::new())).boxed();
-        }
-        let room = in_flight.map_or(usize::MAX, |n| {
-            (n as usize).saturating_sub(queue.sent.len())
-        });
         let mut claimed = Vec::new();
-        let candidates: Vec<(u64, Uuid)> = queue.queued.iter().map(|(n, id)| (*n, *id)).collect();
-        for (no, id) in candidates {
-            if claimed.len() == limit.min(room) {
+        for device_id in device_ids {
+            if claimed.len() >= total {
                 break;
             }
-            let Some(record) = inner.records.get_mut(&id) else {
+            let Some(queue) = inner.devices.get_mut(device_id) else {
                 continue;
             };
-            let (Some(publish), true) = (&record.publish, record.command.expire_time > now) else {
-                continue; // expired: the next expiry pass ends it
-            };
-            record.claimed = true;
-            claimed.push(Claimed {
-                id,
-                expire_time: record.command.expire_time,
-                publish: publish.clone(),
+            if !queue.claimed.is_empty() {
+                continue; // being published
+            }
+            let room = in_flight.map_or(usize::MAX, |n| {
+                (n as usize).saturating_sub(queue.sent.len())
             });
-            queue.queued.remove(&no);
-            queue.claimed.insert(no, id);
+            let candidates: Vec<(u64, Uuid)> =
+                queue.queued.iter().map(|(n, id)| (*n, *id)).collect();
+            let mut taken = 0;
+            for (no, id) in candidates {
+                if taken == limit.min(room) || claimed.len() == total {
+                    break;
+                }
+                let Some(record) = inner.records.get_mut(&id) else {
+                    continue;
+                };
+                let (Some(publish), true) = (&record.publish, record.command.expire_time > now)
+                else {
+                    continue; // expired: the next expiry pass ends it
+                };
+                record.claimed = true;
+                claimed.push(Claimed {
+                    id,
+                    device_id: device_id.clone(),
+                    expire_time: record.command.expire_time,
+                    publish: publish.clone(),
+                });
+                taken += 1;
+                queue.queued.remove(&no);
+                queue.claimed.insert(no, id);
+            }
         }
         future::ready(Ok(claimed)).boxed()
     }

@@ -208,10 +208,11 @@ impl Commands {
             .insert(command, limits.max_queued, limits.max_queued_per_device)
             .await?;
         if !self.shared.dispatcher.reachable(&device_id) {
-            self.shared.dispatcher.wake();
+            // The next round (a tick at most away) sees it; waking one per
+            // queued command would read the log as often.
             return Ok(accepted);
         }
-        let sent = self.shared.dispatcher.deliver(&device_id).await;
+        let sent = self.shared.dispatcher.deliver(&[device_id]).await;
         Ok(sent.into_iter().find(|c| c.id == id).unwrap_or(accepted))
     }
 

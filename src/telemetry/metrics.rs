@@ -224,7 +224,7 @@ impl Sources {
                 .collect::<Vec<_>>()
         };
         families.extend([
-            gauges("devicehub_commands", "Persistent commands kept, by state (as of the last second; with a store, of every instance).", "state", named(self.commands.counts())),
+            gauges("devicehub_commands", "Persistent commands kept, by state (counted every 10 s; with a store, of every instance).", "state", named(self.commands.counts())),
             counters("devicehub_command_transitions_total", "State changes of persistent commands this instance made, by the state entered.", "state", named(commands.transitions())),
             counter("devicehub_commands_expired_total", "Persistent commands whose ttl passed before they ended (made EXPIRED by this instance).", commands.expired()),
             counter("devicehub_commands_refused_total", "Persistent commands refused because --max-queued-commands (or its per-device bound) was reached.", load(&commands.refused)),

@@ -210,9 +210,31 @@ macro_rules! changing {
 type Query<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
 impl PgCommandLog {
-    /// Runs a changing statement and counts its changes.
+    /// Runs a changing statement and counts its changes. Committed as
+    /// any: flushed to disk before this returns.
     async fn change(&self, query: Query<'_>) -> Result<Vec<Command>, LogError> {
         let rows = query.fetch_all(&self.pool).await.map_err(unavailable)?;
+        self.changed(&rows)
+    }
+
+    /// Like [`Self::change`], for changes a crash may undo without harm
+    /// (`synchronous_commit` off for its transaction: no wait for the
+    /// disk): claims and publishes, which come again after a crash
+    /// (delivery is at least once), expiries, which the next tick makes
+    /// again. Never a new command, a reply or a cancel: those are told to
+    /// someone as done.
+    async fn change_lightly(&self, query: Query<'_>) -> Result<Vec<Command>, LogError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        sqlx::query("SELECT set_config('synchronous_commit', 'off', true)")
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let rows = query.fetch_all(&mut *tx).await.map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        self.changed(&rows)
+    }
+
+    fn changed(&self, rows: &[PgRow]) -> Result<Vec<Command>, LogError> {
         let changed = rows
             .iter()
             .map(command)
@@ -355,46 +377,60 @@ impl PgCommandLog {
 
     async fn claim(
         &self,
-        device_id: &str,
-        limit: usize,
+        device_ids: &[String],
+        (limit, total): (usize, usize),
         in_flight: Option<u32>,
         now: SystemTime,
     ) -> Result<Vec<Claimed>, LogError> {
+        if device_ids.is_empty() {
+            return Ok(Vec::new());
+        }
         // Its own transaction: the claim's statement must see what the
-        // claim before it (holding the device's lock) committed.
+        // claims before it (holding the devices' locks) committed. The
+        // locks are taken in one order, so that two claims of overlapping
+        // devices never wait for each other in a circle. A claim a crash
+        // undoes is claimed again: no wait for the disk.
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7027))")
-            .bind(device_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+        sqlx::query(
+            "SELECT set_config('synchronous_commit', 'off', true), \
+                    count(pg_advisory_xact_lock(h)) \
+             FROM (SELECT DISTINCT hashtextextended(d, 7027) AS h \
+                   FROM unnest($1::text[]) AS d ORDER BY h) locks",
+        )
+        .bind(device_ids)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
         const CLAIM: &str = concat!(
-            "WITH busy AS (SELECT 1 FROM commands WHERE device_id = $1 AND state = 1 \
-                AND lease_until > ",
+            "WITH busy AS (SELECT DISTINCT device_id FROM commands \
+                WHERE device_id = ANY($1) AND state = 1 AND lease_until > ",
             at!(2),
-            " LIMIT 1), \
-             in_flight AS (SELECT count(*) AS n FROM commands WHERE device_id = $1 AND state = 2), \
-             picked AS (SELECT id FROM commands \
-                WHERE device_id = $1 AND state = 1 AND expire_time > ",
+            "), in_flight AS (SELECT device_id, count(*) AS n FROM commands \
+                WHERE device_id = ANY($1) AND state = 2 GROUP BY device_id), \
+             ranked AS (SELECT id, device_id, \
+                    row_number() OVER (PARTITION BY device_id ORDER BY accepted) AS r \
+                FROM commands WHERE device_id = ANY($1) AND state = 1 AND expire_time > ",
             at!(2),
-            " AND NOT EXISTS (SELECT 1 FROM busy) \
-                ORDER BY accepted \
-                LIMIT greatest(0, least($3, $4 - (SELECT n FROM in_flight)))) \
+            " AND device_id NOT IN (SELECT device_id FROM busy)), \
+             picked AS (SELECT ranked.id FROM ranked LEFT JOIN in_flight USING (device_id) \
+                WHERE ranked.r <= least($3, $4 - coalesce(in_flight.n, 0)) \
+                ORDER BY ranked.r LIMIT $7) \
              UPDATE commands c SET lease_owner = $5::uuid, lease_until = ",
             at!(6),
             " FROM picked WHERE c.id = picked.id \
-             RETURNING c.id::text AS id, c.accepted, c.topic, c.payload, c.qos, ",
+             RETURNING c.id::text AS id, c.device_id, c.accepted, c.topic, c.payload, c.qos, ",
             micros_of!("c.expire_time"),
             " AS expire_time"
         );
         let cap = in_flight.map_or(i64::MAX, i64::from);
         let rows = sqlx::query(CLAIM)
-            .bind(device_id)
+            .bind(device_ids)
             .bind(micros(now) as i64)
             .bind(limit as i64)
             .bind(cap)
             .bind(self.owner.to_string())
             .bind(micros(now + LEASE) as i64)
+            .bind(total as i64)
             .fetch_all(&mut *tx)
             .await
             .map_err(unavailable)?;
@@ -409,6 +445,7 @@ impl PgCommandLog {
                     accepted,
                     Claimed {
                         id: Uuid::parse_str(&id).map_err(|e| sqlx::Error::Decode(e.into()))?,
+                        device_id: row.try_get("device_id")?,
                         expire_time: time(row.try_get("expire_time")?),
                         publish: Publication {
                             topic: row.try_get("topic")?,
@@ -420,6 +457,7 @@ impl PgCommandLog {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(unavailable)?;
+        // Acceptance order is each device's order too.
         claimed.sort_by_key(|(accepted, _)| *accepted);
         Ok(claimed.into_iter().map(|(_, c)| c).collect())
     }
@@ -442,7 +480,7 @@ impl PgCommandLog {
             .bind(ids)
             .bind(micros(at) as i64)
             .bind(self.owner.to_string());
-        self.change(query).await
+        self.change_lightly(query).await
     }
 
     async fn release(&self, ids: &[Uuid]) -> Result<(), LogError> {
@@ -532,7 +570,7 @@ impl PgCommandLog {
             .bind(micros(at) as i64)
             .bind(max_attempts as i32)
             .bind(micros(SystemTime::now()) as i64);
-        Ok(self.change(query).await?.len())
+        Ok(self.change_lightly(query).await?.len())
     }
 
     async fn expire(&self, now: SystemTime) -> Result<usize, LogError> {
@@ -544,13 +582,16 @@ impl PgCommandLog {
             " RETURNING commands.*"
         );
         let query = sqlx::query(EXPIRE).bind(micros(now) as i64);
-        Ok(self.change(query).await?.len())
+        Ok(self.change_lightly(query).await?.len())
     }
 
     async fn forget(&self, before: SystemTime) -> Result<usize, LogError> {
+        // Bounded per statement, as readings' retention is.
         const FORGET: &str = concat!(
-            "DELETE FROM commands WHERE state > 2 AND update_time < ",
-            at!(1)
+            "DELETE FROM commands WHERE id IN (SELECT id FROM commands \
+               WHERE state > 2 AND update_time < ",
+            at!(1),
+            " LIMIT 10000)"
         );
         let deleted = sqlx::query(FORGET)
             .bind(micros(before) as i64)
@@ -643,12 +684,12 @@ impl CommandLog for PgCommandLog {
 
     fn claim<'a>(
         &'a self,
-        device_id: &'a str,
-        limit: usize,
+        device_ids: &'a [String],
+        limits: (usize, usize),
         in_flight: Option<u32>,
         now: SystemTime,
     ) -> BoxFuture<'a, Result<Vec<Claimed>, LogError>> {
-        PgCommandLog::claim(self, device_id, limit, in_flight, now).boxed()
+        PgCommandLog::claim(self, device_ids, limits, in_flight, now).boxed()
     }
 
     fn sent<'a>(
