@@ -364,7 +364,7 @@ impl Dispatcher {
                 warn!(%error, "forgetting ended commands failed");
             }
         }
-        if tick % COUNT_EVERY == 0 {
+        if tick.is_multiple_of(COUNT_EVERY) {
             match log.counts().await {
                 Ok(counts) => *sync::lock(&self.shared.counts) = counts,
                 Err(error) => warn!(%error, "counting commands failed"),
