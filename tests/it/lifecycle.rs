@@ -244,15 +244,16 @@ async fn an_expired_command_is_never_published() {
     service.stop().await;
 }
 
-/// Sends `n` persistent commands to `device_id`, returning their ids in
-/// the order sent.
-async fn send_many(
-    client: &mut DeviceHubClient<Channel>,
+/// Sends `n` persistent commands to `device_id`, taking `clients` in turn
+/// (two instances, say), each QUEUED; returns their ids in the order sent.
+pub async fn send_many(
+    clients: &[&DeviceHubClient<Channel>],
     device_id: &str,
     n: usize,
 ) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..n {
+        let mut client = clients[i % clients.len()].clone();
         let accepted = client
             .send_command(persistent(
                 device_id,
@@ -272,9 +273,9 @@ async fn send_many(
 async fn a_hundred_queued_commands_arrive_in_order() {
     let broker = embedded_broker();
     let service = TestService::start_ready(config(&broker, &[])).await;
-    let mut client = service.client().await;
+    let client = service.client().await;
     gone(&broker, &client, "p3").await;
-    let ids = send_many(&mut client, "p3", 100).await;
+    let ids = send_many(&[&client], "p3", 100).await;
     let mut device = PahoDevice::start(&broker, "p3", "ok").await;
     for id in &ids {
         assert_eq!(device.next_command().await["id"], id.as_str());
@@ -290,10 +291,10 @@ async fn one_in_flight_per_device_means_one_at_a_time() {
     let broker = embedded_broker();
     let args = ["--command-in-flight-per-device", "1"];
     let service = TestService::start_ready(config(&broker, &args)).await;
-    let mut client = service.client().await;
+    let client = service.client().await;
     gone(&broker, &client, "p4").await;
     let mut changes = watch(&client, "p4").await;
-    let ids = send_many(&mut client, "p4", 100).await;
+    let ids = send_many(&[&client], "p4", 100).await;
     let mut device = PahoDevice::start(&broker, "p4", "ok").await;
     for id in &ids {
         assert_eq!(device.next_command().await["id"], id.as_str());
@@ -416,7 +417,7 @@ async fn lists_page_newest_first_and_filter_by_state() {
     let service = TestService::start_ready(config(&broker, &[])).await;
     let mut client = service.client().await;
     gone(&broker, &client, "p8").await;
-    let ids = send_many(&mut client, "p8", 25).await;
+    let ids = send_many(&[&client], "p8", 25).await;
     client
         .cancel_command(CancelCommandRequest {
             command_id: ids[3].clone(),
@@ -562,66 +563,60 @@ async fn bad_requests_name_their_field() {
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
 
-    let list = |req: ListCommandsRequest| {
-        let mut client = client.clone();
-        async move { client.list_commands(req).await.unwrap_err() }
-    };
-    invalid(
-        list(ListCommandsRequest {
-            page_token: "zz".into(),
-            ..Default::default()
-        })
-        .await,
-        "page_token",
-    );
-    invalid(
-        list(ListCommandsRequest {
-            page_token: "02".into(),
-            ..Default::default()
-        })
-        .await,
-        "page_token",
-    );
-    invalid(
-        list(ListCommandsRequest {
-            states: vec![0],
-            ..Default::default()
-        })
-        .await,
-        "states",
-    );
-    invalid(
-        list(ListCommandsRequest {
-            states: vec![99],
-            ..Default::default()
-        })
-        .await,
-        "states",
-    );
-    invalid(
-        list(ListCommandsRequest {
-            page_size: -1,
-            ..Default::default()
-        })
-        .await,
-        "page_size",
-    );
-    invalid(
-        list(ListCommandsRequest {
-            page_size: 1001,
-            ..Default::default()
-        })
-        .await,
-        "page_size",
-    );
-    invalid(
-        list(ListCommandsRequest {
-            device_id: "a/b".into(),
-            ..Default::default()
-        })
-        .await,
-        "device_id",
-    );
+    let bad_lists = [
+        (
+            "page_token",
+            ListCommandsRequest {
+                page_token: "zz".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "page_token",
+            ListCommandsRequest {
+                page_token: "02".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "states",
+            ListCommandsRequest {
+                states: vec![0],
+                ..Default::default()
+            },
+        ),
+        (
+            "states",
+            ListCommandsRequest {
+                states: vec![99],
+                ..Default::default()
+            },
+        ),
+        (
+            "page_size",
+            ListCommandsRequest {
+                page_size: -1,
+                ..Default::default()
+            },
+        ),
+        (
+            "page_size",
+            ListCommandsRequest {
+                page_size: 1001,
+                ..Default::default()
+            },
+        ),
+        (
+            "device_id",
+            ListCommandsRequest {
+                device_id: "a/b".into(),
+                ..Default::default()
+            },
+        ),
+    ];
+    for (field, request) in bad_lists {
+        invalid(client.list_commands(request).await.unwrap_err(), field);
+    }
     let status = client
         .watch_commands(WatchCommandsRequest {
             device_id: "a+b".into(),

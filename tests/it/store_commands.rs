@@ -13,7 +13,7 @@ use common::{instance::Instance, paho::PahoDevice, postgres::Postgres, *};
 use devicehub::proto::{CommandState, DeviceStatus, ListCommandsRequest};
 use tokio_stream::StreamExt;
 
-use crate::lifecycle::{gone, next_change, persistent, wait_state, wait_status, watch};
+use crate::lifecycle::{gone, next_change, persistent, send_many, wait_state, wait_status, watch};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_commands_survive_a_sigkill() {
@@ -113,21 +113,7 @@ async fn two_replicas_deliver_each_command_once_and_answer_alike() {
     wait_status(&b.client, "r1", DeviceStatus::Offline).await;
     let mut changes_on_b = watch(&b.client, "r1").await;
 
-    let mut ids = Vec::new();
-    for i in 0..COMMANDS {
-        let mut client = if i % 2 == 0 { &a.client } else { &b.client }.clone();
-        let accepted = client
-            .send_command(persistent(
-                "r1",
-                &format!("N-{i}"),
-                Duration::from_secs(120),
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(accepted.state(), CommandState::Queued);
-        ids.push(accepted.command_id);
-    }
+    let ids = send_many(&[&a.client, &b.client], "r1", COMMANDS).await;
     // B's watcher sees what A accepted too, in the order accepted.
     for id in &ids {
         let change = next_change(&mut changes_on_b).await;
