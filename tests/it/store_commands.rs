@@ -144,6 +144,8 @@ async fn two_replicas_deliver_each_command_once_and_answer_alike() {
         device.next_command().await["id"],
         marker.command_id.as_str()
     );
+    wait_state(&a.client, &marker.command_id, CommandState::Succeeded).await;
+    wait_state(&b.client, &marker.command_id, CommandState::Succeeded).await;
     let published: u64 = pg
         .psql("SELECT sum(attempts) FROM commands WHERE device_id = 'r1'")
         .parse()
