@@ -65,10 +65,12 @@ impl BareSubscriber {
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let now = Instant::now();
-                        if let Some(sent) = sent_at(&p.payload) {
-                            lat.lock()
-                                .unwrap()
-                                .push((now - epoch).as_nanos() as u64 - sent);
+                        // A stamp from another run's epoch (a message the
+                        // broker still held) is no latency of this one.
+                        let latency = sent_at(&p.payload)
+                            .and_then(|sent| ((now - epoch).as_nanos() as u64).checked_sub(sent));
+                        if let Some(latency) = latency {
+                            lat.lock().unwrap().push(latency);
                         }
                         c.fetch_add(1, Ordering::Relaxed);
                         *l.lock().unwrap() = Some(now);
