@@ -16,6 +16,12 @@
 //! issued is another instance's, dropped quietly ([`Routed::Foreign`]), not
 //! counted as unmatched.
 //!
+//! A reply to a persistent command (SendCommand with a `ttl`) has no call
+//! waiting here: it is recognized by [`PersistentReplies::active`] (the
+//! commands' feed knows every active command, every replica's) and handed
+//! on without waiting ([`PersistentReplies::record`]); the instance that
+//! published the command stores it as a reading.
+//!
 //! The device-side protocol: publish on the replies topic (default
 //! `devices/{device_id}/replies`) a JSON object `{"id": "<command id>",
 //! "status": "ok" | "error", "result": <any JSON, optional>, "message":
