@@ -227,7 +227,16 @@ impl Dispatcher {
                 warn!(%error, "releasing unpublished commands failed; they are claimed until the lease ends");
             }
             match shared.log.sent(&published, at).await {
-                Ok(now_sent) => sent.extend(now_sent),
+                Ok(now_sent) => {
+                    // Published but not SENT: it ended meanwhile (a
+                    // cancel), and its end may have passed the feed first.
+                    for id in &published {
+                        if !now_sent.iter().any(|c| c.id == *id) {
+                            shared.feed.ended(*id);
+                        }
+                    }
+                    sent.extend(now_sent);
+                }
                 Err(error) => {
                     warn!(%error, "recording published commands failed; they may be published again")
                 }

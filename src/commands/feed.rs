@@ -116,6 +116,12 @@ impl Feed {
         sync::lock(&self.shared.active).insert(id, true);
     }
 
+    /// Forgets `id` as active: it ended (for a change the feed may have
+    /// carried before [`Feed::publishing`] noted it again).
+    pub fn ended(&self, id: Uuid) {
+        sync::lock(&self.shared.active).remove(&id);
+    }
+
     /// Whether `id` is an active command (`Some`), and whether this
     /// instance published it.
     pub fn active(&self, id: Uuid) -> Option<bool> {
