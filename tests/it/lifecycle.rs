@@ -29,6 +29,21 @@ pub fn persistent(device_id: &str, command: &str, ttl: Duration) -> SendCommandR
     }
 }
 
+/// Sends a persistent command to `device_id`; the call must succeed.
+pub async fn send(
+    client: &DeviceHubClient<Channel>,
+    device_id: &str,
+    command: &str,
+    ttl: Duration,
+) -> devicehub::proto::SendCommandResponse {
+    client
+        .clone()
+        .send_command(persistent(device_id, command, ttl))
+        .await
+        .expect("SendCommand")
+        .into_inner()
+}
+
 /// Makes `device_id` OFFLINE the way a real one goes: a paho device
 /// connects, is killed, and the broker publishes its last will.
 pub async fn gone(broker: &BrokerUrl, client: &DeviceHubClient<Channel>, device_id: &str) {
@@ -109,17 +124,13 @@ pub async fn next_change(changes: &mut Streaming<WatchCommandsResponse>) -> Comm
 /// state in order. Against any broker.
 async fn queued_until_the_device_returns(broker: &BrokerUrl) {
     let service = TestService::start_ready(config(broker, &[])).await;
-    let mut client = service.client().await;
+    let client = service.client().await;
     gone(broker, &client, "p1").await;
     let mut changes = watch(&client, "p1").await;
     // Whatever reaches the command topic, from now on.
     let mut monitor = TestDevice::connect(broker, "monitor-p1", Some("devices/p1/commands")).await;
 
-    let accepted = client
-        .send_command(persistent("p1", "WATER", Duration::from_secs(60)))
-        .await
-        .unwrap()
-        .into_inner();
+    let accepted = send(&client, "p1", "WATER", Duration::from_secs(60)).await;
     assert_eq!(accepted.state(), CommandState::Queued);
     assert_eq!(accepted.device_status(), DeviceStatus::Offline);
     let queued = next_change(&mut changes).await;
@@ -171,11 +182,7 @@ async fn online_and_unknown_devices_get_persistent_commands_at_once() {
     let mut client = service.client().await;
     let mut device = PahoDevice::start(&broker, "p-on", "ok").await;
     wait_status(&client, "p-on", DeviceStatus::Online).await;
-    let sent = client
-        .send_command(persistent("p-on", "NOW", Duration::from_secs(30)))
-        .await
-        .unwrap()
-        .into_inner();
+    let sent = send(&client, "p-on", "NOW", Duration::from_secs(30)).await;
     assert_eq!(sent.state(), CommandState::Sent);
     assert_eq!(device.next_command().await["id"], sent.command_id.as_str());
     wait_state(&client, &sent.command_id, CommandState::Succeeded).await;
@@ -183,11 +190,7 @@ async fn online_and_unknown_devices_get_persistent_commands_at_once() {
     // Never heard from: not held back.
     let mut unknown =
         TestDevice::connect(&broker, "p-unknown", Some("devices/p-unknown/commands")).await;
-    let sent = client
-        .send_command(persistent("p-unknown", "NOW", Duration::from_secs(30)))
-        .await
-        .unwrap()
-        .into_inner();
+    let sent = send(&client, "p-unknown", "NOW", Duration::from_secs(30)).await;
     assert_eq!(sent.state(), CommandState::Sent);
     assert_eq!(sent.device_status(), DeviceStatus::Unknown);
     let envelope: serde_json::Value =
@@ -211,25 +214,17 @@ async fn online_and_unknown_devices_get_persistent_commands_at_once() {
 async fn an_expired_command_is_never_published() {
     let broker = embedded_broker();
     let service = TestService::start_ready(config(&broker, &[])).await;
-    let mut client = service.client().await;
+    let client = service.client().await;
     gone(&broker, &client, "p2").await;
     let mut monitor = TestDevice::connect(&broker, "monitor-p2", Some("devices/p2/commands")).await;
-    let short = client
-        .send_command(persistent("p2", "SOON", Duration::from_secs(2)))
-        .await
-        .unwrap()
-        .into_inner();
+    let short = send(&client, "p2", "SOON", Duration::from_secs(2)).await;
     assert_eq!(short.state(), CommandState::Queued);
     let expired = wait_state(&client, &short.command_id, CommandState::Expired).await;
     assert_eq!(expired.attempts, 0);
 
     let mut device = PahoDevice::start(&broker, "p2", "ok").await;
     // A marker sent after it came back is the first thing it gets.
-    let marker = client
-        .send_command(persistent("p2", "MARKER", Duration::from_secs(30)))
-        .await
-        .unwrap()
-        .into_inner();
+    let marker = send(&client, "p2", "MARKER", Duration::from_secs(30)).await;
     assert_eq!(
         device.next_command().await["id"],
         marker.command_id.as_str()
@@ -253,16 +248,13 @@ pub async fn send_many(
 ) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..n {
-        let mut client = clients[i % clients.len()].clone();
-        let accepted = client
-            .send_command(persistent(
-                device_id,
-                &format!("STEP-{i}"),
-                Duration::from_secs(120),
-            ))
-            .await
-            .unwrap()
-            .into_inner();
+        let accepted = send(
+            clients[i % clients.len()],
+            device_id,
+            &format!("STEP-{i}"),
+            Duration::from_secs(120),
+        )
+        .await;
         assert_eq!(accepted.state(), CommandState::Queued);
         ids.push(accepted.command_id);
     }
@@ -334,11 +326,7 @@ async fn a_cancelled_command_is_never_published_and_cancels_once() {
     let service = TestService::start_ready(config(&broker, &[])).await;
     let mut client = service.client().await;
     gone(&broker, &client, "p5").await;
-    let queued = client
-        .send_command(persistent("p5", "NEVER", Duration::from_secs(60)))
-        .await
-        .unwrap()
-        .into_inner();
+    let queued = send(&client, "p5", "NEVER", Duration::from_secs(60)).await;
     let cancel = || CancelCommandRequest {
         command_id: queued.command_id.clone(),
     };
@@ -349,11 +337,7 @@ async fn a_cancelled_command_is_never_published_and_cancels_once() {
     assert!(again.message().contains("cancelled"), "{}", again.message());
 
     let mut device = PahoDevice::start(&broker, "p5", "ok").await;
-    let marker = client
-        .send_command(persistent("p5", "MARKER", Duration::from_secs(30)))
-        .await
-        .unwrap()
-        .into_inner();
+    let marker = send(&client, "p5", "MARKER", Duration::from_secs(30)).await;
     assert_eq!(
         device.next_command().await["id"],
         marker.command_id.as_str()
@@ -366,14 +350,10 @@ async fn unanswered_commands_go_again_when_the_device_returns_then_fail() {
     let broker = embedded_broker();
     let args = ["--command-max-attempts", "2"];
     let service = TestService::start_ready(config(&broker, &args)).await;
-    let mut client = service.client().await;
+    let client = service.client().await;
     let mut device = PahoDevice::start(&broker, "p6", "none").await;
     wait_status(&client, "p6", DeviceStatus::Online).await;
-    let sent = client
-        .send_command(persistent("p6", "SILENT", Duration::from_secs(120)))
-        .await
-        .unwrap()
-        .into_inner();
+    let sent = send(&client, "p6", "SILENT", Duration::from_secs(120)).await;
     assert_eq!(sent.state(), CommandState::Sent);
     assert_eq!(device.next_command().await["id"], sent.command_id.as_str());
     device.kill().await;
@@ -395,14 +375,10 @@ async fn unanswered_commands_go_again_when_the_device_returns_then_fail() {
 async fn a_device_error_reply_fails_the_command() {
     let broker = embedded_broker();
     let service = TestService::start_ready(config(&broker, &[])).await;
-    let mut client = service.client().await;
+    let client = service.client().await;
     let mut device = PahoDevice::start(&broker, "p7", "error").await;
     wait_status(&client, "p7", DeviceStatus::Online).await;
-    let sent = client
-        .send_command(persistent("p7", "NO", Duration::from_secs(30)))
-        .await
-        .unwrap()
-        .into_inner();
+    let sent = send(&client, "p7", "NO", Duration::from_secs(30)).await;
     device.next_command().await;
     let failed = wait_state(&client, &sent.command_id, CommandState::Failed).await;
     let reply = failed.reply.expect("the reply");

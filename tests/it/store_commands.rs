@@ -13,26 +13,24 @@ use common::{instance::Instance, paho::PahoDevice, postgres::Postgres, *};
 use devicehub::proto::{CommandState, DeviceStatus, ListCommandsRequest};
 use tokio_stream::StreamExt;
 
-use crate::lifecycle::{gone, next_change, persistent, send_many, wait_state, wait_status, watch};
+use crate::lifecycle::{gone, next_change, send, send_many, wait_state, wait_status, watch};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_commands_survive_a_sigkill() {
     let pg = Postgres::start();
     let broker = Mosquitto::start();
     let first = Instance::start_with("alone", &broker.url, &pg, &[]).await;
-    let mut client = first.client.clone();
+    let client = first.client.clone();
     gone(&broker.url, &client, "s1").await;
     let mut queued = Vec::new();
     for i in 0..3 {
-        let accepted = client
-            .send_command(persistent(
-                "s1",
-                &format!("KEEP-{i}"),
-                Duration::from_secs(120),
-            ))
-            .await
-            .unwrap()
-            .into_inner();
+        let accepted = send(
+            &client,
+            "s1",
+            &format!("KEEP-{i}"),
+            Duration::from_secs(120),
+        )
+        .await;
         assert_eq!(accepted.state(), CommandState::Queued);
         // Written before the call returned.
         assert_eq!(
@@ -44,18 +42,10 @@ async fn persistent_commands_survive_a_sigkill() {
         );
         queued.push(accepted.command_id);
     }
-    let short = client
-        .send_command(persistent("s1", "SHORT", Duration::from_secs(3)))
-        .await
-        .unwrap()
-        .into_inner();
+    let short = send(&client, "s1", "SHORT", Duration::from_secs(3)).await;
     // One SENT to a device that is there and answers only later.
     let mut late = TestDevice::connect(&broker.url, "s2-device", Some("devices/s2/commands")).await;
-    let sent = client
-        .send_command(persistent("s2", "ANSWER-LATER", Duration::from_secs(120)))
-        .await
-        .unwrap()
-        .into_inner();
+    let sent = send(&client, "s2", "ANSWER-LATER", Duration::from_secs(120)).await;
     assert_eq!(sent.state(), CommandState::Sent);
     late.next_message().await;
 
@@ -133,13 +123,7 @@ async fn two_replicas_deliver_each_command_once_and_answer_alike() {
         assert_eq!(on_b.attempts, 1, "published once");
     }
     // Nothing more came: a marker is the next thing the device gets.
-    let marker = a
-        .client
-        .clone()
-        .send_command(persistent("r1", "MARKER", Duration::from_secs(30)))
-        .await
-        .unwrap()
-        .into_inner();
+    let marker = send(&a.client, "r1", "MARKER", Duration::from_secs(30)).await;
     assert_eq!(
         device.next_command().await["id"],
         marker.command_id.as_str()
