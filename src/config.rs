@@ -44,6 +44,8 @@ pub struct Config {
     pub connections: ConnectionLimits,
     /// Persistent commands' bounds.
     pub commands: CommandLimits,
+    /// Most bytes device states take in memory without a store.
+    pub max_device_states: usize,
 }
 
 /// How persistent commands are bounded and paced.
@@ -203,6 +205,10 @@ pub struct MqttConfig {
     pub replies_topic: TopicTemplate,
     /// Where devices publish their connection status (online/offline).
     pub status_topic: TopicTemplate,
+    /// Where devices' desired states are published (retained).
+    pub desired_state_topic: TopicTemplate,
+    /// Where devices publish their reported states.
+    pub reported_state_topic: TopicTemplate,
     /// TLS to the broker (an `mqtts://` URL): what to trust and what to
     /// present. `None`: plain TCP.
     pub tls: Option<Arc<rustls::ClientConfig>>,

@@ -39,6 +39,10 @@
 //!   states, the log that keeps them (memory here, the store's in
 //!   `store/postgres/commands/`), the dispatcher that publishes them when
 //!   their devices can take them, and the feed of their changes;
+//! - `state/`: device states, desired and reported: merge patches and the
+//!   delta (`document.rs`), where they are kept (memory here, the store's
+//!   in `store/postgres/states/`), the desired states published retained,
+//!   the reported ones applied, the feed of their changes;
 //! - `grpc/`: the `DeviceHub` service, a file per RPC family, auth (the
 //!   token interceptor and scope checks), conversions, page tokens, the one
 //!   error → `Status` mapping, wire encoding;
@@ -70,6 +74,7 @@ mod encoding_budget;
 mod grpc;
 pub mod health;
 mod hub;
+mod json;
 mod listener;
 mod log_limit;
 mod mqtt;
@@ -78,6 +83,7 @@ mod replies;
 mod scope;
 #[cfg(feature = "simulator")]
 pub mod simulate;
+mod state;
 mod store;
 mod sync;
 pub mod telemetry;
@@ -144,6 +150,7 @@ use crate::{
     mqtt::Ingest,
     proto::device_hub_server::DeviceHubServer,
     replies::ReplyRouter,
+    state::{DeviceStates, MemoryStates, StateStorage},
     store::{postgres::StoreStart, Postgres},
     telemetry::{
         calls::{CallLayer, GrpcMetrics},
@@ -262,7 +269,15 @@ pub async fn run(
     // Before the link: replies to persistent commands may come first thing.
     let (log, feed, inbox) = open_commands(&config, store.as_ref(), &stop_mqtt).await?;
     replies.set_persistent(Arc::new(inbox.0.clone()));
-    let link = mqtt::start(&config.mqtt, ingest, replies.clone(), stop_mqtt.clone());
+    let (state_storage, state_feed) = open_states(&config);
+    let (reported, reported_rx) = state::inbox(&state_feed);
+    let link = mqtt::start(
+        &config.mqtt,
+        ingest,
+        replies.clone(),
+        reported,
+        stop_mqtt.clone(),
+    );
     let (health, routes) = start_health(&link, store.as_ref(), &shutdown).await;
     let (registry, calls) = observe_calls(&config)?;
     // Accepting starts now; tonic takes the connections once it serves.
@@ -279,6 +294,16 @@ pub async fn run(
         inbox,
         stop_mqtt.clone(),
     );
+    let states = DeviceStates::start(
+        state::StateParts {
+            storage: state_storage,
+            feed: state_feed,
+            transport: Arc::new(link.publisher.clone()),
+            desired_topic: config.mqtt.desired_state_topic.clone(),
+            reported: reported_rx,
+        },
+        stop_mqtt.clone(),
+    );
     let parts = Parts {
         hub,
         replies,
@@ -288,6 +313,7 @@ pub async fn run(
         authenticator,
         encoded: Arc::new(grpc::EncodedReadings::default()),
         commands,
+        states,
     };
     start_reporting(&config, registry, &parts, &shutdown).await?;
     let routes = add_reflection(routes)?;
@@ -298,12 +324,14 @@ pub async fn run(
         authenticator,
         encoded,
         commands,
+        states,
         ..
     } = parts;
     let service_parts = grpc::ServiceParts {
         publisher: link.publisher.clone(),
         replies,
         commands,
+        states,
         encoded,
         max_commands_per_client: config.max_commands_per_client,
         max_watchers: config.max_watchers,
@@ -338,6 +366,8 @@ struct Parts {
     encoded: Arc<grpc::EncodedReadings>,
     /// Persistent commands.
     commands: Commands,
+    /// Device states.
+    states: DeviceStates,
 }
 
 /// Connects to the PostgreSQL store, if there is one, and reads where its
@@ -436,6 +466,14 @@ async fn open_commands(
     Ok((log, feed, inbox))
 }
 
+/// Where device states are kept (memory, within `--max-device-states`)
+/// and the feed of their changes.
+fn open_states(config: &Config) -> (Arc<dyn StateStorage>, state::StateFeed) {
+    let feed = state::StateFeed::default();
+    let storage = Arc::new(MemoryStates::new(feed.clone(), config.max_device_states));
+    (storage, feed)
+}
+
 /// The gRPC health service, NOT_SERVING until the MQTT link (and the
 /// store) are up, then following them: its reporter, and the routes it
 /// starts.
@@ -496,6 +534,7 @@ async fn start_reporting(
             store: parts.store.clone(),
             listener: parts.connections.clone(),
             commands: parts.commands.clone(),
+            states: parts.states.clone(),
         };
         spawn_metrics(addr, registry, sources, shutdown.clone()).await?;
     }

@@ -8,6 +8,12 @@
 //! - `TURN_ON_FAN` / `TURN_OFF_FAN`: the `fan` field of its readings;
 //! - `PING`: replies `{"pong": true}`.
 //!
+//! Device state: each device subscribes to its desired state topic, applies
+//! the keys of the delta it knows (`interval_ms`, 100 to 3600000, and
+//! `fan`, true or false) from a document newer than the last it applied,
+//! and reports them on its reported state topic; it reports both when it
+//! connects, and after a command changed them.
+//!
 //! A command whose envelope's `expires_at` has passed is dropped, with no
 //! reply. Anything else gets an error reply. `--silent-fraction` and
 //! `--slow-fraction` make some devices never reply or reply late.
@@ -55,6 +61,10 @@ pub struct SimulateConfig {
     pub replies_topic: TopicTemplate,
     /// Where each device publishes `online` and `offline`.
     pub status_topic: TopicTemplate,
+    /// Where each device receives its desired state.
+    pub desired_state_topic: TopicTemplate,
+    /// Where each device reports its state.
+    pub reported_state_topic: TopicTemplate,
     /// Time between two readings of one device.
     pub interval: Duration,
     /// Share of the devices (the first ones) that never reply, 0 to 1.
@@ -116,6 +126,9 @@ pub async fn run(config: SimulateConfig, shutdown: CancellationToken) {
             commands_topic: config.commands_topic.topic_for(&device_id),
             replies_topic: config.replies_topic.topic_for(&device_id),
             status_topic: config.status_topic.topic_for(&device_id),
+            desired_state_topic: config.desired_state_topic.topic_for(&device_id),
+            reported_state_topic: config.reported_state_topic.topic_for(&device_id),
+            applied_version: 0,
             device_id,
             interval: config.interval,
             // Spread the devices' start so their readings do not come in bursts.
@@ -152,6 +165,10 @@ struct Device {
     commands_topic: String,
     replies_topic: String,
     status_topic: String,
+    desired_state_topic: String,
+    reported_state_topic: String,
+    /// The version of the last desired state document applied.
+    applied_version: i64,
     interval: Duration,
     phase: Duration,
     replies: Replies,
@@ -185,9 +202,20 @@ impl Device {
                         if let Err(error) = client.try_subscribe(&self.commands_topic, QoS::AtLeastOnce) {
                             warn!(device = self.device_id, %error, "command subscription not queued");
                         }
+                        if let Err(error) = client.try_subscribe(&self.desired_state_topic, QoS::AtLeastOnce) {
+                            warn!(device = self.device_id, %error, "desired state subscription not queued");
+                        }
                         if let Err(error) = client.try_publish(&self.status_topic, QoS::AtLeastOnce, true, ONLINE) {
                             warn!(device = self.device_id, %error, "online status not queued");
                         }
+                        self.report(&client);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) if p.topic == self.desired_state_topic => {
+                        if let Some(interval) = self.apply_desired(&p.payload) {
+                            self.interval = interval;
+                            ticker = reading_ticker(interval, interval);
+                        }
+                        self.report(&client);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         // The simulator's output for a person: one line per command.
@@ -198,11 +226,15 @@ impl Device {
                             String::from_utf8_lossy(&p.payload)
                         );
                         let Some((reply, new_interval)) = self.carry_out(&p.payload) else { continue };
+                        let changed = new_interval.is_some() || reply.pointer("/result/fan").is_some();
                         if let Some(interval) = new_interval {
                             self.interval = interval;
                             ticker = reading_ticker(interval, interval);
                         }
                         self.reply(&client, reply);
+                        if changed {
+                            self.report(&client);
+                        }
                     }
                     Ok(_) => {}
                     Err(error) => {
@@ -266,6 +298,53 @@ impl Device {
             "PING" => (ok(json!({"pong": true})), None),
             other => (error(format!("unknown command {other:?}")), None),
         })
+    }
+
+    /// Applies a desired state document (`{"version", "desired", "delta"}`)
+    /// newer than the last one applied: the delta's keys it knows. The new
+    /// reading interval, if it changed.
+    fn apply_desired(&mut self, payload: &[u8]) -> Option<Duration> {
+        let document: Value = serde_json::from_slice(payload).ok()?;
+        let version = document.get("version").and_then(Value::as_i64)?;
+        if version <= self.applied_version {
+            return None; // an older document (or one applied already)
+        }
+        self.applied_version = version;
+        let delta = document.get("delta")?;
+        println!(
+            "{} received desired state {version}: {delta}",
+            self.device_id
+        );
+        if let Some(fan) = delta.get("fan").and_then(Value::as_bool) {
+            self.fan = fan;
+        }
+        match delta.get("interval_ms").and_then(Value::as_u64) {
+            Some(ms @ 100..=3_600_000) => Some(Duration::from_millis(ms)),
+            Some(ms) => {
+                warn!(
+                    device = self.device_id,
+                    ms, "desired interval_ms out of range (100 to 3600000); not applied"
+                );
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Reports what it now is: a merge patch of the keys it knows.
+    fn report(&self, client: &AsyncClient) {
+        let report = json!({
+            "interval_ms": self.interval.as_millis() as u64,
+            "fan": self.fan,
+        });
+        if let Err(error) = client.try_publish(
+            &self.reported_state_topic,
+            QoS::AtLeastOnce,
+            false,
+            report.to_string(),
+        ) {
+            warn!(device = self.device_id, %error, "reported state not queued");
+        }
     }
 
     fn reply(&self, client: &AsyncClient, reply: Value) {

@@ -135,6 +135,15 @@ pub struct ServeArgs {
     #[arg(long, env = "DEVICEHUB_DEVICES_MAX_BYTES", default_value_t = 16 << 20)]
     pub devices_max_bytes: u64,
 
+    /// Most bytes the device states (desired and reported) take in memory
+    /// without a store; beyond it UpdateDesiredState answers
+    /// RESOURCE_EXHAUSTED for growth and reported states that would grow
+    /// are dropped (counted). With --store-url the store keeps them and
+    /// this does not apply.
+    #[arg(long, env = "DEVICEHUB_MAX_DEVICE_STATES", default_value_t = 64 << 20,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_device_states: u64,
+
     /// Most WatchReadings streams open at once; more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "DEVICEHUB_MAX_WATCHERS", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -460,6 +469,8 @@ impl ServeArgs {
                 commands_topic: self.topics.commands()?,
                 replies_topic: self.topics.replies()?,
                 status_topic: self.topics.status()?,
+                desired_state_topic: self.topics.desired_state()?,
+                reported_state_topic: self.topics.reported_state()?,
                 tls: self.mqtt_login.tls(broker)?,
                 credentials: self.mqtt_login.credentials()?,
             },
@@ -486,6 +497,7 @@ impl ServeArgs {
             auth: self.grpc_security.auth()?,
             connections: self.connections.limits(),
             commands: self.commands.limits(),
+            max_device_states: usize::try_from(self.max_device_states).unwrap_or(usize::MAX),
             store: self.store_url.as_ref().map(|url| StoreConfig {
                 url: Secret::new(url.as_str()),
                 password: std::env::var(STORE_PASSWORD_ENV).ok().map(Secret::new),

@@ -105,6 +105,8 @@ impl SimulateArgs {
             commands_topic,
             replies_topic,
             status_topic,
+            desired_state_topic: self.topics.desired_state()?,
+            reported_state_topic: self.topics.reported_state()?,
             interval: Duration::from_millis(self.interval_ms),
             silent_fraction: self.silent_fraction,
             slow_fraction: self.slow_fraction,

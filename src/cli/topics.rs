@@ -46,6 +46,25 @@ pub struct TopicArgs {
     )]
     pub status_topic: String,
 
+    /// Topic devicehub publishes each device's desired state to, retained,
+    /// QoS 1, with a `{device_id}` level: `{"version": N, "desired": {...},
+    /// "delta": {...}}` after every change of desired (UpdateDesiredState).
+    #[arg(
+        long,
+        env = "DEVICEHUB_DESIRED_STATE_TOPIC",
+        default_value = "devices/{device_id}/state/desired"
+    )]
+    pub desired_state_topic: String,
+
+    /// Topic devices publish their reported state to, with a `{device_id}`
+    /// level: a JSON merge patch (RFC 7386) of what they now are.
+    #[arg(
+        long,
+        env = "DEVICEHUB_REPORTED_STATE_TOPIC",
+        default_value = "devices/{device_id}/state/reported"
+    )]
+    pub reported_state_topic: String,
+
     /// Device id for topic templates without `{device_id}`: a single device
     /// on fixed topics, e.g. `--readings-topic poc/device/sensor
     /// --commands-topic poc/device/control --fixed-device-id device`.
@@ -82,6 +101,26 @@ impl TopicArgs {
         publishable(
             "--replies-topic",
             &self.replies_topic,
+            self.fixed_device_id.as_deref(),
+        )
+    }
+}
+
+impl TopicArgs {
+    /// The desired state template; it must be a publishable topic.
+    pub fn desired_state(&self) -> Result<TopicTemplate, ConfigError> {
+        publishable(
+            "--desired-state-topic",
+            &self.desired_state_topic,
+            self.fixed_device_id.as_deref(),
+        )
+    }
+
+    /// The reported state template; devices publish to it, so no wildcards.
+    pub fn reported_state(&self) -> Result<TopicTemplate, ConfigError> {
+        publishable(
+            "--reported-state-topic",
+            &self.reported_state_topic,
             self.fixed_device_id.as_deref(),
         )
     }

@@ -16,8 +16,10 @@
 //!
 //! Scopes, in the space-separated `scope` claim: `readings:read`
 //! (ListReadings, WatchReadings, ListDevices, GetDevice), `commands:send`
-//! (SendCommand, StreamCommands, CancelCommand) and `commands:read`
-//! (GetCommand, ListCommands, WatchCommands), each optionally narrowed to
+//! (SendCommand, StreamCommands, CancelCommand), `commands:read`
+//! (GetCommand, ListCommands, WatchCommands), `state:read` (GetDeviceState,
+//! WatchDeviceState) and `state:write` (UpdateDesiredState), each optionally
+//! narrowed to
 //! devices with a suffix:
 //! `readings:read:greenhouse-*`, `commands:send:pump-7` (`*` matches any run
 //! of characters). Without auth configured every caller may do everything.
@@ -47,6 +49,9 @@ const READ_SCOPE: &str = "readings:read";
 const SEND_SCOPE: &str = "commands:send";
 /// The scope to read persistent commands, and its prefix for a narrowed one.
 const COMMANDS_READ_SCOPE: &str = "commands:read";
+/// The scopes to read device states and to change desired states.
+const STATE_READ_SCOPE: &str = "state:read";
+const STATE_WRITE_SCOPE: &str = "state:write";
 /// Clock skew tolerated on `exp` and `nbf`, in seconds.
 const LEEWAY_SECS: u64 = 5;
 
@@ -61,6 +66,10 @@ pub struct Caller {
     pub send: DeviceSet,
     /// Devices whose persistent commands the caller may read.
     pub read_commands: DeviceSet,
+    /// Devices whose state the caller may read.
+    pub read_state: DeviceSet,
+    /// Devices whose desired state the caller may change.
+    pub write_state: DeviceSet,
     /// Who the per-client limits count against: the token's subject when
     /// there is one (all its connections together), else the remote IP
     /// address (many connections from one host are one client).
@@ -75,6 +84,8 @@ impl Caller {
             read: DeviceSet::All,
             send: DeviceSet::All,
             read_commands: DeviceSet::All,
+            read_state: DeviceSet::All,
+            write_state: DeviceSet::All,
             client: Arc::from(""),
         }
     }
@@ -102,6 +113,17 @@ impl Caller {
     /// `device_id` when one is named.
     pub fn may_read_commands(&self, device_id: &str) -> Result<(), ApiError> {
         check(&self.read_commands, COMMANDS_READ_SCOPE, device_id)
+    }
+
+    /// Checks the scope to read device states: any at all, and for
+    /// `device_id` when one is named.
+    pub fn may_read_state(&self, device_id: &str) -> Result<(), ApiError> {
+        check(&self.read_state, STATE_READ_SCOPE, device_id)
+    }
+
+    /// Checks the scope to change `device_id`'s desired state.
+    pub fn may_write_state(&self, device_id: &str) -> Result<(), ApiError> {
+        check(&self.write_state, STATE_WRITE_SCOPE, device_id)
     }
 }
 
@@ -417,6 +439,8 @@ impl Claims {
             read: device_set(&self.scope, READ_SCOPE),
             send: device_set(&self.scope, SEND_SCOPE),
             read_commands: device_set(&self.scope, COMMANDS_READ_SCOPE),
+            read_state: device_set(&self.scope, STATE_READ_SCOPE),
+            write_state: device_set(&self.scope, STATE_WRITE_SCOPE),
             subject: self.sub,
             client: Arc::from(""),
         }

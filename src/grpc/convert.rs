@@ -13,6 +13,7 @@ use crate::{
     commands::{self, Command, CommandState},
     proto,
     replies::DeviceReply,
+    state::DeviceState,
     topic::{literal_level, validate_device_id, validate_topic_filter},
 };
 
@@ -200,7 +201,7 @@ pub(super) fn reply_to_proto(reply: DeviceReply) -> proto::CommandReply {
     };
     let mut message = reply.message;
     let result = match reply.result {
-        Some(result) if json_depth(&result) > MAX_RESULT_DEPTH => {
+        Some(result) if crate::json::depth(&result) > MAX_RESULT_DEPTH => {
             // The device's outcome stands; only what clients could not
             // decode is left out, and the message says so.
             let note = format!(
@@ -220,16 +221,6 @@ pub(super) fn reply_to_proto(reply: DeviceReply) -> proto::CommandReply {
         message,
         received_at: Some(Timestamp::from(reply.received_at)),
     }
-}
-
-/// How many arrays and objects deep `json` nests (a scalar: 0).
-fn json_depth(json: &serde_json::Value) -> usize {
-    let inner = match json {
-        serde_json::Value::Array(items) => items.iter().map(json_depth).max(),
-        serde_json::Value::Object(map) => map.values().map(json_depth).max(),
-        _ => return 0,
-    };
-    1 + inner.unwrap_or(0)
 }
 
 /// The JSON envelope published for a command. `expires_at` (RFC 3339, UTC)
@@ -259,6 +250,25 @@ pub(super) fn envelope(
     serde_json::to_vec(&envelope)
         .map(Bytes::from)
         .map_err(|e| ApiError::Internal(format!("encoding a command envelope: {e}")))
+}
+
+/// A device state as the proto has it.
+pub(super) fn device_state_to_proto(state: &DeviceState) -> proto::DeviceState {
+    let object = |object: &serde_json::Map<String, serde_json::Value>| Struct {
+        fields: object
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_value(v.clone())))
+            .collect(),
+    };
+    proto::DeviceState {
+        device_id: state.device_id.clone(),
+        desired: Some(object(&state.desired)),
+        reported: Some(object(&state.reported)),
+        delta: Some(object(&state.delta())),
+        version: state.version,
+        desired_update_time: state.desired_update_time.map(Timestamp::from),
+        reported_update_time: state.reported_update_time.map(Timestamp::from),
+    }
 }
 
 pub(super) fn json_to_value(json: serde_json::Value) -> Value {
@@ -315,16 +325,6 @@ fn value_to_json(value: &Value) -> Result<serde_json::Value, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn json_depth_counts_arrays_and_objects() {
-        assert_eq!(json_depth(&serde_json::json!(1)), 0);
-        assert_eq!(json_depth(&serde_json::json!([])), 1);
-        assert_eq!(
-            json_depth(&serde_json::json!({"a": [1, {"b": [2]}], "c": 3})),
-            4
-        );
-    }
 
     #[test]
     fn params_round_trip_and_non_finite_numbers_are_refused() {

@@ -8,6 +8,7 @@ use crate::{
     commands::{CommandError, LogError},
     mqtt::PublishError,
     replies::TooManyPending,
+    state::{StateError, StorageError},
 };
 
 /// Everything a call can fail with. Turned into a [`Status`] in one place.
@@ -55,6 +56,10 @@ pub enum ApiError {
     StoreUnavailable { resume_after: u64 },
     #[error("{0}")]
     Commands(#[from] CommandError),
+    #[error("{0}")]
+    States(#[from] StateError),
+    #[error("the service is shutting down; watch anew")]
+    WatchEnded,
     #[error("watcher fell behind: {0} changes were dropped before it read them; list again and watch anew")]
     ChangesDropped(u64),
     #[error("internal error: {0}")]
@@ -89,6 +94,7 @@ impl From<ApiError> for Status {
             ApiError::NotFound(_) => Status::not_found(message),
             ApiError::ShuttingDown { .. }
             | ApiError::CommandsShutDown
+            | ApiError::WatchEnded
             | ApiError::StoreUnavailable { .. } => Status::unavailable(message),
             ApiError::Commands(CommandError::NotFound(_)) => Status::not_found(message),
             ApiError::Commands(CommandError::Ended { .. }) => Status::failed_precondition(message),
@@ -99,6 +105,18 @@ impl From<ApiError> for Status {
                 // What the store said goes to the log only.
                 error!(%message, "command store");
                 Status::unavailable("the command store is unavailable; try again")
+            }
+            ApiError::States(StateError::NotFound(_)) => Status::not_found(message),
+            ApiError::States(StateError::Stale { .. }) => Status::aborted(message),
+            ApiError::States(StateError::Patch(_)) => {
+                Status::invalid_argument(format!("patch: {message}"))
+            }
+            ApiError::States(StateError::Storage(StorageError::NoRoom(_))) => {
+                Status::resource_exhausted(message)
+            }
+            ApiError::States(StateError::Storage(StorageError::Unavailable(_))) => {
+                error!(%message, "state store");
+                Status::unavailable("the state store is unavailable; try again")
             }
             ApiError::ChangesDropped(_) => Status::data_loss(message),
             ApiError::Internal(_) => {

@@ -130,25 +130,13 @@ pub(super) fn watch(
         id => Some(device_id_field(id)?),
     };
     caller.may_read_commands(device_id.as_deref().unwrap_or(""))?;
-    let total = shared
-        .command_watchers
-        .acquire(Arc::from(""))
-        .ok_or(ApiError::TooManyWatchers(shared.command_watchers.max()))?;
-    let per_client = shared
-        .command_watchers_per_client
-        .acquire(caller.client.clone())
-        .ok_or_else(|| {
-            ApiError::TooManyForClient(format!(
-                "this client already has its maximum of {} WatchCommands streams open (--max-watchers-per-client)",
-                shared.command_watchers_per_client.max()
-            ))
-        })?;
+    let permits = shared.change_watcher(caller)?;
     let mut changes = shared.commands.subscribe();
     let devices = caller.read_commands.clone();
     let shutdown = shared.shutdown.clone();
     let (tx, rx) = mpsc::channel(WATCH_QUEUE);
     let producer = async move {
-        let _permits = (total, per_client);
+        let _permits = permits;
         loop {
             let change = tokio::select! {
                 change = changes.recv() => change,

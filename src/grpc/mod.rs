@@ -5,7 +5,7 @@
 //! - `mod.rs`: [`DeviceHubService`] and its trait impl, one line per RPC;
 //! - `list.rs`, `watch.rs`, `commands.rs`, `lifecycle.rs`, `devices.rs`:
 //!   the handlers, one file per RPC family (`lifecycle.rs`: persistent
-//!   commands' Get, List, Cancel and Watch);
+//!   commands' Get, List, Cancel and Watch; `state.rs`: device states);
 //! - `convert.rs`: proto ↔ domain conversions and the validation they need;
 //! - `page_token.rs`: ListReadings' opaque page tokens;
 //! - `auth.rs`: the bearer-token interceptor and the scope checks by device;
@@ -23,6 +23,7 @@ mod error;
 mod lifecycle;
 mod list;
 mod page_token;
+mod state;
 mod watch;
 mod wire;
 
@@ -42,15 +43,17 @@ use crate::{
     config::MqttConfig,
     hub::ReadingHub,
     mqtt::CommandPublisher,
-    per_client::PerClient,
+    per_client::{PerClient, Permit as PerClientPermit},
     proto::{
         self, device_hub_server::DeviceHub, CancelCommandRequest, CancelCommandResponse,
-        GetCommandRequest, GetCommandResponse, GetDeviceRequest, ListCommandsRequest,
-        ListCommandsResponse, ListDevicesRequest, ListReadingsRequest, SendCommandRequest,
-        SendCommandResponse, StreamCommandsRequest, StreamCommandsResponse, WatchCommandsRequest,
-        WatchReadingsRequest,
+        GetCommandRequest, GetCommandResponse, GetDeviceRequest, GetDeviceStateRequest,
+        GetDeviceStateResponse, ListCommandsRequest, ListCommandsResponse, ListDevicesRequest,
+        ListReadingsRequest, SendCommandRequest, SendCommandResponse, StreamCommandsRequest,
+        StreamCommandsResponse, UpdateDesiredStateRequest, UpdateDesiredStateResponse,
+        WatchCommandsRequest, WatchDeviceStateRequest, WatchReadingsRequest,
     },
     replies::ReplyRouter,
+    state::DeviceStates,
     topic::TopicTemplate,
 };
 use auth::Caller;
@@ -85,9 +88,12 @@ struct Shared {
     commands_per_client: PerClient,
     /// Persistent commands.
     commands: Commands,
-    /// WatchCommands streams open in all (one key), and per client.
-    command_watchers: PerClient,
-    command_watchers_per_client: PerClient,
+    /// Device states.
+    states: DeviceStates,
+    /// WatchCommands and WatchDeviceState streams open in all (one key),
+    /// and per client.
+    change_watchers: PerClient,
+    change_watchers_per_client: PerClient,
     shutdown: CancellationToken,
 }
 
@@ -97,6 +103,7 @@ pub(crate) struct ServiceParts {
     pub publisher: CommandPublisher,
     pub replies: ReplyRouter,
     pub commands: Commands,
+    pub states: DeviceStates,
     pub encoded: Arc<EncodedReadings>,
     pub max_commands_per_client: usize,
     pub max_watchers: usize,
@@ -131,8 +138,9 @@ impl DeviceHubService {
             encoded: parts.encoded,
             commands_per_client: PerClient::new(parts.max_commands_per_client),
             commands: parts.commands,
-            command_watchers: PerClient::new(parts.max_watchers),
-            command_watchers_per_client: PerClient::new(parts.max_watchers_per_client),
+            states: parts.states,
+            change_watchers: PerClient::new(parts.max_watchers),
+            change_watchers_per_client: PerClient::new(parts.max_watchers_per_client),
             shutdown,
         };
         Self {
@@ -142,6 +150,28 @@ impl DeviceHubService {
 }
 
 impl Shared {
+    /// A place for one more WatchCommands or WatchDeviceState stream, within `--max-watchers` in all and
+    /// `--max-watchers-per-client` for `caller`; held while it is open.
+    fn change_watcher(
+        &self,
+        caller: &Caller,
+    ) -> Result<(PerClientPermit, PerClientPermit), error::ApiError> {
+        let total = self
+            .change_watchers
+            .acquire(Arc::from(""))
+            .ok_or(error::ApiError::TooManyWatchers(self.change_watchers.max()))?;
+        let per_client = self
+            .change_watchers_per_client
+            .acquire(caller.client.clone())
+            .ok_or_else(|| {
+                error::ApiError::TooManyForClient(format!(
+                    "this client already has its maximum of {} WatchCommands and WatchDeviceState streams open (--max-watchers-per-client)",
+                    self.change_watchers_per_client.max()
+                ))
+            })?;
+        Ok((total, per_client))
+    }
+
     /// The buffer filter for a request's `device_id` and `topic_filter`,
     /// narrowed to what `caller` may read.
     fn reading_filter(
@@ -249,6 +279,35 @@ impl DeviceHub for DeviceHubService {
     ) -> Result<Response<Self::WatchCommandsStream>, Status> {
         let caller = Caller::of(&request)?;
         let stream = lifecycle::watch(&self.shared, &caller, request.into_inner())?;
+        Ok(Response::new(stream))
+    }
+
+    async fn get_device_state(
+        &self,
+        request: Request<GetDeviceStateRequest>,
+    ) -> Result<Response<GetDeviceStateResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let response = state::get(&self.shared, &caller, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn update_desired_state(
+        &self,
+        request: Request<UpdateDesiredStateRequest>,
+    ) -> Result<Response<UpdateDesiredStateResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let response = state::update(&self.shared, &caller, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    type WatchDeviceStateStream = state::WatchDeviceStateStream;
+
+    async fn watch_device_state(
+        &self,
+        request: Request<WatchDeviceStateRequest>,
+    ) -> Result<Response<Self::WatchDeviceStateStream>, Status> {
+        let caller = Caller::of(&request)?;
+        let stream = state::watch(&self.shared, &caller, request.into_inner())?;
         Ok(Response::new(stream))
     }
 }

@@ -21,8 +21,8 @@ const LEAVE_IDLE: Duration = Duration::from_millis(300);
 pub(super) struct Group {
     pub(super) client: AsyncClient,
     pub(super) shared: Arc<Shared>,
-    /// The shared subscriptions: readings and status.
-    pub(super) filters: [String; 2],
+    /// The shared subscriptions: readings, status and reported states.
+    pub(super) filters: [String; 3],
 }
 
 impl Group {

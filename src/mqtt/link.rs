@@ -1,11 +1,12 @@
 //! The event loop task: drives the shared client, reconnects with backoff,
-//! subscribes on every ConnAck, hands incoming readings to the store and
-//! replies to the [`ReplyRouter`], and keeps the [`LinkState`] current.
+//! subscribes on every ConnAck, hands incoming readings to memory or the
+//! store (what each message is: `route.rs`), and keeps the [`LinkState`]
+//! current.
 
 use std::{
     collections::VecDeque,
     sync::{atomic::Ordering, Arc},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use rumqttc::{
@@ -19,16 +20,12 @@ use tracing::{debug, info, trace, warn};
 use super::{
     leave::{sleep_until, Group, Leaving},
     publish::PublishError,
-    Ingest, IngestCounters, LinkState, Rejection, Shared,
+    route::Router,
+    Ingest, IngestCounters, LinkState, Shared,
 };
 use crate::{
-    backoff::Backoff,
-    buffer::{ConnectionStatus, MessageKind, NewReading},
-    config::MqttConfig,
-    log_limit::{truncated, LogLimit},
-    replies::{ReplyRouter, Routed},
+    backoff::Backoff, config::MqttConfig, replies::ReplyRouter, state::ReportedInbox,
     store::StoredReading,
-    topic::{check_received_topic, TopicTemplate},
 };
 
 /// How long a clean MQTT disconnect may take at shutdown.
@@ -44,25 +41,19 @@ pub(super) struct Driver {
     /// the batch whose commit lets them be, oldest first (MQTT wants
     /// acknowledgements in order).
     unacked: VecDeque<(u64, u16, QoS)>,
-    replies: ReplyRouter,
+    /// What each message received is, and where it goes.
+    router: Router,
     /// One of several replicas (`--mqtt-share-group`).
     replicas: bool,
-    /// The filters subscribed to: readings, command replies and devices'
-    /// connection status.
-    subscriptions: [String; 3],
-    readings_topic: TopicTemplate,
-    replies_topic: TopicTemplate,
-    status_topic: TopicTemplate,
+    /// The filters subscribed to: readings, devices' connection status,
+    /// reported states (these three shared between replicas), and command
+    /// replies (which every replica gets).
+    subscriptions: [String; 4],
     subscribe_qos: QoS,
     clean_session: bool,
     broker: String,
-    max_reading_bytes: usize,
     counters: Arc<IngestCounters>,
 }
-
-/// Messages not stored ([`Rejection`]), rate-limited: a device may send
-/// nothing else.
-static REJECTED_LOG: LogLimit = LogLimit::new();
 
 impl Driver {
     pub(super) fn new(
@@ -71,6 +62,7 @@ impl Driver {
         shared: Arc<Shared>,
         ingest: Ingest,
         replies: ReplyRouter,
+        reported: ReportedInbox,
         counters: Arc<IngestCounters>,
     ) -> Self {
         // Replicas share readings and status messages (the broker hands
@@ -82,22 +74,19 @@ impl Driver {
         };
         let subscriptions = [
             share(&config.readings_subscription),
-            config.replies_topic.subscription_filter().to_owned(),
             share(config.status_topic.subscription_filter()),
+            share(config.reported_state_topic.subscription_filter()),
+            config.replies_topic.subscription_filter().to_owned(),
         ];
         Self {
             replicas: config.share_group.is_some(),
             subscriptions,
-            max_reading_bytes: config.max_reading_bytes,
+            router: Router::new(config, replies, reported, counters.clone()),
             counters,
             client,
             shared,
             ingest,
             unacked: VecDeque::new(),
-            replies,
-            readings_topic: config.readings_topic.clone(),
-            replies_topic: config.replies_topic.clone(),
-            status_topic: config.status_topic.clone(),
             subscribe_qos: config.subscribe_qos,
             clean_session: !config.persistent_session,
             broker: format!("{}:{}", config.host, config.port),
@@ -116,7 +105,11 @@ impl Driver {
             group: self.replicas.then(|| Group {
                 client: self.client.clone(),
                 shared: self.shared.clone(),
-                filters: [self.subscriptions[0].clone(), self.subscriptions[2].clone()],
+                filters: [
+                    self.subscriptions[0].clone(),
+                    self.subscriptions[1].clone(),
+                    self.subscriptions[2].clone(),
+                ],
             }),
             leaving: None,
         };
@@ -350,7 +343,7 @@ impl Driver {
                     info!(
                         ?filters,
                         ?codes,
-                        "subscribed to readings, replies and status"
+                        "subscribed to readings, status, reported states and replies"
                     );
                     self.shared.state.send_replace(LinkState::Ready);
                 } else {
@@ -370,7 +363,7 @@ impl Driver {
     /// hands them to its writer (waiting while its queue is full) and keeps
     /// the QoS 1 and 2 ones to acknowledge once committed.
     async fn ingest(&mut self, batch: &[Publish]) {
-        let readings = self.parse(batch);
+        let readings = self.router.parse(batch);
         let count = readings.len();
         match &self.ingest {
             Ingest::Memory(hub) => {
@@ -397,101 +390,6 @@ impl Driver {
                 trace!(batch = id, count, "readings handed to the store");
             }
         }
-    }
-
-    /// The publishes of `batch` to store, each with what is stored of it.
-    fn parse<'a>(&'a self, batch: &'a [Publish]) -> Vec<(&'a Publish, NewReading<'a>)> {
-        // One read, one time: they arrived together.
-        let received_at = SystemTime::now();
-        batch
-            .iter()
-            .filter(|publish| self.admissible(publish))
-            .filter_map(|publish| {
-                // Replies and status messages are buffered like readings;
-                // replies are routed to a waiting SendCommand call if there
-                // is one, status messages set the device's status.
-                let topic = &publish.topic;
-                let (device_id, kind) = if let Some(id) = self.replies_topic.device_id_of(topic) {
-                    let routed = self.replies.route(id, &publish.payload);
-                    if self.replicas && routed == Routed::Foreign {
-                        // Every replica receives it; the one whose command
-                        // it answers stores it.
-                        return None;
-                    }
-                    (Some(id), MessageKind::Reply)
-                } else if let Some(id) = self.status_topic.device_id_of(topic) {
-                    let status = ConnectionStatus::parse(&publish.payload);
-                    if status.is_none() {
-                        debug!(
-                            topic = truncated(topic),
-                            "status message neither online nor offline"
-                        );
-                    }
-                    (Some(id), MessageKind::Status(status))
-                } else {
-                    (
-                        self.readings_topic.device_id_of(topic),
-                        MessageKind::Reading,
-                    )
-                };
-                if device_id.is_none() {
-                    debug!(
-                        topic = truncated(topic),
-                        "message on a topic outside the readings, replies and status templates"
-                    );
-                }
-                let reading = NewReading {
-                    kind,
-                    device_id: device_id.unwrap_or(""),
-                    topic: &publish.topic,
-                    payload: &publish.payload,
-                    qos: publish.qos as u8,
-                    retained: publish.retain,
-                    received_at,
-                };
-                Some((publish, reading))
-            })
-            .collect()
-    }
-
-    /// Whether `publish` can be stored; counts and logs (rate-limited) one
-    /// that cannot, which is still acknowledged, so that the broker does
-    /// not deliver it again (a retained one would come back on every
-    /// connection and, refused by the store, stop every commit). Too large
-    /// for the buffer's promise that every reading fits one gRPC message,
-    /// or on a topic the store or a command could not hold, it is not
-    /// stored, and a reply is not routed either.
-    fn admissible(&self, publish: &Publish) -> bool {
-        let bytes = publish.payload.len();
-        let refused = if bytes > self.max_reading_bytes {
-            Some((
-                Rejection::TooLarge,
-                format!(
-                    "larger than --max-reading-bytes ({bytes} > {})",
-                    self.max_reading_bytes
-                ),
-            ))
-        } else if publish.topic.contains(char::REPLACEMENT_CHARACTER) {
-            // What the patched rumqttc puts for bytes that are not UTF-8.
-            Some((Rejection::InvalidUtf8, "topic is not UTF-8".to_owned()))
-        } else {
-            check_received_topic(&publish.topic)
-                .err()
-                .map(|error| (Rejection::InvalidTopic, format!("topic {error}")))
-        };
-        let Some((why, detail)) = refused else {
-            return true;
-        };
-        self.counters.reject(why);
-        if let Some(left_out) = REJECTED_LOG.allow() {
-            warn!(
-                topic = truncated(&publish.topic),
-                reason = why.reason(),
-                similar_lines_left_out = left_out,
-                "message from a device not stored: {detail}"
-            );
-        }
-        false
     }
 
     fn connection_lost(&mut self, eventloop: &mut EventLoop, error: &ConnectionError) {

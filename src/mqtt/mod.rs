@@ -8,7 +8,10 @@
 //! - [`link`]: the event loop task: connection, backoff, subscriptions, ingest;
 //! - [`ingest`]: [`Ingest`], memory only or the store;
 //! - [`leave`]: a replica leaving its share group at shutdown;
-//! - [`publish`]: [`CommandPublisher`] and the acknowledgement tracker;
+//! - [`route`]: what each message received is and where it goes (readings,
+//!   replies, status, reported states), and whether it may be stored;
+//! - [`publish`]: [`CommandPublisher`] (commands, and desired states,
+//!   retained) and the acknowledgement tracker;
 //! - [`tls`]: the TLS client configuration for `mqtts://` brokers.
 //!
 //! # The event loop task
@@ -24,6 +27,7 @@ mod ingest;
 mod leave;
 mod link;
 mod publish;
+mod route;
 mod tls;
 
 use std::sync::{
@@ -42,6 +46,7 @@ pub use tls::{client_config, ClientIdentity, TlsError};
 use crate::{
     config::{Credentials, MqttConfig},
     replies::ReplyRouter,
+    state::ReportedInbox,
     sync,
 };
 use link::Driver;
@@ -186,11 +191,13 @@ pub fn log_in(
 
 /// Starts the shared client and its event loop task, which hands incoming
 /// readings (and command replies) to `ingest` and routes replies through
-/// `replies`, until `shutdown` is cancelled.
+/// `replies` and reported states to `reported`, until `shutdown` is
+/// cancelled.
 pub fn start(
     config: &MqttConfig,
     ingest: Ingest,
     replies: ReplyRouter,
+    reported: ReportedInbox,
     shutdown: CancellationToken,
 ) -> MqttLink {
     let manual_acks = matches!(ingest, Ingest::Durable(_));
@@ -211,6 +218,7 @@ pub fn start(
         shared.clone(),
         ingest,
         replies,
+        reported,
         counters.clone(),
     );
     let task = tokio::spawn(driver.run(eventloop, shutdown));

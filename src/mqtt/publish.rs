@@ -28,7 +28,10 @@ use tokio::sync::{oneshot, watch};
 use tracing::warn;
 
 use super::{LinkState, Shared};
-use crate::commands::{Publication, Transport, TransportError};
+use crate::{
+    commands::{Publication, Transport, TransportError},
+    state::{DesiredTransport, PublishFailed},
+};
 use futures_util::future::BoxFuture;
 
 /// How long a command waits for the broker's acknowledgement.
@@ -127,13 +130,24 @@ impl CommandPublisher {
         payload: Bytes,
         qos: QoS,
     ) -> Result<(), PublishError> {
+        self.publish_as(topic, payload, qos, false).await
+    }
+
+    /// [`CommandPublisher::publish`], retained when `retain` is set.
+    async fn publish_as(
+        &self,
+        topic: String,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+    ) -> Result<(), PublishError> {
         let (tx, rx) = oneshot::channel();
         {
             let mut tracker = self.shared.tracker();
             if *self.shared.state.borrow() == LinkState::Down {
                 return Err(PublishError::NotConnected);
             }
-            match self.client.try_publish(topic, qos, false, payload) {
+            match self.client.try_publish(topic, qos, retain, payload) {
                 Ok(()) => tracker.queued.push_back((qos, tx)),
                 Err(ClientError::TryRequest(_)) => return Err(PublishError::QueueFull),
                 Err(ClientError::Request(_)) => return Err(PublishError::NotConnected),
@@ -170,6 +184,24 @@ impl Transport for CommandPublisher {
                 .publish(publication.topic, publication.payload, qos)
                 .await
                 .map_err(|e| TransportError(e.to_string()))
+        })
+    }
+}
+
+/// Desired states go out through the same client, retained at QoS 1, so
+/// that a device subscribing later gets the latest at once.
+impl DesiredTransport for CommandPublisher {
+    fn publish_retained(
+        &self,
+        topic: String,
+        payload: Bytes,
+    ) -> BoxFuture<'static, Result<(), PublishFailed>> {
+        let publisher = self.clone();
+        Box::pin(async move {
+            publisher
+                .publish_as(topic, payload, QoS::AtLeastOnce, true)
+                .await
+                .map_err(|e| PublishFailed(e.to_string()))
         })
     }
 }

@@ -35,7 +35,8 @@ use tracing::{debug, info, warn};
 
 use crate::{
     commands::Commands, grpc::EncodedReadings, hub::ReadingHub, listener::ListenerStats,
-    mqtt::IngestCounters, mqtt::LinkState, replies::ReplyRouter, store::Postgres,
+    mqtt::IngestCounters, mqtt::LinkState, replies::ReplyRouter, state::DeviceStates,
+    store::Postgres,
 };
 
 /// How long one scrape connection may stay open.
@@ -56,6 +57,8 @@ pub struct Sources {
     pub listener: ListenerStats,
     /// Persistent commands.
     pub commands: Commands,
+    /// Device states.
+    pub states: DeviceStates,
 }
 
 /// One metric family as one scrape reads it.
@@ -234,6 +237,27 @@ impl Sources {
                 ("queue_full", load(&commands.dropped_replies)),
             ]),
         ]);
+        let states = self.states.counters();
+        families.extend([
+            counter("devicehub_reported_state_patches_total", "Reported state patches from devices applied.", load(&states.reported_applied)),
+            counters("devicehub_reported_state_dropped_total", "Reported state patches from devices not applied, by reason: not_an_object, too_large (the patch, or the reported state it would make, over 64 KiB), too_deep (nested over 32), no_room (--max-device-states reached), queue_full.", "reason", states.dropped()),
+            counter("devicehub_desired_state_publishes_total", "Desired states published to devices (acknowledged by the broker).", load(&states.desired_published)),
+            counter("devicehub_desired_state_publish_failures_total", "Publishes of desired states that failed (each retried).", load(&states.desired_publish_failures)),
+        ]);
+        if let Some((count, bytes)) = self.states.memory_use() {
+            families.extend([
+                gauge(
+                    "devicehub_device_states",
+                    "Device states kept in memory (without a store).",
+                    count as f64,
+                ),
+                gauge(
+                    "devicehub_device_states_bytes",
+                    "Bytes device states take in memory, counted against --max-device-states.",
+                    bytes as f64,
+                ),
+            ]);
+        }
         if let Some(store) = &self.store {
             let counters = store.counters();
             families.extend([
