@@ -10,6 +10,12 @@ as --reply says: `ok`, `error`, or `none` (no answer). A command whose
 id seen before is answered again without being carried out twice
 (printed as "duplicate"): delivery is at least once.
 
+It also subscribes to its desired state topic: each document
+{"version", "desired", "delta"} is printed as {"event": "desired",
+"document": {...}}; with --apply-desired, a document newer than the last one
+applied has its delta applied and reported, as a merge patch, on the
+reported state topic.
+
     pip install paho-mqtt
     python3 paho_device.py --port 1883 --device-id pump-7
 
@@ -39,13 +45,17 @@ def main():
     parser.add_argument("--reply-delay-ms", type=int, default=0)
     parser.add_argument("--username")
     parser.add_argument("--password-file")
+    parser.add_argument("--apply-desired", action="store_true")
     args = parser.parse_args()
 
     device = args.device_id
     status_topic = f"devices/{device}/status"
     commands_topic = f"devices/{device}/commands"
     replies_topic = f"devices/{device}/replies"
+    desired_topic = f"devices/{device}/state/desired"
+    reported_topic = f"devices/{device}/state/reported"
     seen = set()
+    applied = {"version": 0}
 
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"paho-{device}", clean_session=True)
     if args.username:
@@ -57,7 +67,7 @@ def main():
     client.will_set(status_topic, "offline", qos=1, retain=True)
 
     def on_connect(client, userdata, flags, reason_code, properties):
-        client.subscribe(commands_topic, qos=1)
+        client.subscribe([(commands_topic, 1), (desired_topic, 1)])
 
     online = {}
 
@@ -69,7 +79,19 @@ def main():
         if online.get("mid") == mid:
             emit("ready")
 
+    def on_desired(message):
+        document = json.loads(message.payload)
+        emit("desired", document=document, retained=bool(message.retain))
+        if not args.apply_desired or document["version"] <= applied["version"]:
+            return
+        applied["version"] = document["version"]
+        if document["delta"]:
+            client.publish(reported_topic, json.dumps(document["delta"]), qos=1)
+
     def on_message(client, userdata, message):
+        if message.topic == desired_topic:
+            on_desired(message)
+            return
         try:
             envelope = json.loads(message.payload)
         except ValueError:

@@ -28,22 +28,8 @@ fn command(device_id: &str, command: &str, reply_timeout_ms: Option<u64>) -> Sen
 }
 
 fn with_params(mut request: SendCommandRequest, params: Value) -> SendCommandRequest {
-    let Value::Object(map) = params else {
-        panic!("params must be an object")
-    };
-    let fields = map
-        .into_iter()
-        .map(|(k, v)| {
-            let kind = match v {
-                Value::Number(n) => prost_types::value::Kind::NumberValue(n.as_f64().unwrap()),
-                Value::String(s) => prost_types::value::Kind::StringValue(s),
-                other => panic!("unsupported param {other}"),
-            };
-            (k, prost_types::Value { kind: Some(kind) })
-        })
-        .collect();
     request.payload = Some(devicehub::proto::send_command_request::Payload::Params(
-        prost_types::Struct { fields },
+        common::json::to_struct(params),
     ));
     request
 }
@@ -83,24 +69,7 @@ fn policy() -> ReplyPolicy {
 fn result_json(response: &SendCommandResponse) -> Value {
     let reply = response.reply.as_ref().expect("a reply");
     let value = reply.result.as_ref().expect("a result");
-    proto_to_json(value)
-}
-
-fn proto_to_json(value: &prost_types::Value) -> Value {
-    use prost_types::value::Kind;
-    match value.kind.as_ref().unwrap() {
-        Kind::NullValue(_) => Value::Null,
-        Kind::NumberValue(n) => json!(n),
-        Kind::StringValue(s) => json!(s),
-        Kind::BoolValue(b) => json!(b),
-        Kind::StructValue(s) => Value::Object(
-            s.fields
-                .iter()
-                .map(|(k, v)| (k.clone(), proto_to_json(v)))
-                .collect(),
-        ),
-        Kind::ListValue(l) => Value::Array(l.values.iter().map(proto_to_json).collect()),
-    }
+    common::json::from_value(value)
 }
 
 async fn round_trips(broker: &BrokerUrl) {

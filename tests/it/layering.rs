@@ -1,8 +1,8 @@
 //! The arrows of `lib.rs`'s picture, kept true: which modules may name
 //! which. Data flows one way (MQTT → ingest → hub → gRPC); the hub reads
 //! history through its own trait; nothing below the hub knows gRPC; the
-//! buffer holds no encodings; persistent commands reach MQTT and the store
-//! through their own traits; the library knows nothing of clap. The
+//! buffer holds no encodings; persistent commands and device states reach
+//! MQTT and the store through their own traits; the library knows nothing of clap. The
 //! modules' `//!` docs promise these; an import that breaks one fails here,
 //! named by file and line.
 
@@ -75,7 +75,8 @@ fn the_hub_knows_neither_mqtt_nor_the_store_nor_grpc() {
 fn nothing_below_the_grpc_side_knows_grpc() {
     assert_never(
         &sources(&[
-            "buffer", "hub", "mqtt", "store", "replies", "topic", "config", "commands",
+            "buffer", "hub", "mqtt", "store", "replies", "topic", "config", "commands", "state",
+            "json",
         ]),
         &["crate::grpc", "crate::proto", "tonic", "prost"],
         "a module below the gRPC side names gRPC",
@@ -96,6 +97,25 @@ fn persistent_commands_call_neither_mqtt_nor_the_store() {
             "rumqttc",
         ],
         "the commands name MQTT, the store or gRPC",
+    );
+}
+
+#[test]
+fn device_states_call_neither_mqtt_nor_the_store_nor_commands() {
+    // The MQTT side and the store implement the states' traits
+    // (`DesiredTransport`, `StateStorage`); the states never name them.
+    assert_never(
+        &sources(&["state"]),
+        &[
+            "crate::store",
+            "crate::mqtt",
+            "crate::grpc",
+            "crate::commands",
+            "crate::hub",
+            "sqlx",
+            "rumqttc",
+        ],
+        "the device states name MQTT, the store, gRPC, commands or the hub",
     );
 }
 

@@ -18,7 +18,7 @@ use devicehub::{
     },
 };
 use tokio_stream::StreamExt;
-use tonic::{transport::Channel, Code, Request, Streaming};
+use tonic::{transport::Channel, Code, Streaming};
 
 pub fn persistent(device_id: &str, command: &str, ttl: Duration) -> SendCommandRequest {
     SendCommandRequest {
@@ -738,13 +738,4 @@ async fn scopes_decide_who_sends_reads_and_cancels_commands() {
         .await
         .unwrap();
     service.stop().await;
-}
-
-/// `message` with `authorization: Bearer <token>`.
-fn authed<T>(token: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
 }

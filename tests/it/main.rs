@@ -36,6 +36,7 @@ mod poison;
 mod python_client;
 mod replicas;
 mod secure_broker;
+mod state;
 mod store;
 mod store_commands;
 mod traces;

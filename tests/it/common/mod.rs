@@ -8,6 +8,7 @@
 #[path = "../../../src/cli/mod.rs"]
 pub mod cli;
 pub mod instance;
+pub mod json;
 pub mod mosquitto;
 pub mod paho;
 pub mod pki;
@@ -109,6 +110,19 @@ pub fn config(broker: &BrokerUrl, args: &[&str]) -> Config {
     let cli = Cli::try_parse_from(std::iter::once("devicehub").chain(args.iter().copied()))
         .expect("valid arguments");
     cli.serve.config(broker).expect("valid configuration")
+}
+
+/// The simulator's configuration (as `devicehub simulate` with `args`
+/// would have it), pointed at `broker`.
+pub fn simulate_config(broker: &BrokerUrl, args: &[&str]) -> devicehub::simulate::SimulateConfig {
+    let url = format!("mqtt://{}:{}", broker.host, broker.port);
+    let head = ["devicehub", "simulate", "--mqtt-url", &url];
+    let cli =
+        Cli::try_parse_from(head.into_iter().chain(args.iter().copied())).expect("valid arguments");
+    match cli.command {
+        Some(cli::Command::Simulate(args)) => args.config().expect("valid configuration"),
+        _ => unreachable!("parsed as simulate"),
+    }
 }
 
 /// The real service, in-process, on an ephemeral gRPC port.

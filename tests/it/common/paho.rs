@@ -19,32 +19,58 @@ use super::{mosquitto::which, within};
 pub struct PahoDevice {
     child: Child,
     lines: Lines<BufReader<ChildStdout>>,
+    /// Events reported before it was ready (a retained desired state).
+    early: std::collections::VecDeque<Value>,
 }
 
 impl PahoDevice {
     /// Starts `device_id`, answering commands with `reply` (`ok`, `error`
     /// or `none`), and returns once it is subscribed and said `online`.
     pub async fn start(broker: &BrokerUrl, device_id: &str, reply: &str) -> Self {
+        Self::start_with(broker, device_id, &["--reply", reply]).await
+    }
+
+    /// Starts `device_id` with the script's `args`, and returns once it is
+    /// subscribed and said `online`.
+    pub async fn start_with(broker: &BrokerUrl, device_id: &str, args: &[&str]) -> Self {
         let python = which("python3").expect("python3 is not installed: the tests need it");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/devices/paho_device.py");
         let mut child = Command::new(python)
             .arg(script)
             .args(["--host", &broker.host, "--port", &broker.port.to_string()])
-            .args(["--device-id", device_id, "--reply", reply])
+            .args(["--device-id", device_id])
+            .args(args)
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("python3 runs the paho device (pip install paho-mqtt)");
         let lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-        let mut device = Self { child, lines };
-        let ready = device.next_event().await;
-        assert_eq!(ready["event"], "ready", "the paho device started: {ready}");
-        device
+        let mut device = Self {
+            child,
+            lines,
+            early: Default::default(),
+        };
+        loop {
+            let event = device.read_event().await;
+            if event["event"] == "ready" {
+                return device;
+            }
+            device.early.push_back(event);
+        }
     }
 
     /// The next thing the device reports: `{"event": "command" |
-    /// "duplicate" | "expired", "envelope": {...}}`.
+    /// "duplicate" | "expired", "envelope": {...}}`, or `{"event":
+    /// "desired", "document": {...}, "retained": bool}`.
     pub async fn next_event(&mut self) -> Value {
+        match self.early.pop_front() {
+            Some(event) => event,
+            None => self.read_event().await,
+        }
+    }
+
+    /// The next line the device prints, as JSON.
+    async fn read_event(&mut self) -> Value {
         let line = within("the paho device to report", self.lines.next_line())
             .await
             .expect("the paho device's stdout")

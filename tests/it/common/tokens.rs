@@ -85,3 +85,12 @@ pub fn claims(subject: &str, scope: &str, expires_in: i64) -> Value {
         .as_secs() as i64;
     json!({"sub": subject, "scope": scope, "exp": now + expires_in, "iat": now})
 }
+
+/// `message` with `authorization: Bearer <token>`.
+pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
