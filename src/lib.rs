@@ -269,7 +269,7 @@ pub async fn run(
     // Before the link: replies to persistent commands may come first thing.
     let (log, feed, inbox) = open_commands(&config, store.as_ref(), &stop_mqtt).await?;
     replies.set_persistent(Arc::new(inbox.0.clone()));
-    let (state_storage, state_feed) = open_states(&config);
+    let (state_storage, state_feed) = open_states(&config, store.as_ref(), &stop_mqtt).await?;
     let (reported, reported_rx) = state::inbox(&state_feed);
     let link = mqtt::start(
         &config.mqtt,
@@ -466,12 +466,24 @@ async fn open_commands(
     Ok((log, feed, inbox))
 }
 
-/// Where device states are kept (memory, within `--max-device-states`)
-/// and the feed of their changes.
-fn open_states(config: &Config) -> (Arc<dyn StateStorage>, state::StateFeed) {
+/// Where device states are kept (the store when there is one, else
+/// memory, within `--max-device-states`) and the feed of their changes;
+/// the store's change tail stops with `stop_mqtt`.
+async fn open_states(
+    config: &Config,
+    store: Option<&Postgres>,
+    stop_mqtt: &CancellationToken,
+) -> Result<(Arc<dyn StateStorage>, state::StateFeed), Error> {
     let feed = state::StateFeed::default();
-    let storage = Arc::new(MemoryStates::new(feed.clone(), config.max_device_states));
-    (storage, feed)
+    let storage: Arc<dyn StateStorage> = match store {
+        None => Arc::new(MemoryStates::new(feed.clone(), config.max_device_states)),
+        Some(postgres) => Arc::new(
+            postgres
+                .state_storage(feed.clone(), stop_mqtt.clone())
+                .await?,
+        ),
+    };
+    Ok((storage, feed))
 }
 
 /// The gRPC health service, NOT_SERVING until the MQTT link (and the

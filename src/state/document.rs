@@ -153,6 +153,9 @@ impl DeviceState {
         now: SystemTime,
         version: i64,
     ) -> Result<(), PatchError> {
+        // Kept to the microsecond, as the store keeps times: a state reads
+        // back the same from memory, the store and every replica.
+        let now = from_micros(micros(now));
         let target = match side {
             Side::Desired => &self.desired,
             Side::Reported => &self.reported,
@@ -304,6 +307,11 @@ pub fn difference(wanted: &Value, actual: Option<&Value>) -> Option<Value> {
         }
         (wanted, Some(actual)) => (!json::same(wanted, actual)).then(|| wanted.clone()),
     }
+}
+
+/// The time `micros` microseconds after the Unix epoch.
+pub fn from_micros(micros: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(micros.max(0) as u64)
 }
 
 /// `time` in microseconds since the Unix epoch (0 before it).

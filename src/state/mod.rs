@@ -32,12 +32,14 @@ use std::{sync::Arc, time::SystemTime};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-pub use document::{check_patch, DeviceState, Object, PatchError};
+pub use document::{
+    check_patch, from_micros, micros, DesiredKey, DeviceState, Object, PatchError, Side,
+};
 pub use feed::{StateCounters, StateFeed};
 pub use memory::MemoryStates;
 pub use publish::{DesiredTransport, PublishFailed};
 pub use reported::{inbox, ReportedInbox, ReportedReceiver};
-pub use storage::{StateStorage, StorageError, Updated};
+pub use storage::{Reported, ReportedPatch, StateStorage, StorageError, Updated};
 
 use crate::{scope::DeviceSet, topic::TopicTemplate};
 

@@ -39,4 +39,5 @@ mod secure_broker;
 mod state;
 mod store;
 mod store_commands;
+mod store_state;
 mod traces;

@@ -41,6 +41,7 @@ macro_rules! reading_columns {
 mod commands;
 mod reads;
 mod retention;
+mod states;
 mod tail;
 mod writer;
 
@@ -108,6 +109,8 @@ struct Shared {
     /// Persistent commands' (`commands/`), each statement under the read
     /// timeout.
     commands_pool: PgPool,
+    /// Device states' (`states/`), each statement under the read timeout.
+    states_pool: PgPool,
     /// Whether the last statement the writer ran (a commit or its idle
     /// probe) succeeded: health follows it.
     up: watch::Sender<bool>,
@@ -204,6 +207,10 @@ impl Postgres {
             .await
             .map_err(StoreError::Connect)?;
         let commands_pool = pool_options(commands::COMMAND_CONNECTIONS, READ_ACQUIRE_TIMEOUT)
+            .connect_with(read_options.clone())
+            .await
+            .map_err(StoreError::Connect)?;
+        let states_pool = pool_options(states::STATE_CONNECTIONS, READ_ACQUIRE_TIMEOUT)
             .connect_with(read_options)
             .await
             .map_err(StoreError::Connect)?;
@@ -223,6 +230,7 @@ impl Postgres {
                 write_pool: pool,
                 read_pool,
                 commands_pool,
+                states_pool,
                 up: watch::channel(true).0,
                 oldest_seq: AtomicU64::new(oldest.map_or(u64::MAX, |s| s as u64)),
                 counters: StoreCounters::default(),
@@ -280,6 +288,11 @@ impl Postgres {
     /// Persistent commands' pool.
     fn commands_pool(&self) -> &PgPool {
         &self.shared.commands_pool
+    }
+
+    /// Device states' pool.
+    fn states_pool(&self) -> &PgPool {
+        &self.shared.states_pool
     }
 }
 
