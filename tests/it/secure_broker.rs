@@ -130,6 +130,47 @@ async fn readings_and_commands_flow_through_the_shipped_secure_broker_and_its_ac
     service.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_acl_keeps_each_device_to_its_own_desired_and_reported_state() {
+    let pki = Pki::new("devicehub test CA");
+    let secure = SecureMosquitto::start(&pki, ACCOUNTS);
+    let dir = TempDir::new("secure-state");
+    let args = login_args(&secure, &dir, SERVICE_PASSWORD);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let service = TestService::start_ready(config(&secure.broker.url, &args)).await;
+    let client = service.client().await;
+    for device in ["dev-b", "dev-a"] {
+        crate::state::update(&client, device, serde_json::json!({"owner": device}), 0)
+            .await
+            .unwrap();
+    }
+    // Subscribed to every device's desired state, dev-a gets its own only
+    // (retained, published by devicehub's account).
+    let options = secure.client_options("dev-a", "a-secret");
+    let mut dev_a = TestDevice::connect_options(options, Some("devices/+/state/desired")).await;
+    let message = dev_a.next_message().await;
+    assert_eq!(message.topic, "devices/dev-a/state/desired");
+    let document: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(document["desired"], serde_json::json!({"owner": "dev-a"}));
+
+    // Its report for dev-b is refused by the broker; its own is applied.
+    dev_a
+        .publish("devices/dev-b/state/reported", r#"{"owner": "forged"}"#)
+        .await;
+    dev_a
+        .publish("devices/dev-a/state/reported", r#"{"owner": "dev-a"}"#)
+        .await;
+    crate::state::wait_state(&client, "dev-a", "dev-a's report", |s| {
+        s.reported_update_time.is_some()
+    })
+    .await;
+    let dev_b = crate::state::get_state(&client, "dev-b").await.unwrap();
+    assert!(dev_b.reported_update_time.is_none(), "{dev_b:?}");
+    assert!(dev_a.received.try_recv().is_err(), "nothing of dev-b's");
+    assert!(secure.broker.log().contains("Denied PUBLISH from dev-a"));
+    service.stop().await;
+}
+
 /// Runs the binary against `broker` with `args`, reads its log until a line
 /// contains `expect`, checks health is NOT_SERVING meanwhile and that
 /// `password` never appears in anything it logged, then stops it.
