@@ -125,12 +125,14 @@ pub enum Scenario {
     Scan,
     /// 14: persistent commands queued for offline devices, delivered when they return
     Queued,
+    /// 15: UpdateDesiredState next to SendCommand; reported patches next to readings
+    State,
 }
 
 impl Scenario {
     /// The order a run takes them in (`store-ingest` runs as part of
     /// `store`).
-    pub const ORDER: [Self; 13] = [
+    pub const ORDER: [Self; 14] = [
         Self::Ingest,
         Self::Fanout,
         Self::Latency,
@@ -138,6 +140,7 @@ impl Scenario {
         Self::Scan,
         Self::Commands,
         Self::Queued,
+        Self::State,
         Self::Secure,
         Self::Devices,
         Self::Store,

@@ -58,6 +58,7 @@ mod queued;
 mod replicas;
 mod scan;
 mod secure;
+mod state;
 mod store;
 
 use clap::Parser;
@@ -116,6 +117,7 @@ async fn run_selected(args: &Args, table: &Table, broker: &Broker, sizes: Sizes)
             Scenario::Scan => scan::run(table, url, sizes).await,
             Scenario::Commands => commands::run(table, url, sizes).await,
             Scenario::Queued => queued::run(table, url, sizes).await,
+            Scenario::State => state::run(table, url, sizes).await,
             Scenario::Secure => secure::run(table, url, sizes).await,
             Scenario::Devices => devices::run(table, url, sizes).await,
             // `store-ingest`: the ingest comparison alone, without the

@@ -156,9 +156,14 @@ impl DeviceState {
         // Kept to the microsecond, as the store keeps times: a state reads
         // back the same from memory, the store and every replica.
         let now = from_micros(micros(now));
-        let target = match side {
-            Side::Desired => &self.desired,
-            Side::Reported => &self.reported,
+        let at = micros(now);
+        let newer;
+        let (target, patch) = match side {
+            Side::Desired => (&self.desired, patch),
+            Side::Reported => {
+                newer = self.newer_than_reported(patch, at);
+                (&self.reported, &newer)
+            }
         };
         let mut merged = target.clone();
         merge(&mut merged, patch);
@@ -166,7 +171,6 @@ impl DeviceState {
         if bytes > MAX_DOCUMENT_BYTES {
             return Err(PatchError::ResultTooLarge(side, bytes));
         }
-        let at = micros(now);
         match side {
             Side::Desired => {
                 self.desired = merged;
@@ -184,7 +188,7 @@ impl DeviceState {
             }
             Side::Reported => {
                 self.reported = merged;
-                self.reported_update_time = Some(now);
+                self.reported_update_time = self.reported_update_time.max(Some(now));
                 for key in patch.keys() {
                     match self.reported.contains_key(key) {
                         false => self.reported_keys.remove(key),
@@ -203,6 +207,20 @@ impl DeviceState {
         }
         self.version = version;
         Ok(())
+    }
+
+    /// The keys of a reported `patch` received `at` that no patch received
+    /// later has set: with replicas, a device's patches may be applied out
+    /// of the order they arrived in (two instances of a share group each
+    /// take one), and an older one must not undo a newer one. (A key a
+    /// newer patch deleted is not remembered: an older patch setting it
+    /// again sets it.)
+    fn newer_than_reported(&self, patch: &Object, at: i64) -> Object {
+        patch
+            .iter()
+            .filter(|(key, _)| self.reported_keys.get(*key).is_none_or(|set| *set <= at))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// What desired still asks for: the top-level desired keys not met,
@@ -466,6 +484,33 @@ mod tests {
             .unwrap();
         assert!(state.delta().is_empty());
         assert!(!state.desired_keys.contains_key("mode"));
+    }
+
+    #[test]
+    fn an_older_reported_patch_applied_late_does_not_undo_a_newer_one() {
+        let mut state = DeviceState::new("d");
+        state
+            .apply(
+                Side::Reported,
+                &object(json!({"speed": 10, "mode": "a"})),
+                at(5),
+                1,
+            )
+            .unwrap();
+        state
+            .apply(
+                Side::Reported,
+                &object(json!({"speed": 9, "fan": true})),
+                at(4),
+                2,
+            )
+            .unwrap();
+        assert_eq!(
+            Value::Object(state.reported.clone()),
+            json!({"speed": 10, "mode": "a", "fan": true})
+        );
+        assert_eq!(state.reported_update_time, Some(at(5)));
+        assert_eq!(state.version, 2);
     }
 
     #[test]

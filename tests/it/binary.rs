@@ -186,7 +186,10 @@ async fn json_logs_parse_as_json() {
     let logged =
         |seen: &[serde_json::Value], message: &str| seen.iter().any(|l| l["message"] == message);
     while !logged(&seen, "gRPC listening")
-        || !logged(&seen, "subscribed to readings, replies and status")
+        || !logged(
+            &seen,
+            "subscribed to readings, status, reported states and replies",
+        )
     {
         let line = within("a JSON log line", log.next_line())
             .await

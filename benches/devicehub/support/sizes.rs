@@ -25,6 +25,10 @@ pub struct Sizes {
     /// Persistent commands queued, and the offline devices they are for.
     pub queued_commands: u64,
     pub queued_devices: u64,
+    /// UpdateDesiredState calls (and reported patches), and the devices
+    /// they are for.
+    pub state_calls: u64,
+    pub state_devices: u64,
 }
 
 pub const FULL: Sizes = Sizes {
@@ -44,6 +48,8 @@ pub const FULL: Sizes = Sizes {
     contention_readings: 200_000,
     queued_commands: 10_000,
     queued_devices: 1_000,
+    state_calls: 20_000,
+    state_devices: 1_000,
 };
 
 pub const SMOKE: Sizes = Sizes {
@@ -63,4 +69,6 @@ pub const SMOKE: Sizes = Sizes {
     contention_readings: 5_000,
     queued_commands: 200,
     queued_devices: 20,
+    state_calls: 400,
+    state_devices: 20,
 };
