@@ -139,6 +139,7 @@ async fn two_replicas_agree_on_device_states_within_a_second() {
     // Reported patches through the share group are applied once each,
     // by one instance or the other, and seen alike on both.
     let device = TestDevice::connect(&broker.url, "r-1", None).await;
+    let mut last = None;
     for speed in [9, 10] {
         device
             .publish(
@@ -146,18 +147,17 @@ async fn two_replicas_agree_on_device_states_within_a_second() {
                 format!(r#"{{"speed": {speed}}}"#),
             )
             .await;
+        let on_a = wait_state(&a.client, "r-1", "the report", |s| {
+            sides(s)[1] == json!({ "speed": f64::from(speed) })
+        })
+        .await;
+        let mut seen = next_state(&mut watch_b).await;
+        while seen.version < on_a.version {
+            seen = next_state(&mut watch_b).await;
+        }
+        assert_eq!(seen, on_a, "B's watcher sees what A reads");
+        last = Some(on_a);
     }
-    // Whichever instance applies which, and in whatever order, the
-    // newer report stands.
-    let on_a = wait_state(&a.client, "r-1", "the newer report", |s| {
-        sides(s)[1] == json!({"speed": 10.0})
-    })
-    .await;
-    let mut seen = next_state(&mut watch_b).await;
-    while seen.version < on_a.version {
-        seen = next_state(&mut watch_b).await;
-    }
-    assert_eq!(seen, on_a, "B's watcher ends where A reads");
     // Counted once applied, just after it is committed.
     eventually("each patch applied by one instance", || async {
         let mut total = 0.0;
@@ -168,7 +168,5 @@ async fn two_replicas_agree_on_device_states_within_a_second() {
         (total == 2.0).then_some(())
     })
     .await;
-    // Both applied now: the newer still stands.
-    let last = get_state(&b.client, "r-1").await.unwrap();
-    assert_eq!(sides(&last)[1], json!({"speed": 10.0}));
+    assert_eq!(get_state(&b.client, "r-1").await.unwrap(), last.unwrap());
 }
