@@ -270,7 +270,7 @@ pub async fn run(
     let (log, feed, inbox) = open_commands(&config, store.as_ref(), &stop_mqtt).await?;
     replies.set_persistent(Arc::new(inbox.0.clone()));
     let (state_storage, state_feed) = open_states(&config, store.as_ref(), &stop_mqtt).await?;
-    let (reported, reported_rx) = state::inbox(&state_feed);
+    let (reported, reported_rx) = state::inbox();
     let link = mqtt::start(
         &config.mqtt,
         ingest,
@@ -558,6 +558,7 @@ async fn start_reporting(
             connections: parts.connections.clone(),
             auth: parts.authenticator.clone(),
             commands: parts.commands.clone(),
+            states: parts.states.clone(),
         },
         shutdown.clone(),
     ));
@@ -680,6 +681,7 @@ struct Stats {
     connections: listener::ListenerStats,
     auth: Authenticator,
     commands: Commands,
+    states: DeviceStates,
 }
 
 /// Logs the buffer, watcher and connection counters every
@@ -692,6 +694,7 @@ async fn log_stats(sources: Stats, shutdown: CancellationToken) {
         connections,
         auth,
         commands,
+        states,
     } = sources;
     let mut interval = tokio::time::interval(STATS_INTERVAL);
     interval.tick().await; // the first tick is immediate
@@ -724,6 +727,9 @@ async fn log_stats(sources: Stats, shutdown: CancellationToken) {
             replies_late = replies.late,
             replies_unmatched = replies.unmatched,
             persistent_commands = ?commands.counts().iter().map(|(s, n)| (s.name(), *n)).collect::<Vec<_>>(),
+            reported_states_applied = states.counters().reported_applied.load(Ordering::Relaxed),
+            reported_states_dropped = ?states.counters().dropped(),
+            desired_states_published = states.counters().desired_published.load(Ordering::Relaxed),
             token_cache_evictions = auth.cache_evictions(),
             connections_closed = ?connections.closed(),
             "stats"

@@ -363,7 +363,9 @@ impl Driver {
     /// hands them to its writer (waiting while its queue is full) and keeps
     /// the QoS 1 and 2 ones to acknowledge once committed.
     async fn ingest(&mut self, batch: &[Publish]) {
-        let readings = self.router.parse(batch);
+        let mut parsed = self.router.parse(batch);
+        let readings = std::mem::take(&mut parsed.readings);
+        self.router.hand_reported(parsed).await;
         let count = readings.len();
         match &self.ingest {
             Ingest::Memory(hub) => {

@@ -2,10 +2,12 @@
 //! reply (to the [`ReplyRouter`] too), a status message, or a reported
 //! state (to the [`ReportedInbox`], not buffered); and whether it may be
 //! stored at all. Runs on the event loop for every message received,
-//! before the hand-off to memory or the store; it never waits.
+//! before the hand-off to memory or the store; only the hand-off of
+//! reported states waits, while their queue is full.
 
 use std::{sync::Arc, time::SystemTime};
 
+use bytes::Bytes;
 use rumqttc::Publish;
 use tracing::{debug, warn};
 
@@ -22,6 +24,15 @@ use crate::{
 /// Messages not stored ([`Rejection`]), rate-limited: a device may send
 /// nothing else.
 static REJECTED_LOG: LogLimit = LogLimit::new();
+
+/// What [`Router::parse`] made of a batch.
+pub(super) struct Parsed<'a> {
+    /// The publishes to store, each with what is stored of it.
+    pub readings: Vec<(&'a Publish, NewReading<'a>)>,
+    /// Reported states: the device and the payload.
+    reported: Vec<(&'a str, &'a Bytes)>,
+    received_at: SystemTime,
+}
 
 /// The topics messages arrive on, and where each kind goes.
 pub(super) struct Router {
@@ -57,16 +68,18 @@ impl Router {
         }
     }
 
-    /// The publishes of `batch` to store, each with what is stored of it;
-    /// replies routed and reported states handed on meanwhile.
-    pub(super) fn parse<'a>(&'a self, batch: &'a [Publish]) -> Vec<(&'a Publish, NewReading<'a>)> {
+    /// The publishes of `batch` to store, each with what is stored of it,
+    /// replies routed meanwhile; and the reported states among them, for
+    /// [`Router::hand_reported`].
+    pub(super) fn parse<'a>(&'a self, batch: &'a [Publish]) -> Parsed<'a> {
         // One read, one time: they arrived together.
         let received_at = SystemTime::now();
-        batch
+        let mut reported = Vec::new();
+        let readings = batch
             .iter()
             .filter(|publish| self.admissible(publish))
             .filter_map(|publish| {
-                let (device_id, kind) = self.kind(publish, received_at)?;
+                let (device_id, kind) = self.kind(publish, &mut reported)?;
                 let reading = NewReading {
                     kind,
                     device_id: device_id.unwrap_or(""),
@@ -78,7 +91,24 @@ impl Router {
                 };
                 Some((publish, reading))
             })
-            .collect()
+            .collect();
+        Parsed {
+            readings,
+            reported,
+            received_at,
+        }
+    }
+
+    /// Hands reported states to their inbox, waiting while it is full: the
+    /// storage is slower than the devices, and the broker holds what is not
+    /// read meanwhile, as it does for readings when the store's writer is
+    /// full.
+    pub(super) async fn hand_reported(&self, parsed: Parsed<'_>) {
+        for (device_id, payload) in parsed.reported {
+            self.reported
+                .push(device_id, payload.clone(), parsed.received_at)
+                .await;
+        }
     }
 
     /// What `publish` is, and its device; `None` when it is not buffered.
@@ -89,7 +119,7 @@ impl Router {
     fn kind<'a>(
         &'a self,
         publish: &'a Publish,
-        received_at: SystemTime,
+        reported: &mut Vec<(&'a str, &'a Bytes)>,
     ) -> Option<(Option<&'a str>, MessageKind)> {
         let topic = &publish.topic;
         if let Some(id) = self.replies_topic.device_id_of(topic) {
@@ -112,7 +142,7 @@ impl Router {
             return Some((Some(id), MessageKind::Status(status)));
         }
         if let Some(id) = self.reported_state_topic.device_id_of(topic) {
-            self.reported.push(id, publish.payload.clone(), received_at);
+            reported.push((id, &publish.payload));
             return None;
         }
         let device_id = self.readings_topic.device_id_of(topic);

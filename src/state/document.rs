@@ -144,6 +144,23 @@ impl DeviceState {
         }
     }
 
+    /// `current` (or, when there is none, a new state of `device_id`) with
+    /// `patch` applied ([`DeviceState::apply`]): what both storages keep.
+    pub fn patched(
+        current: Option<&DeviceState>,
+        device_id: &str,
+        side: Side,
+        patch: &Object,
+        now: SystemTime,
+        version: i64,
+    ) -> Result<DeviceState, PatchError> {
+        let mut state = current
+            .cloned()
+            .unwrap_or_else(|| DeviceState::new(device_id));
+        state.apply(side, patch, now, version)?;
+        Ok(state)
+    }
+
     /// Applies `patch` (checked: [`check_patch`]) to `side` at `now`, whole
     /// or not at all, and gives the state `version`.
     pub fn apply(

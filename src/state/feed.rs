@@ -25,13 +25,7 @@ pub const FEED_CAPACITY: usize = 256;
 
 /// Why a reported patch was not applied (`reason` of
 /// `devicehub_reported_state_dropped_total`).
-pub const DROP_REASONS: [&str; 5] = [
-    "not_an_object",
-    "too_large",
-    "too_deep",
-    "no_room",
-    "queue_full",
-];
+pub const DROP_REASONS: [&str; 4] = ["not_an_object", "too_large", "too_deep", "no_room"];
 
 /// The feed of changes. Cheap to clone.
 #[derive(Clone)]

@@ -67,17 +67,9 @@ impl Inner {
         now: SystemTime,
         max_bytes: usize,
     ) -> Result<&DeviceState, Reported> {
-        let mut state = self
-            .states
-            .get(device_id)
-            .cloned()
-            .unwrap_or_else(|| DeviceState::new(device_id));
-        let before = match state.version {
-            0 => 0,
-            _ => state.heap_bytes(),
-        };
-        state
-            .apply(side, patch, now, self.version + 1)
+        let current = self.states.get(device_id);
+        let before = current.map_or(0, DeviceState::heap_bytes);
+        let state = DeviceState::patched(current, device_id, side, patch, now, self.version + 1)
             .map_err(Reported::Refused)?;
         let after = state.heap_bytes();
         let bytes = self.bytes - before + after;

@@ -1,9 +1,9 @@
 //! Reported states on their way from devices to the storage.
 //!
 //! The MQTT event loop hands each message on a reported state topic to the
-//! [`ReportedInbox`], never waiting: a bounded queue ([`REPORTED_QUEUE`]),
-//! a message that does not fit dropped and counted (`queue_full`). The
-//! applier task takes what is queued, up to [`BATCH`] at once, checks each
+//! [`ReportedInbox`], a bounded queue ([`REPORTED_QUEUE`]); while it is
+//! full the event loop waits (the broker holds what it has not delivered),
+//! as for readings when the store's writer is full. The applier task takes what is queued, up to [`BATCH`] at once, checks each
 //! (a patch that is not a JSON object, too large or too deep is dropped and
 //! counted, never applied in part) and applies the batch in one step of the
 //! storage (one transaction with a store). It waits out a storage that
@@ -43,30 +43,23 @@ type Message = (String, Bytes, SystemTime);
 #[derive(Clone)]
 pub struct ReportedInbox {
     tx: mpsc::Sender<Message>,
-    feed: StateFeed,
 }
 
 /// The other end, the applier's.
 pub struct ReportedReceiver(mpsc::Receiver<Message>);
 
-/// A new inbox counting into `feed`'s counters.
-pub fn inbox(feed: &StateFeed) -> (ReportedInbox, ReportedReceiver) {
+/// A new inbox.
+pub fn inbox() -> (ReportedInbox, ReportedReceiver) {
     let (tx, rx) = mpsc::channel(REPORTED_QUEUE);
-    let inbox = ReportedInbox {
-        tx,
-        feed: feed.clone(),
-    };
-    (inbox, ReportedReceiver(rx))
+    (ReportedInbox { tx }, ReportedReceiver(rx))
 }
 
 impl ReportedInbox {
-    /// Queues what `device_id` reported; dropped and counted when the
-    /// queue is full.
-    pub fn push(&self, device_id: &str, payload: Bytes, received_at: SystemTime) {
+    /// Queues what `device_id` reported, waiting while the queue is full.
+    /// (Once the applier has stopped, at shutdown, it is dropped.)
+    pub async fn push(&self, device_id: &str, payload: Bytes, received_at: SystemTime) {
         let message = (device_id.to_owned(), payload, received_at);
-        if self.tx.try_send(message).is_err() {
-            self.feed.counters().drop_one("queue_full");
-        }
+        let _ = self.tx.send(message).await;
     }
 }
 

@@ -240,7 +240,7 @@ impl Sources {
         let states = self.states.counters();
         families.extend([
             counter("devicehub_reported_state_patches_total", "Reported state patches from devices applied.", load(&states.reported_applied)),
-            counters("devicehub_reported_state_dropped_total", "Reported state patches from devices not applied, by reason: not_an_object, too_large (the patch, or the reported state it would make, over 64 KiB), too_deep (nested over 32), no_room (--max-device-states reached), queue_full.", "reason", states.dropped()),
+            counters("devicehub_reported_state_dropped_total", "Reported state patches from devices not applied, by reason: not_an_object, too_large (the patch, or the reported state it would make, over 64 KiB), too_deep (nested over 32), no_room (--max-device-states reached).", "reason", states.dropped()),
             counter("devicehub_desired_state_publishes_total", "Desired states published to devices (acknowledged by the broker).", load(&states.desired_published)),
             counter("devicehub_desired_state_publish_failures_total", "Publishes of desired states that failed (each retried).", load(&states.desired_publish_failures)),
         ]);

@@ -12,13 +12,15 @@
 //!   versions follow commit order without gaps, `expected_version` is
 //!   checked against what no other instance can change meanwhile, and
 //!   every instance's tail reads the same changes in the same order.
-//! - A desired change is committed as any (it is told to the caller as
-//!   done); a batch of reported patches with `synchronous_commit` off, as
-//!   nobody was told it was stored, and a device reports again.
+//! - Desired changes that come in together are committed together
+//!   (`desired.rs`), each a step of its own, flushed to disk before any is
+//!   answered; a batch of reported patches with `synchronous_commit` off,
+//!   as nobody was told it was stored, and a device reports again.
 //! - Its own pool ([`STATE_CONNECTIONS`], each statement under the read
 //!   timeout), so that neither ingest, client reads nor commands delay it.
 
 mod changes;
+mod desired;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -98,6 +100,8 @@ fn unavailable(error: sqlx::Error) -> StorageError {
 pub struct PgStates {
     pool: PgPool,
     feed: StateFeed,
+    /// Desired changes, committed in batches (`desired.rs`).
+    desired: desired::Sender,
 }
 
 impl Postgres {
@@ -108,8 +112,10 @@ impl Postgres {
         feed: StateFeed,
         shutdown: CancellationToken,
     ) -> Result<PgStates, StoreError> {
+        let pool = self.states_pool().clone();
         let states = PgStates {
-            pool: self.states_pool().clone(),
+            desired: desired::start(pool.clone()),
+            pool,
             feed,
         };
         changes::start(states.clone(), shutdown).await?;
@@ -168,12 +174,8 @@ impl Change {
         patch: &Object,
         now: SystemTime,
     ) -> Result<&DeviceState, crate::state::PatchError> {
-        let mut state = self
-            .states
-            .get(device_id)
-            .cloned()
-            .unwrap_or_else(|| DeviceState::new(device_id));
-        state.apply(side, patch, now, self.version + 1)?;
+        let current = self.states.get(device_id);
+        let state = DeviceState::patched(current, device_id, side, patch, now, self.version + 1)?;
         self.version += 1;
         self.changes.push((state.clone(), side == Side::Desired));
         self.states.insert(device_id.to_owned(), state);
@@ -265,19 +267,17 @@ impl PgStates {
         expected_version: i64,
         now: SystemTime,
     ) -> Result<Updated, StorageError> {
-        let mut change = Change::begin(&self.pool, &[device_id.to_owned()])
-            .await
-            .map_err(unavailable)?;
-        let current = change.version_of(device_id);
-        if expected_version != 0 && expected_version != current {
-            return Ok(Updated::Stale { current }); // rolled back when dropped
-        }
-        let state = match change.apply(device_id, Side::Desired, patch, now) {
-            Ok(state) => state.clone(),
-            Err(why) => return Ok(Updated::Refused(why)),
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = desired::Request {
+            device_id: device_id.to_owned(),
+            patch: patch.clone(),
+            expected_version,
+            now,
+            reply,
         };
-        change.commit(false).await.map_err(unavailable)?;
-        Ok(Updated::Applied(state))
+        let gone = || StorageError::Unavailable("the desired state writer stopped".into());
+        self.desired.send(request).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
     }
 
     async fn apply_reported(
