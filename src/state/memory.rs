@@ -178,8 +178,7 @@ impl StateStorage for MemoryStates {
 
     fn published<'a>(
         &'a self,
-        _device_id: &'a str,
-        _version: i64,
+        _published: &'a [(String, i64)],
     ) -> BoxFuture<'a, StorageResult<()>> {
         Box::pin(async { Ok(()) })
     }

@@ -145,7 +145,7 @@ impl DeviceStates {
             .await?;
         match updated {
             Updated::Applied(state) => {
-                self.shared.queue.push(device_id);
+                self.shared.queue.push(Arc::new(state.clone()));
                 Ok(state)
             }
             Updated::Stale { current } => Err(StateError::Stale {

@@ -4,15 +4,18 @@
 //! [`DesiredTransport`] (the MQTT side implements it).
 //!
 //! Devices to publish wait in a queue, each once however many changes it
-//! had meanwhile: what is published is the state as it is when its turn
-//! comes, the latest. Up to [`IN_FLIGHT`] publishes wait for the broker at
-//! once, one per device, so a device's documents reach the broker in
-//! version order. A publish that fails (the broker is away) puts its device
-//! back in the queue and the publisher waits with the one backoff; so a
-//! desired state decided while the broker was down goes out once it is back.
+//! had meanwhile, with the newest of its states the change handed in:
+//! that one is published, and nothing is read back from the storage. Up to
+//! [`IN_FLIGHT`] publishes wait for the broker at once, one per device, so
+//! a device's documents reach the broker in version order. A publish that
+//! fails (the broker is away) puts its device back in the queue and the
+//! publisher waits with the one backoff; so a desired state decided while
+//! the broker was down goes out once it is back. What the broker
+//! acknowledged is noted in the storage in batches (the store publishes
+//! after a restart what it has no note of).
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::{atomic::Ordering, Arc, Mutex},
 };
 
@@ -22,11 +25,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{feed::StateFeed, storage::StateStorage};
+use super::{document::DeviceState, feed::StateFeed, storage::StateStorage};
 use crate::{backoff::Backoff, sync, topic::TopicTemplate};
 
 /// Publishes waiting for the broker at once, at most.
 const IN_FLIGHT: usize = 64;
+/// Acknowledged publishes noted in the storage at once, at most.
+const NOTE_BATCH: usize = 256;
 
 /// Publishes a desired state document, retained. The future resolves once
 /// the broker acknowledged it.
@@ -44,7 +49,7 @@ pub trait DesiredTransport: Send + Sync + 'static {
 pub struct PublishFailed(pub String);
 
 /// The devices whose desired state is to be published. A std mutex held
-/// for a few set operations.
+/// for a few map operations.
 #[derive(Default)]
 pub struct Queue {
     inner: Mutex<Inner>,
@@ -53,47 +58,60 @@ pub struct Queue {
 
 #[derive(Default)]
 struct Inner {
+    /// Devices waiting, in the order they were queued.
     waiting: VecDeque<String>,
-    /// What `waiting` holds, to queue each device once.
-    queued: HashSet<String>,
+    /// The newest state of each device waiting, or changed again while
+    /// being published (then queued once done).
+    newest: HashMap<String, Arc<DeviceState>>,
     /// Devices being published now.
     in_flight: HashSet<String>,
-    /// Devices changed again while being published: queued once done.
-    again: HashSet<String>,
 }
 
 impl Queue {
-    /// Queues `device_id` (once).
-    pub fn push(&self, device_id: &str) {
+    /// Queues `state`'s device (once), to publish `state` unless a newer
+    /// one comes first.
+    pub fn push(&self, state: Arc<DeviceState>) {
         {
             let mut inner = sync::lock(&self.inner);
-            if inner.in_flight.contains(device_id) {
-                inner.again.insert(device_id.to_owned());
-            } else if inner.queued.insert(device_id.to_owned()) {
-                inner.waiting.push_back(device_id.to_owned());
+            let id = &state.device_id;
+            let queue = !inner.in_flight.contains(id) && !inner.newest.contains_key(id);
+            if queue {
+                inner.waiting.push_back(id.clone());
+            }
+            match inner.newest.get(id) {
+                Some(known) if known.version >= state.version => {}
+                _ => {
+                    inner.newest.insert(id.clone(), state);
+                }
             }
         }
         self.wake.notify_one();
     }
 
-    /// The next device to publish, now in flight.
-    fn take(&self) -> Option<String> {
+    /// The next state to publish, its device now in flight.
+    fn take(&self) -> Option<Arc<DeviceState>> {
         let mut inner = sync::lock(&self.inner);
         let device_id = inner.waiting.pop_front()?;
-        inner.queued.remove(&device_id);
-        inner.in_flight.insert(device_id.clone());
-        Some(device_id)
+        let state = inner.newest.remove(&device_id)?;
+        inner.in_flight.insert(device_id);
+        Some(state)
     }
 
-    /// `device_id` is done, published or not.
-    fn done(&self, device_id: &str, published: bool) {
-        let again = {
+    /// `state`'s publish is done, acknowledged or not: its device is
+    /// queued again if it changed meanwhile, or with `state` if it failed.
+    fn done(&self, state: Arc<DeviceState>, published: bool) {
+        let requeue = {
             let mut inner = sync::lock(&self.inner);
-            inner.in_flight.remove(device_id);
-            inner.again.remove(device_id) || !published
+            inner.in_flight.remove(&state.device_id);
+            let changed = inner.newest.contains_key(&state.device_id);
+            if changed {
+                inner.waiting.push_back(state.device_id.clone());
+            }
+            !changed && !published
         };
-        if again {
-            self.push(device_id);
+        match requeue {
+            true => self.push(state),
+            false => self.wake.notify_one(),
         }
     }
 }
@@ -112,27 +130,36 @@ impl Publisher {
     /// storage says may not have been published (a restart between a
     /// change and its publish).
     pub async fn run(self, shutdown: CancellationToken) {
-        match self.storage.unpublished().await {
-            Ok(devices) => devices.iter().for_each(|d| self.queue.push(d)),
-            Err(error) => {
-                warn!(%error, "desired states not published before the restart are not known; they go out with their next change")
-            }
-        }
+        self.queue_unpublished().await;
         let mut in_flight = FuturesUnordered::new();
+        let mut acknowledged = Vec::new();
         let mut backoff = Backoff::default();
         loop {
             while in_flight.len() < IN_FLIGHT {
-                let Some(device_id) = self.queue.take() else {
+                let Some(state) = self.queue.take() else {
                     break;
                 };
-                in_flight.push(self.publish(device_id));
+                in_flight.push(self.publish(state));
             }
-            let failed = tokio::select! {
-                Some(published) = in_flight.next(), if !in_flight.is_empty() => !published,
-                () = self.queue.wake.notified() => false,
+            if acknowledged.len() >= NOTE_BATCH
+                || (in_flight.is_empty() && !acknowledged.is_empty())
+            {
+                self.note(std::mem::take(&mut acknowledged)).await;
+            }
+            let outcome = tokio::select! {
+                Some(outcome) = in_flight.next(), if !in_flight.is_empty() => Some(outcome),
+                () = self.queue.wake.notified() => None,
                 () = shutdown.cancelled() => return,
             };
-            if failed {
+            let Some((state, published)) = outcome else {
+                continue;
+            };
+            if published {
+                backoff.reset();
+                acknowledged.push((state.device_id.clone(), state.version));
+            }
+            self.queue.done(state, published);
+            if !published {
                 // The broker is away: wait before the queue is tried again
                 // (the publishes in flight finish meanwhile).
                 let wait = backoff.next_wait();
@@ -140,50 +167,60 @@ impl Publisher {
                     () = tokio::time::sleep(wait) => {}
                     () = shutdown.cancelled() => return,
                 }
-            } else if in_flight.is_empty() {
-                backoff.reset();
             }
         }
     }
 
-    /// Publishes `device_id`'s desired state as it is now; whether it went
-    /// out (or there was nothing to publish).
-    fn publish(&self, device_id: String) -> BoxFuture<'static, bool> {
-        let queue = self.queue.clone();
-        let storage = self.storage.clone();
+    /// Queues the states the storage has no note of as published.
+    async fn queue_unpublished(&self) {
+        let devices = match self.storage.unpublished().await {
+            Ok(devices) => devices,
+            Err(error) => {
+                warn!(%error, "desired states not published before the restart are not known; they go out with their next change");
+                return;
+            }
+        };
+        for device_id in devices {
+            match self.storage.get(&device_id).await {
+                Ok(Some(state)) => self.queue.push(Arc::new(state)),
+                Ok(None) => {}
+                Err(error) => {
+                    warn!(%error, "a desired state not published before the restart is not read; it goes out with its next change")
+                }
+            }
+        }
+    }
+
+    /// Publishes `state`'s desired document; the state, and whether the
+    /// broker acknowledged it.
+    fn publish(&self, state: Arc<DeviceState>) -> BoxFuture<'static, (Arc<DeviceState>, bool)> {
         let transport = self.transport.clone();
-        let topic = self.topic.topic_for(&device_id);
+        let topic = self.topic.topic_for(&state.device_id);
         let feed = self.feed.clone();
         Box::pin(async move {
-            let published = match storage.get(&device_id).await {
-                Ok(None) => true,
-                Ok(Some(state)) => {
-                    let payload = Bytes::from(state.desired_document());
-                    let counters = feed.counters();
-                    match transport.publish_retained(topic, payload).await {
-                        Ok(()) => {
-                            counters.desired_published.fetch_add(1, Ordering::Relaxed);
-                            if let Err(error) = storage.published(&device_id, state.version).await {
-                                debug!(%error, "a publish not noted; it is published again after a restart");
-                            }
-                            true
-                        }
-                        Err(error) => {
-                            counters
-                                .desired_publish_failures
-                                .fetch_add(1, Ordering::Relaxed);
-                            debug!(%error, "desired state not published; retrying");
-                            false
-                        }
-                    }
+            let payload = Bytes::from(state.desired_document());
+            let counters = feed.counters();
+            match transport.publish_retained(topic, payload).await {
+                Ok(()) => {
+                    counters.desired_published.fetch_add(1, Ordering::Relaxed);
+                    (state, true)
                 }
                 Err(error) => {
-                    debug!(%error, "desired state not read; retrying");
-                    false
+                    counters
+                        .desired_publish_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    debug!(%error, "desired state not published; retrying");
+                    (state, false)
                 }
-            };
-            queue.done(&device_id, published);
-            published
+            }
         })
+    }
+
+    /// Notes acknowledged publishes in the storage. A note that fails only
+    /// means a publish again after a restart.
+    async fn note(&self, acknowledged: Vec<(String, i64)>) {
+        if let Err(error) = self.storage.published(&acknowledged).await {
+            debug!(%error, "publishes not noted; they are made again after a restart");
+        }
     }
 }

@@ -97,13 +97,9 @@ pub trait StateStorage: Send + Sync + 'static {
     /// (the store's, after a restart; memory forgets everything).
     fn unpublished(&self) -> BoxFuture<'_, StorageResult<Vec<String>>>;
 
-    /// Notes that the desired state of `device_id` at `version` was
-    /// published (acknowledged by the broker).
-    fn published<'a>(
-        &'a self,
-        device_id: &'a str,
-        version: i64,
-    ) -> BoxFuture<'a, StorageResult<()>>;
+    /// Notes that the desired states of these devices at these versions
+    /// were published (acknowledged by the broker).
+    fn published<'a>(&'a self, published: &'a [(String, i64)]) -> BoxFuture<'a, StorageResult<()>>;
 
     /// Without a store: how many states are kept in memory, and the bytes
     /// they take (`None` for the store).

@@ -296,6 +296,16 @@ impl Postgres {
     }
 }
 
+/// Makes `tx` commit without waiting for the disk (`synchronous_commit`
+/// off for it alone): for changes a crash may undo without harm, because
+/// they are made again (a claim, a publish note, a reported patch).
+async fn without_flush(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT set_config('synchronous_commit', 'off', true)")
+        .execute(&mut **tx)
+        .await
+        .map(drop)
+}
+
 pub(super) fn micros(at: SystemTime) -> u64 {
     at.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)

@@ -27,7 +27,7 @@ use sqlx::{postgres::PgRow, PgPool, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{micros, Postgres, StoreError};
+use super::{micros, without_flush, Postgres, StoreError};
 use crate::{
     commands::{
         ActiveDevice, Claimed, Command, CommandLog, CommandPage, CommandQuery, CommandState, Feed,
@@ -232,10 +232,7 @@ impl PgCommandLog {
     /// someone as done.
     async fn change_lightly(&self, query: Query<'_>) -> Result<Vec<Command>, LogError> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        sqlx::query("SELECT set_config('synchronous_commit', 'off', true)")
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+        without_flush(&mut tx).await.map_err(unavailable)?;
         let rows = query.fetch_all(&mut *tx).await.map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
         self.changed(&rows)

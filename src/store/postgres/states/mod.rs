@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::{postgres::PgRow, PgPool, Postgres as Pg, Row, Transaction};
 use tokio_util::sync::CancellationToken;
 
-use super::{Postgres, StoreError};
+use super::{without_flush, Postgres, StoreError};
 use crate::{
     scope::DeviceSet,
     state::{
@@ -189,9 +189,7 @@ impl Change {
             return self.tx.rollback().await;
         }
         if lightly {
-            sqlx::query("SELECT set_config('synchronous_commit', 'off', true)")
-                .execute(&mut *self.tx)
-                .await?;
+            without_flush(&mut self.tx).await?;
         }
         sqlx::query("UPDATE device_state_counter SET version = $1 WHERE id = 1")
             .bind(self.version)
@@ -301,6 +299,26 @@ impl PgStates {
         Ok(outcomes)
     }
 
+    /// Notes acknowledged publishes, with `synchronous_commit` off: a note
+    /// a crash undoes only means a publish again after the restart.
+    async fn published(&self, published: &[(String, i64)]) -> Result<(), StorageError> {
+        let (ids, versions): (Vec<&str>, Vec<i64>) =
+            published.iter().map(|(id, v)| (id.as_str(), *v)).unzip();
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        without_flush(&mut tx).await.map_err(unavailable)?;
+        sqlx::query(
+            "UPDATE device_states d SET published_version = GREATEST(d.published_version, p.version) \
+             FROM unnest($1::text[], $2::int8[]) AS p(device_id, version) \
+             WHERE d.device_id = p.device_id",
+        )
+        .bind(&ids)
+        .bind(&versions)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)
+    }
+
     async fn page(
         &self,
         devices: &DeviceSet,
@@ -394,22 +412,9 @@ impl StateStorage for PgStates {
 
     fn published<'a>(
         &'a self,
-        device_id: &'a str,
-        version: i64,
+        published: &'a [(String, i64)],
     ) -> BoxFuture<'a, Result<(), StorageError>> {
-        async move {
-            sqlx::query(
-                "UPDATE device_states SET published_version = GREATEST(published_version, $2) \
-                 WHERE device_id = $1",
-            )
-            .bind(device_id)
-            .bind(version)
-            .execute(&self.pool)
-            .await
-            .map(drop)
-            .map_err(unavailable)
-        }
-        .boxed()
+        PgStates::published(self, published).boxed()
     }
 
     fn memory_use(&self) -> Option<(usize, usize)> {
