@@ -41,8 +41,10 @@ use crate::{
     },
 };
 
-/// Connections of the states' pool, the change tail's LISTEN included.
-pub const STATE_CONNECTIONS: u32 = 4;
+/// Connections of the states' pool: the change tail's LISTEN and its
+/// reads, the desired writer, the reported applier, the publisher's notes,
+/// and client reads.
+pub const STATE_CONNECTIONS: u32 = 6;
 /// The channel each change notifies.
 const CHANNEL: &str = "devicehub_states";
 /// Rows one page's query fetches at a time.
@@ -300,12 +302,20 @@ impl PgStates {
     }
 
     /// Notes acknowledged publishes, with `synchronous_commit` off: a note
-    /// a crash undoes only means a publish again after the restart.
+    /// a crash undoes only means a publish again after the restart. It
+    /// takes the counter row's lock first, as every change does: rows of
+    /// `device_states` are only ever locked under it, so two transactions
+    /// never lock them in opposite orders (a deadlock PostgreSQL would end
+    /// by failing one, a batch of calls among them).
     async fn published(&self, published: &[(String, i64)]) -> Result<(), StorageError> {
         let (ids, versions): (Vec<&str>, Vec<i64>) =
             published.iter().map(|(id, v)| (id.as_str(), *v)).unzip();
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         without_flush(&mut tx).await.map_err(unavailable)?;
+        sqlx::query("SELECT 1 FROM device_state_counter WHERE id = 1 FOR UPDATE")
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
         sqlx::query(
             "UPDATE device_states d SET published_version = GREATEST(d.published_version, p.version) \
              FROM unnest($1::text[], $2::int8[]) AS p(device_id, version) \
