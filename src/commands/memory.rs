@@ -118,7 +118,11 @@ impl MemoryLog {
         sync::lock(&self.inner)
     }
 
-    /// Counts and hands on the changes made.
+    /// Counts and hands on the changes made. Called with the log's lock
+    /// still held: a change handed on after the lock was released could
+    /// reach the feed after a later one (a reply's SUCCEEDED after the SENT
+    /// of the command the in-flight limit then let out), and watchers must
+    /// see changes in the order they were made.
     fn changed(&self, changes: Vec<Command>) -> Vec<Command> {
         for command in &changes {
             self.feed.count(command);
@@ -267,8 +271,8 @@ impl CommandLog for MemoryLog {
             },
         );
         inner.bytes += bytes;
-        drop(inner);
         self.changed(vec![command.clone()]);
+        drop(inner);
         future::ready(Ok(command)).boxed()
     }
 
@@ -318,11 +322,11 @@ impl CommandLog for MemoryLog {
                 )
                 .ok_or(None),
         };
-        drop(inner);
-        self.count_forgotten(forgotten);
         if let Ok(cancelled) = &outcome {
             self.changed(vec![cancelled.clone()]);
         }
+        drop(inner);
+        self.count_forgotten(forgotten);
         future::ready(Ok(outcome)).boxed()
     }
 
@@ -402,8 +406,9 @@ impl CommandLog for MemoryLog {
             }
             sent.extend(inner.set_state(*id, CommandState::Sent, at));
         }
+        let sent = self.changed(sent);
         drop(inner);
-        future::ready(Ok(self.changed(sent))).boxed()
+        future::ready(Ok(sent)).boxed()
     }
 
     fn release<'a>(&'a self, ids: &'a [Uuid]) -> BoxFuture<'a, LogResult<()>> {
@@ -455,11 +460,11 @@ impl CommandLog for MemoryLog {
             }
             _ => Replied::NotActive,
         };
-        drop(inner);
-        self.count_forgotten(forgotten);
         if let Replied::Recorded(ended) = &outcome {
             self.changed(vec![(**ended).clone()]);
         }
+        drop(inner);
+        self.count_forgotten(forgotten);
         future::ready(Ok(outcome)).boxed()
     }
 
@@ -498,9 +503,9 @@ impl CommandLog for MemoryLog {
             }
             changes.extend(inner.set_state(id, CommandState::Queued, now));
         }
+        let changed = self.changed(changes).len();
         drop(inner);
         self.count_forgotten(forgotten);
-        let changed = self.changed(changes).len();
         future::ready(Ok(changed)).boxed()
     }
 
@@ -515,9 +520,9 @@ impl CommandLog for MemoryLog {
             inner.expiring.pop_first();
             expired.extend(inner.end(id, CommandState::Expired, now, &mut forgotten));
         }
+        let expired = self.changed(expired).len();
         drop(inner);
         self.count_forgotten(forgotten);
-        let expired = self.changed(expired).len();
         future::ready(Ok(expired)).boxed()
     }
 
