@@ -26,7 +26,9 @@ use tonic::transport::Channel;
 
 use crate::{
     postgres,
-    support::{measure::bounded, report::Table, service::Service, sizes::Sizes},
+    support::{
+        measure::bounded, publish::driven_client, report::Table, service::Service, sizes::Sizes,
+    },
 };
 
 /// Callers sending at once, for both the queue and the baseline.
@@ -186,16 +188,11 @@ async fn send_all(
 
 /// One MQTT client publishing the fleet's status messages.
 async fn fleet(broker: &BrokerUrl) -> AsyncClient {
-    let options = MqttOptions::new("bench-queued-fleet", &broker.host, broker.port);
-    let (client, mut eventloop) = AsyncClient::new(options, 1024);
-    tokio::spawn(async move {
-        loop {
-            if eventloop.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    });
-    client
+    driven_client(MqttOptions::new(
+        "bench-queued-fleet",
+        &broker.host,
+        broker.port,
+    ))
 }
 
 async fn wait_offline(client: &DeviceHubClient<Channel>, device_id: &str) {

@@ -31,7 +31,9 @@ use tonic::transport::Channel;
 
 use crate::{
     postgres,
-    support::{measure::bounded, report::Table, service::Service, sizes::Sizes},
+    support::{
+        measure::bounded, publish::driven_client, report::Table, service::Service, sizes::Sizes,
+    },
 };
 
 /// Callers at once, for both sides of the calls row.
@@ -235,17 +237,9 @@ async fn wait_stored(client: &DeviceHubClient<Channel>, sentinel: &str, kind: Ki
     }
 }
 
-/// One MQTT client, its event loop driven in the background.
+/// One MQTT client publishing as fast as 200 in flight allow.
 fn publisher(broker: &BrokerUrl, id: &str) -> AsyncClient {
     let mut options = MqttOptions::new(id, &broker.host, broker.port);
     options.set_inflight(200);
-    let (client, mut eventloop) = AsyncClient::new(options, 1000);
-    tokio::spawn(async move {
-        loop {
-            if eventloop.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    });
-    client
+    driven_client(options)
 }

@@ -28,6 +28,20 @@ fn reading_payload(epoch: Instant, i: u64) -> Vec<u8> {
     .into_bytes()
 }
 
+/// An MQTT client with `options`, its event loop driven in the background
+/// (polled again 20 ms after an error), for a scenario's own publishes.
+pub fn driven_client(options: MqttOptions) -> AsyncClient {
+    let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    tokio::spawn(async move {
+        loop {
+            if eventloop.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    client
+}
+
 /// Publishes `total` readings for `devices` devices from `publishers` MQTT
 /// clients, as fast as the broker takes them, or at `rate` per second.
 pub async fn publish(
