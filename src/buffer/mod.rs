@@ -52,7 +52,7 @@ use devices::Devices;
 pub use devices::{
     ConnectionStatus, DeviceEntry, DeviceInfo, DeviceStats, LastReading, MessageKind, Presence,
 };
-pub use query::{CursorError, ListPage, ListQuery, ReadingFilter};
+pub use query::{CursorError, ListPage, ListQuery, ReadingFilter, MAX_EXAMINED_PER_PAGE};
 
 /// Where readings come from: a device and a topic, shared by every stored
 /// reading of that device on that topic.
@@ -148,6 +148,13 @@ impl Reading {
     pub fn topic(&self) -> &str {
         &self.source.topic
     }
+}
+
+/// Microseconds since the Unix epoch (0 before it): the time readings are
+/// kept and compared in, here and in the store.
+pub fn unix_micros(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Most readings whose slots are reserved up front (128 MiB of address space).
@@ -253,11 +260,7 @@ impl ReadingBuffer {
     /// returns its sequence number.
     pub fn push(&mut self, new: NewReading<'_>) -> u64 {
         let seq = self.next_seq();
-        let micros = new
-            .received_at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64)
-            .max(self.last_received_micros);
+        let micros = unix_micros(new.received_at).max(self.last_received_micros);
         self.last_received_micros = micros;
 
         let source = self.devices.record(

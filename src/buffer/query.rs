@@ -149,10 +149,7 @@ impl ReadingBuffer {
             }
         }
         // Sequence range [lo, hi) allowed by the time bounds and the cursor.
-        let micros = |t: SystemTime| {
-            t.duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_micros() as u64)
-        };
+        let micros = super::unix_micros;
         let mut lo = self.first_seq
             + query.start.map_or(0, |start| {
                 let start = micros(start);

@@ -178,6 +178,16 @@ pub struct ServeArgs {
     #[arg(long, env = "DEVICEHUB_ALLOWED_HOSTS", value_delimiter = ',')]
     pub allowed_hosts: Vec<String>,
 
+    /// Serve the dashboard, a web page of the devices, their readings,
+    /// commands and state, on the gRPC port (plain HTTP `GET /`, next to
+    /// gRPC and gRPC-Web; it calls the service over gRPC-Web, with the same
+    /// auth as any client). --dashboard=false turns it off: plain GETs
+    /// there get 404.
+    #[arg(long, env = "DEVICEHUB_DASHBOARD", default_value_t = true,
+          action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub dashboard: bool,
+
     /// Address to serve Prometheus metrics on (`GET /metrics`). Unset: no
     /// metrics listener. Port 0 picks a free port (logged).
     #[arg(long, env = "DEVICEHUB_METRICS_ADDR")]
@@ -493,6 +503,7 @@ impl ServeArgs {
             metrics_addr: self.metrics_addr,
             cors_allowed_origins: cors_origins(&self.cors_allowed_origins)?,
             allowed_hosts: self.allowed_hosts.clone(),
+            dashboard: self.dashboard,
             grpc_tls: self.grpc_security.tls()?,
             auth: self.grpc_security.auth()?,
             connections: self.connections.limits(),

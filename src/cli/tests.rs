@@ -86,3 +86,18 @@ fn defaults_and_fixed_topics_parse() {
         .config(&broker)
         .is_err());
 }
+
+#[test]
+fn the_dashboard_is_on_by_default_and_turned_off_with_false() {
+    let broker = BrokerUrl::from_addr("127.0.0.1:1883".parse().unwrap());
+    let dashboard = |args: &[&str]| {
+        let cli = Cli::try_parse_from(std::iter::once("devicehub").chain(args.iter().copied()));
+        cli.unwrap().serve.config(&broker).unwrap().dashboard
+    };
+    assert!(dashboard(&[]));
+    assert!(dashboard(&["--dashboard"]));
+    assert!(dashboard(&["--dashboard=true"]));
+    assert!(!dashboard(&["--dashboard=false"]));
+    assert!(!dashboard(&["--dashboard=0"]));
+    assert!(Cli::try_parse_from(["devicehub", "--dashboard=maybe"]).is_err());
+}

@@ -15,7 +15,8 @@
 //! the previous keys.
 //!
 //! Scopes, in the space-separated `scope` claim: `readings:read`
-//! (ListReadings, WatchReadings, ListDevices, GetDevice), `commands:send`
+//! (ListReadings, WatchReadings, ListDevices, GetDevice, AggregateReadings),
+//! `commands:send`
 //! (SendCommand, StreamCommands, CancelCommand), `commands:read`
 //! (GetCommand, ListCommands, WatchCommands), `state:read` (GetDeviceState,
 //! WatchDeviceState) and `state:write` (UpdateDesiredState), each optionally

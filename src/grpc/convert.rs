@@ -9,6 +9,7 @@ use prost_types::{value::Kind, ListValue, Struct, Timestamp, Value};
 
 use super::{auth::Caller, error::ApiError, wire::MAX_JSON_DEPTH};
 use crate::{
+    aggregate::{self, Bucket},
     buffer::ReadingFilter,
     commands::{self, Command, CommandState},
     proto,
@@ -106,6 +107,21 @@ pub(super) fn reply_timeout(
 /// A persistent command's `ttl`: positive, at most [`commands::MAX_TTL`].
 pub(super) fn ttl(ttl: prost_types::Duration) -> Result<std::time::Duration, ApiError> {
     positive_duration("ttl", ttl, commands::MAX_TTL, "30 days")
+}
+
+/// AggregateReadings' `bucket` in microseconds: at least 1 ms, in whole
+/// microseconds (the precision of `received_at`), at most 100 years.
+pub(super) fn bucket_micros(bucket: prost_types::Duration) -> Result<u64, ApiError> {
+    const MAX: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
+    let bucket = positive_duration("bucket", bucket, MAX, "100 years")?;
+    if bucket.subsec_nanos() % 1_000 != 0 {
+        return Err(ApiError::invalid("bucket", "must be whole microseconds"));
+    }
+    let micros = bucket.as_micros() as u64;
+    if micros < aggregate::MIN_BUCKET_MICROS {
+        return Err(ApiError::invalid("bucket", "must be at least 1 ms"));
+    }
+    Ok(micros)
 }
 
 /// A `field` that is a well-formed Duration, more than zero and at most
@@ -320,6 +336,30 @@ fn value_to_json(value: &Value) -> Result<serde_json::Value, String> {
             .into(),
         Some(Kind::StructValue(s)) => struct_to_json(s)?.into(),
     })
+}
+
+/// One field's buckets as a `Series`.
+pub(super) fn series_to_proto(field: String, buckets: Vec<Bucket>) -> proto::Series {
+    let at = |micros| {
+        let time = SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(micros);
+        Some(Timestamp::from(time))
+    };
+    proto::Series {
+        field,
+        buckets: buckets
+            .into_iter()
+            .map(|b| proto::Bucket {
+                start_time: at(b.start_micros),
+                count: b.count as i64,
+                min: b.min,
+                max: b.max,
+                mean: b.mean(),
+                sum: b.sum,
+                first: b.first,
+                last: b.last,
+            })
+            .collect(),
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,11 @@ use super::{
     auth::Caller, convert::device_id_field, error::ApiError, page_token, wire, Encoded,
     EncodedGetDeviceResponse, EncodedListDevicesResponse, Shared,
 };
-use crate::{proto::GetDeviceRequest, proto::ListDevicesRequest, topic::MAX_DEVICE_ID_BYTES};
+use crate::{
+    buffer::{DeviceEntry, LastReading},
+    proto::{DeviceView, GetDeviceRequest, ListDevicesRequest},
+    topic::MAX_DEVICE_ID_BYTES,
+};
 
 use page_token::MAX_PAGE_BYTES;
 
@@ -35,20 +39,64 @@ pub(super) fn list(
         token => Some(page_token::decode_key(token, hash)?),
     };
 
-    // Newest readings whose messages are kept are not copied out.
-    let encoded = &shared.encoded;
-    let (devices, more) = shared.hub.devices(
-        &prefix,
-        after.as_deref(),
-        |id| caller.read.allows(id),
-        limit,
-        |seq, received_at| encoded.find(seq, received_at),
-    );
+    let basic = match DeviceView::try_from(req.view) {
+        Ok(DeviceView::Unspecified | DeviceView::Full) => false,
+        Ok(DeviceView::Basic) => true,
+        Err(_) => {
+            return Err(ApiError::invalid(
+                "view",
+                format!("{} is no DeviceView", req.view),
+            ))
+        }
+    };
+
+    let visible = |id: &str| caller.read.allows(id);
+    let field = wire::LIST_DEVICES_DEVICES;
+    let out = if basic {
+        // Only the newest reading's number and time: nothing is copied out.
+        let at = |seq, received_at| Some((seq, received_at));
+        let (devices, more) = shared
+            .hub
+            .devices(&prefix, after.as_deref(), visible, limit, at);
+        page(&devices, more, hash, |device, out| {
+            let newest = match &device.last_reading {
+                Some(LastReading::Found((seq, at))) => Some((*seq, *at)),
+                Some(LastReading::Copied(r)) => Some((r.seq, r.received_at)),
+                None => None,
+            };
+            let info = &device.info;
+            let newest =
+                newest.map(|(seq, at)| wire::basic_reading_message(seq, &info.device_id, at));
+            wire::put_device_field(field, info, newest.as_deref(), out);
+        })
+    } else {
+        // Newest readings whose messages are kept are not copied out.
+        let encoded = &shared.encoded;
+        let find = |seq, received_at| encoded.find(seq, received_at);
+        let (devices, more) = shared
+            .hub
+            .devices(&prefix, after.as_deref(), visible, limit, find);
+        page(&devices, more, hash, |device, out| {
+            encoded.put_device_field(field, device, out)
+        })
+    };
+    Ok(Encoded::from_bytes(out.into()))
+}
+
+/// A ListDevicesResponse of `devices`, each written by `put`, cut to the
+/// page's byte budget (one device at least), with the token of the next
+/// page when `more` follow or some did not fit.
+fn page<K>(
+    devices: &[DeviceEntry<K>],
+    more: bool,
+    hash: u64,
+    mut put: impl FnMut(&DeviceEntry<K>, &mut Vec<u8>),
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(devices.len() * 256);
     let mut fits = devices.len();
     for (i, device) in devices.iter().enumerate() {
         let before = out.len();
-        encoded.put_device_field(wire::LIST_DEVICES_DEVICES, device, &mut out);
+        put(device, &mut out);
         if i > 0 && out.len() > MAX_PAGE_BYTES {
             out.truncate(before);
             fits = i;
@@ -60,7 +108,7 @@ pub(super) fn list(
         let token = page_token::encode_key(last, hash);
         wire::put_str(wire::LIST_DEVICES_NEXT_PAGE_TOKEN, &token, &mut out);
     }
-    Ok(Encoded::from_bytes(out.into()))
+    out
 }
 
 /// Serves one GetDevice call.

@@ -54,6 +54,9 @@ pub enum ApiError {
         "the reading store is unavailable; try again (resume after sequence number {resume_after})"
     )]
     StoreUnavailable { resume_after: u64 },
+    /// The same, for a call that has nothing to resume.
+    #[error("the reading store is unavailable; try again")]
+    ReadingsUnavailable,
     #[error("{0}")]
     Commands(#[from] CommandError),
     #[error("{0}")]
@@ -95,7 +98,8 @@ impl From<ApiError> for Status {
             ApiError::ShuttingDown { .. }
             | ApiError::CommandsShutDown
             | ApiError::WatchEnded
-            | ApiError::StoreUnavailable { .. } => Status::unavailable(message),
+            | ApiError::StoreUnavailable { .. }
+            | ApiError::ReadingsUnavailable => Status::unavailable(message),
             ApiError::Commands(CommandError::NotFound(_)) => Status::not_found(message),
             ApiError::Commands(CommandError::Ended { .. }) => Status::failed_precondition(message),
             ApiError::Commands(CommandError::Log(

@@ -5,7 +5,8 @@
 //! - `mod.rs`: [`DeviceHubService`] and its trait impl, one line per RPC;
 //! - `list.rs`, `watch.rs`, `commands.rs`, `lifecycle.rs`, `devices.rs`:
 //!   the handlers, one file per RPC family (`lifecycle.rs`: persistent
-//!   commands' Get, List, Cancel and Watch; `state.rs`: device states);
+//!   commands' Get, List, Cancel and Watch; `state.rs`: device states;
+//!   `aggregate.rs`: AggregateReadings' validation);
 //! - `convert.rs`: proto ↔ domain conversions and the validation they need;
 //! - `page_token.rs`: ListReadings' opaque page tokens;
 //! - `auth.rs`: the bearer-token interceptor and the scope checks by device;
@@ -14,6 +15,7 @@
 //!   format, and the one cache of their messages shared by every response
 //!   that carries them (see BENCHMARKS.md).
 
+mod aggregate;
 mod auth;
 mod commands;
 mod convert;
@@ -45,12 +47,13 @@ use crate::{
     mqtt::CommandPublisher,
     per_client::{PerClient, Permit as PerClientPermit},
     proto::{
-        self, device_hub_server::DeviceHub, CancelCommandRequest, CancelCommandResponse,
-        GetCommandRequest, GetCommandResponse, GetDeviceRequest, GetDeviceStateRequest,
-        GetDeviceStateResponse, ListCommandsRequest, ListCommandsResponse, ListDevicesRequest,
-        ListReadingsRequest, SendCommandRequest, SendCommandResponse, StreamCommandsRequest,
-        StreamCommandsResponse, UpdateDesiredStateRequest, UpdateDesiredStateResponse,
-        WatchCommandsRequest, WatchDeviceStateRequest, WatchReadingsRequest,
+        self, device_hub_server::DeviceHub, AggregateReadingsRequest, AggregateReadingsResponse,
+        CancelCommandRequest, CancelCommandResponse, GetCommandRequest, GetCommandResponse,
+        GetDeviceRequest, GetDeviceStateRequest, GetDeviceStateResponse, ListCommandsRequest,
+        ListCommandsResponse, ListDevicesRequest, ListReadingsRequest, SendCommandRequest,
+        SendCommandResponse, StreamCommandsRequest, StreamCommandsResponse,
+        UpdateDesiredStateRequest, UpdateDesiredStateResponse, WatchCommandsRequest,
+        WatchDeviceStateRequest, WatchReadingsRequest,
     },
     replies::ReplyRouter,
     state::DeviceStates,
@@ -201,6 +204,15 @@ impl DeviceHub for DeviceHubService {
     ) -> Result<Response<EncodedListReadingsResponse>, Status> {
         let caller = Caller::of(&request)?;
         let response = list::list(&self.shared, &caller, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn aggregate_readings(
+        &self,
+        request: Request<AggregateReadingsRequest>,
+    ) -> Result<Response<AggregateReadingsResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let response = aggregate::aggregate(&self.shared, &caller, request.into_inner()).await?;
         Ok(Response::new(response))
     }
 

@@ -124,6 +124,16 @@ pub fn reading_message(reading: &Reading) -> Vec<u8> {
     out
 }
 
+/// A `devicehub.v1.Reading` with only its number, device and time: the last
+/// reading of a device in ListDevices' DEVICE_VIEW_BASIC.
+pub fn basic_reading_message(seq: u64, device_id: &str, received_at: SystemTime) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + device_id.len());
+    put_varint(READING_SEQ, seq, &mut out);
+    put_str(READING_DEVICE_ID, device_id, &mut out);
+    put_time(READING_RECEIVED_AT, received_at, &mut out);
+    out
+}
+
 // devicehub.v1.Reading's fields (see the proto).
 const READING_SEQ: u32 = 1;
 const READING_DEVICE_ID: u32 = 2;

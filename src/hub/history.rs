@@ -14,7 +14,10 @@
 
 use futures_util::future::BoxFuture;
 
-use crate::buffer::{CursorError, ListPage, ListQuery, Reading, ReadingFilter};
+use crate::{
+    aggregate::{AggregateQuery, Series},
+    buffer::{CursorError, ListPage, ListQuery, Reading, ReadingFilter},
+};
 
 /// Readings older than memory, read back.
 ///
@@ -43,4 +46,12 @@ pub trait History: Send + Sync + 'static {
         below: u64,
         filter: &'a ReadingFilter,
     ) -> BoxFuture<'a, Result<(Vec<Reading>, u64), CursorError>>;
+
+    /// The buckets of `query` (AggregateReadings) over the readings
+    /// [`History::list`] would return for its device and range, with the
+    /// figures memory's fold gives (`aggregate.rs`).
+    fn aggregate<'a>(
+        &'a self,
+        query: &'a AggregateQuery,
+    ) -> BoxFuture<'a, Result<Series, CursorError>>;
 }

@@ -43,6 +43,7 @@ use crate::{
     sync,
 };
 
+mod aggregate;
 mod history;
 mod live;
 

@@ -12,7 +12,7 @@ use devicehub::{
     config::BrokerUrl,
     proto::{
         device_hub_client::DeviceHubClient, watch_readings_response::Event, Device, DeviceStatus,
-        GetDeviceRequest, ListDevicesRequest, SendCommandRequest, WatchReadingsRequest,
+        DeviceView, GetDeviceRequest, ListDevicesRequest, SendCommandRequest, WatchReadingsRequest,
     },
 };
 use rumqttc::{LastWill, MqttOptions, QoS};
@@ -93,6 +93,47 @@ async fn devices_list_with_newest_reading_and_status_on_the_embedded_broker() {
     assert_eq!(ids(&all.devices), ["fan-1", "pump-1", "pump-2"]);
     assert!(all.next_page_token.is_empty());
 
+    // The basic view: the same devices, their last readings without
+    // contents (seq, device and time only); an unknown view is refused.
+    let basic = client
+        .clone()
+        .list_devices(ListDevicesRequest {
+            view: DeviceView::Basic as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ids(&basic.devices), ids(&all.devices));
+    for (basic, full) in basic.devices.iter().zip(&all.devices) {
+        let (b, f) = (
+            basic.last_reading.as_ref().unwrap(),
+            full.last_reading.as_ref().unwrap(),
+        );
+        assert_eq!(
+            (b.seq, &b.device_id, &b.received_at),
+            (f.seq, &f.device_id, &f.received_at)
+        );
+        assert!(
+            b.payload.is_empty() && b.json.is_none() && b.topic.is_empty(),
+            "{b:?}"
+        );
+        assert_eq!(
+            (basic.status, basic.last_seen, basic.readings_buffered),
+            (full.status, full.last_seen, full.readings_buffered)
+        );
+    }
+    let status = client
+        .clone()
+        .list_devices(ListDevicesRequest {
+            view: 7,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("view"), "{status:?}");
+
     // pump-1: its newest reading (decoded JSON too), times, status.
     let device = wait_status(&client, "pump-1", DeviceStatus::Online).await;
     let reading = device.last_reading.as_ref().unwrap();
@@ -113,6 +154,7 @@ async fn devices_list_with_newest_reading_and_status_on_the_embedded_broker() {
         device_id_prefix: prefix.into(),
         page_token: token.into(),
         page_size: size,
+        ..Default::default()
     };
     let first = client
         .clone()

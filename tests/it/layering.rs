@@ -75,8 +75,17 @@ fn the_hub_knows_neither_mqtt_nor_the_store_nor_grpc() {
 fn nothing_below_the_grpc_side_knows_grpc() {
     assert_never(
         &sources(&[
-            "buffer", "hub", "mqtt", "store", "replies", "topic", "config", "commands", "state",
+            "buffer",
+            "hub",
+            "mqtt",
+            "store",
+            "replies",
+            "topic",
+            "config",
+            "commands",
+            "state",
             "json",
+            "aggregate",
         ]),
         &["crate::grpc", "crate::proto", "tonic", "prost"],
         "a module below the gRPC side names gRPC",
@@ -116,6 +125,24 @@ fn device_states_call_neither_mqtt_nor_the_store_nor_commands() {
             "rumqttc",
         ],
         "the device states name MQTT, the store, gRPC, commands or the hub",
+    );
+}
+
+#[test]
+fn aggregation_is_plain_computation() {
+    // Memory folds through it and the store mirrors it in SQL; it names
+    // neither, nor what reads or serves them.
+    assert_never(
+        &sources(&["aggregate"]),
+        &[
+            "crate::hub",
+            "crate::store",
+            "crate::buffer",
+            "crate::mqtt",
+            "sqlx",
+            "tokio",
+        ],
+        "aggregate names the hub, the store, the buffer or goes async",
     );
 }
 

@@ -15,10 +15,11 @@
 
 mod common;
 
+mod aggregate;
 mod binary;
-mod browser;
 mod commands;
 mod connections;
+mod dashboard;
 mod delivery;
 mod devices;
 mod embedded;

@@ -29,6 +29,14 @@ pub struct Sizes {
     /// they are for.
     pub state_calls: u64,
     pub state_devices: u64,
+    /// One device's readings aggregated (a day's, one a second), and the
+    /// readings in the store's table around them.
+    pub aggregate_readings: u64,
+    pub aggregate_stored: u64,
+    /// Devices known (one reading each) for the dashboard's first render,
+    /// and how many loads of the page are timed.
+    pub dashboard_devices: u64,
+    pub dashboard_loads: usize,
 }
 
 pub const FULL: Sizes = Sizes {
@@ -50,6 +58,10 @@ pub const FULL: Sizes = Sizes {
     queued_devices: 1_000,
     state_calls: 20_000,
     state_devices: 1_000,
+    aggregate_readings: 86_400,
+    aggregate_stored: 10_000_000,
+    dashboard_devices: 10_000,
+    dashboard_loads: 30,
 };
 
 pub const SMOKE: Sizes = Sizes {
@@ -71,4 +83,8 @@ pub const SMOKE: Sizes = Sizes {
     queued_devices: 20,
     state_calls: 400,
     state_devices: 20,
+    aggregate_readings: 2_000,
+    aggregate_stored: 20_000,
+    dashboard_devices: 200,
+    dashboard_loads: 2,
 };

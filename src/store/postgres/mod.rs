@@ -6,6 +6,7 @@
 //!   recorded in `_sqlx_migrations`);
 //! - [`reads`]: reading back: the device list at startup (in batches),
 //!   pages and the replay of a resume cursor older than the memory window;
+//! - [`aggregate`]: AggregateReadings' buckets, in one statement;
 //! - [`writer`]: the writer task that commits what ingest hands it;
 //! - [`retention`]: deletes readings past `--store-retention`;
 //! - [`tail`]: with replicas, makes memory follow every instance's commits;
@@ -38,6 +39,7 @@ macro_rules! reading_columns {
     };
 }
 
+mod aggregate;
 mod commands;
 mod reads;
 mod retention;
@@ -51,7 +53,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use sqlx::{
@@ -306,10 +308,8 @@ async fn without_flush(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> Result
         .map(drop)
 }
 
-pub(super) fn micros(at: SystemTime) -> u64 {
-    at.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
+/// Times as the table keeps them (`received_at`, to the microsecond).
+pub(super) use crate::buffer::unix_micros as micros;
 
 #[cfg(test)]
 mod tests {

@@ -12,6 +12,7 @@ use futures_util::future::BoxFuture;
 
 use super::{micros, writer, Postgres, StoreError};
 use crate::{
+    aggregate::{AggregateQuery, Series},
     buffer::{CursorError, DeviceInfo, ListPage, ListQuery, Reading, ReadingFilter},
     hub::History,
     log_limit::LogLimit,
@@ -385,7 +386,7 @@ static READ_FAILED_LOG: LogLimit = LogLimit::new();
 /// A failed read (no connection within [`super::READ_ACQUIRE_TIMEOUT`], the read
 /// timeout, the database down): logged here with its cause, reported to
 /// the caller as the store being unavailable (UNAVAILABLE: try again).
-fn unavailable(error: sqlx::Error) -> CursorError {
+pub(super) fn unavailable(error: sqlx::Error) -> CursorError {
     if let Some(left_out) = READ_FAILED_LOG.allow() {
         tracing::warn!(%error, similar_lines_left_out = left_out, "reading from the PostgreSQL store failed");
     }
@@ -413,5 +414,12 @@ impl History for Postgres {
         filter: &'a ReadingFilter,
     ) -> BoxFuture<'a, Result<(Vec<Reading>, u64), CursorError>> {
         Box::pin(Postgres::scan_after(self, after, below, filter))
+    }
+
+    fn aggregate<'a>(
+        &'a self,
+        query: &'a AggregateQuery,
+    ) -> BoxFuture<'a, Result<Series, CursorError>> {
+        Box::pin(self.aggregate_readings(query))
     }
 }

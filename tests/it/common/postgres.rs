@@ -206,6 +206,40 @@ impl Postgres {
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 
+    /// Runs a psql script (statements and meta-commands such as `\timing`)
+    /// in `database`; returns what psql printed. For the benchmarks'
+    /// baselines timed by psql itself.
+    #[allow(dead_code)]
+    pub fn psql_script_in(&self, database: &str, script: &str) -> String {
+        let file = self.dir.path().join("script.sql");
+        std::fs::write(&file, script).expect("the script is written");
+        let port = self.port.to_string();
+        let file = file.to_string_lossy();
+        let args = [
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "devicehub",
+            "-d",
+            database,
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-f",
+            &file,
+        ];
+        let output = self.output("psql", &args);
+        assert!(
+            output.status.success(),
+            "psql -f: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     /// Starts psql running `sql` (one or more statements, one transaction)
     /// in the background and returns it: for a lock held while the test
     /// goes on. Wait for it, or kill it.

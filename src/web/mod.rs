@@ -8,6 +8,14 @@
 //! same-origin, and CORS does not apply): [`HostCheck`] refuses requests
 //! whose `Host` / `:authority` names anything but loopback, an IP address
 //! or a name in `--allowed-hosts`.
+//!
+//! The dashboard (`dashboard.rs`): the same port answers plain HTTP `GET /`
+//! with the page's embedded files, ahead of everything above, and the page
+//! calls the service over gRPC-Web from that same origin.
+
+mod dashboard;
+
+pub use dashboard::Dashboard;
 
 use std::{
     net::IpAddr,
@@ -103,6 +111,26 @@ impl HostCheck {
     }
 }
 
+impl HostCheck {
+    /// Whether `request` names a host that may not be served. One that
+    /// names none (HTTP/2's :authority, else HTTP/1.1's Host) is not from a
+    /// browser, and passes.
+    fn refuses<B>(&self, request: &Request<B>) -> bool {
+        let authority = request
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                let host = request.headers().get(http::header::HOST)?;
+                host.to_str().ok().map(str::to_owned)
+            });
+        authority.is_some_and(|authority| !self.allows(&authority))
+    }
+}
+
+/// Why a request for a foreign host is refused.
+const FOREIGN_HOST: &str = "the request's host is not this service's: add it to --allowed-hosts";
+
 impl<S> tower_layer::Layer<S> for HostCheck {
     type Service = HostCheckService<S>;
 
@@ -134,24 +162,11 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        // HTTP/2's :authority, else HTTP/1.1's Host. Neither: not a browser.
-        let authority = request
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                let host = request.headers().get(http::header::HOST)?;
-                host.to_str().ok().map(str::to_owned)
-            });
-        match authority {
-            Some(authority) if !self.check.allows(&authority) => {
-                let status = tonic::Status::permission_denied(
-                    "the request's host is not this service's: add it to --allowed-hosts",
-                );
-                Either::Left(ready(Ok(status.into_http())))
-            }
-            _ => Either::Right(self.inner.call(request)),
+        if self.check.refuses(&request) {
+            let status = tonic::Status::permission_denied(FOREIGN_HOST);
+            return Either::Left(ready(Ok(status.into_http())));
         }
+        Either::Right(self.inner.call(request))
     }
 }
 
