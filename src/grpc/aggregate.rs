@@ -65,13 +65,9 @@ fn query(caller: &Caller, req: AggregateReadingsRequest) -> Result<AggregateQuer
         .ok_or_else(|| ApiError::invalid("start_time", "is required"))?;
     let end = optional_time("end_time", req.end_time)?
         .ok_or_else(|| ApiError::invalid("end_time", "is required"))?;
-    // Readings are kept to the microsecond: a bound between two is the next.
-    let ceil = |t: std::time::SystemTime| {
-        let micros = unix_micros(t);
-        let exact = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(micros);
-        micros + u64::from(t > exact)
-    };
-    let (start_micros, end_micros) = (ceil(start), ceil(end));
+    // To the microsecond, as ListReadings takes its bounds (down), so that
+    // both select the same readings.
+    let (start_micros, end_micros) = (unix_micros(start), unix_micros(end));
     if start >= end {
         return Err(ApiError::invalid(
             "end_time",

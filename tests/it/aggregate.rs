@@ -9,7 +9,7 @@
 use crate::common;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     time::{Duration, SystemTime},
 };
 
@@ -20,29 +20,54 @@ use devicehub::proto::{
 };
 use prost_types::Timestamp;
 use rumqttc::QoS;
-use serde_json::Value;
 use tonic::{transport::Channel, Code};
 
 const DEVICE: &str = "agg-1";
 const FIELDS: [&str; 4] = ["/t", "/n/v", "/s", ""];
 
-/// The payload of reading `i`: mostly numbers, and every kind of value and
-/// payload that must not count, among them one that starts like a JSON
-/// document and is not (the store then takes its slower statement).
-fn payload(i: u64) -> Vec<u8> {
+/// Where the payloads no float or `jsonb` holds start (and one that
+/// starts like a JSON document and is not): the store answers ranges from
+/// there on with its slower statement, those before with its fast one.
+const HOSTILE_FROM: u64 = 200;
+
+/// The payload of reading `i`, and what it holds at each of [`FIELDS`]:
+/// mostly numbers, and every kind of value and payload that must not count.
+fn reading(i: u64) -> (Vec<u8>, [Option<f64>; 4]) {
     let t = (i as f64) * 0.37 - 20.0;
+    let hostile = i >= HOSTILE_FROM;
     match i % 23 {
-        5 => b"{\"t\": \"warm\", \"n\": {\"v\": true}}".to_vec(),
-        9 => b"not json".to_vec(),
-        12 => b"{\"t\": 1,".to_vec(),
-        15 => format!("{}", i as f64 / 8.0).into_bytes(),
-        17 => b"{\"n\": [1, 2], \"s\": null}".to_vec(),
-        19 => b"online".to_vec(),
-        _ => format!(
-            "{{\"t\": {t}, \"n\": {{\"v\": {}}}, \"s\": \"x{i}\"}}",
-            i % 5
-        )
-        .into_bytes(),
+        _ if i == HOSTILE_FROM + 50 => (b"{\"t\": 1,".to_vec(), [None; 4]),
+        5 => (
+            b"{\"t\": \"warm\", \"n\": {\"v\": true}}".to_vec(),
+            [None; 4],
+        ),
+        9 => (b"not json".to_vec(), [None; 4]),
+        15 => {
+            let bare = i as f64 / 8.0;
+            (
+                format!("{bare}").into_bytes(),
+                [None, None, None, Some(bare)],
+            )
+        }
+        17 => (b"{\"n\": [1, 2], \"s\": null}".to_vec(), [None; 4]),
+        19 => (b"online".to_vec(), [None; 4]),
+        // A number no float holds spoils only itself.
+        21 if hostile => (
+            b"{\"t\": 1e400, \"n\": {\"v\": 7}}".to_vec(),
+            [None, Some(7.0), None, None],
+        ),
+        // Two huge numbers in a row: their sum is infinite.
+        3 | 4 if hostile => (
+            b"{\"t\": 1e-400, \"n\": {\"v\": 1e308}}".to_vec(),
+            [None, Some(1e308), None, None],
+        ),
+        // jsonb refuses the whole document.
+        7 if hostile => (b"{\"t\": 2, \"k\": \"\\u0000\"}".to_vec(), [None; 4]),
+        _ => {
+            let v = (i % 5) as f64;
+            let payload = format!("{{\"t\": {t}, \"n\": {{\"v\": {v}}}, \"s\": \"x{i}\"}}");
+            (payload.into_bytes(), [Some(t), Some(v), None, None])
+        }
     }
 }
 
@@ -54,7 +79,7 @@ async fn publish(device: &TestDevice, range: std::ops::Range<u64>) {
     for i in range {
         device
             .client
-            .publish(&topic, QoS::AtLeastOnce, false, payload(i))
+            .publish(&topic, QoS::AtLeastOnce, false, reading(i).0)
             .await
             .unwrap();
         if i % 10 == 9 {
@@ -97,22 +122,32 @@ async fn list_range(client: &DeviceHubClient<Channel>, start: u64, end: u64) -> 
     }
 }
 
-/// What the buckets must be: computed here from the readings alone.
-fn expected(readings: &[Reading], field: &str, bucket: u64) -> Vec<Bucket> {
+/// What the buckets must be: computed here from the readings
+/// ListReadings returned and what [`reading`] put in each (`index`: the
+/// reading's number as published, by sequence number).
+fn expected(
+    readings: &[Reading],
+    index: &HashMap<u64, u64>,
+    field: usize,
+    bucket: u64,
+) -> Vec<Bucket> {
     let mut buckets: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
-    for reading in readings {
-        let Ok(json) = serde_json::from_slice::<Value>(&reading.payload) else {
-            continue;
-        };
-        if let Some(value) = json.pointer(field).and_then(Value::as_f64) {
-            let at = micros(reading);
+    for r in readings {
+        let i = index[&r.seq];
+        assert_eq!(
+            r.payload,
+            reading(i).0,
+            "reading {i} is where it was published"
+        );
+        if let Some(value) = reading(i).1[field] {
+            let at = micros(r);
             buckets.entry(at - at % bucket).or_default().push(value);
         }
     }
     buckets
         .into_iter()
         .map(|(start, values)| {
-            let sum: f64 = values.iter().sum();
+            let sum = values.iter().fold(0.0, |sum, v| sum + v);
             Bucket {
                 start_time: Some(timestamp(start)),
                 count: values.len() as i64,
@@ -147,6 +182,7 @@ fn request(fields: &[&str], start: u64, end: u64, bucket: u64) -> AggregateReadi
 /// Returns how many buckets the first field's series held.
 async fn assert_same(
     client: &DeviceHubClient<Channel>,
+    index: &HashMap<u64, u64>,
     start: u64,
     end: u64,
     bucket: u64,
@@ -159,13 +195,14 @@ async fn assert_same(
         .unwrap()
         .into_inner();
     assert_eq!(response.series.len(), FIELDS.len());
-    for (series, field) in response.series.iter().zip(FIELDS) {
+    for (n, (series, field)) in response.series.iter().zip(FIELDS).enumerate() {
         assert_eq!(series.field, field);
-        let want = expected(&readings, field, bucket);
+        let want = expected(&readings, index, n, bucket);
         let got = &series.buckets;
         assert_eq!(got.len(), want.len(), "{field}: {got:?}\nwant {want:?}");
         for (g, w) in got.iter().zip(&want) {
-            let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * a.abs().max(b.abs()).max(1.0);
+            let close =
+                |a: f64, b: f64| a == b || (a - b).abs() <= 1e-12 * a.abs().max(b.abs()).max(1.0);
             assert!(
                 g.start_time == w.start_time
                     && (g.count, g.min, g.max, g.first, g.last)
@@ -180,13 +217,17 @@ async fn assert_same(
     response.series[0].buckets.len()
 }
 
-/// The device's readings' times, oldest first.
-async fn times(client: &DeviceHubClient<Channel>) -> Vec<u64> {
-    list_range(client, 0, 4_102_444_800_000_000)
-        .await
+/// The device's readings' times, oldest first, and each one's number as
+/// published by its sequence number (one publisher, QoS 1: they arrive in
+/// the order sent).
+async fn times(client: &DeviceHubClient<Channel>) -> (Vec<u64>, HashMap<u64, u64>) {
+    let all = list_range(client, 0, 4_102_444_800_000_000).await;
+    let index = all
         .iter()
-        .map(micros)
-        .collect()
+        .enumerate()
+        .map(|(i, r)| (r.seq, i as u64))
+        .collect();
+    (all.iter().map(micros).collect(), index)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,9 +237,9 @@ async fn aggregates_from_memory_match_list_readings() {
     let client = service.client().await;
     let device = TestDevice::connect(&broker, "agg-device", None).await;
     publish(&device, 0..300).await;
-    let times = eventually("300 readings buffered", || async {
-        let times = times(&client).await;
-        (times.len() == 300).then_some(times)
+    let (times, index) = eventually("300 readings buffered", || async {
+        let (times, index) = times(&client).await;
+        (times.len() == 300).then_some((times, index))
     })
     .await;
     let (first, last) = (times[0], times[299]);
@@ -207,15 +248,50 @@ async fn aggregates_from_memory_match_list_readings() {
     // the bursts are left out.
     for bucket in [1_000, 3_000, 7_000, 1_000_000] {
         let start = first + 1_500;
-        let buckets = assert_same(&client, start, last, bucket).await;
+        let buckets = assert_same(&client, &index, start, last, bucket).await;
         assert!(buckets > 0);
     }
     let spread = last / 1_000 - first / 1_000 + 1;
-    let buckets = assert_same(&client, first, last + 1, 1_000).await as u64;
+    let buckets = assert_same(&client, &index, first, last + 1, 1_000).await as u64;
     assert!(
         buckets < spread,
         "1 ms buckets between the bursts are empty and left out: {buckets} of {spread}"
     );
+    // Bounds between two microseconds select what ListReadings selects.
+    let (start, end) = (times[10], times[20]);
+    let half = |micros: u64| {
+        let mut t = timestamp(micros);
+        t.nanos += 500;
+        Some(t)
+    };
+    let mut between = request(&["/n/v"], 0, 0, 1_000_000);
+    (between.start_time, between.end_time) = (half(start), half(end));
+    let listed = client
+        .clone()
+        .list_readings(ListReadingsRequest {
+            device_id: DEVICE.into(),
+            start_time: half(start),
+            end_time: half(end),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .readings;
+    let counted: usize = listed
+        .iter()
+        .filter(|r| reading(index[&r.seq]).1[1].is_some())
+        .count();
+    let response = client
+        .clone()
+        .aggregate_readings(between)
+        .await
+        .unwrap()
+        .into_inner();
+    let total: i64 = response.series[0].buckets.iter().map(|b| b.count).sum();
+    assert_eq!(total as usize, counted, "{listed:?}");
+
     // The first bucket keeps its aligned start before `start_time`.
     let start = first + 1;
     let response = client
@@ -249,9 +325,9 @@ async fn aggregates_from_the_store_and_across_memory_match_list_readings() {
     let client = service.client().await;
     let device = TestDevice::connect(&broker, "agg-device", None).await;
     publish(&device, 0..600).await;
-    let times = eventually("600 readings stored", || async {
-        let times = times(&client).await;
-        (times.len() == 600).then_some(times)
+    let (times, index) = eventually("600 readings stored", || async {
+        let (times, index) = times(&client).await;
+        (times.len() == 600).then_some((times, index))
     })
     .await;
     let in_memory = |client: &DeviceHubClient<Channel>| {
@@ -266,19 +342,32 @@ async fn aggregates_from_the_store_and_across_memory_match_list_readings() {
     };
     assert!(in_memory(&client).await <= 100);
 
-    // Only the store: the oldest 400. Then all 600, across both at once.
+    // Only the store, before the hostile payloads: its fast statement
+    // answers (the database logs no error: nothing fell back).
+    let hostile = times[HOSTILE_FROM as usize];
+    let errors = || pg.log().matches("ERROR:").count();
     for bucket in [1_000, 5_000, 1_000_000] {
-        assert!(assert_same(&client, times[0] + 700, times[400], bucket).await > 0);
-        assert!(assert_same(&client, times[0], times[599] + 1, bucket).await > 0);
+        assert!(assert_same(&client, &index, times[0] + 700, hostile, bucket).await > 0);
     }
+    assert_eq!(errors(), 0, "{}", pg.log());
+    // Only the store, the hostile ones: the fast statement fails on them
+    // and the safe one answers. Then all 600, across both at once.
+    for bucket in [1_000, 5_000, 1_000_000] {
+        assert!(assert_same(&client, &index, hostile, times[450], bucket).await > 0);
+        assert!(assert_same(&client, &index, times[0], times[599] + 1, bucket).await > 0);
+    }
+    assert!(
+        errors() > 0,
+        "the fast statement failed on a hostile payload"
+    );
     // Only memory: the newest 50.
     let newest = times[550];
-    assert!(assert_same(&client, newest, times[599] + 1, 2_000).await > 0);
+    assert!(assert_same(&client, &index, newest, times[599] + 1, 2_000).await > 0);
 
     // With the store down, memory's range is still served; one that
     // reaches into the store is UNAVAILABLE, and says so.
     pg.stop();
-    assert!(assert_same(&client, newest, times[599] + 1, 2_000).await > 0);
+    assert!(assert_same(&client, &index, newest, times[599] + 1, 2_000).await > 0);
     let status = client
         .clone()
         .aggregate_readings(request(&FIELDS, times[0], times[599] + 1, 1_000))

@@ -33,14 +33,16 @@ use crate::{
 ///   comparison), which needs no sort per bucket; sequence numbers are far
 ///   below 2^53, so exact as float8.
 macro_rules! aggregate_sql {
-    ($doc:literal, $number:literal) => {
+    ($doc:literal, $number:literal, $sum:literal) => {
         concat!(
             "WITH fields AS MATERIALIZED (",
             " SELECT f.i, ARRAY(SELECT jsonb_array_elements_text(f.path)) AS path",
             " FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS f(path, i)",
             ") ",
             "SELECT v.i, (extract(epoch FROM d.bucket) * 1000000)::bigint, count(*),",
-            " min(w.n), max(w.n), sum(w.n),",
+            " min(w.n), max(w.n), ",
+            $sum,
+            "(w.n),",
             " (min(ARRAY[r.seq::float8, w.n]))[2], (max(ARRAY[r.seq::float8, w.n]))[2]",
             " FROM (SELECT seq, received_at, payload FROM readings",
             "  WHERE device_id = $1",
@@ -69,21 +71,40 @@ macro_rules! aggregate_sql {
 /// Plain casts for payloads that start like a JSON object or array (what
 /// devices send); the others (status messages such as `online`, bare
 /// values) through `devicehub_jsonb` (migration 0006), which gives NULL
-/// for what is not JSON. A document that starts like one and is not, or a
-/// number beyond float8, fails the statement: [`SAFE`] then runs instead.
+/// for what is not JSON. A document that starts like one and is not, a
+/// number float8 does not hold, or a sum past it fails the statement:
+/// [`SAFE`] then runs instead.
 const FAST: &str = aggregate_sql!(
     "CASE WHEN substring(r.payload FROM 1 FOR 1) IN ('\\x7b'::bytea, '\\x5b'::bytea) \
      THEN convert_from(r.payload, 'UTF8')::jsonb ELSE devicehub_jsonb(r.payload) END",
-    "v.x::float8"
+    "v.x::float8",
+    "sum"
 );
 
 /// Every payload and number through the functions that never fail: slower
 /// (a subtransaction each), for ranges that hold a payload [`FAST`] chokes
 /// on.
-const SAFE: &str = aggregate_sql!("devicehub_jsonb(r.payload)", "devicehub_float8(v.x)");
+const SAFE: &str = aggregate_sql!(
+    "devicehub_jsonb(r.payload)",
+    "devicehub_float8(v.x)",
+    "devicehub_sum"
+);
+
+/// AggregateReadings statements at once, of the read pool's
+/// [`super::READ_CONNECTIONS`]; more wait up to
+/// [`super::READ_ACQUIRE_TIMEOUT`], as for a connection, then fail.
+pub(super) const AT_ONCE: usize = 2;
 
 impl Postgres {
     async fn aggregate(&self, query: &AggregateQuery) -> Result<Series, sqlx::Error> {
+        let permit = tokio::time::timeout(
+            super::READ_ACQUIRE_TIMEOUT,
+            self.shared.aggregates.acquire(),
+        )
+        .await;
+        let Ok(Ok(_permit)) = permit else {
+            return Err(sqlx::Error::PoolTimedOut);
+        };
         match self.aggregate_with(FAST, query).await {
             Err(error) if payload_error(&error) => self.aggregate_with(SAFE, query).await,
             result => result,

@@ -108,6 +108,10 @@ struct Shared {
     write_pool: PgPool,
     /// Client reads', each statement under the read timeout.
     read_pool: PgPool,
+    /// AggregateReadings statements running on the read pool, at most
+    /// [`aggregate::AT_ONCE`]: each may scan a device's history for up to
+    /// the read timeout, and pages and replays keep the rest of the pool.
+    aggregates: tokio::sync::Semaphore,
     /// Persistent commands' (`commands/`), each statement under the read
     /// timeout.
     commands_pool: PgPool,
@@ -231,6 +235,7 @@ impl Postgres {
             shared: Arc::new(Shared {
                 write_pool: pool,
                 read_pool,
+                aggregates: tokio::sync::Semaphore::new(aggregate::AT_ONCE),
                 commands_pool,
                 states_pool,
                 up: watch::channel(true).0,

@@ -11,11 +11,13 @@
 //! - a bucket starts at a multiple of its width since the Unix epoch
 //!   (PostgreSQL's `date_bin` with origin 1970-01-01), in microseconds;
 //! - a reading counts for a field when its payload is JSON and the value
-//!   at the pointer is a number (as serde_json and PostgreSQL's `jsonb`
-//!   both read it);
+//!   at the pointer is a number a float holds (`numbers.rs`: read as
+//!   PostgreSQL's `jsonb` and `float8` read it);
 //! - `first` and `last` are by sequence number, which follows arrival.
 
-use serde_json::Value;
+mod numbers;
+
+use numbers::numbers_at;
 
 /// Most fields one request may aggregate.
 pub const MAX_FIELDS: usize = 16;
@@ -88,6 +90,10 @@ impl AggregateQuery {
 pub fn pointer_error(field: &str) -> Option<&'static str> {
     if field.len() > MAX_FIELD_BYTES {
         return Some("is longer than 1024 bytes");
+    }
+    if field.contains('\0') {
+        // `jsonb`, which the store reads fields as, refuses it.
+        return Some("holds a NUL character");
     }
     if !field.is_empty() && !field.starts_with('/') {
         return Some("is not a JSON Pointer: it must be empty or start with '/'");
@@ -178,6 +184,10 @@ pub type Series = Vec<Vec<Bucket>>;
 #[derive(Debug)]
 pub struct Fold<'q> {
     query: &'q AggregateQuery,
+    /// Each field's pointer tokens.
+    tokens: Vec<Vec<String>>,
+    /// The current reading's values, one per field.
+    values: Vec<Option<f64>>,
     series: Series,
 }
 
@@ -185,6 +195,8 @@ impl<'q> Fold<'q> {
     pub fn new(query: &'q AggregateQuery) -> Self {
         Self {
             query,
+            tokens: query.fields.iter().map(|f| pointer_tokens(f)).collect(),
+            values: vec![None; query.fields.len()],
             series: vec![Vec::new(); query.fields.len()],
         }
     }
@@ -196,19 +208,10 @@ impl<'q> Fold<'q> {
         if received_micros < self.query.start_micros || received_micros >= self.query.end_micros {
             return;
         }
-        // One parse for all fields; serde_json refuses numbers beyond f64
-        // (as ListReadings' `json` does) and nests at most 128 deep.
-        let Ok(json) = serde_json::from_slice::<Value>(payload) else {
-            return;
-        };
-        // `jsonb` refuses a document with a NUL character anywhere in it;
-        // so does this, to count what the store counts.
-        if payload.windows(6).any(|w| w == b"\\u0000") && has_nul(&json) {
-            return;
-        }
+        numbers_at(payload, &self.tokens, &mut self.values);
         let start = self.query.bucket_of(received_micros);
-        for (field, buckets) in self.query.fields.iter().zip(&mut self.series) {
-            let Some(value) = json.pointer(field).and_then(Value::as_f64) else {
+        for (value, buckets) in self.values.iter().zip(&mut self.series) {
+            let Some(value) = *value else {
                 continue;
             };
             match buckets.last_mut() {
@@ -228,16 +231,6 @@ impl<'q> Fold<'q> {
 
     pub fn finish(self) -> Series {
         self.series
-    }
-}
-
-/// Whether a NUL character is in any string or key of `json`.
-fn has_nul(json: &Value) -> bool {
-    match json {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(values) => values.iter().any(has_nul),
-        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
-        _ => false,
     }
 }
 
@@ -317,6 +310,7 @@ mod tests {
         assert!(pointer_error("a").is_some());
         assert!(pointer_error("/a~2").is_some());
         assert!(pointer_error("/a~").is_some());
+        assert!(pointer_error("/a\0").is_some());
         assert!(pointer_error(&format!("/{}", "a".repeat(MAX_FIELD_BYTES))).is_some());
         for ambiguous in ["/a/-1", "/a/01", "/a/+1", "/ 1", "/a/\t2", "/-0"] {
             assert!(pointer_error(ambiguous).is_some(), "{ambiguous}");
