@@ -76,6 +76,7 @@ mod buffer;
 mod commands;
 pub mod config;
 mod encoding_budget;
+mod fnv;
 mod grpc;
 pub mod health;
 mod hub;

@@ -83,25 +83,8 @@ fn check_hash(bytes: &[u8], query_hash: u64) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// FNV-1a: a query's hash, stable across restarts and platforms.
-pub struct Fnv(u64);
-
-impl Fnv {
-    pub fn new() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-
-    pub fn eat(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-
-    pub fn finish(&self) -> u64 {
-        self.0
-    }
-}
+/// A query's hash, stable across restarts and platforms.
+pub use crate::fnv::Fnv;
 
 pub fn encode(cursor: u64, query_hash: u64) -> String {
     let mut bytes = Vec::with_capacity(LEN);

@@ -28,7 +28,7 @@ impl ReadingHub {
         let Some(history) = &self.shared.history else {
             return self.fold_memory(query.clone(), None).await;
         };
-        let split = self.memory_from(&self.read(), history.as_ref(), query);
+        let split = Self::memory_from(&self.read(), history.as_ref(), query);
         let memory = Some(history.clone());
         match split {
             Some(split) if split <= query.start_micros => {
@@ -77,7 +77,6 @@ impl ReadingHub {
     /// history holds nothing older than memory. `None`: memory holds
     /// nothing.
     fn memory_from(
-        &self,
         buffer: &ReadingBuffer,
         history: &dyn History,
         query: &AggregateQuery,
@@ -124,7 +123,7 @@ impl ReadingHub {
                 // Eviction may have passed the range's start since the
                 // caller decided: looked at again under this hold.
                 if let (Some(history), None) = (history, list.cursor) {
-                    let split = self.memory_from(&buffer, history, query);
+                    let split = Self::memory_from(&buffer, history, query);
                     if split.is_none_or(|split| split > query.start_micros) {
                         let first_seq = buffer.stats().first_seq;
                         return Err(CursorError::Evicted {

@@ -26,6 +26,7 @@ use futures_util::future::{ready, Either, Ready};
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 
 use super::{HostCheck, FOREIGN_HOST};
+use crate::fnv::Fnv;
 
 /// Where the page may load from and talk to: itself only. uPlot styles its
 /// elements through `element.style`, which `style-src 'self'` allows;
@@ -64,18 +65,10 @@ const ASSETS: [Asset; 3] = [
 /// once (the files are fixed for the life of the binary).
 static ETAGS: LazyLock<[HeaderValue; 3]> = LazyLock::new(|| {
     ASSETS.map(|asset| {
-        HeaderValue::from_str(&format!("\"{:016x}\"", fnv1a(asset.body)))
+        HeaderValue::from_str(&format!("\"{:016x}\"", Fnv::of(asset.body)))
             .expect("hex digits in quotes are a header value")
     })
 });
-
-/// FNV-1a, 64 bits: stable across builds and Rust versions (std's hasher
-/// is not promised to be), and ample to tell two builds of a file apart.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
 
 /// The asset at `path` (`/` is the page), with its index.
 fn asset(path: &str) -> Option<(usize, &'static Asset)> {

@@ -8,7 +8,10 @@
 
 use sqlx::Row;
 
-use super::{reads::unavailable, Postgres};
+use super::{
+    reads::{to_i64, unavailable},
+    Postgres,
+};
 use crate::{
     aggregate::{pointer_tokens, AggregateQuery, Bucket, Series},
     buffer::CursorError,
@@ -165,8 +168,4 @@ impl Postgres {
 fn payload_error(error: &sqlx::Error) -> bool {
     let code = error.as_database_error().and_then(|e| e.code());
     code.is_some_and(|code| code.starts_with("22") || code == "54001")
-}
-
-fn to_i64(micros: u64) -> i64 {
-    i64::try_from(micros).unwrap_or(i64::MAX)
 }

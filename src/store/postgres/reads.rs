@@ -351,7 +351,7 @@ pub(super) struct Fetched {
     pub more: bool,
 }
 
-fn to_i64(seq: u64) -> i64 {
+pub(super) fn to_i64(seq: u64) -> i64 {
     i64::try_from(seq).unwrap_or(i64::MAX)
 }
 
